@@ -1,0 +1,161 @@
+//! Algebraic simplification, aimed at what autodiff produces: symbolic
+//! zeros and ones (`Fill`), multiplications by them, layout ops on them,
+//! and chains of reshapes and transposes.
+
+use crate::eval::Value;
+use crate::graph::{Graph, NodeId};
+use crate::ops::{self, BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::types::{numel, TensorData, TensorType};
+
+pub enum Simplified {
+    /// The node equals an existing node of the same type.
+    Alias(NodeId),
+    /// The node equals this op applied to these inputs (simplified again).
+    Replace(Op, Vec<NodeId>),
+    Keep,
+}
+
+/// The single value of a node whose elements are all equal, if known cheaply.
+fn uniform(g: &Graph, id: NodeId) -> Option<f64> {
+    match &g.node(id).op {
+        Op::Fill { value, .. } => Some(*value),
+        Op::Const(t) if t.numel() <= 4096 && t.numel() > 0 => match &t.data {
+            TensorData::F32(v) => v.iter().all(|&x| x.to_bits() == v[0].to_bits()).then_some(v[0] as f64),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn fill(value: f64, ty: &TensorType) -> Simplified {
+    Simplified::Replace(Op::Fill { value, ty: ty.clone() }, vec![])
+}
+
+/// `x`, broadcast to the output type if it is smaller.
+fn as_output(g: &Graph, x: NodeId, ty: &TensorType) -> Simplified {
+    if g.ty(x) == ty {
+        Simplified::Alias(x)
+    } else {
+        Simplified::Replace(Op::Expand(ty.shape.clone()), vec![x])
+    }
+}
+
+pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simplified {
+    let u: Vec<Option<f64>> = ins.iter().map(|&i| uniform(g, i)).collect();
+    let is_fill = |g: &Graph, i: NodeId| matches!(g.node(i).op, Op::Fill { .. });
+    match op {
+        Op::Binary(b) => {
+            let (a, c) = (ins[0], ins[1]);
+            match (b, u[0], u[1]) {
+                (BinaryOp::Add, Some(z), _) if z == 0.0 => return as_output(g, c, ty),
+                (BinaryOp::Add | BinaryOp::Sub, _, Some(z)) if z == 0.0 => return as_output(g, a, ty),
+                (BinaryOp::Sub, Some(z), _) if z == 0.0 => {
+                    return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![c]);
+                }
+                (BinaryOp::Mul, Some(z), _) | (BinaryOp::Mul, _, Some(z)) if z == 0.0 && is_finite_mul(g, ins) => {
+                    return fill(0.0, ty)
+                }
+                (BinaryOp::Mul, Some(o), _) if o == 1.0 => return as_output(g, c, ty),
+                (BinaryOp::Mul | BinaryOp::Div, _, Some(o)) if o == 1.0 => return as_output(g, a, ty),
+                (BinaryOp::Mul, Some(m), _) if m == -1.0 => {
+                    return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![c]);
+                }
+                (BinaryOp::Mul, _, Some(m)) if m == -1.0 => {
+                    return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![a]);
+                }
+                _ => {}
+            }
+        }
+        Op::Unary(UnaryOp::Neg) => {
+            if let Op::Unary(UnaryOp::Neg) = g.node(ins[0]).op {
+                return Simplified::Alias(g.node(ins[0]).inputs[0]);
+            }
+        }
+        Op::MatMul | Op::Conv2d(_) | Op::ConvTranspose2d { .. } => {
+            if u.iter().any(|v| *v == Some(0.0)) {
+                return fill(0.0, ty);
+            }
+        }
+        Op::Reshape(_) | Op::Transpose(_) | Op::Expand(_) | Op::Slice { .. } | Op::Gather { .. } => {
+            if let Some(v) = u[0].filter(|_| is_fill(g, ins[0])) {
+                return fill(v, ty);
+            }
+            match (op, &g.node(ins[0]).op) {
+                (Op::Reshape(_), Op::Reshape(_)) => {
+                    let inner = g.node(ins[0]).inputs[0];
+                    return if g.shape(inner) == ty.shape.as_slice() {
+                        Simplified::Alias(inner)
+                    } else {
+                        Simplified::Replace(op.clone(), vec![inner])
+                    };
+                }
+                (Op::Transpose(p2), Op::Transpose(p1)) => {
+                    let inner = g.node(ins[0]).inputs[0];
+                    let p: Vec<usize> = p2.iter().map(|&i| p1[i]).collect();
+                    return if p.iter().enumerate().all(|(i, &j)| i == j) {
+                        Simplified::Alias(inner)
+                    } else {
+                        Simplified::Replace(Op::Transpose(p), vec![inner])
+                    };
+                }
+                _ => {}
+            }
+        }
+        Op::Reduce { op: r, axes, .. } => {
+            if let Some(v) = u[0].filter(|_| is_fill(g, ins[0])) {
+                let n: usize = axes.iter().map(|&a| g.shape(ins[0])[a]).product();
+                return fill(if *r == ReduceOp::Sum { v * n as f64 } else { v }, ty);
+            }
+        }
+        Op::Concat { .. } => {
+            if ins.iter().all(|&i| is_fill(g, i)) && u.iter().all(|v| *v == u[0]) {
+                return fill(u[0].unwrap(), ty);
+            }
+        }
+        Op::Where => {
+            if let (Some(a), Some(b)) = (u[1], u[2]) {
+                if a.to_bits() == b.to_bits() && is_fill(g, ins[1]) {
+                    return fill(a, ty);
+                }
+            }
+            if let Op::Fill { value, .. } = g.node(ins[0]).op {
+                let pick = if value != 0.0 { ins[1] } else { ins[2] };
+                return as_output(g, pick, ty);
+            }
+        }
+        Op::Cast(to) if g.dtype(ins[0]) == *to => return Simplified::Alias(ins[0]),
+        _ => {}
+    }
+    // Elementwise ops on filled inputs give a filled output.
+    let elementwise = matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Cast(_));
+    if elementwise && !ins.is_empty() && ins.iter().all(|&i| is_fill(g, i)) {
+        let vals: Vec<Value> = ins.iter().map(|&i| Value::fill(u_of(g, i), &TensorType::new(g.dtype(i), &[]))).collect();
+        let refs: Vec<&Value> = vals.iter().collect();
+        let v = ops::eval(op, &refs, &TensorType::new(ty.dtype, &[]));
+        let x = match v {
+            Value::F(a) => a.first().copied().unwrap_or(0.0),
+            Value::I(a) => a.first().map(|&x| x as f64).unwrap_or(0.0),
+            Value::B(a) => a.first().map(|&x| x as u8 as f64).unwrap_or(0.0),
+        };
+        debug_assert_eq!(numel(&ty.shape), ty.numel());
+        return fill(x, ty);
+    }
+    Simplified::Keep
+}
+
+fn u_of(g: &Graph, i: NodeId) -> f64 {
+    match g.node(i).op {
+        Op::Fill { value, .. } => value,
+        _ => unreachable!(),
+    }
+}
+
+/// `0 * x = 0` is only an identity when x is finite; autodiff's zeros meet
+/// finite values, but we keep `0 * c` for non-finite constants c.
+fn is_finite_mul(g: &Graph, ins: &[NodeId]) -> bool {
+    ins.iter().all(|&i| match &g.node(i).op {
+        Op::Const(t) => t.as_f32().is_none_or(|v| v.iter().all(|x| x.is_finite())),
+        Op::Fill { value, .. } => value.is_finite(),
+        _ => true,
+    })
+}

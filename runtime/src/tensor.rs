@@ -1,0 +1,205 @@
+//! Host-side tensors exchanged with inference backends.
+//!
+//! Every backend (ONNX Runtime, tract) has its own value type; [`HostTensor`] is the one type the rest of
+//! metac uses, so that drivers, state buffers and tests never depend on a particular backend. metac's graphs
+//! only ever carry `f32` data, `i64` indices/counters and `bool` masks, so those are the only element types
+//! supported; anything else is rejected when a model is loaded rather than half-supported at run time.
+
+use std::fmt;
+
+use anyhow::{bail, Result};
+use ndarray::{ArrayD, IxDyn};
+
+/// Element type of a [`HostTensor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    I64,
+    Bool,
+}
+
+impl DType {
+    /// Short, stable name used in error messages and bundle metadata (`"f32"`, `"i64"`, `"bool"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A dense, host-memory tensor of one of the element types metac graphs use.
+///
+/// Arrays may have any memory layout; backends make them contiguous when (and only when) they need to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostTensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+    Bool(ArrayD<bool>),
+}
+
+impl HostTensor {
+    /// The tensor's dimensions (empty for a scalar).
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            HostTensor::F32(a) => a.shape(),
+            HostTensor::I64(a) => a.shape(),
+            HostTensor::Bool(a) => a.shape(),
+        }
+    }
+
+    /// Total number of elements (1 for a scalar).
+    pub fn num_elements(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostTensor::F32(_) => DType::F32,
+            HostTensor::I64(_) => DType::I64,
+            HostTensor::Bool(_) => DType::Bool,
+        }
+    }
+
+    /// `"f32"`, `"i64"` or `"bool"`.
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype().name()
+    }
+
+    /// A rank-0 `f32` tensor, e.g. for learning rates or loss values.
+    pub fn scalar_f32(v: f32) -> Self {
+        HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v))
+    }
+
+    /// A rank-0 `i64` tensor, e.g. for step counters.
+    pub fn scalar_i64(v: i64) -> Self {
+        HostTensor::I64(ArrayD::from_elem(IxDyn(&[]), v))
+    }
+
+    /// A rank-0 `bool` tensor.
+    pub fn scalar_bool(v: bool) -> Self {
+        HostTensor::Bool(ArrayD::from_elem(IxDyn(&[]), v))
+    }
+
+    /// An all-zero tensor of the given type and shape (`false` for `bool`).
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Self {
+        match dtype {
+            DType::F32 => HostTensor::F32(ArrayD::zeros(IxDyn(shape))),
+            DType::I64 => HostTensor::I64(ArrayD::zeros(IxDyn(shape))),
+            DType::Bool => HostTensor::Bool(ArrayD::from_elem(IxDyn(shape), false)),
+        }
+    }
+
+    pub fn as_f32(&self) -> Result<&ArrayD<f32>> {
+        match self {
+            HostTensor::F32(a) => Ok(a),
+            other => bail!("expected an f32 tensor, got {}", other.describe()),
+        }
+    }
+
+    pub fn as_i64(&self) -> Result<&ArrayD<i64>> {
+        match self {
+            HostTensor::I64(a) => Ok(a),
+            other => bail!("expected an i64 tensor, got {}", other.describe()),
+        }
+    }
+
+    pub fn as_bool(&self) -> Result<&ArrayD<bool>> {
+        match self {
+            HostTensor::Bool(a) => Ok(a),
+            other => bail!("expected a bool tensor, got {}", other.describe()),
+        }
+    }
+
+    pub fn into_f32(self) -> Result<ArrayD<f32>> {
+        match self {
+            HostTensor::F32(a) => Ok(a),
+            other => bail!("expected an f32 tensor, got {}", other.describe()),
+        }
+    }
+
+    pub fn into_i64(self) -> Result<ArrayD<i64>> {
+        match self {
+            HostTensor::I64(a) => Ok(a),
+            other => bail!("expected an i64 tensor, got {}", other.describe()),
+        }
+    }
+
+    pub fn into_bool(self) -> Result<ArrayD<bool>> {
+        match self {
+            HostTensor::Bool(a) => Ok(a),
+            other => bail!("expected a bool tensor, got {}", other.describe()),
+        }
+    }
+
+    /// The single value of a one-element `f32` tensor (any rank), e.g. a loss.
+    pub fn to_scalar_f32(&self) -> Result<f32> {
+        let a = self.as_f32()?;
+        match a.len() {
+            1 => Ok(*a.iter().next().expect("len is 1")),
+            n => bail!(
+                "expected a single-element f32 tensor, got {n} elements (shape {:?})",
+                a.shape()
+            ),
+        }
+    }
+
+    /// `"f32 tensor of shape [2, 3]"`: used in error messages so users see both halves of a mismatch.
+    pub fn describe(&self) -> String {
+        format!("{} tensor of shape {:?}", self.dtype_name(), self.shape())
+    }
+}
+
+impl From<ArrayD<f32>> for HostTensor {
+    fn from(a: ArrayD<f32>) -> Self {
+        HostTensor::F32(a)
+    }
+}
+
+impl From<ArrayD<i64>> for HostTensor {
+    fn from(a: ArrayD<i64>) -> Self {
+        HostTensor::I64(a)
+    }
+}
+
+impl From<ArrayD<bool>> for HostTensor {
+    fn from(a: ArrayD<bool>) -> Self {
+        HostTensor::Bool(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accessors_and_errors() {
+        let t = HostTensor::from(ArrayD::<f32>::zeros(IxDyn(&[2, 3])));
+        assert_eq!(t.shape(), &[2, 3]);
+        assert_eq!(t.dtype_name(), "f32");
+        assert_eq!(t.num_elements(), 6);
+        assert!(t.as_f32().is_ok());
+        let err = t.as_i64().unwrap_err().to_string();
+        assert!(
+            err.contains("expected an i64 tensor") && err.contains("f32 tensor of shape [2, 3]"),
+            "{err}"
+        );
+        assert!(t.clone().into_bool().is_err());
+        assert_eq!(t.into_f32().unwrap().len(), 6);
+
+        let s = HostTensor::scalar_f32(2.5);
+        assert_eq!(s.shape(), &[] as &[usize]);
+        assert_eq!(s.to_scalar_f32().unwrap(), 2.5);
+        assert_eq!(HostTensor::scalar_i64(3).dtype(), DType::I64);
+        assert_eq!(HostTensor::scalar_bool(true).dtype_name(), "bool");
+        assert_eq!(HostTensor::zeros(DType::Bool, &[4]).shape(), &[4]);
+        assert!(HostTensor::scalar_i64(1).to_scalar_f32().is_err());
+    }
+}
