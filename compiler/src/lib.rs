@@ -1,1 +1,5 @@
+//! metac compiler: models written on the graph builder, and the programs
+//! that turn them into bundles or derived graphs.
 
+pub mod derive;
+pub mod models;

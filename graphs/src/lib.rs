@@ -9,6 +9,7 @@ pub mod eval;
 pub mod graph;
 pub mod ops;
 pub mod passes;
+pub mod onnx;
 pub mod types;
 
 pub use graph::{Graph, GraphError, Node, NodeId};

@@ -1,1 +1,52 @@
-fn main() {}
+//! `metac`: ahead-of-time compiler and runtime for meta-learning training.
+
+mod cmd_derive;
+mod cmd_inspect;
+mod common;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "metac",
+    version,
+    about = "Ahead-of-time compiler and runtime for meta-learning training",
+    long_about = "metac traces models into static graphs with explicit gradient, Hessian-vector-product and \
+meta-gradient subgraphs, writes them as standard ONNX in an artifact bundle, and runs bundles through \
+ONNX Runtime (CPU or CUDA) or tract.",
+    after_help = "Examples:\n  \
+metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
+metac inspect derived/\n  \
+metac inspect model.onnx\n\n\
+ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
+(pip install onnxruntime==1.31.1); without it metac falls back to tract."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Derive(cmd_derive::Args),
+    Inspect(cmd_inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Derive(a) => cmd_derive::run(a),
+        Cmd::Inspect(a) => cmd_inspect::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, outermost first.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("metac: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}

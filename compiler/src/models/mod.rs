@@ -1,0 +1,3 @@
+//! Models written on the builder as plain Rust functions.
+
+pub mod mlp;

@@ -1,0 +1,310 @@
+//! Lowering of the IR to ONNX. Each op becomes one standard ONNX node (plus
+//! constant initializers for shape/axis operands). Output bytes depend only
+//! on the graph: names are derived from node indices and every collection is
+//! emitted in node order.
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use super::pb::{
+    self, attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto,
+    NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use super::{IR_VERSION, OPSET};
+use crate::graph::{Graph, NodeId};
+use crate::ops::{ConvParams, Op, ReduceOp};
+use crate::types::{DType, Tensor, TensorData, TensorType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("graph input name '{0}' collides with a generated value name (names starting with '_n' or '_c' are reserved)")]
+    ReservedName(String),
+    #[error("graph has no outputs")]
+    NoOutputs,
+}
+
+pub fn onnx_dtype(d: DType) -> i32 {
+    match d {
+        DType::F32 => 1,
+        DType::I64 => 7,
+        DType::Bool => 9,
+    }
+}
+
+pub fn tensor_proto(name: &str, t: &Tensor) -> TensorProto {
+    let raw: Vec<u8> = match &t.data {
+        TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorData::Bool(v) => v.iter().map(|&b| b as u8).collect(),
+    };
+    TensorProto {
+        dims: t.shape.iter().map(|&d| d as i64).collect(),
+        data_type: onnx_dtype(t.dtype()),
+        name: name.into(),
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+pub fn value_info(name: &str, ty: &TensorType) -> ValueInfoProto {
+    let dims = ty
+        .shape
+        .iter()
+        .map(|&d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: onnx_dtype(ty.dtype),
+                shape: Some(TensorShapeProto { dim: dims }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, v: &[usize]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.iter().map(|&x| x as i64).collect(),
+        ..Default::default()
+    }
+}
+
+fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
+    }
+}
+
+struct Lowering<'a> {
+    g: &'a Graph,
+    names: Vec<String>,
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    /// Shape/axis constants shared by content.
+    consts: HashMap<Vec<i64>, String>,
+}
+
+impl Lowering<'_> {
+    fn name(&self, id: NodeId) -> String {
+        self.names[id.index()].clone()
+    }
+
+    fn i64_const(&mut self, v: &[i64]) -> String {
+        if let Some(n) = self.consts.get(v) {
+            return n.clone();
+        }
+        let name = format!("_c{}", self.consts.len());
+        self.inits.push(tensor_proto(&name, &Tensor::i64(&[v.len()], v.to_vec())));
+        self.consts.insert(v.to_vec(), name.clone());
+        name
+    }
+
+    fn emit(&mut self, op_type: &str, inputs: Vec<String>, out: &str, attrs: Vec<AttributeProto>) {
+        self.nodes.push(NodeProto {
+            input: inputs,
+            output: vec![out.into()],
+            name: out.into(),
+            op_type: op_type.into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    fn shape_operand(&mut self, s: &[usize]) -> String {
+        let v: Vec<i64> = s.iter().map(|&d| d as i64).collect();
+        self.i64_const(&v)
+    }
+
+    fn conv_attrs(p: &ConvParams, w: &TensorType) -> Vec<AttributeProto> {
+        vec![
+            attr_ints("dilations", &p.dilation),
+            attr_int("group", 1),
+            attr_ints("kernel_shape", &w.shape[2..]),
+            attr_ints("pads", &p.pads),
+            attr_ints("strides", &p.stride),
+        ]
+    }
+
+    fn lower(&mut self, id: NodeId) {
+        let node = self.g.node(id);
+        let out = self.name(id);
+        let ins: Vec<String> = node.inputs.iter().map(|&i| self.name(i)).collect();
+        match &node.op {
+            Op::Input { .. } => {}
+            Op::Const(t) => self.inits.push(tensor_proto(&out, t)),
+            Op::Fill { value, ty } => {
+                let one = Tensor {
+                    shape: vec![1],
+                    data: match ty.dtype {
+                        DType::F32 => TensorData::F32(vec![*value as f32]),
+                        DType::I64 => TensorData::I64(vec![*value as i64]),
+                        DType::Bool => TensorData::Bool(vec![*value != 0.0]),
+                    },
+                };
+                if ty.numel() <= 16 {
+                    // Small fills are cheaper as initializers than as nodes.
+                    let full = crate::eval::Value::fill(*value, ty).to_tensor();
+                    self.inits.push(tensor_proto(&out, &full));
+                } else {
+                    let s = self.shape_operand(&ty.shape);
+                    self.emit("ConstantOfShape", vec![s], &out, vec![attr_tensor("value", tensor_proto("", &one))]);
+                }
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::MatMul => {
+                self.emit(node.op.name(), ins, &out, vec![])
+            }
+            Op::Cast(to) => self.emit("Cast", ins, &out, vec![attr_int("to", onnx_dtype(*to) as i64)]),
+            Op::StopGradient => self.emit("Identity", ins, &out, vec![]),
+            Op::Reduce { op, axes, keepdims } => {
+                if axes.is_empty() {
+                    // Reducing over no axes is the identity (ONNX would reduce all).
+                    return self.emit("Identity", ins, &out, vec![]);
+                }
+                let keep = attr_int("keepdims", *keepdims as i64);
+                match op {
+                    ReduceOp::Sum => {
+                        let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
+                        let a = self.i64_const(&a);
+                        self.emit("ReduceSum", vec![ins[0].clone(), a], &out, vec![keep]);
+                    }
+                    ReduceOp::Mean | ReduceOp::Max => {
+                        self.emit(node.op.name(), ins, &out, vec![attr_ints("axes", axes), keep]);
+                    }
+                }
+            }
+            Op::Reshape(s) => {
+                let s = self.shape_operand(s);
+                self.emit("Reshape", vec![ins[0].clone(), s], &out, vec![]);
+            }
+            Op::Expand(s) => {
+                let s = self.shape_operand(s);
+                self.emit("Expand", vec![ins[0].clone(), s], &out, vec![]);
+            }
+            Op::Transpose(p) => self.emit("Transpose", ins, &out, vec![attr_ints("perm", p)]),
+            Op::Concat { axis } => self.emit("Concat", ins, &out, vec![attr_int("axis", *axis as i64)]),
+            Op::Slice { axis, start, end } => {
+                let s = self.i64_const(&[*start as i64]);
+                let e = self.i64_const(&[*end as i64]);
+                let a = self.i64_const(&[*axis as i64]);
+                self.emit("Slice", vec![ins[0].clone(), s, e, a], &out, vec![]);
+            }
+            Op::Gather { axis } => self.emit("Gather", ins, &out, vec![attr_int("axis", *axis as i64)]),
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+                self.emit(node.op.name(), ins, &out, vec![attr_int("axis", *axis as i64)])
+            }
+            Op::Conv2d(p) => {
+                let attrs = Self::conv_attrs(p, self.g.ty(node.inputs[1]));
+                self.emit("Conv", ins, &out, attrs);
+            }
+            Op::ConvTranspose2d {
+                params,
+                output_padding,
+            } => {
+                let mut attrs = Self::conv_attrs(params, self.g.ty(node.inputs[1]));
+                attrs.insert(3, attr_ints("output_padding", output_padding));
+                self.emit("ConvTranspose", ins, &out, attrs);
+            }
+        }
+    }
+}
+
+/// Lower a graph to an ONNX model. Only the nodes its outputs need are
+/// emitted; every `Input` node becomes a graph input, in creation order.
+pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportError> {
+    if g.outputs().is_empty() {
+        return Err(ExportError::NoOutputs);
+    }
+    let inputs = g.inputs();
+    for (n, _) in &inputs {
+        if n.starts_with("_n") || n.starts_with("_c") {
+            return Err(ExportError::ReservedName(n.clone()));
+        }
+    }
+    // A node that is an output (first mention, not an input or constant)
+    // takes the output's name directly; the others go through Identity.
+    let mut direct: HashMap<NodeId, String> = HashMap::new();
+    for (name, id) in g.outputs() {
+        let n = g.node(*id);
+        let plain = !matches!(n.op, Op::Input { .. } | Op::Const(_) | Op::Fill { .. });
+        if plain && !direct.contains_key(id) && !inputs.iter().any(|(i, _)| i == name) {
+            direct.insert(*id, name.clone());
+        }
+    }
+    let names = g
+        .nodes()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match &n.op {
+            Op::Input { name } => name.clone(),
+            _ => direct.get(&NodeId(i as u32)).cloned().unwrap_or_else(|| format!("_n{i}")),
+        })
+        .collect();
+    let mut l = Lowering {
+        g,
+        names,
+        nodes: vec![],
+        inits: vec![],
+        consts: HashMap::new(),
+    };
+    let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
+    let live = crate::passes::dce::live_nodes(g, &roots);
+    for i in 0..g.len() {
+        if live[i] {
+            l.lower(NodeId(i as u32));
+        }
+    }
+    for (name, id) in g.outputs() {
+        if direct.get(id) != Some(name) {
+            let src = l.name(*id);
+            l.emit("Identity", vec![src], name, vec![]);
+        }
+    }
+    let graph = GraphProto {
+        name: graph_name.into(),
+        node: l.nodes,
+        initializer: l.inits,
+        input: inputs.iter().map(|(n, id)| value_info(n, g.ty(*id))).collect(),
+        output: g.outputs().iter().map(|(n, id)| value_info(n, g.ty(*id))).collect(),
+        ..Default::default()
+    };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "metac".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph),
+        ..Default::default()
+    })
+}
+
+/// Serialise a graph as ONNX bytes.
+pub fn export_bytes(g: &Graph, graph_name: &str) -> Result<Vec<u8>, ExportError> {
+    Ok(export_model(g, graph_name)?.encode_to_vec())
+}
+
+#[allow(unused_imports)]
+use pb as _;

@@ -1,0 +1,17 @@
+//! ONNX interchange: export of metac graphs as standard-domain ONNX (opset
+//! 17, static shapes, named inputs/outputs, deterministic bytes) and import
+//! of common inference ops into the IR.
+
+pub mod export;
+pub mod import;
+
+/// The ONNX protobuf types (prost), from tract-onnx.
+pub use tract_onnx::pb;
+
+/// The opset every exported graph declares.
+pub const OPSET: i64 = 17;
+/// The ONNX IR version matching opset 17.
+pub const IR_VERSION: i64 = 8;
+
+pub use export::{export_bytes, export_model, ExportError};
+pub use import::{import_bytes, import_file, ImportError, ImportedModel};
