@@ -5,6 +5,7 @@
 //! an f64 reference interpreter.
 
 pub mod autodiff;
+pub mod cost;
 pub mod eval;
 pub mod graph;
 pub mod ops;

@@ -1,1 +1,4 @@
-//! Integration tests live in tests/tests/.
+//! Shared material for metac's integration tests (in `tests/tests/`).
+
+pub mod op_cases;
+pub mod python;

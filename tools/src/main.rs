@@ -1,5 +1,6 @@
 //! `metac`: ahead-of-time compiler and runtime for meta-learning training.
 
+mod cmd_bench;
 mod cmd_derive;
 mod cmd_inspect;
 mod common;
@@ -19,7 +20,7 @@ ONNX Runtime (CPU or CUDA) or tract.",
     after_help = "Examples:\n  \
 metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
-metac inspect model.onnx\n\n\
+metac inspect model.onnx\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
 (pip install onnxruntime==1.31.1); without it metac falls back to tract."
 )]
@@ -32,6 +33,7 @@ struct Cli {
 enum Cmd {
     Derive(cmd_derive::Args),
     Inspect(cmd_inspect::Args),
+    Bench(cmd_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Derive(a) => cmd_derive::run(a),
         Cmd::Inspect(a) => cmd_inspect::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

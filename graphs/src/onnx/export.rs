@@ -171,6 +171,14 @@ impl Lowering<'_> {
                     self.emit("ConstantOfShape", vec![s], &out, vec![attr_tensor("value", tensor_proto("", &one))]);
                 }
             }
+            Op::Where if node.ty.dtype == DType::Bool => {
+                // ONNX Runtime has no bool kernel for Where: (c and a) or (not c and b).
+                let (ca, nc, ncb) = (format!("{out}_ca"), format!("{out}_nc"), format!("{out}_ncb"));
+                self.emit("And", vec![ins[0].clone(), ins[1].clone()], &ca, vec![]);
+                self.emit("Not", vec![ins[0].clone()], &nc, vec![]);
+                self.emit("And", vec![nc, ins[2].clone()], &ncb, vec![]);
+                self.emit("Or", vec![ca, ncb], &out, vec![]);
+            }
             Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::MatMul => {
                 self.emit(node.op.name(), ins, &out, vec![])
             }

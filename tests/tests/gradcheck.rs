@@ -1,0 +1,169 @@
+//! For every op: reverse-mode gradients, both HVPs (forward-over-reverse and
+//! reverse-over-reverse) and the gradient of an HVP (third order) agree with
+//! central finite differences computed in f64 by the reference interpreter.
+
+use std::collections::HashMap;
+
+use metac_graphs::autodiff::{grad, hvp_reverse_over_reverse};
+use metac_graphs::eval::{eval_graph, Value};
+use metac_graphs::passes::optimize;
+use metac_graphs::{DType, Graph};
+use metac_tests::op_cases::{cases, harness, sample, Case, Dist};
+use ndarray::{ArrayD, IxDyn};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn flat(v: &Value) -> Vec<f64> {
+    v.f().iter().copied().collect()
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-6);
+    num / den
+}
+
+fn run(g: &Graph, env: &HashMap<String, Value>) -> HashMap<String, Value> {
+    eval_graph(g, env).unwrap().into_iter().collect()
+}
+
+fn perturbed(env: &HashMap<String, Value>, dir: &HashMap<String, Value>, h: f64) -> HashMap<String, Value> {
+    let mut e = env.clone();
+    for (k, d) in dir {
+        let x = e.get_mut(k).unwrap();
+        if let (Value::F(a), Value::F(b)) = (x, d) {
+            *a = &*a + &(b * h);
+        }
+    }
+    e
+}
+
+fn check(c: &Case, optimized: bool) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let h = harness(c, &mut rng);
+    let g = if optimized { optimize(&h.g) } else { h.g.clone() };
+    let _ = (&h.grads, &h.hvp_fr, &h.hvp_rr, &h.third);
+    let mut env = HashMap::new();
+    for (i, (s, d)) in c.inputs.iter().enumerate() {
+        env.insert(format!("x{i}"), sample(&mut rng, s, *d));
+    }
+    let mut v_dir = HashMap::new();
+    let mut w_dir = HashMap::new();
+    for (i, (name, _)) in h.float_inputs.iter().enumerate() {
+        let s = env[name].shape().to_vec();
+        let v = sample(&mut rng, &s, Dist::U(-1.0, 1.0));
+        let w = sample(&mut rng, &s, Dist::U(-1.0, 1.0));
+        env.insert(format!("v{i}"), v.clone());
+        env.insert(format!("w{i}"), w.clone());
+        v_dir.insert(name.clone(), v);
+        w_dir.insert(name.clone(), w);
+    }
+    let out = run(&g, &env);
+    let eps = 1e-5;
+    for (i, (name, _)) in h.float_inputs.iter().enumerate() {
+        // Gradient, element by element.
+        let x = env[name].f().clone();
+        let mut fd = vec![];
+        for j in 0..x.len() {
+            let mut e = HashMap::new();
+            let mut d = ArrayD::zeros(x.raw_dim());
+            d.as_slice_mut().unwrap()[j] = 1.0;
+            e.insert(name.clone(), Value::F(d));
+            let lp = flat(&run(&g, &perturbed(&env, &e, eps))["loss"])[0];
+            let lm = flat(&run(&g, &perturbed(&env, &e, -eps))["loss"])[0];
+            fd.push((lp - lm) / (2.0 * eps));
+        }
+        let gr = flat(&out[&format!("g{i}")]);
+        let err = rel_err(&gr, &fd);
+        assert!(err < 1e-6, "{}: gradient wrt {name}: rel err {err:.3e}\n  got {gr:?}\n  fd  {fd:?}", c.name);
+        // HVP: directional difference of the gradient.
+        let gp = flat(&run(&g, &perturbed(&env, &v_dir, eps))[&format!("g{i}")]);
+        let gm = flat(&run(&g, &perturbed(&env, &v_dir, -eps))[&format!("g{i}")]);
+        let fd_h: Vec<f64> = gp.iter().zip(&gm).map(|(p, m)| (p - m) / (2.0 * eps)).collect();
+        for key in ["hf", "hr"] {
+            let hv = flat(&out[&format!("{key}{i}")]);
+            let err = rel_err(&hv, &fd_h);
+            assert!(err < 1e-5, "{}: {key} HVP wrt {name}: rel err {err:.3e}\n  got {hv:?}\n  fd  {fd_h:?}", c.name);
+        }
+        let hf = flat(&out[&format!("hf{i}")]);
+        let hr = flat(&out[&format!("hr{i}")]);
+        // Equal up to the f32 rounding of constants such as 1/n in the two modes.
+        assert!(rel_err(&hf, &hr) < 1e-6, "{}: HVP modes disagree wrt {name}", c.name);
+        // Third order: directional difference of <HVP(v), w> along w_dir.
+        let tp = flat(&run(&g, &perturbed(&env, &w_dir, eps))["t"])[0];
+        let tm = flat(&run(&g, &perturbed(&env, &w_dir, -eps))["t"])[0];
+        let fd_t = (tp - tm) / (2.0 * eps);
+        let th: f64 = h.float_inputs.iter().enumerate().map(|(k, (nm, _))| {
+            flat(&out[&format!("t{k}")]).iter().zip(w_dir[nm].f().iter()).map(|(a, b)| a * b).sum::<f64>()
+        }).sum();
+        if i == 0 {
+            let err = (th - fd_t).abs() / fd_t.abs().max(1e-4);
+            assert!(err < 1e-4, "{}: third-order directional derivative: {th} vs fd {fd_t}", c.name);
+        }
+    }
+}
+
+#[test]
+fn every_op_gradient_hvp_and_third_order_match_finite_differences() {
+    let mut failures = vec![];
+    for c in cases() {
+        for optimized in [false, true] {
+            if let Err(e) = std::panic::catch_unwind(|| check(&c, optimized)) {
+                let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
+                failures.push(format!("[{}{}] {msg}", c.name, if optimized { ", optimized" } else { "" }));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+}
+
+#[test]
+fn every_op_is_covered_by_a_gradient_check() {
+    // The op names the cases above exercise; a new op must be added here.
+    let mut seen = std::collections::BTreeSet::new();
+    for c in cases() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let h = harness(&c, &mut rng);
+        for n in h.g.nodes() { seen.insert(n.op.name()); }
+    }
+    seen.insert("StopGradient"); // checked in stop_gradient_blocks_derivatives
+    let all = ["Input", "Const", "Fill", "Neg", "Exp", "Log", "Sqrt", "Sigmoid", "Tanh", "Relu", "Abs", "Sign", "Asinh", "Erf", "Not",
+        "Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Less", "Greater", "Equal", "Where", "Cast", "StopGradient", "MatMul",
+        "ReduceSum", "ReduceMean", "ReduceMax", "Reshape", "Transpose", "Concat", "Slice", "Gather", "Expand", "Softmax", "LogSoftmax",
+        "Conv2d", "ConvTranspose2d"];
+    let missing: Vec<_> = all.iter().filter(|n| !seen.contains(**n)).collect();
+    assert!(missing.is_empty(), "ops without a gradient check: {missing:?}");
+}
+
+#[test]
+fn stop_gradient_blocks_derivatives() {
+    // d/dx [tanh(x) * exp(sg(x))] = tanh'(x) * exp(x): the stopped factor is a constant.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[4]);
+    let sg = g.stop_gradient(x);
+    let e = g.exp(sg);
+    let t = g.tanh(x);
+    let y = g.mul(t, e);
+    let l = g.sum_all(y);
+    let gr = grad(&mut g, l, &[x])[0];
+    let v = g.input("v", DType::F32, &[4]);
+    let hv = hvp_reverse_over_reverse(&mut g, l, &[x], &[v])[0];
+    g.output("g", gr);
+    g.output("h", hv);
+    let xs = [0.3, -0.7, 1.1, 0.05];
+    let vs = [1.0, -2.0, 0.5, 3.0];
+    let env: HashMap<String, Value> = [
+        ("x".to_string(), Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), xs.to_vec()).unwrap())),
+        ("v".to_string(), Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), vs.to_vec()).unwrap())),
+    ]
+    .into_iter()
+    .collect();
+    let out = run(&optimize(&g), &env);
+    for i in 0..4 {
+        let th = xs[i].tanh();
+        let want_g = (1.0 - th * th) * xs[i].exp();
+        let want_h = -2.0 * th * (1.0 - th * th) * xs[i].exp() * vs[i];
+        assert!((flat(&out["g"])[i] - want_g).abs() < 1e-12);
+        assert!((flat(&out["h"])[i] - want_h).abs() < 1e-12);
+    }
+}
