@@ -20,7 +20,9 @@ impl std::str::FromStr for HvpMode {
         match s {
             "fwd-rev" | "forward-over-reverse" => Ok(HvpMode::ForwardOverReverse),
             "rev-rev" | "reverse-over-reverse" => Ok(HvpMode::ReverseOverReverse),
-            _ => Err(format!("unknown HVP mode '{s}' (expected fwd-rev or rev-rev)")),
+            _ => Err(format!(
+                "unknown HVP mode '{s}' (expected fwd-rev or rev-rev)"
+            )),
         }
     }
 }
@@ -50,12 +52,24 @@ pub enum DeriveError {
 
 /// Build the gradient and HVP graphs of `loss` with respect to `wrt`.
 /// Initializers not in `wrt` become constants of the derived graphs.
-pub fn derive(model: &ImportedModel, loss: &str, wrt: &[String], mode: HvpMode) -> Result<Derived, DeriveError> {
+pub fn derive(
+    model: &ImportedModel,
+    loss: &str,
+    wrt: &[String],
+    mode: HvpMode,
+) -> Result<Derived, DeriveError> {
     let g0 = &model.graph;
-    let loss_id = g0.find_output(loss).ok_or_else(|| DeriveError::UnknownLoss {
-        name: loss.into(),
-        available: g0.outputs().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
-    })?;
+    let loss_id = g0
+        .find_output(loss)
+        .ok_or_else(|| DeriveError::UnknownLoss {
+            name: loss.into(),
+            available: g0
+                .outputs()
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
     let lt = g0.ty(loss_id);
     if !lt.shape.is_empty() || lt.dtype != DType::F32 {
         return Err(DeriveError::LossNotScalar {
@@ -88,11 +102,15 @@ pub fn derive(model: &ImportedModel, loss: &str, wrt: &[String], mode: HvpMode) 
     for (name, value) in &model.initializers {
         if !wrt.contains(name) {
             let id = base.find_input(name).expect("initializer is an input");
-            base.freeze_input(id, value.clone()).expect("initializer type matches");
+            base.freeze_input(id, value.clone())
+                .expect("initializer type matches");
         }
     }
     base.set_outputs(vec![(loss.to_string(), loss_id)]);
-    let wrt_ids: Vec<NodeId> = wrt.iter().map(|w| base.find_input(w).expect("checked")).collect();
+    let wrt_ids: Vec<NodeId> = wrt
+        .iter()
+        .map(|w| base.find_input(w).expect("checked"))
+        .collect();
 
     let mut gg = base.clone();
     let grads = grad(&mut gg, loss_id, &wrt_ids);

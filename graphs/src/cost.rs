@@ -13,7 +13,11 @@ pub fn flops(g: &Graph) -> u64 {
         .iter()
         .map(|n| {
             let out = n.ty.numel() as u64;
-            let in0 = n.inputs.first().map(|&i| g.ty(i).numel() as u64).unwrap_or(0);
+            let in0 = n
+                .inputs
+                .first()
+                .map(|&i| g.ty(i).numel() as u64)
+                .unwrap_or(0);
             match &n.op {
                 Op::Input { .. }
                 | Op::Const(_)

@@ -22,7 +22,9 @@ impl Value {
     pub fn from_tensor(t: &Tensor) -> Value {
         let s = IxDyn(&t.shape);
         match &t.data {
-            TensorData::F32(v) => Value::F(ArrayD::from_shape_vec(s, v.iter().map(|&x| x as f64).collect()).unwrap()),
+            TensorData::F32(v) => {
+                Value::F(ArrayD::from_shape_vec(s, v.iter().map(|&x| x as f64).collect()).unwrap())
+            }
             TensorData::I64(v) => Value::I(ArrayD::from_shape_vec(s, v.clone()).unwrap()),
             TensorData::Bool(v) => Value::B(ArrayD::from_shape_vec(s, v.clone()).unwrap()),
         }
@@ -101,9 +103,24 @@ impl Value {
 
     pub fn transpose(&self, perm: &[usize]) -> Value {
         match self {
-            Value::F(a) => Value::F(a.clone().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()),
-            Value::I(a) => Value::I(a.clone().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()),
-            Value::B(a) => Value::B(a.clone().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()),
+            Value::F(a) => Value::F(
+                a.clone()
+                    .permuted_axes(IxDyn(perm))
+                    .as_standard_layout()
+                    .into_owned(),
+            ),
+            Value::I(a) => Value::I(
+                a.clone()
+                    .permuted_axes(IxDyn(perm))
+                    .as_standard_layout()
+                    .into_owned(),
+            ),
+            Value::B(a) => Value::B(
+                a.clone()
+                    .permuted_axes(IxDyn(perm))
+                    .as_standard_layout()
+                    .into_owned(),
+            ),
         }
     }
 
@@ -140,12 +157,20 @@ pub enum EvalError {
 }
 
 /// Evaluate the named outputs of `g` (all outputs when `outputs` is empty).
-pub fn eval_graph(g: &Graph, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, EvalError> {
+pub fn eval_graph(
+    g: &Graph,
+    inputs: &HashMap<String, Value>,
+) -> Result<Vec<(String, Value)>, EvalError> {
     let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
     let values = eval_nodes(g, inputs, &roots)?;
     Ok(g.outputs()
         .iter()
-        .map(|(n, id)| (n.clone(), values[id.index()].clone().expect("output evaluated")))
+        .map(|(n, id)| {
+            (
+                n.clone(),
+                values[id.index()].clone().expect("output evaluated"),
+            )
+        })
         .collect())
 }
 
@@ -163,10 +188,14 @@ pub fn eval_nodes(
         }
         let v = match &node.op {
             Op::Input { name } => {
-                let v = inputs.get(name).ok_or_else(|| EvalError::MissingInput(name.clone()))?;
+                let v = inputs
+                    .get(name)
+                    .ok_or_else(|| EvalError::MissingInput(name.clone()))?;
                 let dtype_ok = matches!(
                     (v, node.ty.dtype),
-                    (Value::F(_), DType::F32) | (Value::I(_), DType::I64) | (Value::B(_), DType::Bool)
+                    (Value::F(_), DType::F32)
+                        | (Value::I(_), DType::I64)
+                        | (Value::B(_), DType::Bool)
                 );
                 if !dtype_ok || v.shape() != node.ty.shape.as_slice() {
                     return Err(EvalError::BadInput {
@@ -178,7 +207,11 @@ pub fn eval_nodes(
                 v.clone()
             }
             op => {
-                let ins: Vec<&Value> = node.inputs.iter().map(|id| vals[id.index()].as_ref().unwrap()).collect();
+                let ins: Vec<&Value> = node
+                    .inputs
+                    .iter()
+                    .map(|id| vals[id.index()].as_ref().unwrap())
+                    .collect();
                 ops::eval(op, &ins, &node.ty)
             }
         };

@@ -46,6 +46,8 @@ pub enum GraphError {
     DuplicateInput(String),
     #[error("duplicate graph output name '{0}'")]
     DuplicateOutput(String),
+    #[error("graph output name '{0}' is already the name of a graph input")]
+    OutputShadowsInput(String),
 }
 
 /// A static graph with named inputs and outputs.
@@ -98,10 +100,16 @@ impl Graph {
             .collect()
     }
     pub fn find_input(&self, name: &str) -> Option<NodeId> {
-        self.nodes.iter().position(|n| matches!(&n.op, Op::Input { name: m } if m == name)).map(|i| NodeId(i as u32))
+        self.nodes
+            .iter()
+            .position(|n| matches!(&n.op, Op::Input { name: m } if m == name))
+            .map(|i| NodeId(i as u32))
     }
     pub fn find_output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
     /// The constant value of a node, if it is a constant.
     pub fn const_value(&self, id: NodeId) -> Option<&Tensor> {
@@ -124,7 +132,11 @@ impl Graph {
             return Err(format!("{id} is not an input"));
         }
         if value.ty() != n.ty {
-            return Err(format!("value of type {} for input of type {}", value.ty(), n.ty));
+            return Err(format!(
+                "value of type {} for input of type {}",
+                value.ty(),
+                n.ty
+            ));
         }
         n.op = Op::Const(value);
         Ok(())
@@ -142,10 +154,16 @@ impl Graph {
     // ---- adding nodes ---------------------------------------------------
 
     pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> NodeId {
-        self.try_input(name, dtype, shape).unwrap_or_else(|e| panic!("{e}"))
+        self.try_input(name, dtype, shape)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    pub fn try_input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> Result<NodeId, GraphError> {
+    pub fn try_input(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<NodeId, GraphError> {
         if self.find_input(name).is_some() {
             return Err(GraphError::DuplicateInput(name.into()));
         }
@@ -163,6 +181,9 @@ impl Graph {
     pub fn try_output(&mut self, name: &str, id: NodeId) -> Result<(), GraphError> {
         if self.find_output(name).is_some() {
             return Err(GraphError::DuplicateOutput(name.into()));
+        }
+        if self.find_input(name).is_some() {
+            return Err(GraphError::OutputShadowsInput(name.into()));
         }
         self.outputs.push((name.into(), id));
         Ok(())
@@ -183,7 +204,11 @@ impl Graph {
         let ty = ops::infer(&op, &tys).map_err(|msg| GraphError::Shape {
             op: op.name(),
             msg,
-            inputs: tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+            inputs: tys
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         Ok(self.push(Node {
             op,
@@ -425,7 +450,11 @@ impl Graph {
                 axes.push(lead + i);
             }
         }
-        let s = if axes.is_empty() { x } else { self.sum(x, &axes, false) };
+        let s = if axes.is_empty() {
+            x
+        } else {
+            self.sum(x, &axes, false)
+        };
         self.reshape(s, shape)
     }
     pub fn softmax(&mut self, x: NodeId, axis: usize) -> NodeId {
@@ -467,8 +496,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Shape, String> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {

@@ -8,9 +8,9 @@ pub mod autodiff;
 pub mod cost;
 pub mod eval;
 pub mod graph;
+pub mod onnx;
 pub mod ops;
 pub mod passes;
-pub mod onnx;
 pub mod types;
 
 pub use graph::{Graph, GraphError, Node, NodeId};

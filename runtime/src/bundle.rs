@@ -127,8 +127,16 @@ impl BundleBuilder {
             name: name.into(),
             file: format!("{name}.onnx"),
             sha256: sha256_hex(&bytes),
-            inputs: g.inputs().iter().map(|(n, id)| spec(n, g.ty(*id))).collect(),
-            outputs: g.outputs().iter().map(|(n, id)| spec(n, g.ty(*id))).collect(),
+            inputs: g
+                .inputs()
+                .iter()
+                .map(|(n, id)| spec(n, g.ty(*id)))
+                .collect(),
+            outputs: g
+                .outputs()
+                .iter()
+                .map(|(n, id)| spec(n, g.ty(*id)))
+                .collect(),
             op_counts: op_counts(&model),
         };
         self.graphs.push((entry, bytes));
@@ -148,7 +156,8 @@ impl BundleBuilder {
     /// Write the bundle into `dir` (created if needed). Every file is written
     /// atomically; the manifest last, so a bundle is complete once it exists.
     pub fn write(&self, dir: &Path) -> Result<Manifest> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating bundle directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating bundle directory {}", dir.display()))?;
         for (e, bytes) in &self.graphs {
             write_atomic(&dir.join(&e.file), bytes)?;
         }
@@ -198,8 +207,12 @@ pub fn write_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .iter()
         .map(|(n, t)| {
             let (dt, bytes) = match &t.data {
-                TensorData::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                TensorData::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                TensorData::F32(v) => {
+                    (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
+                TensorData::I64(v) => {
+                    (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
                 TensorData::Bool(v) => (Dtype::BOOL, v.iter().map(|&b| b as u8).collect()),
             };
             (n.clone(), dt, t.shape.clone(), bytes)
@@ -215,14 +228,25 @@ pub fn write_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 /// Read all tensors of a safetensors file.
 pub fn read_safetensors(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Tensor>> {
     use safetensors::tensor::Dtype;
-    let st = safetensors::SafeTensors::deserialize(bytes).with_context(|| format!("{what}: not a safetensors file"))?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{what}: not a safetensors file"))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let d = view.data();
         let shape = view.shape().to_vec();
         let t = match view.dtype() {
-            Dtype::F32 => Tensor::f32(&shape, d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-            Dtype::I64 => Tensor::i64(&shape, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::F32 => Tensor::f32(
+                &shape,
+                d.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::I64 => Tensor::i64(
+                &shape,
+                d.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
             Dtype::BOOL => Tensor::bool(&shape, d.iter().map(|&b| b != 0).collect()),
             other => bail!("{what}: tensor '{name}' has unsupported dtype {other:?}"),
         };
@@ -241,9 +265,12 @@ impl Manifest {
     pub fn check_consistent(&self) -> Result<()> {
         for s in &self.state {
             for p in s.reads.iter().chain(s.updated_by.iter()) {
-                let g = self
-                    .graph(&p.graph)
-                    .with_context(|| format!("state buffer '{}' refers to unknown graph '{}'", s.name, p.graph))?;
+                let g = self.graph(&p.graph).with_context(|| {
+                    format!(
+                        "state buffer '{}' refers to unknown graph '{}'",
+                        s.name, p.graph
+                    )
+                })?;
                 let is_read = s.reads.contains(p);
                 let list = if is_read { &g.inputs } else { &g.outputs };
                 let t = list.iter().find(|t| t.name == p.tensor).with_context(|| {
@@ -285,11 +312,21 @@ impl Bundle {
     /// lists.
     pub fn load(dir: &Path) -> Result<Bundle> {
         let mpath = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath)
-            .with_context(|| format!("{}: cannot read bundle manifest (is {} a metac bundle?)", mpath.display(), dir.display()))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("{}: malformed manifest", mpath.display()))?;
-        ensure!(manifest.format == FORMAT, "{}: format is '{}', expected '{FORMAT}'", mpath.display(), manifest.format);
+        let text = std::fs::read_to_string(&mpath).with_context(|| {
+            format!(
+                "{}: cannot read bundle manifest (is {} a metac bundle?)",
+                mpath.display(),
+                dir.display()
+            )
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed manifest", mpath.display()))?;
+        ensure!(
+            manifest.format == FORMAT,
+            "{}: format is '{}', expected '{FORMAT}'",
+            mpath.display(),
+            manifest.format
+        );
         ensure!(
             manifest.format_version == FORMAT_VERSION,
             "{}: bundle format version {} is not supported by this metac (expects {FORMAT_VERSION}); recompile the bundle",
@@ -303,10 +340,13 @@ impl Bundle {
             mpath.display(),
             manifest.metac_version
         );
-        manifest.check_consistent().with_context(|| format!("{}: inconsistent manifest", mpath.display()))?;
+        manifest
+            .check_consistent()
+            .with_context(|| format!("{}: inconsistent manifest", mpath.display()))?;
         for g in &manifest.graphs {
             let p = dir.join(&g.file);
-            let bytes = std::fs::read(&p).with_context(|| format!("{}: cannot read graph file", p.display()))?;
+            let bytes = std::fs::read(&p)
+                .with_context(|| format!("{}: cannot read graph file", p.display()))?;
             let h = sha256_hex(&bytes);
             ensure!(
                 h == g.sha256,
@@ -314,14 +354,17 @@ impl Bundle {
                 p.display(),
                 g.sha256
             );
-            let m = pb::ModelProto::decode(bytes.as_slice()).with_context(|| format!("{}: not an ONNX model", p.display()))?;
-            check_io(&m, g).with_context(|| format!("{}: does not match the manifest", p.display()))?;
+            let m = pb::ModelProto::decode(bytes.as_slice())
+                .with_context(|| format!("{}: not an ONNX model", p.display()))?;
+            check_io(&m, g)
+                .with_context(|| format!("{}: does not match the manifest", p.display()))?;
         }
         let init = match &manifest.init {
             None => BTreeMap::new(),
             Some(f) => {
                 let p = dir.join(&f.file);
-                let bytes = std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
                 ensure!(
                     sha256_hex(&bytes) == f.sha256,
                     "{}: content hash does not match the manifest; the bundle was modified after compilation",
@@ -332,7 +375,13 @@ impl Bundle {
         };
         for s in &manifest.state {
             if let Some(k) = &s.init {
-                let t = init.get(k).with_context(|| format!("{}: state buffer '{}' has no initial value '{k}'", dir.display(), s.name))?;
+                let t = init.get(k).with_context(|| {
+                    format!(
+                        "{}: state buffer '{}' has no initial value '{k}'",
+                        dir.display(),
+                        s.name
+                    )
+                })?;
                 ensure!(
                     t.shape == s.shape && t.dtype().name() == s.dtype,
                     "{}: initial value '{k}' is {}{:?}, state buffer '{}' is {}{:?}",
@@ -353,7 +402,10 @@ impl Bundle {
     }
 
     pub fn graph_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let g = self.manifest.graph(name).with_context(|| format!("bundle has no graph '{name}'"))?;
+        let g = self
+            .manifest
+            .graph(name)
+            .with_context(|| format!("bundle has no graph '{name}'"))?;
         Ok(std::fs::read(self.dir.join(&g.file))?)
     }
 }
@@ -375,7 +427,9 @@ fn io_specs(vs: &[pb::ValueInfoProto]) -> Vec<TensorSpec> {
                             s.dim
                                 .iter()
                                 .map(|d| match d.value {
-                                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(x)) => x as usize,
+                                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(x)) => {
+                                        x as usize
+                                    }
                                     _ => usize::MAX,
                                 })
                                 .collect()
@@ -397,7 +451,17 @@ fn check_io(m: &pb::ModelProto, e: &GraphEntry) -> Result<()> {
     let g = m.graph.as_ref().context("model has no graph")?;
     let ins = io_specs(&g.input);
     let outs = io_specs(&g.output);
-    ensure!(ins == e.inputs, "inputs {:?} differ from the manifest's {:?}", ins, e.inputs);
-    ensure!(outs == e.outputs, "outputs {:?} differ from the manifest's {:?}", outs, e.outputs);
+    ensure!(
+        ins == e.inputs,
+        "inputs {:?} differ from the manifest's {:?}",
+        ins,
+        e.inputs
+    );
+    ensure!(
+        outs == e.outputs,
+        "outputs {:?} differ from the manifest's {:?}",
+        outs,
+        e.outputs
+    );
     Ok(())
 }

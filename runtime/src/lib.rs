@@ -1,5 +1,5 @@
 pub mod backend;
-pub mod tensor;
 pub mod bundle;
-pub mod fsutil;
 pub mod data;
+pub mod fsutil;
+pub mod tensor;

@@ -1,7 +1,9 @@
 //! Shared test material: one small case per op, and the harness that wraps
 //! a case in a loss with first-, second- and third-order derivative outputs.
 
-use metac_graphs::autodiff::{grad, hvp_forward_over_reverse, hvp_reverse_over_reverse, inner_product};
+use metac_graphs::autodiff::{
+    grad, hvp_forward_over_reverse, hvp_reverse_over_reverse, inner_product,
+};
 use metac_graphs::eval::Value;
 use metac_graphs::{ConvParams, DType, Graph, NodeId, Tensor};
 use ndarray::{ArrayD, IxDyn};
@@ -23,15 +25,35 @@ pub struct Case {
     pub build: fn(&mut Graph, &[NodeId]) -> NodeId,
 }
 
-fn case(name: &'static str, inputs: Vec<(Vec<usize>, Dist)>, build: fn(&mut Graph, &[NodeId]) -> NodeId) -> Case {
-    Case { name, inputs, build }
+fn case(
+    name: &'static str,
+    inputs: Vec<(Vec<usize>, Dist)>,
+    build: fn(&mut Graph, &[NodeId]) -> NodeId,
+) -> Case {
+    Case {
+        name,
+        inputs,
+        build,
+    }
 }
 
 pub fn sample(rng: &mut ChaCha8Rng, shape: &[usize], d: Dist) -> Value {
     let n: usize = shape.iter().product();
     match d {
-        Dist::U(lo, hi) => Value::F(ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|_| rng.random_range(lo..hi)).collect()).unwrap()),
-        Dist::Idx(k) => Value::I(ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|_| rng.random_range(0..k)).collect()).unwrap()),
+        Dist::U(lo, hi) => Value::F(
+            ArrayD::from_shape_vec(
+                IxDyn(shape),
+                (0..n).map(|_| rng.random_range(lo..hi)).collect(),
+            )
+            .unwrap(),
+        ),
+        Dist::Idx(k) => Value::I(
+            ArrayD::from_shape_vec(
+                IxDyn(shape),
+                (0..n).map(|_| rng.random_range(0..k)).collect(),
+            )
+            .unwrap(),
+        ),
     }
 }
 
@@ -50,24 +72,51 @@ pub fn harness(c: &Case, rng: &mut ChaCha8Rng) -> Harness {
     let mut g = Graph::new();
     let mut xs = vec![];
     for (i, (s, d)) in c.inputs.iter().enumerate() {
-        let dt = if matches!(d, Dist::Idx(_)) { DType::I64 } else { DType::F32 };
+        let dt = if matches!(d, Dist::Idx(_)) {
+            DType::I64
+        } else {
+            DType::F32
+        };
         xs.push(g.input(&format!("x{i}"), dt, s));
     }
     let y = (c.build)(&mut g, &xs);
     let ys = g.shape(y).to_vec();
     let n: usize = ys.iter().product();
-    let r1 = g.constant(Tensor::f32(&ys, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()));
-    let r2 = g.constant(Tensor::f32(&ys, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()));
+    let r1 = g.constant(Tensor::f32(
+        &ys,
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect(),
+    ));
+    let r2 = g.constant(Tensor::f32(
+        &ys,
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect(),
+    ));
     let a = g.mul(r1, y);
     let y2 = g.mul(y, y);
     let b = g.mul(r2, y2);
     let s = g.add(a, b);
     let loss = g.sum_all(s);
-    let float_inputs: Vec<(String, NodeId)> =
-        g.inputs().into_iter().filter(|(_, id)| g.dtype(*id) == DType::F32).collect();
+    let float_inputs: Vec<(String, NodeId)> = g
+        .inputs()
+        .into_iter()
+        .filter(|(_, id)| g.dtype(*id) == DType::F32)
+        .collect();
     let wrt: Vec<NodeId> = float_inputs.iter().map(|(_, id)| *id).collect();
-    let vs: Vec<NodeId> = wrt.iter().enumerate().map(|(i, &w)| { let s = g.shape(w).to_vec(); g.input(&format!("v{i}"), DType::F32, &s) }).collect();
-    let ws: Vec<NodeId> = wrt.iter().enumerate().map(|(i, &w)| { let s = g.shape(w).to_vec(); g.input(&format!("w{i}"), DType::F32, &s) }).collect();
+    let vs: Vec<NodeId> = wrt
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            let s = g.shape(w).to_vec();
+            g.input(&format!("v{i}"), DType::F32, &s)
+        })
+        .collect();
+    let ws: Vec<NodeId> = wrt
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            let s = g.shape(w).to_vec();
+            g.input(&format!("w{i}"), DType::F32, &s)
+        })
+        .collect();
     g.output("loss", loss);
     let grads = grad(&mut g, loss, &wrt);
     let hvp_fr = hvp_forward_over_reverse(&mut g, loss, &wrt, &vs);
@@ -76,11 +125,26 @@ pub fn harness(c: &Case, rng: &mut ChaCha8Rng) -> Harness {
     let t = inner_product(&mut g, &hvp_rr, &ws);
     g.output("t", t);
     let third = grad(&mut g, t, &wrt);
-    for (i, id) in grads.iter().enumerate() { g.output(&format!("g{i}"), *id); }
-    for (i, id) in hvp_fr.iter().enumerate() { g.output(&format!("hf{i}"), *id); }
-    for (i, id) in hvp_rr.iter().enumerate() { g.output(&format!("hr{i}"), *id); }
-    for (i, id) in third.iter().enumerate() { g.output(&format!("t{i}"), *id); }
-    Harness { g, float_inputs, grads, hvp_fr, hvp_rr, third }
+    for (i, id) in grads.iter().enumerate() {
+        g.output(&format!("g{i}"), *id);
+    }
+    for (i, id) in hvp_fr.iter().enumerate() {
+        g.output(&format!("hf{i}"), *id);
+    }
+    for (i, id) in hvp_rr.iter().enumerate() {
+        g.output(&format!("hr{i}"), *id);
+    }
+    for (i, id) in third.iter().enumerate() {
+        g.output(&format!("t{i}"), *id);
+    }
+    Harness {
+        g,
+        float_inputs,
+        grads,
+        hvp_fr,
+        hvp_rr,
+        third,
+    }
 }
 
 pub fn cases() -> Vec<Case> {
@@ -97,22 +161,53 @@ pub fn cases() -> Vec<Case> {
         case("tanh", vec![(s(&[3, 4]), u)], |g, x| g.tanh(x[0])),
         case("relu", vec![(s(&[3, 4]), u)], |g, x| g.relu(x[0])),
         case("abs", vec![(s(&[3, 4]), u)], |g, x| g.abs(x[0])),
-        case("sign", vec![(s(&[3, 4]), u)], |g, x| { let sg = g.sign(x[0]); g.mul(sg, x[0]) }),
-        case("asinh", vec![(s(&[3, 4]), U(-3.0, 3.0))], |g, x| g.asinh(x[0])),
-        case("erf", vec![(s(&[3, 4]), u)], |g, x| g.erf(x[0])),
-        case("add_broadcast", vec![(s(&[3, 4]), u), (s(&[4]), u)], |g, x| g.add(x[0], x[1])),
-        case("sub_broadcast", vec![(s(&[3, 1]), u), (s(&[1, 4]), u)], |g, x| g.sub(x[0], x[1])),
-        case("mul_broadcast", vec![(s(&[2, 3, 4]), u), (s(&[3, 1]), u)], |g, x| g.mul(x[0], x[1])),
-        case("div", vec![(s(&[3, 4]), u), (s(&[3, 4]), pos)], |g, x| g.div(x[0], x[1])),
-        case("pow", vec![(s(&[3, 4]), pos), (s(&[3, 4]), U(-1.0, 2.0))], |g, x| g.pow(x[0], x[1])),
-        case("min", vec![(s(&[3, 4]), u), (s(&[3, 4]), u)], |g, x| g.min(x[0], x[1])),
-        case("max", vec![(s(&[3, 4]), u), (s(&[4]), u)], |g, x| g.max(x[0], x[1])),
-        case("where_compare", vec![(s(&[3, 4]), u), (s(&[3, 4]), u)], |g, x| {
-            let c = g.less(x[0], x[1]);
-            let a = g.mul(x[0], x[1]);
-            let b = g.exp(x[1]);
-            g.where_(c, a, b)
+        case("sign", vec![(s(&[3, 4]), u)], |g, x| {
+            let sg = g.sign(x[0]);
+            g.mul(sg, x[0])
         }),
+        case("asinh", vec![(s(&[3, 4]), U(-3.0, 3.0))], |g, x| {
+            g.asinh(x[0])
+        }),
+        case("erf", vec![(s(&[3, 4]), u)], |g, x| g.erf(x[0])),
+        case(
+            "add_broadcast",
+            vec![(s(&[3, 4]), u), (s(&[4]), u)],
+            |g, x| g.add(x[0], x[1]),
+        ),
+        case(
+            "sub_broadcast",
+            vec![(s(&[3, 1]), u), (s(&[1, 4]), u)],
+            |g, x| g.sub(x[0], x[1]),
+        ),
+        case(
+            "mul_broadcast",
+            vec![(s(&[2, 3, 4]), u), (s(&[3, 1]), u)],
+            |g, x| g.mul(x[0], x[1]),
+        ),
+        case("div", vec![(s(&[3, 4]), u), (s(&[3, 4]), pos)], |g, x| {
+            g.div(x[0], x[1])
+        }),
+        case(
+            "pow",
+            vec![(s(&[3, 4]), pos), (s(&[3, 4]), U(-1.0, 2.0))],
+            |g, x| g.pow(x[0], x[1]),
+        ),
+        case("min", vec![(s(&[3, 4]), u), (s(&[3, 4]), u)], |g, x| {
+            g.min(x[0], x[1])
+        }),
+        case("max", vec![(s(&[3, 4]), u), (s(&[4]), u)], |g, x| {
+            g.max(x[0], x[1])
+        }),
+        case(
+            "where_compare",
+            vec![(s(&[3, 4]), u), (s(&[3, 4]), u)],
+            |g, x| {
+                let c = g.less(x[0], x[1]);
+                let a = g.mul(x[0], x[1]);
+                let b = g.exp(x[1]);
+                g.where_(c, a, b)
+            },
+        ),
         case("greater_equal_not_cast", vec![(s(&[3, 4]), u)], |g, x| {
             let z = g.scalar(0.0);
             let gt = g.greater(x[0], z);
@@ -123,37 +218,125 @@ pub fn cases() -> Vec<Case> {
             let e = g.exp(x[0]);
             g.mul(f, e)
         }),
-        case("matmul", vec![(s(&[3, 4]), u), (s(&[4, 5]), u)], |g, x| g.matmul(x[0], x[1])),
-        case("matmul_batched", vec![(s(&[2, 3, 4]), u), (s(&[2, 4, 2]), u)], |g, x| g.matmul(x[0], x[1])),
-        case("matmul_broadcast_weight", vec![(s(&[2, 3, 4]), u), (s(&[4, 2]), u)], |g, x| g.matmul(x[0], x[1])),
-        case("matmul_broadcast_batch", vec![(s(&[2, 1, 3, 4]), u), (s(&[3, 4, 2]), u)], |g, x| g.matmul(x[0], x[1])),
-        case("reduce_sum", vec![(s(&[2, 3, 4]), u)], |g, x| g.sum(x[0], &[0, 2], false)),
-        case("reduce_mean_keep", vec![(s(&[2, 3, 4]), u)], |g, x| g.mean(x[0], &[1], true)),
-        case("reduce_max", vec![(s(&[2, 3, 4]), u)], |g, x| g.reduce_max(x[0], &[2], false)),
-        case("reshape", vec![(s(&[2, 6]), u)], |g, x| { let r = g.reshape(x[0], &[3, 4]); g.exp(r) }),
-        case("transpose", vec![(s(&[2, 3, 4]), u)], |g, x| g.transpose(x[0], &[2, 0, 1])),
-        case("concat", vec![(s(&[2, 3]), u), (s(&[2, 2]), u)], |g, x| g.concat(&[x[0], x[1], x[0]], 1)),
-        case("slice", vec![(s(&[4, 5]), u)], |g, x| g.slice(x[0], 1, 1, 4)),
-        case("gather", vec![(s(&[5, 3]), u), (s(&[2, 4]), Idx(5))], |g, x| g.gather(x[0], x[1], 0)),
-        case("gather_axis1", vec![(s(&[2, 5, 3]), u), (s(&[4]), Idx(5))], |g, x| g.gather(x[0], x[1], 1)),
-        case("expand", vec![(s(&[3, 1]), u)], |g, x| g.expand(x[0], &[2, 3, 4])),
+        case("matmul", vec![(s(&[3, 4]), u), (s(&[4, 5]), u)], |g, x| {
+            g.matmul(x[0], x[1])
+        }),
+        case(
+            "matmul_batched",
+            vec![(s(&[2, 3, 4]), u), (s(&[2, 4, 2]), u)],
+            |g, x| g.matmul(x[0], x[1]),
+        ),
+        case(
+            "matmul_broadcast_weight",
+            vec![(s(&[2, 3, 4]), u), (s(&[4, 2]), u)],
+            |g, x| g.matmul(x[0], x[1]),
+        ),
+        case(
+            "matmul_broadcast_batch",
+            vec![(s(&[2, 1, 3, 4]), u), (s(&[3, 4, 2]), u)],
+            |g, x| g.matmul(x[0], x[1]),
+        ),
+        case("reduce_sum", vec![(s(&[2, 3, 4]), u)], |g, x| {
+            g.sum(x[0], &[0, 2], false)
+        }),
+        case("reduce_mean_keep", vec![(s(&[2, 3, 4]), u)], |g, x| {
+            g.mean(x[0], &[1], true)
+        }),
+        case("reduce_max", vec![(s(&[2, 3, 4]), u)], |g, x| {
+            g.reduce_max(x[0], &[2], false)
+        }),
+        case("reshape", vec![(s(&[2, 6]), u)], |g, x| {
+            let r = g.reshape(x[0], &[3, 4]);
+            g.exp(r)
+        }),
+        case("transpose", vec![(s(&[2, 3, 4]), u)], |g, x| {
+            g.transpose(x[0], &[2, 0, 1])
+        }),
+        case("concat", vec![(s(&[2, 3]), u), (s(&[2, 2]), u)], |g, x| {
+            g.concat(&[x[0], x[1], x[0]], 1)
+        }),
+        case("slice", vec![(s(&[4, 5]), u)], |g, x| {
+            g.slice(x[0], 1, 1, 4)
+        }),
+        case(
+            "gather",
+            vec![(s(&[5, 3]), u), (s(&[2, 4]), Idx(5))],
+            |g, x| g.gather(x[0], x[1], 0),
+        ),
+        case(
+            "gather_axis1",
+            vec![(s(&[2, 5, 3]), u), (s(&[4]), Idx(5))],
+            |g, x| g.gather(x[0], x[1], 1),
+        ),
+        case("expand", vec![(s(&[3, 1]), u)], |g, x| {
+            g.expand(x[0], &[2, 3, 4])
+        }),
         case("softmax", vec![(s(&[3, 4]), u)], |g, x| g.softmax(x[0], 1)),
-        case("softmax_axis0", vec![(s(&[3, 4]), u)], |g, x| g.softmax(x[0], 0)),
-        case("log_softmax", vec![(s(&[3, 4]), u)], |g, x| g.log_softmax(x[0], 1)),
-        case("cross_entropy", vec![(s(&[4, 5]), u), (s(&[4]), Idx(5))], |g, x| g.softmax_cross_entropy(x[0], x[1])),
-        case("conv2d", vec![(s(&[2, 2, 5, 5]), u), (s(&[3, 2, 3, 3]), u)], |g, x| g.conv2d(x[0], x[1], ConvParams::default())),
-        case("conv2d_stride_pad", vec![(s(&[1, 2, 6, 5]), u), (s(&[2, 2, 3, 2]), u)], |g, x| {
-            g.conv2d(x[0], x[1], ConvParams { stride: [2, 2], pads: [1, 0, 1, 1], dilation: [1, 1] })
+        case("softmax_axis0", vec![(s(&[3, 4]), u)], |g, x| {
+            g.softmax(x[0], 0)
         }),
-        case("conv2d_dilation", vec![(s(&[1, 1, 7, 7]), u), (s(&[2, 1, 2, 3]), u)], |g, x| {
-            g.conv2d(x[0], x[1], ConvParams { stride: [1, 2], pads: [1, 1, 0, 1], dilation: [2, 2] })
+        case("log_softmax", vec![(s(&[3, 4]), u)], |g, x| {
+            g.log_softmax(x[0], 1)
         }),
-        case("conv_transpose", vec![(s(&[1, 2, 3, 3]), u), (s(&[2, 3, 3, 3]), u)], |g, x| {
-            metac_graphs::ops::conv::conv_transpose_to(g, x[0], x[1], &ConvParams { stride: [2, 2], pads: [1, 1, 1, 1], dilation: [1, 1] }, [6, 5])
-        }),
+        case(
+            "cross_entropy",
+            vec![(s(&[4, 5]), u), (s(&[4]), Idx(5))],
+            |g, x| g.softmax_cross_entropy(x[0], x[1]),
+        ),
+        case(
+            "conv2d",
+            vec![(s(&[2, 2, 5, 5]), u), (s(&[3, 2, 3, 3]), u)],
+            |g, x| g.conv2d(x[0], x[1], ConvParams::default()),
+        ),
+        case(
+            "conv2d_stride_pad",
+            vec![(s(&[1, 2, 6, 5]), u), (s(&[2, 2, 3, 2]), u)],
+            |g, x| {
+                g.conv2d(
+                    x[0],
+                    x[1],
+                    ConvParams {
+                        stride: [2, 2],
+                        pads: [1, 0, 1, 1],
+                        dilation: [1, 1],
+                    },
+                )
+            },
+        ),
+        case(
+            "conv2d_dilation",
+            vec![(s(&[1, 1, 7, 7]), u), (s(&[2, 1, 2, 3]), u)],
+            |g, x| {
+                g.conv2d(
+                    x[0],
+                    x[1],
+                    ConvParams {
+                        stride: [1, 2],
+                        pads: [1, 1, 0, 1],
+                        dilation: [2, 2],
+                    },
+                )
+            },
+        ),
+        case(
+            "conv_transpose",
+            vec![(s(&[1, 2, 3, 3]), u), (s(&[2, 3, 3, 3]), u)],
+            |g, x| {
+                metac_graphs::ops::conv::conv_transpose_to(
+                    g,
+                    x[0],
+                    x[1],
+                    &ConvParams {
+                        stride: [2, 2],
+                        pads: [1, 1, 1, 1],
+                        dilation: [1, 1],
+                    },
+                    [6, 5],
+                )
+            },
+        ),
     ]
 }
-
 
 /// Inputs for a case's harness: the case's inputs, and random directions
 /// `v*`, `w*` for every float input.
@@ -163,7 +346,13 @@ pub fn harness_inputs(c: &Case, h: &Harness, rng: &mut ChaCha8Rng) -> Vec<(Strin
         env.push((format!("x{i}"), sample(rng, s, *d)));
     }
     for (i, (name, _)) in h.float_inputs.iter().enumerate() {
-        let s = env.iter().find(|(n, _)| n == name).unwrap().1.shape().to_vec();
+        let s = env
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .shape()
+            .to_vec();
         env.push((format!("v{i}"), sample(rng, &s, Dist::U(-1.0, 1.0))));
         env.push((format!("w{i}"), sample(rng, &s, Dist::U(-1.0, 1.0))));
     }

@@ -10,7 +10,9 @@ pub fn python() -> String {
 }
 
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
 }
 
 /// Run a Python script from `tests/python/`, panicking with its output if it fails.
@@ -19,8 +21,17 @@ pub fn run_script(name: &str, args: &[&Path]) -> String {
         .arg(script(name))
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}); install Python 3 with: pip install -r requirements.txt", python()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); install Python 3 with: pip install -r requirements.txt",
+                python()
+            )
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success(),
         "{name} failed (are the Python requirements installed? pip install -r requirements.txt):\n{text}"
@@ -30,7 +41,11 @@ pub fn run_script(name: &str, args: &[&Path]) -> String {
 
 /// A fresh scratch directory under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("test-scratch").join(name);
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("test-scratch")
+        .join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

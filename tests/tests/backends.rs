@@ -28,7 +28,12 @@ fn f64s(t: &HostTensor) -> Vec<f64> {
 }
 
 fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-3);
     num / den
 }
@@ -58,13 +63,22 @@ fn every_op_case_runs_on_ort_and_tract_and_matches_the_f64_reference() {
         let h = harness(&c, &mut r);
         let g = optimize(&h.g);
         let bytes = export_bytes(&g, c.name).unwrap();
-        assert_eq!(bytes, export_bytes(&optimize(&h.g), c.name).unwrap(), "{}: export is not deterministic", c.name);
+        assert_eq!(
+            bytes,
+            export_bytes(&optimize(&h.g), c.name).unwrap(),
+            "{}: export is not deterministic",
+            c.name
+        );
         let path = dir.join(format!("{}.onnx", c.name));
         std::fs::write(&path, &bytes).unwrap();
         files.push(path);
         let env: Vec<(String, Value)> = harness_inputs(&c, &h, &mut r);
-        let reference: HashMap<String, Value> = eval_graph(&g, &env.iter().cloned().collect()).unwrap().into_iter().collect();
-        let host: Vec<(String, HostTensor)> = env.iter().map(|(n, v)| (n.clone(), to_host(v))).collect();
+        let reference: HashMap<String, Value> = eval_graph(&g, &env.iter().cloned().collect())
+            .unwrap()
+            .into_iter()
+            .collect();
+        let host: Vec<(String, HostTensor)> =
+            env.iter().map(|(n, v)| (n.clone(), to_host(v))).collect();
         let o = run(ort.load(&bytes, c.name).unwrap().as_mut(), &host);
         let t = run(tract.load(&bytes, c.name).unwrap().as_mut(), &host);
         for (name, want) in &reference {
@@ -79,7 +93,10 @@ fn every_op_case_runs_on_ort_and_tract_and_matches_the_f64_reference() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let refs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
     let out = run_script("check_onnx.py", &refs);
-    assert!(out.contains(&format!("{} passed, 0 failed", files.len())), "{out}");
+    assert!(
+        out.contains(&format!("{} passed, 0 failed", files.len())),
+        "{out}"
+    );
 }
 
 #[allow(dead_code)]

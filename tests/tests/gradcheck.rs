@@ -18,7 +18,12 @@ fn flat(v: &Value) -> Vec<f64> {
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-6);
     num / den
 }
@@ -27,7 +32,11 @@ fn run(g: &Graph, env: &HashMap<String, Value>) -> HashMap<String, Value> {
     eval_graph(g, env).unwrap().into_iter().collect()
 }
 
-fn perturbed(env: &HashMap<String, Value>, dir: &HashMap<String, Value>, h: f64) -> HashMap<String, Value> {
+fn perturbed(
+    env: &HashMap<String, Value>,
+    dir: &HashMap<String, Value>,
+    h: f64,
+) -> HashMap<String, Value> {
     let mut e = env.clone();
     for (k, d) in dir {
         let x = e.get_mut(k).unwrap();
@@ -41,7 +50,11 @@ fn perturbed(env: &HashMap<String, Value>, dir: &HashMap<String, Value>, h: f64)
 fn check(c: &Case, optimized: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let h = harness(c, &mut rng);
-    let g = if optimized { optimize(&h.g) } else { h.g.clone() };
+    let g = if optimized {
+        optimize(&h.g)
+    } else {
+        h.g.clone()
+    };
     let _ = (&h.grads, &h.hvp_fr, &h.hvp_rr, &h.third);
     let mut env = HashMap::new();
     for (i, (s, d)) in c.inputs.iter().enumerate() {
@@ -75,30 +88,59 @@ fn check(c: &Case, optimized: bool) {
         }
         let gr = flat(&out[&format!("g{i}")]);
         let err = rel_err(&gr, &fd);
-        assert!(err < 1e-6, "{}: gradient wrt {name}: rel err {err:.3e}\n  got {gr:?}\n  fd  {fd:?}", c.name);
+        assert!(
+            err < 1e-6,
+            "{}: gradient wrt {name}: rel err {err:.3e}\n  got {gr:?}\n  fd  {fd:?}",
+            c.name
+        );
         // HVP: directional difference of the gradient.
         let gp = flat(&run(&g, &perturbed(&env, &v_dir, eps))[&format!("g{i}")]);
         let gm = flat(&run(&g, &perturbed(&env, &v_dir, -eps))[&format!("g{i}")]);
-        let fd_h: Vec<f64> = gp.iter().zip(&gm).map(|(p, m)| (p - m) / (2.0 * eps)).collect();
+        let fd_h: Vec<f64> = gp
+            .iter()
+            .zip(&gm)
+            .map(|(p, m)| (p - m) / (2.0 * eps))
+            .collect();
         for key in ["hf", "hr"] {
             let hv = flat(&out[&format!("{key}{i}")]);
             let err = rel_err(&hv, &fd_h);
-            assert!(err < 1e-5, "{}: {key} HVP wrt {name}: rel err {err:.3e}\n  got {hv:?}\n  fd  {fd_h:?}", c.name);
+            assert!(
+                err < 1e-5,
+                "{}: {key} HVP wrt {name}: rel err {err:.3e}\n  got {hv:?}\n  fd  {fd_h:?}",
+                c.name
+            );
         }
         let hf = flat(&out[&format!("hf{i}")]);
         let hr = flat(&out[&format!("hr{i}")]);
         // Equal up to the f32 rounding of constants such as 1/n in the two modes.
-        assert!(rel_err(&hf, &hr) < 1e-6, "{}: HVP modes disagree wrt {name}", c.name);
+        assert!(
+            rel_err(&hf, &hr) < 1e-6,
+            "{}: HVP modes disagree wrt {name}",
+            c.name
+        );
         // Third order: directional difference of <HVP(v), w> along w_dir.
         let tp = flat(&run(&g, &perturbed(&env, &w_dir, eps))["t"])[0];
         let tm = flat(&run(&g, &perturbed(&env, &w_dir, -eps))["t"])[0];
         let fd_t = (tp - tm) / (2.0 * eps);
-        let th: f64 = h.float_inputs.iter().enumerate().map(|(k, (nm, _))| {
-            flat(&out[&format!("t{k}")]).iter().zip(w_dir[nm].f().iter()).map(|(a, b)| a * b).sum::<f64>()
-        }).sum();
+        let th: f64 = h
+            .float_inputs
+            .iter()
+            .enumerate()
+            .map(|(k, (nm, _))| {
+                flat(&out[&format!("t{k}")])
+                    .iter()
+                    .zip(w_dir[nm].f().iter())
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+            })
+            .sum();
         if i == 0 {
             let err = (th - fd_t).abs() / fd_t.abs().max(1e-4);
-            assert!(err < 1e-4, "{}: third-order directional derivative: {th} vs fd {fd_t}", c.name);
+            assert!(
+                err < 1e-4,
+                "{}: third-order directional derivative: {th} vs fd {fd_t}",
+                c.name
+            );
         }
     }
 }
@@ -109,12 +151,24 @@ fn every_op_gradient_hvp_and_third_order_match_finite_differences() {
     for c in cases() {
         for optimized in [false, true] {
             if let Err(e) = std::panic::catch_unwind(|| check(&c, optimized)) {
-                let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
-                failures.push(format!("[{}{}] {msg}", c.name, if optimized { ", optimized" } else { "" }));
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
+                failures.push(format!(
+                    "[{}{}] {msg}",
+                    c.name,
+                    if optimized { ", optimized" } else { "" }
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 #[test]
@@ -124,15 +178,60 @@ fn every_op_is_covered_by_a_gradient_check() {
     for c in cases() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let h = harness(&c, &mut rng);
-        for n in h.g.nodes() { seen.insert(n.op.name()); }
+        for n in h.g.nodes() {
+            seen.insert(n.op.name());
+        }
     }
     seen.insert("StopGradient"); // checked in stop_gradient_blocks_derivatives
-    let all = ["Input", "Const", "Fill", "Neg", "Exp", "Log", "Sqrt", "Sigmoid", "Tanh", "Relu", "Abs", "Sign", "Asinh", "Erf", "Not",
-        "Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Less", "Greater", "Equal", "Where", "Cast", "StopGradient", "MatMul",
-        "ReduceSum", "ReduceMean", "ReduceMax", "Reshape", "Transpose", "Concat", "Slice", "Gather", "Expand", "Softmax", "LogSoftmax",
-        "Conv2d", "ConvTranspose2d"];
+    let all = [
+        "Input",
+        "Const",
+        "Fill",
+        "Neg",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Sigmoid",
+        "Tanh",
+        "Relu",
+        "Abs",
+        "Sign",
+        "Asinh",
+        "Erf",
+        "Not",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Min",
+        "Max",
+        "Less",
+        "Greater",
+        "Equal",
+        "Where",
+        "Cast",
+        "StopGradient",
+        "MatMul",
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "Reshape",
+        "Transpose",
+        "Concat",
+        "Slice",
+        "Gather",
+        "Expand",
+        "Softmax",
+        "LogSoftmax",
+        "Conv2d",
+        "ConvTranspose2d",
+    ];
     let missing: Vec<_> = all.iter().filter(|n| !seen.contains(**n)).collect();
-    assert!(missing.is_empty(), "ops without a gradient check: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "ops without a gradient check: {missing:?}"
+    );
 }
 
 #[test]
@@ -153,8 +252,14 @@ fn stop_gradient_blocks_derivatives() {
     let xs = [0.3, -0.7, 1.1, 0.05];
     let vs = [1.0, -2.0, 0.5, 3.0];
     let env: HashMap<String, Value> = [
-        ("x".to_string(), Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), xs.to_vec()).unwrap())),
-        ("v".to_string(), Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), vs.to_vec()).unwrap())),
+        (
+            "x".to_string(),
+            Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), xs.to_vec()).unwrap()),
+        ),
+        (
+            "v".to_string(),
+            Value::F(ArrayD::from_shape_vec(IxDyn(&[4]), vs.to_vec()).unwrap()),
+        ),
     ]
     .into_iter()
     .collect();

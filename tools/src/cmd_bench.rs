@@ -17,7 +17,9 @@ use rand::{Rng, SeedableRng};
 use crate::common::BackendArgs;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  metac bench mlp                       # ORT and tract, 55,000 MNIST examples\n  metac bench mlp --examples 10000 --repeats 20 --backends ort")]
+#[command(
+    after_help = "Examples:\n  metac bench mlp                       # ORT and tract, 55,000 MNIST examples\n  metac bench mlp --examples 10000 --repeats 20 --backends ort"
+)]
 pub struct Args {
     #[command(subcommand)]
     pub which: Which,
@@ -112,7 +114,12 @@ fn mlp_cases(n: usize) -> Vec<Case> {
     ]
 }
 
-fn inputs_for(g: &Graph, x: &HostTensor, y: &HostTensor, rng: &mut impl Rng) -> Vec<(String, HostTensor)> {
+fn inputs_for(
+    g: &Graph,
+    x: &HostTensor,
+    y: &HostTensor,
+    rng: &mut impl Rng,
+) -> Vec<(String, HostTensor)> {
     g.inputs()
         .into_iter()
         .map(|(name, id)| {
@@ -136,7 +143,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_session(s: &mut dyn Session, inputs: &[(String, HostTensor)], repeats: usize) -> Result<f64> {
+fn time_session(
+    s: &mut dyn Session,
+    inputs: &[(String, HostTensor)],
+    repeats: usize,
+) -> Result<f64> {
     let refs: Vec<(&str, &HostTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     s.run(&refs)?;
     let mut times = vec![];
@@ -152,11 +163,22 @@ fn mlp(a: MlpArgs) -> Result<()> {
     let dir = a.data_dir.clone().unwrap_or_else(mnist::default_dir);
     let data = mnist::load(&dir)?;
     let n = a.examples.min(data.train.len());
-    let x = HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 784]), data.train.images[..n * 784].to_vec())?);
-    let y = HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), data.train.labels[..n].to_vec())?);
+    let x = HostTensor::F32(ArrayD::from_shape_vec(
+        IxDyn(&[n, 784]),
+        data.train.images[..n * 784].to_vec(),
+    )?);
+    let y = HostTensor::I64(ArrayD::from_shape_vec(
+        IxDyn(&[n]),
+        data.train.labels[..n].to_vec(),
+    )?);
     let cases = mlp_cases(n);
-    let threads = a.backend.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |p| p.get()));
-    println!("# metac bench mlp: MNIST MLP 784-20-10 (sigmoid, softmax cross-entropy), N = {n} examples");
+    let threads = a
+        .backend
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |p| p.get()));
+    println!(
+        "# metac bench mlp: MNIST MLP 784-20-10 (sigmoid, softmax cross-entropy), N = {n} examples"
+    );
     println!("# median of {} runs after one warm-up; ORT with {threads} intra-op threads, tract single-threaded\n", a.repeats);
     println!("| backend | graph | nodes | GFLOP | time (ms) | GFLOP/s | vs reference GFLOP/s |");
     println!("|---|---|---|---|---|---|---|");

@@ -33,7 +33,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let model = metac_graphs::onnx::import_file(&a.model)?;
-    let d = derive(&model, &a.loss, &a.wrt, a.hvp_mode).with_context(|| a.model.display().to_string())?;
+    let d = derive(&model, &a.loss, &a.wrt, a.hvp_mode)
+        .with_context(|| a.model.display().to_string())?;
     let mut b = BundleBuilder::new("derive");
     b.meta(serde_json::json!({
         "source": a.model.file_name().map(|f| f.to_string_lossy().to_string()),
@@ -72,8 +73,16 @@ pub fn run(a: Args) -> Result<()> {
             "wrote {} ({} nodes; inputs: {}; outputs: {})",
             a.out.join(&g.file).display(),
             nodes,
-            g.inputs.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
-            g.outputs.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+            g.inputs
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            g.outputs
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())

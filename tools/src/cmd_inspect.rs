@@ -9,7 +9,9 @@ use prost::Message;
 
 /// Print graphs, inputs/outputs with shapes, op counts and parameter counts.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  metac inspect derived/          # a bundle directory\n  metac inspect model.onnx        # any ONNX model")]
+#[command(
+    after_help = "Examples:\n  metac inspect derived/          # a bundle directory\n  metac inspect model.onnx        # any ONNX model"
+)]
 pub struct Args {
     /// A bundle directory or an .onnx file.
     pub path: PathBuf,
@@ -20,14 +22,23 @@ fn fmt_spec(t: &TensorSpec) -> String {
 }
 
 fn fmt_ops(c: &std::collections::BTreeMap<String, usize>) -> String {
-    c.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    c.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.path.is_dir() {
         let b = Bundle::load(&a.path)?;
         let m = &b.manifest;
-        println!("bundle {} (kind {}, metac {}, opset {})", a.path.display(), m.kind, m.metac_version, m.onnx_opset);
+        println!(
+            "bundle {} (kind {}, metac {}, opset {})",
+            a.path.display(),
+            m.kind,
+            m.metac_version,
+            m.onnx_opset
+        );
         for g in &m.graphs {
             let n: usize = g.op_counts.values().sum();
             println!("\ngraph {} ({}; {} nodes)", g.name, g.file, n);
@@ -42,23 +53,66 @@ pub fn run(a: Args) -> Result<()> {
             println!("  ops: {}", fmt_ops(&g.op_counts));
         }
         if !m.state.is_empty() {
-            let total: usize = m.state.iter().map(|s| s.shape.iter().product::<usize>()).sum();
-            println!("\nstate buffers ({} tensors, {} numbers):", m.state.len(), total);
+            let total: usize = m
+                .state
+                .iter()
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum();
+            println!(
+                "\nstate buffers ({} tensors, {} numbers):",
+                m.state.len(),
+                total
+            );
             for s in &m.state {
-                let upd = s.updated_by.as_ref().map(|p| format!(" <- {}.{}", p.graph, p.tensor)).unwrap_or_default();
+                let upd = s
+                    .updated_by
+                    .as_ref()
+                    .map(|p| format!(" <- {}.{}", p.graph, p.tensor))
+                    .unwrap_or_default();
                 println!("  {:<28} {:<5} {:?}{}", s.name, s.dtype, s.shape, upd);
             }
         }
         return Ok(());
     }
-    let bytes = std::fs::read(&a.path).with_context(|| format!("cannot read {}", a.path.display()))?;
-    let m = pb::ModelProto::decode(bytes.as_slice()).with_context(|| format!("{}: not an ONNX model", a.path.display()))?;
-    let g = m.graph.as_ref().with_context(|| format!("{}: ONNX model has no graph", a.path.display()))?;
-    let opsets: Vec<String> = m.opset_import.iter().map(|o| format!("{}:{}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version)).collect();
-    println!("model {} (ir {}, opsets {}, producer {} {})", a.path.display(), m.ir_version, opsets.join(" "), m.producer_name, m.producer_version);
-    let init_names: std::collections::BTreeSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let bytes =
+        std::fs::read(&a.path).with_context(|| format!("cannot read {}", a.path.display()))?;
+    let m = pb::ModelProto::decode(bytes.as_slice())
+        .with_context(|| format!("{}: not an ONNX model", a.path.display()))?;
+    let g = m
+        .graph
+        .as_ref()
+        .with_context(|| format!("{}: ONNX model has no graph", a.path.display()))?;
+    let opsets: Vec<String> = m
+        .opset_import
+        .iter()
+        .map(|o| {
+            format!(
+                "{}:{}",
+                if o.domain.is_empty() {
+                    "ai.onnx"
+                } else {
+                    &o.domain
+                },
+                o.version
+            )
+        })
+        .collect();
+    println!(
+        "model {} (ir {}, opsets {}, producer {} {})",
+        a.path.display(),
+        m.ir_version,
+        opsets.join(" "),
+        m.producer_name,
+        m.producer_version
+    );
+    let init_names: std::collections::BTreeSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
     println!("  inputs:");
-    for v in g.input.iter().filter(|v| !init_names.contains(v.name.as_str())) {
+    for v in g
+        .input
+        .iter()
+        .filter(|v| !init_names.contains(v.name.as_str()))
+    {
         println!("    {}", describe(v));
     }
     println!("  outputs:");
@@ -72,10 +126,19 @@ pub fn run(a: Args) -> Result<()> {
         if t.data_type == 1 {
             params += n as usize;
         }
-        println!("    {:<28} {:<5} {:?}", t.name, dtype_name(t.data_type), t.dims);
+        println!(
+            "    {:<28} {:<5} {:?}",
+            t.name,
+            dtype_name(t.data_type),
+            t.dims
+        );
     }
     println!("  parameters (float initializers): {params}");
-    println!("  ops ({} nodes): {}", g.node.len(), fmt_ops(&op_counts(&m)));
+    println!(
+        "  ops ({} nodes): {}",
+        g.node.len(),
+        fmt_ops(&op_counts(&m))
+    );
     Ok(())
 }
 
@@ -104,7 +167,12 @@ fn describe(v: &pb::ValueInfoProto) -> String {
                     None => "?".into(),
                 })
                 .collect();
-            format!("{:<28} {:<5} [{}]", v.name, dtype_name(t.elem_type), dims.join(", "))
+            format!(
+                "{:<28} {:<5} [{}]",
+                v.name,
+                dtype_name(t.elem_type),
+                dims.join(", ")
+            )
         }
         _ => format!("{:<28} (non-tensor)", v.name),
     }

@@ -37,7 +37,22 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // Usage errors are one line too, with the rest of clap's advice cut.
+            let first = e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ")
+                .to_string();
+            eprintln!("metac: error: {first} (see metac --help)");
+            return ExitCode::from(2);
+        }
+    };
     let r = match cli.cmd {
         Cmd::Derive(a) => cmd_derive::run(a),
         Cmd::Inspect(a) => cmd_inspect::run(a),

@@ -36,12 +36,18 @@ impl Mlp {
     /// Number of FLOPs of one forward pass on `batch` examples (2 per
     /// multiply-add of the matrix products).
     pub fn forward_flops(&self, batch: usize) -> u64 {
-        self.sizes.windows(2).map(|w| 2 * (batch * w[0] * w[1]) as u64).sum()
+        self.sizes
+            .windows(2)
+            .map(|w| 2 * (batch * w[0] * w[1]) as u64)
+            .sum()
     }
 
     /// Declare the parameters as graph inputs.
     pub fn params(&self, g: &mut Graph) -> Vec<NodeId> {
-        self.param_shapes().iter().map(|(n, s)| g.input(n, DType::F32, s)).collect()
+        self.param_shapes()
+            .iter()
+            .map(|(n, s)| g.input(n, DType::F32, s))
+            .collect()
     }
 
     /// Logits for `x[N, 784]`.

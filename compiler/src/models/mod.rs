@@ -1,3 +1,8 @@
 //! Models written on the builder as plain Rust functions.
 
+pub mod baselines;
+pub mod convnet;
+pub mod hrnn;
 pub mod mlp;
+pub mod problems;
+pub mod synthetic;

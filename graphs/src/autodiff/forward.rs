@@ -7,7 +7,11 @@ use crate::passes::dce::live_nodes;
 
 /// Tangents of `outputs` given `(input, tangent)` pairs; `None` where the
 /// tangent is zero.
-pub fn jvp(g: &mut Graph, tangents: &[(NodeId, NodeId)], outputs: &[NodeId]) -> Vec<Option<NodeId>> {
+pub fn jvp(
+    g: &mut Graph,
+    tangents: &[(NodeId, NodeId)],
+    outputs: &[NodeId],
+) -> Vec<Option<NodeId>> {
     let n0 = g.len();
     let wrt: Vec<NodeId> = tangents.iter().map(|(x, _)| *x).collect();
     let dep = super::reverse::depends_on(g, &wrt, n0);

@@ -17,7 +17,11 @@ use crate::types::DType;
 /// Gradient of the scalar `loss` with respect to each of `wrt` (zeros where
 /// the loss does not depend on it).
 pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
-    assert!(g.shape(loss).is_empty(), "grad: the loss must be a scalar, got shape {:?}", g.shape(loss));
+    assert!(
+        g.shape(loss).is_empty(),
+        "grad: the loss must be a scalar, got shape {:?}",
+        g.shape(loss)
+    );
     let seed = g.fill(1.0, DType::F32, &[]);
     let cots = vjp(g, &[(loss, seed)], wrt);
     materialize(g, cots, wrt)
@@ -25,7 +29,12 @@ pub fn grad(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
 
 /// Hessian-vector product by forward-over-reverse: the JVP of the gradient
 /// in the direction `v` (one tangent per `wrt`).
-pub fn hvp_forward_over_reverse(g: &mut Graph, loss: NodeId, wrt: &[NodeId], v: &[NodeId]) -> Vec<NodeId> {
+pub fn hvp_forward_over_reverse(
+    g: &mut Graph,
+    loss: NodeId,
+    wrt: &[NodeId],
+    v: &[NodeId],
+) -> Vec<NodeId> {
     let grads = grad(g, loss, wrt);
     let pairs: Vec<(NodeId, NodeId)> = wrt.iter().copied().zip(v.iter().copied()).collect();
     let t = jvp(g, &pairs, &grads);
@@ -34,7 +43,12 @@ pub fn hvp_forward_over_reverse(g: &mut Graph, loss: NodeId, wrt: &[NodeId], v: 
 
 /// Hessian-vector product by reverse-over-reverse: the gradient of
 /// `<grad loss, v>`.
-pub fn hvp_reverse_over_reverse(g: &mut Graph, loss: NodeId, wrt: &[NodeId], v: &[NodeId]) -> Vec<NodeId> {
+pub fn hvp_reverse_over_reverse(
+    g: &mut Graph,
+    loss: NodeId,
+    wrt: &[NodeId],
+    v: &[NodeId],
+) -> Vec<NodeId> {
     let grads = grad(g, loss, wrt);
     let dot = inner_product(g, &grads, v);
     grad(g, dot, wrt)

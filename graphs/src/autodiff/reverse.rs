@@ -33,7 +33,11 @@ pub fn vjp(g: &mut Graph, seeds: &[(NodeId, NodeId)], wrt: &[NodeId]) -> Vec<Opt
             cot[y.index()] = g.add_opt(cot[y.index()], Some(dy));
         }
     }
-    let last = seeds.iter().map(|(y, _)| y.index()).max().map_or(0, |m| m + 1);
+    let last = seeds
+        .iter()
+        .map(|(y, _)| y.index())
+        .max()
+        .map_or(0, |m| m + 1);
     for i in (0..last).rev() {
         let Some(dy) = cot[i] else { continue };
         let node = g.node(NodeId(i as u32));

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use prost::Message;
 
 use super::pb::{
-    self, attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto,
-    NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    self, attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
 };
 use super::{IR_VERSION, OPSET};
 use crate::graph::{Graph, NodeId};
@@ -22,6 +23,8 @@ pub enum ExportError {
     ReservedName(String),
     #[error("graph has no outputs")]
     NoOutputs,
+    #[error("graph output '{0}' has the name of a graph input (ONNX names must be unique)")]
+    OutputShadowsInput(String),
 }
 
 pub fn onnx_dtype(d: DType) -> i32 {
@@ -115,7 +118,8 @@ impl Lowering<'_> {
             return n.clone();
         }
         let name = format!("_c{}", self.consts.len());
-        self.inits.push(tensor_proto(&name, &Tensor::i64(&[v.len()], v.to_vec())));
+        self.inits
+            .push(tensor_proto(&name, &Tensor::i64(&[v.len()], v.to_vec())));
         self.consts.insert(v.to_vec(), name.clone());
         name
     }
@@ -152,6 +156,14 @@ impl Lowering<'_> {
         let ins: Vec<String> = node.inputs.iter().map(|&i| self.name(i)).collect();
         match &node.op {
             Op::Input { .. } => {}
+            // Float constants become Constant nodes, not initializers: importers
+            // (ours included) take float initializers to be a model's parameters.
+            Op::Const(t) if t.dtype() == DType::F32 => self.emit(
+                "Constant",
+                vec![],
+                &out,
+                vec![attr_tensor("value", tensor_proto("", t))],
+            ),
             Op::Const(t) => self.inits.push(tensor_proto(&out, t)),
             Op::Fill { value, ty } => {
                 let one = Tensor {
@@ -163,17 +175,31 @@ impl Lowering<'_> {
                     },
                 };
                 if ty.numel() <= 16 {
-                    // Small fills are cheaper as initializers than as nodes.
+                    // Small fills are cheaper as plain constants than as ConstantOfShape.
                     let full = crate::eval::Value::fill(*value, ty).to_tensor();
-                    self.inits.push(tensor_proto(&out, &full));
+                    self.emit(
+                        "Constant",
+                        vec![],
+                        &out,
+                        vec![attr_tensor("value", tensor_proto("", &full))],
+                    );
                 } else {
                     let s = self.shape_operand(&ty.shape);
-                    self.emit("ConstantOfShape", vec![s], &out, vec![attr_tensor("value", tensor_proto("", &one))]);
+                    self.emit(
+                        "ConstantOfShape",
+                        vec![s],
+                        &out,
+                        vec![attr_tensor("value", tensor_proto("", &one))],
+                    );
                 }
             }
             Op::Where if node.ty.dtype == DType::Bool => {
                 // ONNX Runtime has no bool kernel for Where: (c and a) or (not c and b).
-                let (ca, nc, ncb) = (format!("{out}_ca"), format!("{out}_nc"), format!("{out}_ncb"));
+                let (ca, nc, ncb) = (
+                    format!("{out}_ca"),
+                    format!("{out}_nc"),
+                    format!("{out}_ncb"),
+                );
                 self.emit("And", vec![ins[0].clone(), ins[1].clone()], &ca, vec![]);
                 self.emit("Not", vec![ins[0].clone()], &nc, vec![]);
                 self.emit("And", vec![nc, ins[2].clone()], &ncb, vec![]);
@@ -182,7 +208,12 @@ impl Lowering<'_> {
             Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::MatMul => {
                 self.emit(node.op.name(), ins, &out, vec![])
             }
-            Op::Cast(to) => self.emit("Cast", ins, &out, vec![attr_int("to", onnx_dtype(*to) as i64)]),
+            Op::Cast(to) => self.emit(
+                "Cast",
+                ins,
+                &out,
+                vec![attr_int("to", onnx_dtype(*to) as i64)],
+            ),
             Op::StopGradient => self.emit("Identity", ins, &out, vec![]),
             Op::Reduce { op, axes, keepdims } => {
                 if axes.is_empty() {
@@ -197,7 +228,12 @@ impl Lowering<'_> {
                         self.emit("ReduceSum", vec![ins[0].clone(), a], &out, vec![keep]);
                     }
                     ReduceOp::Mean | ReduceOp::Max => {
-                        self.emit(node.op.name(), ins, &out, vec![attr_ints("axes", axes), keep]);
+                        self.emit(
+                            node.op.name(),
+                            ins,
+                            &out,
+                            vec![attr_ints("axes", axes), keep],
+                        );
                     }
                 }
             }
@@ -210,17 +246,24 @@ impl Lowering<'_> {
                 self.emit("Expand", vec![ins[0].clone(), s], &out, vec![]);
             }
             Op::Transpose(p) => self.emit("Transpose", ins, &out, vec![attr_ints("perm", p)]),
-            Op::Concat { axis } => self.emit("Concat", ins, &out, vec![attr_int("axis", *axis as i64)]),
+            Op::Concat { axis } => {
+                self.emit("Concat", ins, &out, vec![attr_int("axis", *axis as i64)])
+            }
             Op::Slice { axis, start, end } => {
                 let s = self.i64_const(&[*start as i64]);
                 let e = self.i64_const(&[*end as i64]);
                 let a = self.i64_const(&[*axis as i64]);
                 self.emit("Slice", vec![ins[0].clone(), s, e, a], &out, vec![]);
             }
-            Op::Gather { axis } => self.emit("Gather", ins, &out, vec![attr_int("axis", *axis as i64)]),
-            Op::Softmax { axis } | Op::LogSoftmax { axis } => {
-                self.emit(node.op.name(), ins, &out, vec![attr_int("axis", *axis as i64)])
+            Op::Gather { axis } => {
+                self.emit("Gather", ins, &out, vec![attr_int("axis", *axis as i64)])
             }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => self.emit(
+                node.op.name(),
+                ins,
+                &out,
+                vec![attr_int("axis", *axis as i64)],
+            ),
             Op::Conv2d(p) => {
                 let attrs = Self::conv_attrs(p, self.g.ty(node.inputs[1]));
                 self.emit("Conv", ins, &out, attrs);
@@ -249,6 +292,13 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
             return Err(ExportError::ReservedName(n.clone()));
         }
     }
+    if let Some((n, _)) = g
+        .outputs()
+        .iter()
+        .find(|(n, _)| inputs.iter().any(|(i, _)| i == n))
+    {
+        return Err(ExportError::OutputShadowsInput(n.clone()));
+    }
     // A node that is an output (first mention, not an input or constant)
     // takes the output's name directly; the others go through Identity.
     let mut direct: HashMap<NodeId, String> = HashMap::new();
@@ -265,7 +315,10 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
         .enumerate()
         .map(|(i, n)| match &n.op {
             Op::Input { name } => name.clone(),
-            _ => direct.get(&NodeId(i as u32)).cloned().unwrap_or_else(|| format!("_n{i}")),
+            _ => direct
+                .get(&NodeId(i as u32))
+                .cloned()
+                .unwrap_or_else(|| format!("_n{i}")),
         })
         .collect();
     let mut l = Lowering {
@@ -277,10 +330,8 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
     };
     let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
     let live = crate::passes::dce::live_nodes(g, &roots);
-    for i in 0..g.len() {
-        if live[i] {
-            l.lower(NodeId(i as u32));
-        }
+    for (i, _) in live.iter().enumerate().filter(|(_, &l)| l) {
+        l.lower(NodeId(i as u32));
     }
     for (name, id) in g.outputs() {
         if direct.get(id) != Some(name) {
@@ -292,8 +343,15 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
         name: graph_name.into(),
         node: l.nodes,
         initializer: l.inits,
-        input: inputs.iter().map(|(n, id)| value_info(n, g.ty(*id))).collect(),
-        output: g.outputs().iter().map(|(n, id)| value_info(n, g.ty(*id))).collect(),
+        input: inputs
+            .iter()
+            .map(|(n, id)| value_info(n, g.ty(*id)))
+            .collect(),
+        output: g
+            .outputs()
+            .iter()
+            .map(|(n, id)| value_info(n, g.ty(*id)))
+            .collect(),
         ..Default::default()
     };
     Ok(ModelProto {

@@ -14,7 +14,9 @@ use std::path::Path;
 
 use prost::Message;
 
-use super::pb::{self, tensor_shape_proto::dimension, type_proto, AttributeProto, NodeProto, TensorProto};
+use super::pb::{
+    self, tensor_shape_proto::dimension, type_proto, AttributeProto, NodeProto, TensorProto,
+};
 use crate::eval::Value;
 use crate::graph::{broadcast_shapes, Graph, NodeId};
 use crate::ops::{self, BinaryOp, CompareOp, ConvParams, Op, ReduceOp, UnaryOp};
@@ -39,9 +41,18 @@ pub enum ImportError {
     #[error("{file}: not an ONNX model ({reason})")]
     NotOnnx { file: String, reason: String },
     #[error("{file}: unsupported op '{op}' at node '{node}'")]
-    UnsupportedOp { file: String, op: String, node: String },
+    UnsupportedOp {
+        file: String,
+        op: String,
+        node: String,
+    },
     #[error("{file}: node '{node}' ({op}): {msg}")]
-    Invalid { file: String, node: String, op: String, msg: String },
+    Invalid {
+        file: String,
+        node: String,
+        op: String,
+        msg: String,
+    },
     #[error("{file}: {msg}")]
     Model { file: String, msg: String },
 }
@@ -62,7 +73,8 @@ pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportE
         file: source.into(),
         reason,
     };
-    let model = pb::ModelProto::decode(bytes).map_err(|e| not_onnx(format!("protobuf decoding failed: {e}")))?;
+    let model = pb::ModelProto::decode(bytes)
+        .map_err(|e| not_onnx(format!("protobuf decoding failed: {e}")))?;
     let Some(graph) = model.graph.as_ref() else {
         return Err(not_onnx("the file decodes but holds no graph".into()));
     };
@@ -100,7 +112,8 @@ pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportE
         if init_names.contains(vi.name.as_str()) {
             continue;
         }
-        let (dtype, shape) = input_type(vi).map_err(|m| model_err(format!("graph input '{}': {m}", vi.name)))?;
+        let (dtype, shape) =
+            input_type(vi).map_err(|m| model_err(format!("graph input '{}': {m}", vi.name)))?;
         let id = imp
             .g
             .try_input(&vi.name, dtype, &shape)
@@ -110,7 +123,8 @@ pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportE
     }
     let mut initializers = vec![];
     for t in &graph.initializer {
-        let value = decode_tensor(t).map_err(|m| model_err(format!("initializer '{}': {m}", t.name)))?;
+        let value =
+            decode_tensor(t).map_err(|m| model_err(format!("initializer '{}': {m}", t.name)))?;
         let id = if value.dtype() == DType::F32 {
             let id = imp
                 .g
@@ -130,7 +144,12 @@ pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportE
     for (i, node) in graph.node.iter().enumerate().rev() {
         if node.output.iter().any(|o| needed.contains(o.as_str())) {
             live[i] = true;
-            needed.extend(node.input.iter().filter(|s| !s.is_empty()).map(|s| s.as_str()));
+            needed.extend(
+                node.input
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.as_str()),
+            );
         }
     }
     for (node, _) in graph.node.iter().zip(&live).filter(|(_, l)| **l) {
@@ -138,11 +157,14 @@ pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportE
     }
 
     for o in &graph.output {
-        let id = *imp
-            .env
-            .get(&o.name)
-            .ok_or_else(|| model_err(format!("graph output '{}' is not computed by any node", o.name)))?;
-        check_declared(o, imp.g.ty(id)).map_err(|m| model_err(format!("graph output '{}': {m}", o.name)))?;
+        let id = *imp.env.get(&o.name).ok_or_else(|| {
+            model_err(format!(
+                "graph output '{}' is not computed by any node",
+                o.name
+            ))
+        })?;
+        check_declared(o, imp.g.ty(id))
+            .map_err(|m| model_err(format!("graph output '{}': {m}", o.name)))?;
         imp.g
             .try_output(&o.name, id)
             .map_err(|e| model_err(format!("graph output '{}': {e}", o.name)))?;
@@ -215,7 +237,8 @@ fn ir_dtype(t: i32) -> Result<DType, String> {
 
 /// The dtype and static shape of a graph input.
 fn input_type(vi: &pb::ValueInfoProto) -> Result<(DType, Vec<usize>), String> {
-    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Err("not a tensor (sequences, maps and optionals are not supported)".into());
     };
     let dtype = match t.elem_type {
@@ -251,7 +274,8 @@ fn input_type(vi: &pb::ValueInfoProto) -> Result<(DType, Vec<usize>), String> {
 /// Check a graph output's declared type (where it declares one) against the
 /// imported node's type.
 fn check_declared(vi: &pb::ValueInfoProto, got: &TensorType) -> Result<(), String> {
-    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Ok(());
     };
     if t.elem_type != 0 {
@@ -267,11 +291,15 @@ fn check_declared(vi: &pb::ValueInfoProto, got: &TensorType) -> Result<(), Strin
     }
     if let Some(s) = &t.shape {
         let mismatch = s.dim.len() != got.rank()
-            || s.dim.iter().zip(&got.shape).any(|(d, &g)| {
-                matches!(d.value, Some(dimension::Value::DimValue(v)) if v != g as i64)
-            });
+            || s.dim.iter().zip(&got.shape).any(
+                |(d, &g)| matches!(d.value, Some(dimension::Value::DimValue(v)) if v != g as i64),
+            );
         if mismatch {
-            return Err(format!("declared shape {} but the graph computes {}", show_dims(s), got));
+            return Err(format!(
+                "declared shape {} but the graph computes {}",
+                show_dims(s),
+                got
+            ));
         }
     }
     Ok(())
@@ -292,10 +320,14 @@ fn show_dims(s: &pb::TensorShapeProto) -> String {
 
 /// Decode a tensor (raw little-endian data or the typed fields).
 fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
-    if !t.external_data.is_empty() || t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
-        return Err("its data is stored externally, which is not supported; save the model with the data \
+    if !t.external_data.is_empty()
+        || t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+    {
+        return Err(
+            "its data is stored externally, which is not supported; save the model with the data \
                     embedded (onnx.save_model(m, path, save_as_external_data=False))"
-            .into());
+                .into(),
+        );
     }
     if t.segment.is_some() {
         return Err("segmented tensors are not supported".into());
@@ -312,7 +344,9 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
     let from_raw = !raw.is_empty();
     let check_len = |len: usize| -> Result<(), String> {
         if len != n {
-            return Err(format!("holds {len} values for shape {shape:?} ({n} elements)"));
+            return Err(format!(
+                "holds {len} values for shape {shape:?} ({n} elements)"
+            ));
         }
         Ok(())
     };
@@ -329,7 +363,9 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
     match t.data_type {
         ONNX_FLOAT => {
             let v: Vec<f32> = if from_raw {
-                raw_chunks(4)?.map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+                raw_chunks(4)?
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
             } else {
                 t.float_data.clone()
             };
@@ -338,7 +374,9 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
         }
         ONNX_INT64 => {
             let v: Vec<i64> = if from_raw {
-                raw_chunks(8)?.map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+                raw_chunks(8)?
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
             } else {
                 t.int64_data.clone()
             };
@@ -347,7 +385,9 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
         }
         ONNX_INT32 => {
             let v: Vec<i64> = if from_raw {
-                raw_chunks(4)?.map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
+                raw_chunks(4)?
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect()
             } else {
                 t.int32_data.iter().map(|&x| x as i64).collect()
             };
@@ -365,6 +405,38 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
         }
         other => Err(unsupported_dtype(other)),
     }
+}
+
+/// Decode the value of a `Constant` node. Besides the initializer types,
+/// double constants are read as float32: exporters emit them for scalars
+/// that are then cast to float (`Constant(double) -> Cast(to=float)`), and
+/// since double inputs, initializers and casts are rejected, a double
+/// constant can only reach the graph through such a cast.
+fn decode_constant(t: &TensorProto) -> Result<Tensor, String> {
+    const ONNX_DOUBLE: i32 = 11;
+    if t.data_type != ONNX_DOUBLE {
+        return decode_tensor(t);
+    }
+    let mut f = t.clone();
+    let v: Vec<f64> = if !t.raw_data.is_empty() {
+        if !t.raw_data.len().is_multiple_of(8) {
+            return Err(format!(
+                "raw_data has {} bytes, not a multiple of 8",
+                t.raw_data.len()
+            ));
+        }
+        t.raw_data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    } else {
+        t.double_data.clone()
+    };
+    f.data_type = ONNX_FLOAT;
+    f.raw_data = vec![];
+    f.double_data = vec![];
+    f.float_data = v.iter().map(|&x| x as f32).collect();
+    decode_tensor(&f)
 }
 
 // ---- the importer -------------------------------------------------------------
@@ -446,8 +518,10 @@ impl Ctx<'_> {
     }
 
     fn string(&self, name: &str, default: &str) -> String {
-        self.attr(name)
-            .map_or_else(|| default.to_string(), |a| String::from_utf8_lossy(&a.s).into_owned())
+        self.attr(name).map_or_else(
+            || default.to_string(),
+            |a| String::from_utf8_lossy(&a.s).into_owned(),
+        )
     }
 
     /// Number of outputs the node declares (including "" placeholders).
@@ -494,7 +568,8 @@ fn norm_axes(axes: &[i64], rank: usize) -> R<Vec<usize>> {
 }
 
 fn to_usize(v: i64, what: &str) -> R<usize> {
-    usize::try_from(v).map_err(|_| NodeError::Invalid(format!("{what} must be non-negative, got {v}")))
+    usize::try_from(v)
+        .map_err(|_| NodeError::Invalid(format!("{what} must be non-negative, got {v}")))
 }
 
 struct Importer<'a> {
@@ -597,7 +672,11 @@ impl Importer<'_> {
     /// Add a node; if all its inputs are constants, add its value instead.
     fn nd(&mut self, op: Op, ins: &[NodeId]) -> R<NodeId> {
         if !ins.is_empty() {
-            if let Some(vals) = ins.iter().map(|&i| self.const_value(i)).collect::<Option<Vec<Value>>>() {
+            if let Some(vals) = ins
+                .iter()
+                .map(|&i| self.const_value(i))
+                .collect::<Option<Vec<Value>>>()
+            {
                 let tys: Vec<&TensorType> = ins.iter().map(|&i| self.g.ty(i)).collect();
                 let ty = ops::infer(&op, &tys).map_err(|msg| {
                     let shown: Vec<String> = tys.iter().map(|t| t.to_string()).collect();
@@ -630,7 +709,9 @@ impl Importer<'_> {
     fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> R<NodeId> {
         let (da, db) = (self.dtype(a), self.dtype(b));
         if da != db {
-            return invalid(format!("operands have different element types ({da} and {db})"));
+            return invalid(format!(
+                "operands have different element types ({da} and {db})"
+            ));
         }
         self.nd(Op::Binary(op), &[a, b])
     }
@@ -740,7 +821,10 @@ impl Importer<'_> {
         };
         match t.data {
             TensorData::I64(v) => Ok(v),
-            _ => invalid(format!("input {i} ('{role}') must be int64, got {}", t.ty())),
+            _ => invalid(format!(
+                "input {i} ('{role}') must be int64, got {}",
+                t.ty()
+            )),
         }
     }
 
@@ -755,7 +839,10 @@ impl Importer<'_> {
             ));
         };
         if t.numel() != 1 {
-            return invalid(format!("input {i} ('{role}') must be a scalar, got {}", t.ty()));
+            return invalid(format!(
+                "input {i} ('{role}') must be a scalar, got {}",
+                t.ty()
+            ));
         }
         Ok(t)
     }
@@ -855,7 +942,11 @@ impl Importer<'_> {
             "Greater" => self.cmp(CompareOp::Greater, c.x(0)?, c.x(1)?)?,
             "LessOrEqual" | "GreaterOrEqual" => {
                 let (a, b) = (c.x(0)?, c.x(1)?);
-                let strict = if op == "LessOrEqual" { CompareOp::Less } else { CompareOp::Greater };
+                let strict = if op == "LessOrEqual" {
+                    CompareOp::Less
+                } else {
+                    CompareOp::Greater
+                };
                 let s = self.cmp(strict, a, b)?;
                 let e = self.cmp(CompareOp::Equal, a, b)?;
                 self.logic("Or", s, e)?
@@ -877,8 +968,8 @@ impl Importer<'_> {
             "ConvTranspose" => self.conv_transpose(c)?,
 
             // -- reductions and normalisation
-            "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare" | "ReduceL1" | "ReduceL2"
-            | "ReduceLogSumExp" => self.reduce_op(c)?,
+            "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare"
+            | "ReduceL1" | "ReduceL2" | "ReduceLogSumExp" => self.reduce_op(c)?,
             "Softmax" | "LogSoftmax" => self.softmax(c)?,
             "LayerNormalization" => return self.layer_norm(c),
             "BatchNormalization" => self.batch_norm(c)?,
@@ -888,7 +979,11 @@ impl Importer<'_> {
                     return invalid(format!("expects an input of rank >= 3, got {}", self.ty(x)));
                 }
                 let axes: Vec<usize> = (2..self.rank(x)).collect();
-                let r = if op == "GlobalAveragePool" { ReduceOp::Mean } else { ReduceOp::Max };
+                let r = if op == "GlobalAveragePool" {
+                    ReduceOp::Mean
+                } else {
+                    ReduceOp::Max
+                };
                 self.reduce(r, x, &axes, true)?
             }
             "SoftmaxCrossEntropyLoss" => return self.cross_entropy(c, true),
@@ -916,9 +1011,15 @@ impl Importer<'_> {
                     _ => (0..s.len()).filter(|&i| s[i] == 1).collect(),
                 };
                 if let Some(&a) = axes.iter().find(|&&a| s[a] != 1) {
-                    return invalid(format!("cannot squeeze axis {a} of size {} (shape {s:?})", s[a]));
+                    return invalid(format!(
+                        "cannot squeeze axis {a} of size {} (shape {s:?})",
+                        s[a]
+                    ));
                 }
-                let out: Vec<usize> = (0..s.len()).filter(|i| !axes.contains(i)).map(|i| s[i]).collect();
+                let out: Vec<usize> = (0..s.len())
+                    .filter(|i| !axes.contains(i))
+                    .map(|i| s[i])
+                    .collect();
                 self.reshape(x, &out)?
             }
             "Unsqueeze" => {
@@ -929,7 +1030,13 @@ impl Importer<'_> {
                 let axes = norm_axes(&axes, r)?;
                 let mut rest = s.iter();
                 let out: Vec<usize> = (0..r)
-                    .map(|i| if axes.contains(&i) { 1 } else { *rest.next().unwrap() })
+                    .map(|i| {
+                        if axes.contains(&i) {
+                            1
+                        } else {
+                            *rest.next().unwrap()
+                        }
+                    })
                     .collect();
                 self.reshape(x, &out)?
             }
@@ -937,7 +1044,10 @@ impl Importer<'_> {
                 let x = c.x(0)?;
                 let r = self.rank(x);
                 let perm = match c.ints("perm") {
-                    Some(p) => p.iter().map(|&v| to_usize(v, "perm")).collect::<R<Vec<_>>>()?,
+                    Some(p) => p
+                        .iter()
+                        .map(|&v| to_usize(v, "perm"))
+                        .collect::<R<Vec<_>>>()?,
                     None => (0..r).rev().collect(),
                 };
                 self.transpose(x, &perm)?
@@ -945,7 +1055,10 @@ impl Importer<'_> {
             "Concat" => {
                 let xs: Vec<NodeId> = (0..c.ins.len()).map(|i| c.x(i)).collect::<R<_>>()?;
                 let first = *xs.first().ok_or("needs at least one input")?;
-                let axis = norm_axis(c.attr("axis").ok_or("missing attribute 'axis'")?.i, self.rank(first))?;
+                let axis = norm_axis(
+                    c.attr("axis").ok_or("missing attribute 'axis'")?.i,
+                    self.rank(first),
+                )?;
                 self.concat(&xs, axis)?
             }
             "Split" => return self.split(c),
@@ -991,6 +1104,8 @@ impl Importer<'_> {
             }
             "ConstantOfShape" => self.constant_of_shape(c)?,
             "Range" => self.range(c)?,
+            "Trilu" => self.trilu(c)?,
+            "ReduceProd" => self.reduce_prod(c)?,
 
             _ => return Err(NodeError::Unsupported),
         };
@@ -1001,12 +1116,15 @@ impl Importer<'_> {
         let attr = c
             .node
             .attribute
-            .first()
-            .ok_or("has no value attribute (value, value_float, value_floats, value_int, value_ints)")?;
+            .iter()
+            .find(|a| a.name.starts_with("value") || a.name == "sparse_value")
+            .ok_or(
+                "has no value attribute (value, value_float, value_floats, value_int, value_ints)",
+            )?;
         let t = match attr.name.as_str() {
             "value" => {
                 let t = attr.t.as_ref().ok_or("attribute 'value' holds no tensor")?;
-                decode_tensor(t).map_err(|m| format!("value: {m}"))?
+                decode_constant(t).map_err(|m| format!("value: {m}"))?
             }
             "value_float" => Tensor::scalar_f32(attr.f),
             "value_floats" => Tensor::f32(&[attr.floats.len()], attr.floats.clone()),
@@ -1131,7 +1249,11 @@ impl Importer<'_> {
                 let t = self.mul_scalar(t, (2.0 / std::f64::consts::PI).sqrt())?;
                 self.un(UnaryOp::Tanh, t)?
             }
-            other => return invalid(format!("approximate='{other}' is not supported (none, tanh)")),
+            other => {
+                return invalid(format!(
+                    "approximate='{other}' is not supported (none, tanh)"
+                ))
+            }
         };
         let one = self.scalar(DType::F32, 1.0);
         let t = self.add(inner, one)?;
@@ -1147,7 +1269,10 @@ impl Importer<'_> {
         } else {
             let lo = c.attr("min").map(|a| a.f as f64);
             let hi = c.attr("max").map(|a| a.f as f64);
-            (lo.map(|v| self.scalar(dt, v)), hi.map(|v| self.scalar(dt, v)))
+            (
+                lo.map(|v| self.scalar(dt, v)),
+                hi.map(|v| self.scalar(dt, v)),
+            )
         };
         let mut y = x;
         if let Some(lo) = lo {
@@ -1188,8 +1313,16 @@ impl Importer<'_> {
         if sa.is_empty() || sb.is_empty() {
             return invalid("MatMul operands must have rank >= 1");
         }
-        let a2 = if sa.len() == 1 { self.reshape(a, &[1, sa[0]])? } else { a };
-        let b2 = if sb.len() == 1 { self.reshape(b, &[sb[0], 1])? } else { b };
+        let a2 = if sa.len() == 1 {
+            self.reshape(a, &[1, sa[0]])?
+        } else {
+            a
+        };
+        let b2 = if sb.len() == 1 {
+            self.reshape(b, &[sb[0], 1])?
+        } else {
+            b
+        };
         let y = self.matmul(a2, b2)?;
         if sa.len() > 1 && sb.len() > 1 {
             return Ok(y);
@@ -1209,7 +1342,11 @@ impl Importer<'_> {
     fn gemm(&mut self, c: &Ctx) -> R<NodeId> {
         let (mut a, mut b) = (c.x(0)?, c.x(1)?);
         if self.rank(a) != 2 || self.rank(b) != 2 {
-            return invalid(format!("A and B must be rank 2, got {} and {}", self.ty(a), self.ty(b)));
+            return invalid(format!(
+                "A and B must be rank 2, got {} and {}",
+                self.ty(a),
+                self.ty(b)
+            ));
         }
         if c.int("transA", 0) != 0 {
             a = self.transpose(a, &[1, 0])?;
@@ -1226,12 +1363,18 @@ impl Importer<'_> {
         let beta = c.float("beta", 1.0);
         if let Some(cc) = c.opt(2) {
             if beta != 0.0 {
-                let cc = if beta != 1.0 { self.mul_scalar(cc, beta as f64)? } else { cc };
+                let cc = if beta != 1.0 {
+                    self.mul_scalar(cc, beta as f64)?
+                } else {
+                    cc
+                };
                 y = self.add(y, cc)?;
             }
         }
         if self.shape(y) != mn {
-            return invalid(format!("C does not broadcast to the product's shape {mn:?}"));
+            return invalid(format!(
+                "C does not broadcast to the product's shape {mn:?}"
+            ));
         }
         Ok(y)
     }
@@ -1242,7 +1385,9 @@ impl Importer<'_> {
         let kernel = &ws[2..];
         if let Some(k) = c.ints("kernel_shape") {
             if k.iter().map(|&v| v as usize).ne(kernel.iter().copied()) {
-                return invalid(format!("kernel_shape {k:?} does not match the weight {ws:?}"));
+                return invalid(format!(
+                    "kernel_shape {k:?} does not match the weight {ws:?}"
+                ));
             }
         }
         let get = |name: &str, n: usize, default: usize| -> R<Vec<usize>> {
@@ -1264,7 +1409,11 @@ impl Importer<'_> {
                     let eff = dil[i] * (kernel[i] - 1) + 1;
                     let total = ((out - 1) * strides[i] + eff).saturating_sub(xs[2 + i]);
                     let small = total / 2;
-                    let (b, e) = if mode == "SAME_UPPER" { (small, total - small) } else { (total - small, small) };
+                    let (b, e) = if mode == "SAME_UPPER" {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    };
                     pads[i] = b;
                     pads[sp + i] = e;
                 }
@@ -1316,7 +1465,11 @@ impl Importer<'_> {
         let mut bs = vec![1; s.len()];
         bs[1] = s[1];
         if self.shape(b) != [s[1]] {
-            return invalid(format!("bias must have shape [{}], got {}", s[1], self.ty(b)));
+            return invalid(format!(
+                "bias must have shape [{}], got {}",
+                s[1],
+                self.ty(b)
+            ));
         }
         let b = self.reshape(b, &bs)?;
         self.add(y, b)
@@ -1356,13 +1509,23 @@ impl Importer<'_> {
             return invalid("only group=1 is supported");
         }
         if c.attr("output_shape").is_some() {
-            return invalid("the output_shape attribute is not supported (give pads and output_padding)");
+            return invalid(
+                "the output_shape attribute is not supported (give pads and output_padding)",
+            );
         }
         let p = self.conv_params(c, &xs, &ws, true)?;
         let sp = xs.len() - 2;
         let op = match c.ints("output_padding") {
-            Some(v) if v.len() == sp => v.iter().map(|&x| to_usize(x, "output_padding")).collect::<R<Vec<_>>>()?,
-            Some(v) => return invalid(format!("output_padding has {} values, expected {sp}", v.len())),
+            Some(v) if v.len() == sp => v
+                .iter()
+                .map(|&x| to_usize(x, "output_padding"))
+                .collect::<R<Vec<_>>>()?,
+            Some(v) => {
+                return invalid(format!(
+                    "output_padding has {} values, expected {sp}",
+                    v.len()
+                ))
+            }
             None => vec![0; sp],
         };
         let output_padding = if sp == 1 { [0, op[0]] } else { [op[0], op[1]] };
@@ -1379,6 +1542,76 @@ impl Importer<'_> {
             y = self.reshape(y, &[s[0], s[1], s[3]])?;
         }
         self.add_channel_bias(y, c.opt(2))
+    }
+
+    /// Trilu: `x` masked by a constant triangle.
+    fn trilu(&mut self, c: &Ctx) -> R<NodeId> {
+        let x = c.x(0)?;
+        let s = self.shape(x);
+        if s.len() < 2 {
+            return invalid(format!("input must have rank >= 2, got {}", self.ty(x)));
+        }
+        let k = match c.opt(1) {
+            Some(_) => self
+                .const_scalar(c, 1, "k")?
+                .as_i64()
+                .ok_or("k must be int64")?[0],
+            None => 0,
+        };
+        let upper = c.int("upper", 1) != 0;
+        let (m, n) = (s[s.len() - 2], s[s.len() - 1]);
+        let mask: Vec<bool> = (0..m * n)
+            .map(|p| {
+                let d = (p % n) as i64 - (p / n) as i64;
+                if upper {
+                    d >= k
+                } else {
+                    d <= k
+                }
+            })
+            .collect();
+        let mask = self.konst(Tensor::bool(&[m, n], mask));
+        let zero = self.scalar(self.dtype(x), 0.0);
+        let y = self.where_(mask, x, zero)?;
+        self.expand(y, &s)
+    }
+
+    /// ReduceProd, for constant inputs only (shape arithmetic such as the
+    /// element count of a shape); the IR has no product reduction.
+    fn reduce_prod(&mut self, c: &Ctx) -> R<NodeId> {
+        let x = c.x(0)?;
+        let Some(v) = self.const_value(x) else {
+            return invalid("ReduceProd is only supported on constant inputs (shape computations)");
+        };
+        let r = self.rank(x);
+        let keep = c.int("keepdims", 1) != 0;
+        let mut axes = match self.axes_operand(c, 1)? {
+            Some(a) if !a.is_empty() => norm_axes(&a, r)?,
+            _ if c.int("noop_with_empty_axes", 0) != 0 => return Ok(x),
+            _ => (0..r).collect(),
+        };
+        axes.sort_unstable();
+        fn prod<T: Copy + std::ops::Mul<Output = T>>(
+            a: &ndarray::ArrayD<T>,
+            axes: &[usize],
+            one: T,
+            keep: bool,
+        ) -> ndarray::ArrayD<T> {
+            let mut a = a.clone();
+            for &ax in axes.iter().rev() {
+                a = a.fold_axis(ndarray::Axis(ax), one, |&p, &x| p * x);
+                if keep {
+                    a = a.insert_axis(ndarray::Axis(ax));
+                }
+            }
+            a
+        }
+        let out = match &v {
+            Value::F(a) => Value::F(prod(a, &axes, 1.0, keep)),
+            Value::I(a) => Value::I(prod(a, &axes, 1, keep)),
+            Value::B(_) => return invalid("ReduceProd of bool"),
+        };
+        Ok(self.konst(out.to_tensor()))
     }
 
     fn reduce_op(&mut self, c: &Ctx) -> R<NodeId> {
@@ -1434,7 +1667,13 @@ impl Importer<'_> {
         let x = c.x(0)?;
         let s = self.shape(x);
         let log = c.node.op_type == "LogSoftmax";
-        let mk = |axis| if log { Op::LogSoftmax { axis } } else { Op::Softmax { axis } };
+        let mk = |axis| {
+            if log {
+                Op::LogSoftmax { axis }
+            } else {
+                Op::Softmax { axis }
+            }
+        };
         if self.opset >= 13 {
             let axis = norm_axis(c.int("axis", -1), s.len())?;
             return self.nd(mk(axis), &[x]);
@@ -1471,14 +1710,22 @@ impl Importer<'_> {
         }
         let s = self.shape(x);
         if self.shape(y) != s {
-            return invalid(format!("scale/bias do not broadcast to the input's shape {s:?}"));
+            return invalid(format!(
+                "scale/bias do not broadcast to the input's shape {s:?}"
+            ));
         }
-        let inv = if c.wants(2) { self.reciprocal(std)? } else { std };
+        let inv = if c.wants(2) {
+            self.reciprocal(std)?
+        } else {
+            std
+        };
         Ok(vec![y, mean, inv])
     }
 
     fn batch_norm(&mut self, c: &Ctx) -> R<NodeId> {
-        if c.int("training_mode", 0) != 0 || c.n_outputs() > 1 && (1..c.n_outputs()).any(|i| c.wants(i)) {
+        if c.int("training_mode", 0) != 0
+            || c.n_outputs() > 1 && (1..c.n_outputs()).any(|i| c.wants(i))
+        {
             return invalid("only inference mode is supported (training_mode=0, one output)");
         }
         let x = c.x(0)?;
@@ -1493,7 +1740,11 @@ impl Importer<'_> {
         for (i, role) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
             let t = c.x(i)?;
             if self.shape(t) != [s[1]] {
-                return invalid(format!("{role} must have shape [{}], got {}", s[1], self.ty(t)));
+                return invalid(format!(
+                    "{role} must have shape [{}], got {}",
+                    s[1],
+                    self.ty(t)
+                ));
             }
             p.push(self.reshape(t, &bs)?);
         }
@@ -1514,7 +1765,10 @@ impl Importer<'_> {
         self.require_float(scores, "scores")?;
         let ss = self.shape(scores);
         if ss.len() < 2 {
-            return invalid(format!("scores must have rank >= 2 ([N, C, ...]), got {}", self.ty(scores)));
+            return invalid(format!(
+                "scores must have rank >= 2 ([N, C, ...]), got {}",
+                self.ty(scores)
+            ));
         }
         let mut want_labels = ss.clone();
         want_labels.remove(1);
@@ -1527,11 +1781,17 @@ impl Importer<'_> {
         }
         let reduction = c.string("reduction", "mean");
         if !matches!(reduction.as_str(), "none" | "sum" | "mean") {
-            return invalid(format!("reduction='{reduction}' is not supported (none, sum, mean)"));
+            return invalid(format!(
+                "reduction='{reduction}' is not supported (none, sum, mean)"
+            ));
         }
         let r = ss.len();
         let classes = ss[1];
-        let lp = if from_logits { self.nd(Op::LogSoftmax { axis: 1 }, &[scores])? } else { scores };
+        let lp = if from_logits {
+            self.nd(Op::LogSoftmax { axis: 1 }, &[scores])?
+        } else {
+            scores
+        };
 
         // hit[n, c, ...] = labels[n, ...] == c
         let mut ls = want_labels.clone();
@@ -1550,7 +1810,10 @@ impl Importer<'_> {
         let mut w = None;
         if let Some(wt) = c.opt(2) {
             if self.shape(wt) != [classes] || self.dtype(wt) != DType::F32 {
-                return invalid(format!("weights must be float [{classes}], got {}", self.ty(wt)));
+                return invalid(format!(
+                    "weights must be float [{classes}], got {}",
+                    self.ty(wt)
+                ));
             }
             let wb = self.reshape(wt, &rs)?;
             let sel = self.where_(hit, wb, zero)?;
@@ -1581,7 +1844,11 @@ impl Importer<'_> {
                 self.div(total, count)?
             }
         };
-        Ok(if from_logits { vec![loss, lp] } else { vec![loss] })
+        Ok(if from_logits {
+            vec![loss, lp]
+        } else {
+            vec![loss]
+        })
     }
 
     fn reshape_op(&mut self, c: &Ctx) -> R<NodeId> {
@@ -1602,23 +1869,27 @@ impl Importer<'_> {
                     }
                     out.push(1);
                 }
-                0 if !allowzero => out.push(
-                    *xs.get(i)
-                        .ok_or_else(|| format!("shape {spec:?}: 0 at axis {i} copies a dimension the input {xs:?} lacks"))?,
-                ),
+                0 if !allowzero => out.push(*xs.get(i).ok_or_else(|| {
+                    format!(
+                        "shape {spec:?}: 0 at axis {i} copies a dimension the input {xs:?} lacks"
+                    )
+                })?),
                 d if d < 0 => return invalid(format!("shape {spec:?} has invalid dimension {d}")),
                 d => out.push(d as usize),
             }
         }
         if let Some(i) = infer {
             let known = numel(&out);
-            if known == 0 || numel(&xs) % known != 0 {
+            if known == 0 || !numel(&xs).is_multiple_of(known) {
                 return invalid(format!("cannot reshape {xs:?} to {spec:?}"));
             }
             out[i] = numel(&xs) / known;
         }
         if numel(&out) != numel(&xs) {
-            return invalid(format!("cannot reshape {xs:?} ({} elements) to {spec:?}", numel(&xs)));
+            return invalid(format!(
+                "cannot reshape {xs:?} ({} elements) to {spec:?}",
+                numel(&xs)
+            ));
         }
         self.reshape(x, &out)
     }
@@ -1740,7 +2011,10 @@ impl Importer<'_> {
         let axis = norm_axis(c.int("axis", 0), xs.len())?;
         let dim = xs[axis] as i64;
         if self.dtype(idx) != DType::I64 {
-            return invalid(format!("indices must be int64 (or int32), got {}", self.ty(idx)));
+            return invalid(format!(
+                "indices must be int64 (or int32), got {}",
+                self.ty(idx)
+            ));
         }
         let idx = if let Some(t) = self.const_tensor(idx) {
             let v = t.as_i64().unwrap();
@@ -1748,7 +2022,9 @@ impl Importer<'_> {
             for &i in v {
                 let j = if i < 0 { i + dim } else { i };
                 if j < 0 || j >= dim {
-                    return invalid(format!("index {i} is out of range for axis {axis} of size {dim}"));
+                    return invalid(format!(
+                        "index {i} is out of range for axis {axis} of size {dim}"
+                    ));
                 }
                 out.push(j);
             }

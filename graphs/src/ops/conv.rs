@@ -46,8 +46,10 @@ pub fn conv_shape(x: &TensorType, w: &TensorType, p: &ConvParams) -> Result<Tens
     if c != ci {
         return Err(format!("input has {c} channels, weight expects {ci}"));
     }
-    let ho = out_len(h, p.pads[0] + p.pads[2], kh, p.stride[0], p.dilation[0]).ok_or("kernel larger than padded input")?;
-    let wo = out_len(wd, p.pads[1] + p.pads[3], kw, p.stride[1], p.dilation[1]).ok_or("kernel larger than padded input")?;
+    let ho = out_len(h, p.pads[0] + p.pads[2], kh, p.stride[0], p.dilation[0])
+        .ok_or("kernel larger than padded input")?;
+    let wo = out_len(wd, p.pads[1] + p.pads[3], kw, p.stride[1], p.dilation[1])
+        .ok_or("kernel larger than padded input")?;
     Ok(TensorType::f32(&[n, o, ho, wo]))
 }
 
@@ -56,15 +58,36 @@ fn tr_len(input: usize, pad: usize, k: usize, s: usize, d: usize, op: usize) -> 
     (s * (input - 1) + op + d * (k - 1) + 1).checked_sub(pad)
 }
 
-pub fn conv_transpose_shape(x: &TensorType, w: &TensorType, p: &ConvParams, op: [usize; 2]) -> Result<TensorType, String> {
+pub fn conv_transpose_shape(
+    x: &TensorType,
+    w: &TensorType,
+    p: &ConvParams,
+    op: [usize; 2],
+) -> Result<TensorType, String> {
     check4(x, w)?;
     let (n, o, ho, wo) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let (wo_, c, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
     if o != wo_ {
         return Err(format!("input has {o} channels, weight expects {wo_}"));
     }
-    let h = tr_len(ho, p.pads[0] + p.pads[2], kh, p.stride[0], p.dilation[0], op[0]).ok_or("padding exceeds output")?;
-    let wd = tr_len(wo, p.pads[1] + p.pads[3], kw, p.stride[1], p.dilation[1], op[1]).ok_or("padding exceeds output")?;
+    let h = tr_len(
+        ho,
+        p.pads[0] + p.pads[2],
+        kh,
+        p.stride[0],
+        p.dilation[0],
+        op[0],
+    )
+    .ok_or("padding exceeds output")?;
+    let wd = tr_len(
+        wo,
+        p.pads[1] + p.pads[3],
+        kw,
+        p.stride[1],
+        p.dilation[1],
+        op[1],
+    )
+    .ok_or("padding exceeds output")?;
     Ok(TensorType::f32(&[n, c, h, wd]))
 }
 
@@ -74,19 +97,27 @@ fn as4(a: &ArrayD<f64>) -> ndarray::ArrayView4<'_, f64> {
 
 /// Calls `f(n, o, oy, ox, c, iy, ix, a, b)` for every (output, input, tap)
 /// triple of the forward convolution whose input position is in range.
-fn for_each_tap(xs: &[usize], ws: &[usize], ys: &[usize], p: &ConvParams, mut f: impl FnMut([usize; 9])) {
+fn for_each_tap(
+    xs: &[usize],
+    ws: &[usize],
+    ys: &[usize],
+    p: &ConvParams,
+    mut f: impl FnMut([usize; 9]),
+) {
     for n in 0..ys[0] {
         for o in 0..ys[1] {
             for oy in 0..ys[2] {
                 for ox in 0..ys[3] {
                     for c in 0..ws[1] {
                         for a in 0..ws[2] {
-                            let iy = (oy * p.stride[0] + a * p.dilation[0]) as isize - p.pads[0] as isize;
+                            let iy = (oy * p.stride[0] + a * p.dilation[0]) as isize
+                                - p.pads[0] as isize;
                             if iy < 0 || iy >= xs[2] as isize {
                                 continue;
                             }
                             for b in 0..ws[3] {
-                                let ix = (ox * p.stride[1] + b * p.dilation[1]) as isize - p.pads[1] as isize;
+                                let ix = (ox * p.stride[1] + b * p.dilation[1]) as isize
+                                    - p.pads[1] as isize;
                                 if ix < 0 || ix >= xs[3] as isize {
                                     continue;
                                 }
@@ -104,9 +135,15 @@ pub fn conv_eval(x: &Value, w: &Value, p: &ConvParams, out: &TensorType) -> Valu
     let (xa, wa) = (as4(x.f()), as4(w.f()));
     let s = &out.shape;
     let mut y = Array4::<f64>::zeros((s[0], s[1], s[2], s[3]));
-    for_each_tap(xa.shape(), wa.shape(), s, p, |[n, o, oy, ox, c, iy, ix, a, b]| {
-        y[[n, o, oy, ox]] += xa[[n, c, iy, ix]] * wa[[o, c, a, b]];
-    });
+    for_each_tap(
+        xa.shape(),
+        wa.shape(),
+        s,
+        p,
+        |[n, o, oy, ox, c, iy, ix, a, b]| {
+            y[[n, o, oy, ox]] += xa[[n, c, iy, ix]] * wa[[o, c, a, b]];
+        },
+    );
     Value::F(y.into_dyn())
 }
 
@@ -115,16 +152,28 @@ pub fn conv_transpose_eval(x: &Value, w: &Value, p: &ConvParams, out: &TensorTyp
     let (xa, wa) = (as4(x.f()), as4(w.f()));
     let s = &out.shape;
     let mut y = Array4::<f64>::zeros((s[0], s[1], s[2], s[3]));
-    for_each_tap(s, wa.shape(), xa.shape(), p, |[n, o, oy, ox, c, iy, ix, a, b]| {
-        y[[n, c, iy, ix]] += xa[[n, o, oy, ox]] * wa[[o, c, a, b]];
-    });
+    for_each_tap(
+        s,
+        wa.shape(),
+        xa.shape(),
+        p,
+        |[n, o, oy, ox, c, iy, ix, a, b]| {
+            y[[n, c, iy, ix]] += xa[[n, o, oy, ox]] * wa[[o, c, a, b]];
+        },
+    );
     Value::F(ArrayD::from_shape_vec(IxDyn(s), y.into_raw_vec_and_offset().0).unwrap())
 }
 
 /// Gradient of <gout, conv(inp, W)> with respect to W, as a convolution of
 /// the transposed tensors: batch and channel axes swap roles, and stride and
 /// dilation swap too.
-pub fn filter_grad(g: &mut Graph, inp: NodeId, gout: NodeId, p: &ConvParams, kernel: [usize; 2]) -> NodeId {
+pub fn filter_grad(
+    g: &mut Graph,
+    inp: NodeId,
+    gout: NodeId,
+    p: &ConvParams,
+    kernel: [usize; 2],
+) -> NodeId {
     let it = g.transpose(inp, &[1, 0, 2, 3]);
     let gt = g.transpose(gout, &[1, 0, 2, 3]);
     let q = ConvParams {
@@ -139,11 +188,25 @@ pub fn filter_grad(g: &mut Graph, inp: NodeId, gout: NodeId, p: &ConvParams, ker
 }
 
 /// Transposed convolution that produces exactly `target` spatial size.
-pub fn conv_transpose_to(g: &mut Graph, dy: NodeId, w: NodeId, p: &ConvParams, target: [usize; 2]) -> NodeId {
+pub fn conv_transpose_to(
+    g: &mut Graph,
+    dy: NodeId,
+    w: NodeId,
+    p: &ConvParams,
+    target: [usize; 2],
+) -> NodeId {
     let (ys, ws) = (g.shape(dy).to_vec(), g.shape(w).to_vec());
     let mut op = [0; 2];
     for i in 0..2 {
-        let base = tr_len(ys[2 + i], p.pads[i] + p.pads[i + 2], ws[2 + i], p.stride[i], p.dilation[i], 0).unwrap_or(0);
+        let base = tr_len(
+            ys[2 + i],
+            p.pads[i] + p.pads[i + 2],
+            ws[2 + i],
+            p.stride[i],
+            p.dilation[i],
+            0,
+        )
+        .unwrap_or(0);
         op[i] = target[i].saturating_sub(base);
     }
     g.node_with(
@@ -155,14 +218,26 @@ pub fn conv_transpose_to(g: &mut Graph, dy: NodeId, w: NodeId, p: &ConvParams, t
     )
 }
 
-pub fn conv_vjp(g: &mut Graph, x: NodeId, w: NodeId, p: &ConvParams, dy: NodeId) -> Vec<Option<NodeId>> {
+pub fn conv_vjp(
+    g: &mut Graph,
+    x: NodeId,
+    w: NodeId,
+    p: &ConvParams,
+    dy: NodeId,
+) -> Vec<Option<NodeId>> {
     let (xs, ws) = (g.shape(x).to_vec(), g.shape(w).to_vec());
     let dx = conv_transpose_to(g, dy, w, p, [xs[2], xs[3]]);
     let dw = filter_grad(g, x, dy, p, [ws[2], ws[3]]);
     vec![Some(dx), Some(dw)]
 }
 
-pub fn conv_transpose_vjp(g: &mut Graph, x: NodeId, w: NodeId, p: &ConvParams, dy: NodeId) -> Vec<Option<NodeId>> {
+pub fn conv_transpose_vjp(
+    g: &mut Graph,
+    x: NodeId,
+    w: NodeId,
+    p: &ConvParams,
+    dy: NodeId,
+) -> Vec<Option<NodeId>> {
     let ws = g.shape(w).to_vec();
     let dx = g.conv2d(dy, w, *p);
     let dw = filter_grad(g, dy, x, p, [ws[2], ws[3]]);

@@ -11,8 +11,13 @@ use crate::types::{DType, TensorType};
 // ---- shape rules ----------------------------------------------------------
 
 pub fn unary_shape(op: UnaryOp, x: &TensorType) -> Result<TensorType, String> {
-    let want = if op == UnaryOp::Not { DType::Bool } else { DType::F32 };
-    let ok = x.dtype == want || (matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign) && x.dtype == DType::I64);
+    let want = if op == UnaryOp::Not {
+        DType::Bool
+    } else {
+        DType::F32
+    };
+    let ok = x.dtype == want
+        || (matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign) && x.dtype == DType::I64);
     if !ok {
         return Err(format!("expects {want}, got {}", x.dtype));
     }
@@ -21,16 +26,28 @@ pub fn unary_shape(op: UnaryOp, x: &TensorType) -> Result<TensorType, String> {
 
 pub fn binary_shape(a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
     if a.dtype != b.dtype || a.dtype == DType::Bool {
-        return Err(format!("operands must share a numeric dtype, got {} and {}", a.dtype, b.dtype));
+        return Err(format!(
+            "operands must share a numeric dtype, got {} and {}",
+            a.dtype, b.dtype
+        ));
     }
-    Ok(TensorType::new(a.dtype, &broadcast_shapes(&a.shape, &b.shape)?))
+    Ok(TensorType::new(
+        a.dtype,
+        &broadcast_shapes(&a.shape, &b.shape)?,
+    ))
 }
 
 pub fn compare_shape(a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
     if a.dtype != b.dtype {
-        return Err(format!("operands must share a dtype, got {} and {}", a.dtype, b.dtype));
+        return Err(format!(
+            "operands must share a dtype, got {} and {}",
+            a.dtype, b.dtype
+        ));
     }
-    Ok(TensorType::new(DType::Bool, &broadcast_shapes(&a.shape, &b.shape)?))
+    Ok(TensorType::new(
+        DType::Bool,
+        &broadcast_shapes(&a.shape, &b.shape)?,
+    ))
 }
 
 pub fn where_shape(c: &TensorType, a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
@@ -38,7 +55,10 @@ pub fn where_shape(c: &TensorType, a: &TensorType, b: &TensorType) -> Result<Ten
         return Err(format!("condition must be bool, got {}", c.dtype));
     }
     if a.dtype != b.dtype {
-        return Err(format!("branches must share a dtype, got {} and {}", a.dtype, b.dtype));
+        return Err(format!(
+            "branches must share a dtype, got {} and {}",
+            a.dtype, b.dtype
+        ));
     }
     let s = broadcast_shapes(&c.shape, &broadcast_shapes(&a.shape, &b.shape)?)?;
     Ok(TensorType::new(a.dtype, &s))
@@ -82,10 +102,17 @@ pub fn unary_eval(op: UnaryOp, x: &Value) -> Value {
     }
 }
 
-fn zip2<A: Clone, B: Clone, C>(a: &ArrayD<A>, b: &ArrayD<B>, out: &[usize], f: impl Fn(A, B) -> C) -> ArrayD<C> {
+fn zip2<A: Clone, B: Clone, C>(
+    a: &ArrayD<A>,
+    b: &ArrayD<B>,
+    out: &[usize],
+    f: impl Fn(A, B) -> C,
+) -> ArrayD<C> {
     let a = a.broadcast(IxDyn(out)).expect("broadcast a");
     let b = b.broadcast(IxDyn(out)).expect("broadcast b");
-    Zip::from(&a).and(&b).map_collect(|x, y| f(x.clone(), y.clone()))
+    Zip::from(&a)
+        .and(&b)
+        .map_collect(|x, y| f(x.clone(), y.clone()))
 }
 
 fn binary_f64(op: BinaryOp, a: f64, b: f64) -> f64 {
@@ -105,14 +132,8 @@ fn binary_i64(op: BinaryOp, a: i64, b: i64) -> i64 {
         BinaryOp::Add => a.wrapping_add(b),
         BinaryOp::Sub => a.wrapping_sub(b),
         BinaryOp::Mul => a.wrapping_mul(b),
-        BinaryOp::Div => {
-            if b == 0 {
-                0
-            } else {
-                a / b
-            }
-        }
-        BinaryOp::Pow => a.pow(b.clamp(0, 63) as u32),
+        BinaryOp::Div => a.checked_div(b).unwrap_or(0),
+        BinaryOp::Pow => a.wrapping_pow(b.clamp(0, 63) as u32),
         BinaryOp::Min => a.min(b),
         BinaryOp::Max => a.max(b),
     }
@@ -127,7 +148,12 @@ pub fn binary_eval(op: BinaryOp, a: &Value, b: &Value, out: &TensorType) -> Valu
 }
 
 pub fn compare_eval(op: CompareOp, a: &Value, b: &Value, out: &TensorType) -> Value {
-    fn cmp<T: PartialOrd + Clone>(op: CompareOp, a: &ArrayD<T>, b: &ArrayD<T>, s: &[usize]) -> ArrayD<bool> {
+    fn cmp<T: PartialOrd + Clone>(
+        op: CompareOp,
+        a: &ArrayD<T>,
+        b: &ArrayD<T>,
+        s: &[usize],
+    ) -> ArrayD<bool> {
         zip2(a, b, s, |x, y| match op {
             CompareOp::Less => x < y,
             CompareOp::Greater => x > y,
@@ -145,10 +171,18 @@ pub fn compare_eval(op: CompareOp, a: &Value, b: &Value, out: &TensorType) -> Va
 pub fn where_eval(c: &Value, a: &Value, b: &Value, out: &TensorType) -> Value {
     let s = IxDyn(&out.shape);
     let c = c.b().broadcast(s.clone()).expect("broadcast cond");
-    fn sel<T: Clone>(c: &ndarray::ArrayViewD<bool>, a: &ArrayD<T>, b: &ArrayD<T>, s: &IxDyn) -> ArrayD<T> {
+    fn sel<T: Clone>(
+        c: &ndarray::ArrayViewD<bool>,
+        a: &ArrayD<T>,
+        b: &ArrayD<T>,
+        s: &IxDyn,
+    ) -> ArrayD<T> {
         let a = a.broadcast(s.clone()).expect("broadcast a");
         let b = b.broadcast(s.clone()).expect("broadcast b");
-        Zip::from(c).and(&a).and(&b).map_collect(|&c, x, y| if c { x.clone() } else { y.clone() })
+        Zip::from(c)
+            .and(&a)
+            .and(&b)
+            .map_collect(|&c, x, y| if c { x.clone() } else { y.clone() })
     }
     match (a, b) {
         (Value::F(a), Value::F(b)) => Value::F(sel(&c, a, b, &s)),
@@ -162,7 +196,13 @@ pub fn where_eval(c: &Value, a: &Value, b: &Value, out: &TensorType) -> Value {
 
 /// f'(x) * t for the float unary ops; `None` where the derivative is zero.
 /// For elementwise functions the VJP and the JVP are the same product.
-fn unary_deriv_times(g: &mut Graph, op: UnaryOp, x: NodeId, y: NodeId, t: NodeId) -> Option<NodeId> {
+fn unary_deriv_times(
+    g: &mut Graph,
+    op: UnaryOp,
+    x: NodeId,
+    y: NodeId,
+    t: NodeId,
+) -> Option<NodeId> {
     Some(match op {
         UnaryOp::Neg => g.neg(t),
         UnaryOp::Exp => g.mul(t, y),
@@ -233,7 +273,14 @@ fn picks_b(g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId) -> NodeId {
     }
 }
 
-pub fn binary_vjp(g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId, y: NodeId, dy: NodeId) -> Vec<Option<NodeId>> {
+pub fn binary_vjp(
+    g: &mut Graph,
+    op: BinaryOp,
+    a: NodeId,
+    b: NodeId,
+    y: NodeId,
+    dy: NodeId,
+) -> Vec<Option<NodeId>> {
     if !g.dtype(a).is_float() {
         return vec![None, None];
     }
@@ -326,7 +373,13 @@ pub fn binary_jvp(
     Some(g.expand(t, &out))
 }
 
-pub fn where_vjp(g: &mut Graph, c: NodeId, a: NodeId, b: NodeId, dy: NodeId) -> Vec<Option<NodeId>> {
+pub fn where_vjp(
+    g: &mut Graph,
+    c: NodeId,
+    a: NodeId,
+    b: NodeId,
+    dy: NodeId,
+) -> Vec<Option<NodeId>> {
     if !g.dtype(a).is_float() {
         return vec![None, None, None];
     }
@@ -334,10 +387,20 @@ pub fn where_vjp(g: &mut Graph, c: NodeId, a: NodeId, b: NodeId, dy: NodeId) -> 
     let da = g.where_(c, dy, zero);
     let db = g.where_(c, zero, dy);
     let (sa, sb) = (g.shape(a).to_vec(), g.shape(b).to_vec());
-    vec![None, Some(g.sum_to_shape(da, &sa)), Some(g.sum_to_shape(db, &sb))]
+    vec![
+        None,
+        Some(g.sum_to_shape(da, &sa)),
+        Some(g.sum_to_shape(db, &sb)),
+    ]
 }
 
-pub fn where_jvp(g: &mut Graph, c: NodeId, da: Option<NodeId>, db: Option<NodeId>, out: &TensorType) -> Option<NodeId> {
+pub fn where_jvp(
+    g: &mut Graph,
+    c: NodeId,
+    da: Option<NodeId>,
+    db: Option<NodeId>,
+    out: &TensorType,
+) -> Option<NodeId> {
     if !out.dtype.is_float() {
         return None;
     }

@@ -16,8 +16,15 @@ pub fn reshape_shape(x: &TensorType, s: &[usize]) -> Result<TensorType, String> 
 
 pub fn transpose_shape(x: &TensorType, perm: &[usize]) -> Result<TensorType, String> {
     let mut seen = vec![false; x.rank()];
-    if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
-        return Err(format!("{perm:?} is not a permutation of {} axes", x.rank()));
+    if perm.len() != x.rank()
+        || perm
+            .iter()
+            .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(format!(
+            "{perm:?} is not a permutation of {} axes",
+            x.rank()
+        ));
     }
     let s: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     Ok(TensorType::new(x.dtype, &s))
@@ -26,14 +33,21 @@ pub fn transpose_shape(x: &TensorType, perm: &[usize]) -> Result<TensorType, Str
 pub fn concat_shape(xs: &[&TensorType], axis: usize) -> Result<TensorType, String> {
     let first = xs.first().ok_or("needs at least one input")?;
     if axis >= first.rank() {
-        return Err(format!("axis {axis} out of range for rank {}", first.rank()));
+        return Err(format!(
+            "axis {axis} out of range for rank {}",
+            first.rank()
+        ));
     }
     let mut s = first.shape.clone();
     s[axis] = 0;
     for x in xs {
         let same = x.dtype == first.dtype
             && x.rank() == first.rank()
-            && x.shape.iter().zip(&first.shape).enumerate().all(|(i, (a, b))| i == axis || a == b);
+            && x.shape
+                .iter()
+                .zip(&first.shape)
+                .enumerate()
+                .all(|(i, (a, b))| i == axis || a == b);
         if !same {
             return Err("inputs differ in dtype, rank or a non-concatenated dimension".into());
         }
@@ -42,7 +56,12 @@ pub fn concat_shape(xs: &[&TensorType], axis: usize) -> Result<TensorType, Strin
     Ok(TensorType::new(first.dtype, &s))
 }
 
-pub fn slice_shape(x: &TensorType, axis: usize, start: usize, end: usize) -> Result<TensorType, String> {
+pub fn slice_shape(
+    x: &TensorType,
+    axis: usize,
+    start: usize,
+    end: usize,
+) -> Result<TensorType, String> {
     if axis >= x.rank() || start > end || end > x.shape[axis] {
         return Err(format!("slice {start}..{end} on axis {axis} out of range"));
     }
@@ -92,7 +111,15 @@ pub fn slice_eval(x: &Value, axis: usize, start: usize, end: usize) -> Value {
 
 pub fn gather_eval(x: &Value, idx: &Value, axis: usize, out: &TensorType) -> Value {
     let idx = idx.i();
-    fn gat<T: Clone>(a: &ArrayD<T>, idx: &ArrayD<i64>, axis: usize, out: &[usize]) -> ArrayD<T> {
+    fn gat<T: Clone + Default>(
+        a: &ArrayD<T>,
+        idx: &ArrayD<i64>,
+        axis: usize,
+        out: &[usize],
+    ) -> ArrayD<T> {
+        if idx.is_empty() {
+            return ArrayD::from_elem(IxDyn(out), T::default());
+        }
         let n = a.shape()[axis] as i64;
         let picked: Vec<_> = idx
             .iter()
@@ -144,7 +171,14 @@ pub fn concat_jvp(g: &mut Graph, op: &Op, xs: &[NodeId], dx: &[Option<NodeId>]) 
     g.node_with(op.clone(), &parts)
 }
 
-pub fn slice_vjp(g: &mut Graph, x: NodeId, axis: usize, start: usize, end: usize, dy: NodeId) -> NodeId {
+pub fn slice_vjp(
+    g: &mut Graph,
+    x: NodeId,
+    axis: usize,
+    start: usize,
+    end: usize,
+    dy: NodeId,
+) -> NodeId {
     let xs = g.shape(x).to_vec();
     let mut parts = vec![];
     if start > 0 {
@@ -164,7 +198,13 @@ pub fn slice_vjp(g: &mut Graph, x: NodeId, axis: usize, start: usize, end: usize
 /// Gather's adjoint is a scatter-add; written as a product with the one-hot
 /// matrix of the indices so that it stays within the op set (and is itself
 /// differentiable): dX[axis=j] = sum over positions p with idx[p] = j of dY[p].
-pub fn gather_vjp(g: &mut Graph, x: NodeId, idx: NodeId, axis: usize, dy: NodeId) -> Option<NodeId> {
+pub fn gather_vjp(
+    g: &mut Graph,
+    x: NodeId,
+    idx: NodeId,
+    axis: usize,
+    dy: NodeId,
+) -> Option<NodeId> {
     if !g.dtype(x).is_float() {
         return None;
     }
@@ -185,6 +225,12 @@ pub fn gather_vjp(g: &mut Graph, x: NodeId, idx: NodeId, axis: usize, dy: NodeId
     let rest = numel(before) * numel(after);
     let d = g.reshape(d, &[k, rest]);
     let flat_idx = g.reshape(idx, &[k]);
+    // Negative indices count from the end, as in the forward op (ONNX semantics).
+    let zero = g.const_i64(&[], vec![0]);
+    let neg = g.less(flat_idx, zero);
+    let n_c = g.const_i64(&[], vec![n as i64]);
+    let wrapped = g.add(flat_idx, n_c);
+    let flat_idx = g.where_(neg, wrapped, flat_idx);
     let onehot = g.one_hot(flat_idx, n); // [k, n]
     let oht = g.transpose(onehot, &[1, 0]);
     let dx = g.matmul(oht, d); // [n, rest]

@@ -33,7 +33,12 @@ pub fn eval(a: &Value, b: &Value, out: &TensorType) -> Value {
         let (p, q) = (x.shape()[x.ndim() - 2], x.shape()[x.ndim() - 1]);
         let mut s = batch.to_vec();
         s.extend([p, q]);
-        let v: Vec<f64> = x.broadcast(IxDyn(&s)).expect("batch broadcast").iter().copied().collect();
+        let v: Vec<f64> = x
+            .broadcast(IxDyn(&s))
+            .expect("batch broadcast")
+            .iter()
+            .copied()
+            .collect();
         ndarray::Array3::from_shape_vec((nb, p, q), v).unwrap()
     };
     let (a3, b3) = (to3(a.f()), to3(b.f()));
@@ -69,7 +74,13 @@ pub fn vjp(g: &mut Graph, a: NodeId, b: NodeId, dy: NodeId) -> Vec<Option<NodeId
     vec![Some(da), Some(db)]
 }
 
-pub fn jvp(g: &mut Graph, a: NodeId, b: NodeId, da: Option<NodeId>, db: Option<NodeId>) -> Option<NodeId> {
+pub fn jvp(
+    g: &mut Graph,
+    a: NodeId,
+    b: NodeId,
+    da: Option<NodeId>,
+    db: Option<NodeId>,
+) -> Option<NodeId> {
     let l = da.map(|d| g.matmul(d, b));
     let r = db.map(|d| g.matmul(a, d));
     let t = g.add_opt(l, r)?;

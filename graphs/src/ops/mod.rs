@@ -65,12 +65,17 @@ pub enum ReduceOp {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A named graph input (data, parameters, state buffers).
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A constant tensor.
     Const(Tensor),
     /// A tensor of the given type filled with one value (ONNX ConstantOfShape);
     /// autodiff's zeros and ones are these, so they cost no bytes.
-    Fill { value: f64, ty: TensorType },
+    Fill {
+        value: f64,
+        ty: TensorType,
+    },
     Unary(UnaryOp),
     Binary(BinaryOp),
     Compare(CompareOp),
@@ -81,23 +86,42 @@ pub enum Op {
     StopGradient,
     /// Batched matrix product, numpy semantics, both operands of rank >= 2.
     MatMul,
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdims: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     Reshape(Shape),
     Transpose(Vec<usize>),
-    Concat { axis: usize },
+    Concat {
+        axis: usize,
+    },
     /// Elements `start..end` (step 1) along `axis`.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// `Gather(data, indices)` along `axis` (indices i64, non-negative).
-    Gather { axis: usize },
+    Gather {
+        axis: usize,
+    },
     /// Broadcast to a shape (numpy rules).
     Expand(Shape),
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
     /// NCHW input, OIHW weight, no groups.
     Conv2d(ConvParams),
     /// The adjoint of `Conv2d` in its input; weight laid out as the forward
     /// conv's OIHW (so input channels = O).
-    ConvTranspose2d { params: ConvParams, output_padding: [usize; 2] },
+    ConvTranspose2d {
+        params: ConvParams,
+        output_padding: [usize; 2],
+    },
 }
 
 impl Op {
@@ -187,7 +211,12 @@ impl Op {
 pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
     if let Some(n) = op.arity() {
         if ins.len() != n {
-            return Err(format!("{} takes {} inputs, got {}", op.name(), n, ins.len()));
+            return Err(format!(
+                "{} takes {} inputs, got {}",
+                op.name(),
+                n,
+                ins.len()
+            ));
         }
     }
     match op {
@@ -241,7 +270,9 @@ pub fn eval(op: &Op, ins: &[&Value], out: &TensorType) -> Value {
         Op::Softmax { axis } => softmax::eval(ins[0], *axis, false),
         Op::LogSoftmax { axis } => softmax::eval(ins[0], *axis, true),
         Op::Conv2d(p) => conv::conv_eval(ins[0], ins[1], p, out),
-        Op::ConvTranspose2d { params, .. } => conv::conv_transpose_eval(ins[0], ins[1], params, out),
+        Op::ConvTranspose2d { params, .. } => {
+            conv::conv_transpose_eval(ins[0], ins[1], params, out)
+        }
     }
 }
 

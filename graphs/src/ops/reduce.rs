@@ -35,7 +35,13 @@ fn reduce_f(op: ReduceOp, a: &ArrayD<f64>, axes: &[usize]) -> ArrayD<f64> {
         r = match op {
             ReduceOp::Sum => r.sum_axis(Axis(ax)),
             ReduceOp::Mean => r.mean_axis(Axis(ax)).expect("non-empty axis"),
-            ReduceOp::Max => r.fold_axis(Axis(ax), f64::NEG_INFINITY, |&m, &v| if v > m || v.is_nan() { v } else { m }),
+            ReduceOp::Max => r.fold_axis(Axis(ax), f64::NEG_INFINITY, |&m, &v| {
+                if v > m || v.is_nan() {
+                    v
+                } else {
+                    m
+                }
+            }),
         };
     }
     r
@@ -49,7 +55,11 @@ pub fn eval(op: ReduceOp, x: &Value, axes: &[usize], out: &TensorType) -> Value 
         }
         Value::I(a) => {
             let r = reduce_f(op, &a.mapv(|v| v as f64), axes);
-            Value::I(r.mapv(|v| v as i64).into_shape_with_order(IxDyn(&out.shape)).unwrap())
+            Value::I(
+                r.mapv(|v| v as i64)
+                    .into_shape_with_order(IxDyn(&out.shape))
+                    .unwrap(),
+            )
         }
         Value::B(_) => unreachable!("type-checked"),
     }
@@ -74,7 +84,15 @@ fn max_weights(g: &mut Graph, x: NodeId, y: NodeId, axes: &[usize]) -> NodeId {
     g.div(m, count)
 }
 
-pub fn vjp(g: &mut Graph, op: ReduceOp, x: NodeId, y: NodeId, axes: &[usize], _keepdims: bool, dy: NodeId) -> NodeId {
+pub fn vjp(
+    g: &mut Graph,
+    op: ReduceOp,
+    x: NodeId,
+    y: NodeId,
+    axes: &[usize],
+    _keepdims: bool,
+    dy: NodeId,
+) -> NodeId {
     let xs = g.shape(x).to_vec();
     let kept = kept_shape(g, x, axes);
     let dyk = g.reshape(dy, &kept);
@@ -92,7 +110,14 @@ pub fn vjp(g: &mut Graph, op: ReduceOp, x: NodeId, y: NodeId, axes: &[usize], _k
     }
 }
 
-pub fn max_jvp(g: &mut Graph, x: NodeId, y: NodeId, axes: &[usize], keepdims: bool, dx: NodeId) -> NodeId {
+pub fn max_jvp(
+    g: &mut Graph,
+    x: NodeId,
+    y: NodeId,
+    axes: &[usize],
+    keepdims: bool,
+    dx: NodeId,
+) -> NodeId {
     let w = max_weights(g, x, y, axes);
     let p = g.mul(w, dx);
     g.sum(p, axes, keepdims)

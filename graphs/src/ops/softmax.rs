@@ -18,9 +18,15 @@ pub fn shape(x: &TensorType, axis: usize) -> Result<TensorType, String> {
 
 pub fn eval(x: &Value, axis: usize, log: bool) -> Value {
     let a = x.f();
-    let m = a.fold_axis(Axis(axis), f64::NEG_INFINITY, |&m, &v| m.max(v)).insert_axis(Axis(axis));
+    let m = a
+        .fold_axis(Axis(axis), f64::NEG_INFINITY, |&m, &v| m.max(v))
+        .insert_axis(Axis(axis));
     let shifted = a - &m;
-    let lse = shifted.mapv(f64::exp).sum_axis(Axis(axis)).mapv(f64::ln).insert_axis(Axis(axis));
+    let lse = shifted
+        .mapv(f64::exp)
+        .sum_axis(Axis(axis))
+        .mapv(f64::ln)
+        .insert_axis(Axis(axis));
     let mut out = shifted;
     Zip::from(&mut out)
         .and_broadcast(&lse)

@@ -40,6 +40,10 @@ pub fn dce(g: &Graph) -> Graph {
         map[i] = NodeId(nodes.len() as u32);
         nodes.push(n);
     }
-    let outputs = g.outputs().iter().map(|(name, id)| (name.clone(), map[id.index()])).collect();
+    let outputs = g
+        .outputs()
+        .iter()
+        .map(|(name, id)| (name.clone(), map[id.index()]))
+        .collect();
     Graph::from_parts(nodes, outputs)
 }

@@ -19,7 +19,9 @@ pub struct RebuildOptions {
 
 impl Default for RebuildOptions {
     fn default() -> Self {
-        RebuildOptions { fold_limit: 1 << 12 }
+        RebuildOptions {
+            fold_limit: 1 << 12,
+        }
     }
 }
 
@@ -50,7 +52,9 @@ pub fn cse_fold_simplify(g: &Graph, opts: &RebuildOptions) -> Graph {
         let mut op = node.op.clone();
         let mut ins = inputs;
         if let Op::Input { name } = &op {
-            let id = out.try_input(name, node.ty.dtype, &node.ty.shape).expect("inputs are unique");
+            let id = out
+                .try_input(name, node.ty.dtype, &node.ty.shape)
+                .expect("inputs are unique");
             map.push(id);
             continue;
         }
@@ -76,7 +80,9 @@ pub fn cse_fold_simplify(g: &Graph, opts: &RebuildOptions) -> Graph {
             let id = match seen.get(&k) {
                 Some(&id) => id,
                 None => {
-                    let id = out.try_node(op.clone(), &ins).unwrap_or_else(|e| panic!("rebuild: {e}"));
+                    let id = out
+                        .try_node(op.clone(), &ins)
+                        .unwrap_or_else(|e| panic!("rebuild: {e}"));
                     seen.insert(k, id);
                     id
                 }
@@ -85,13 +91,23 @@ pub fn cse_fold_simplify(g: &Graph, opts: &RebuildOptions) -> Graph {
             break;
         }
     }
-    let outputs = g.outputs().iter().map(|(n, id)| (n.clone(), map[id.index()])).collect();
+    let outputs = g
+        .outputs()
+        .iter()
+        .map(|(n, id)| (n.clone(), map[id.index()]))
+        .collect();
     out.set_outputs(outputs);
     out
 }
 
 /// Evaluate an op whose inputs are all constants, if the result is small.
-fn fold(g: &Graph, op: &Op, ins: &[NodeId], ty: &crate::types::TensorType, opts: &RebuildOptions) -> Option<Op> {
+fn fold(
+    g: &Graph,
+    op: &Op,
+    ins: &[NodeId],
+    ty: &crate::types::TensorType,
+    opts: &RebuildOptions,
+) -> Option<Op> {
     if ins.is_empty() || matches!(op, Op::Input { .. }) {
         return None;
     }

@@ -20,7 +20,10 @@ fn uniform(g: &Graph, id: NodeId) -> Option<f64> {
     match &g.node(id).op {
         Op::Fill { value, .. } => Some(*value),
         Op::Const(t) if t.numel() <= 4096 && t.numel() > 0 => match &t.data {
-            TensorData::F32(v) => v.iter().all(|&x| x.to_bits() == v[0].to_bits()).then_some(v[0] as f64),
+            TensorData::F32(v) => v
+                .iter()
+                .all(|&x| x.to_bits() == v[0].to_bits())
+                .then_some(v[0] as f64),
             _ => None,
         },
         _ => None,
@@ -28,7 +31,13 @@ fn uniform(g: &Graph, id: NodeId) -> Option<f64> {
 }
 
 fn fill(value: f64, ty: &TensorType) -> Simplified {
-    Simplified::Replace(Op::Fill { value, ty: ty.clone() }, vec![])
+    Simplified::Replace(
+        Op::Fill {
+            value,
+            ty: ty.clone(),
+        },
+        vec![],
+    )
 }
 
 /// `x`, broadcast to the output type if it is smaller.
@@ -47,20 +56,22 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
         Op::Binary(b) => {
             let (a, c) = (ins[0], ins[1]);
             match (b, u[0], u[1]) {
-                (BinaryOp::Add, Some(z), _) if z == 0.0 => return as_output(g, c, ty),
-                (BinaryOp::Add | BinaryOp::Sub, _, Some(z)) if z == 0.0 => return as_output(g, a, ty),
-                (BinaryOp::Sub, Some(z), _) if z == 0.0 => {
+                (BinaryOp::Add, Some(0.0), _) => return as_output(g, c, ty),
+                (BinaryOp::Add | BinaryOp::Sub, _, Some(0.0)) => return as_output(g, a, ty),
+                (BinaryOp::Sub, Some(z), _) if z == 0.0 && g.ty(c) == ty => {
                     return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![c]);
                 }
-                (BinaryOp::Mul, Some(z), _) | (BinaryOp::Mul, _, Some(z)) if z == 0.0 && is_finite_mul(g, ins) => {
+                (BinaryOp::Mul, Some(z), _) | (BinaryOp::Mul, _, Some(z))
+                    if z == 0.0 && is_finite_mul(g, ins) =>
+                {
                     return fill(0.0, ty)
                 }
-                (BinaryOp::Mul, Some(o), _) if o == 1.0 => return as_output(g, c, ty),
-                (BinaryOp::Mul | BinaryOp::Div, _, Some(o)) if o == 1.0 => return as_output(g, a, ty),
-                (BinaryOp::Mul, Some(m), _) if m == -1.0 => {
+                (BinaryOp::Mul, Some(1.0), _) => return as_output(g, c, ty),
+                (BinaryOp::Mul | BinaryOp::Div, _, Some(1.0)) => return as_output(g, a, ty),
+                (BinaryOp::Mul, Some(m), _) if m == -1.0 && g.ty(c) == ty => {
                     return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![c]);
                 }
-                (BinaryOp::Mul, _, Some(m)) if m == -1.0 => {
+                (BinaryOp::Mul, _, Some(m)) if m == -1.0 && g.ty(a) == ty => {
                     return Simplified::Replace(Op::Unary(UnaryOp::Neg), vec![a]);
                 }
                 _ => {}
@@ -71,12 +82,14 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
                 return Simplified::Alias(g.node(ins[0]).inputs[0]);
             }
         }
-        Op::MatMul | Op::Conv2d(_) | Op::ConvTranspose2d { .. } => {
-            if u.iter().any(|v| *v == Some(0.0)) {
-                return fill(0.0, ty);
-            }
+        Op::MatMul | Op::Conv2d(_) | Op::ConvTranspose2d { .. } if u.contains(&Some(0.0)) => {
+            return fill(0.0, ty)
         }
-        Op::Reshape(_) | Op::Transpose(_) | Op::Expand(_) | Op::Slice { .. } | Op::Gather { .. } => {
+        Op::Reshape(_)
+        | Op::Transpose(_)
+        | Op::Expand(_)
+        | Op::Slice { .. }
+        | Op::Gather { .. } => {
             if let Some(v) = u[0].filter(|_| is_fill(g, ins[0])) {
                 return fill(v, ty);
             }
@@ -107,10 +120,8 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
                 return fill(if *r == ReduceOp::Sum { v * n as f64 } else { v }, ty);
             }
         }
-        Op::Concat { .. } => {
-            if ins.iter().all(|&i| is_fill(g, i)) && u.iter().all(|v| *v == u[0]) {
-                return fill(u[0].unwrap(), ty);
-            }
+        Op::Concat { .. } if ins.iter().all(|&i| is_fill(g, i)) && u.iter().all(|v| *v == u[0]) => {
+            return fill(u[0].unwrap(), ty);
         }
         Op::Where => {
             if let (Some(a), Some(b)) = (u[1], u[2]) {
@@ -127,9 +138,15 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
         _ => {}
     }
     // Elementwise ops on filled inputs give a filled output.
-    let elementwise = matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Cast(_));
+    let elementwise = matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Cast(_)
+    );
     if elementwise && !ins.is_empty() && ins.iter().all(|&i| is_fill(g, i)) {
-        let vals: Vec<Value> = ins.iter().map(|&i| Value::fill(u_of(g, i), &TensorType::new(g.dtype(i), &[]))).collect();
+        let vals: Vec<Value> = ins
+            .iter()
+            .map(|&i| Value::fill(u_of(g, i), &TensorType::new(g.dtype(i), &[])))
+            .collect();
         let refs: Vec<&Value> = vals.iter().collect();
         let v = ops::eval(op, &refs, &TensorType::new(ty.dtype, &[]));
         let x = match v {

@@ -91,25 +91,57 @@ fn be_u32(b: &[u8], off: usize) -> u32 {
 
 /// Parse an IDX3 image file into `[n, 784]` floats in [0, 1].
 pub fn parse_images(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
-    ensure!(bytes.len() >= 16, "{what}: too short for an IDX image header ({} bytes)", bytes.len());
+    ensure!(
+        bytes.len() >= 16,
+        "{what}: too short for an IDX image header ({} bytes)",
+        bytes.len()
+    );
     let magic = be_u32(bytes, 0);
-    ensure!(magic == IMAGE_MAGIC, "{what}: magic number {magic}, expected {IMAGE_MAGIC} (an IDX3 image file)");
-    let (n, rows, cols) = (be_u32(bytes, 4) as usize, be_u32(bytes, 8) as usize, be_u32(bytes, 12) as usize);
-    ensure!(rows == 28 && cols == 28, "{what}: images are {rows}x{cols}, expected 28x28");
+    ensure!(
+        magic == IMAGE_MAGIC,
+        "{what}: magic number {magic}, expected {IMAGE_MAGIC} (an IDX3 image file)"
+    );
+    let (n, rows, cols) = (
+        be_u32(bytes, 4) as usize,
+        be_u32(bytes, 8) as usize,
+        be_u32(bytes, 12) as usize,
+    );
+    ensure!(
+        rows == 28 && cols == 28,
+        "{what}: images are {rows}x{cols}, expected 28x28"
+    );
     let want = 16 + n * PIXELS;
-    ensure!(bytes.len() == want, "{what}: header says {n} images ({want} bytes) but the file has {} bytes", bytes.len());
+    ensure!(
+        bytes.len() == want,
+        "{what}: header says {n} images ({want} bytes) but the file has {} bytes",
+        bytes.len()
+    );
     Ok(bytes[16..].iter().map(|&p| p as f32 / 255.0).collect())
 }
 
 /// Parse an IDX1 label file.
 pub fn parse_labels(bytes: &[u8], what: &str) -> Result<Vec<i64>> {
-    ensure!(bytes.len() >= 8, "{what}: too short for an IDX label header ({} bytes)", bytes.len());
+    ensure!(
+        bytes.len() >= 8,
+        "{what}: too short for an IDX label header ({} bytes)",
+        bytes.len()
+    );
     let magic = be_u32(bytes, 0);
-    ensure!(magic == LABEL_MAGIC, "{what}: magic number {magic}, expected {LABEL_MAGIC} (an IDX1 label file)");
+    ensure!(
+        magic == LABEL_MAGIC,
+        "{what}: magic number {magic}, expected {LABEL_MAGIC} (an IDX1 label file)"
+    );
     let n = be_u32(bytes, 4) as usize;
-    ensure!(bytes.len() == 8 + n, "{what}: header says {n} labels but the file has {} bytes of labels", bytes.len() - 8);
+    ensure!(
+        bytes.len() == 8 + n,
+        "{what}: header says {n} labels but the file has {} bytes of labels",
+        bytes.len() - 8
+    );
     if let Some(p) = bytes[8..].iter().position(|&l| l > 9) {
-        bail!("{what}: label {} at index {p} is not a digit 0-9", bytes[8 + p]);
+        bail!(
+            "{what}: label {} at index {p} is not a digit 0-9",
+            bytes[8 + p]
+        );
     }
     Ok(bytes[8..].iter().map(|&l| l as i64).collect())
 }
@@ -127,7 +159,10 @@ fn load_pair(dir: &Path, images: &str, labels: &str) -> Result<Split> {
         lp.display(),
         lb.len()
     );
-    Ok(Split { images: im, labels: lb })
+    Ok(Split {
+        images: im,
+        labels: lb,
+    })
 }
 
 /// Load and verify MNIST from `dir` (the four standard IDX files).
@@ -174,29 +209,45 @@ mod tests {
         b[3] = 0;
         let e = parse_images(&b, "imgs.idx").unwrap_err().to_string();
         assert!(e.contains("imgs.idx") && e.contains("magic"), "{e}");
-        let e = parse_images(&idx_images(2, 27), "f").unwrap_err().to_string();
+        let e = parse_images(&idx_images(2, 27), "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("27x28"), "{e}");
         let mut b = idx_images(2, 28);
         b.pop();
-        assert!(parse_images(&b, "f").unwrap_err().to_string().contains("bytes"));
+        assert!(parse_images(&b, "f")
+            .unwrap_err()
+            .to_string()
+            .contains("bytes"));
         let mut l = vec![];
         l.extend(LABEL_MAGIC.to_be_bytes());
         l.extend(2u32.to_be_bytes());
         l.extend([3u8, 12u8]);
-        assert!(parse_labels(&l, "lab").unwrap_err().to_string().contains("not a digit"));
+        assert!(parse_labels(&l, "lab")
+            .unwrap_err()
+            .to_string()
+            .contains("not a digit"));
     }
 
     #[test]
     fn loads_the_shipped_files() {
         let m = load(&default_dir()).unwrap();
-        assert_eq!((m.train.len(), m.validation.len(), m.test.len()), (55_000, 5_000, 10_000));
+        assert_eq!(
+            (m.train.len(), m.validation.len(), m.test.len()),
+            (55_000, 5_000, 10_000)
+        );
         // The first training label of MNIST is a 5, the first test label a 7.
         assert_eq!((m.train.labels[0], m.test.labels[0]), (5, 7));
     }
 
     #[test]
     fn missing_directory_is_a_clear_error() {
-        let e = load(Path::new("/nonexistent/mnist")).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/mnist") && e.contains("train-images"), "{e}");
+        let e = load(Path::new("/nonexistent/mnist"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/mnist") && e.contains("train-images"),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,1015 @@
+//! The L2O-Scale HierarchicalRNN learned optimizer (Wichrowska et al. 2017,
+//! `research/learned_optimizer/optimizer/hierarchical_rnn.py`), as a graph:
+//! one optimizer step `(weights, params, grads, state) -> (params', state')`
+//! built on the builder, so that autodiff can differentiate an unrolled
+//! optimisation with respect to the optimizer's own weights.
+//!
+//! The reference is `shared/docs/l2o-scale.md` ("HierarchicalRNN (defaults of
+//! metarun.py)" and "Update step"), checked against the original code. Every
+//! point where the notes leave a choice open is marked **Choice:** below.
+//!
+//! # Levels
+//! * Level 0, per parameter element (`level_sizes[0]` = 10 units): input = the
+//!   per-element features, injected bias = affine(old level-1 state of the
+//!   tensor) + affine(old global state).
+//! * Level 1, per tensor (20 units): input = mean over the tensor's elements
+//!   of `concat(new level-0 state, features)`, injected bias =
+//!   affine(old global state).
+//! * Level 2, global (20 units): input per [`Level2Input`], no injected bias.
+//!
+//! # Features (12 per element with the defaults)
+//! `gs_0..gs_3` (RMS-scaled, asinh-squashed gradient accumulators on 4
+//! time scales), `gs_i * gs_{i+1}` (3 products), `log(ms_i + 1e-16)` minus
+//! its mean over the scales (4), and the relative log learning rate (1), in
+//! that order (the order of the original `rnn_input` list).
+//!
+//! # State layout
+//! See [`Hrnn::state_specs`]. Per-element scalars are stored flattened as
+//! `[n, 1]` (`n` = number of elements of the parameter tensor, row-major), the
+//! shape they have inside the computation.
+//!
+//! # Initial RNN states
+//! The initial hidden states are learnable vectors (`hrnn.init.l{0,1,2}`,
+//! `[1, size]`). In the original they enter the unroll in-graph on a reset
+//! (the first unroll of a problem), so the meta-gradient reaches them. Here
+//! [`Hrnn::reset_hidden`] does that in a graph; [`Hrnn::initial_state`]
+//! gives host values with zero hidden states (placeholders for
+//! `reset_hidden`), and [`Hrnn::initial_state_with_weights`] host values with
+//! the hidden states taken from given weight values (for meta-testing).
+
+use metac_graphs::{DType, Graph, NodeId, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Lower clip of the log learning rate, fixed in the original code
+/// ("log(min int32) - 1"); the upper clip is [`HrnnConfig::max_log_lr`].
+pub const MIN_LOG_LR: f64 = -33.0;
+
+/// Epsilon added to the squared accumulated gradient in the `ms` update.
+const MS_EPS: f32 = 1e-12;
+/// Epsilon under the square roots / logs of `ms` and of the output scale.
+const EPS16: f32 = 1e-16;
+
+/// What the global (level-2) RNN reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level2Input {
+    /// The original code: `_compute_updated_global_state([layer_state], ...)`
+    /// is called after the per-tensor loop with only the loop variable
+    /// `layer_state`, i.e. the new level-1 state of the LAST parameter tensor.
+    /// The mean over a one-element list is that state. A quirk, but it is
+    /// what every published HierarchicalRNN checkpoint was trained with.
+    LastTensor,
+    /// The natural reading of the paper ("average hidden state from each
+    /// layer-specific RNN"): the mean over all tensors of their new level-1
+    /// states.
+    MeanOverTensors,
+}
+
+/// Hyperparameters of the HierarchicalRNN. `Default` gives the defaults of
+/// `metarun.py` as listed in the reference notes.
+///
+/// `use_log_objective` (on in metarun.py) is not here: it only shapes the
+/// meta-objective, which the meta-training code builds, not the step.
+/// Attention is off and not supported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HrnnConfig {
+    /// Units of the per-parameter, per-tensor and global RNNs.
+    pub level_sizes: [usize; 3],
+    /// Number of gradient accumulators (time scales); at least 1. With 1 the
+    /// accumulator is the raw gradient (as in the original).
+    pub num_gradient_scales: usize,
+    /// Learn the input- and scale-decay readouts. When off, the decays are
+    /// the original's constants sigmoid(log(0.89/0.11)) = 0.89 (input) and
+    /// 0.93 (scale). The input decay is learnable only with more than one
+    /// gradient scale, as in the original.
+    pub learnable_decay: bool,
+    /// Per-element log learning rates with a learned change, and the update
+    /// direction normalised to unit RMS per tensor. When off: no `log_lr`
+    /// state, no normalisation, and the step size is the original's
+    /// `2 * sigmoid(h . 0 + 0) = 1`.
+    pub dynamic_output_scale: bool,
+    /// Feed the centred `log(ms_i + 1e-16)` features.
+    pub use_log_means_squared: bool,
+    /// Feed the relative log learning rate (requires `dynamic_output_scale`).
+    pub use_relative_lr: bool,
+    /// Relative lr against the mean log lr over the whole problem (all
+    /// tensors' elements) rather than over the tensor.
+    pub use_problem_lr_mean: bool,
+    /// Add `affine(concat(gs), 1, no bias)` to the update direction.
+    pub use_gradient_shortcut: bool,
+    /// Feed the products of consecutive scaled gradients (needs > 1 scale).
+    pub use_grad_products: bool,
+    /// Range of the initial learning rates, see [`Hrnn::initial_state`].
+    pub init_lr_range: (f64, f64),
+    /// Upper clip of the log learning rate.
+    pub max_log_lr: f64,
+    /// The level-2 input quirk.
+    pub level2_input: Level2Input,
+    // ---- initialisation (flags of hierarchical_rnn.py) ----
+    /// Std scale of the BiasGRU cells' affine weights (`biasgrucell_scale`).
+    pub cell_scale: f64,
+    /// Bias of the reset and update gates (`biasgrucell_gate_bias_init`).
+    pub gate_bias_init: f64,
+    /// Std scale of the readouts (update, decays), divided by
+    /// `sqrt(level_sizes[0])` (`hrnn_rnn_readout_scale`).
+    pub readout_scale: f64,
+    /// Std scale of the injected-bias affines (`hrnn_affine_scale`).
+    pub affine_scale: f64,
+    /// Bias of the scale-decay readout (`scale_decay_bias_init`).
+    pub scale_decay_bias_init: f64,
+    /// Bias of the input-decay readout (`hrnn_default_decay_var_init`).
+    pub inp_decay_bias_init: f64,
+    /// Initial learning-rate momentum logit.
+    pub lr_momentum_logit_init: f64,
+    /// Initial `param_stepsize_offset`.
+    pub param_stepsize_offset_init: f64,
+    /// Std scale of the gradient-shortcut weights (the default `scale` of
+    /// `utils.affine`, 0.1), divided by `sqrt(num_gradient_scales)`; their
+    /// mean is `1 / num_gradient_scales`.
+    pub shortcut_scale: f64,
+}
+
+impl Default for HrnnConfig {
+    fn default() -> Self {
+        HrnnConfig {
+            level_sizes: [10, 20, 20],
+            num_gradient_scales: 4,
+            learnable_decay: true,
+            dynamic_output_scale: true,
+            use_log_means_squared: true,
+            use_relative_lr: true,
+            use_problem_lr_mean: true,
+            use_gradient_shortcut: true,
+            use_grad_products: true,
+            init_lr_range: (1e-6, 1e-2),
+            max_log_lr: 33.0,
+            level2_input: Level2Input::LastTensor,
+            cell_scale: 0.5,
+            gate_bias_init: 2.2,
+            readout_scale: 0.5,
+            affine_scale: 0.5,
+            scale_decay_bias_init: 3.2,
+            inp_decay_bias_init: 2.2,
+            lr_momentum_logit_init: 3.2,
+            param_stepsize_offset_init: -1.0,
+            shortcut_scale: 0.1,
+        }
+    }
+}
+
+impl HrnnConfig {
+    /// Number of per-element input features of the level-0 RNN.
+    pub fn num_features(&self) -> usize {
+        let s = self.num_gradient_scales;
+        let mut f = s;
+        if self.use_grad_products && s > 1 {
+            f += s - 1;
+        }
+        if self.use_log_means_squared {
+            f += s;
+        }
+        if self.use_relative_lr {
+            f += 1;
+        }
+        f
+    }
+
+    fn learnable_inp_decay(&self) -> bool {
+        self.learnable_decay && self.num_gradient_scales > 1
+    }
+
+    fn validate(&self) {
+        assert!(
+            self.num_gradient_scales >= 1,
+            "HrnnConfig: num_gradient_scales must be >= 1"
+        );
+        assert!(
+            self.level_sizes.iter().all(|&s| s > 0),
+            "HrnnConfig: level sizes must be positive"
+        );
+        assert!(
+            !self.use_relative_lr || self.dynamic_output_scale,
+            "HrnnConfig: use_relative_lr requires dynamic_output_scale (as in the original)"
+        );
+        let (lo, hi) = self.init_lr_range;
+        assert!(
+            lo > 0.0 && lo <= hi,
+            "HrnnConfig: init_lr_range must satisfy 0 < min <= max"
+        );
+    }
+}
+
+/// How one meta-parameter tensor is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WeightInit {
+    /// i.i.d. normal.
+    Normal { mean: f64, std: f64 },
+    /// i.i.d. uniform on `[lo, hi)`.
+    Uniform { lo: f64, hi: f64 },
+    /// Every element equal.
+    Const(f64),
+}
+
+/// One meta-parameter tensor of the optimizer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: WeightInit,
+}
+
+/// The meta-parameters (learned weights) of a HierarchicalRNN, in the order
+/// [`Hrnn::step`] expects them.
+///
+/// With the default config (F = 12 features, sizes 10/20/20):
+///
+/// | name | shape | init |
+/// |---|---|---|
+/// | `hrnn.l0.gates.w` | [F+10, 20] | N(0, 0.5/sqrt(F+10)) |
+/// | `hrnn.l0.gates.b` | [20] | 2.2 |
+/// | `hrnn.l0.cand.w` | [F+10, 10] | N(0, 0.5/sqrt(F+10)) |
+/// | `hrnn.l0.cand.b` | [10] | 0 |
+/// | `hrnn.l0.tensor_bias.w` | [20, 30] | N(0, 0.5/sqrt(20)) |
+/// | `hrnn.l0.tensor_bias.b` | [30] | 0 |
+/// | `hrnn.l0.global_bias.w` | [20, 30] | N(0, 0.5/sqrt(20)) |
+/// | `hrnn.l0.global_bias.b` | [30] | 0 |
+/// | `hrnn.l1.gates.w` | [10+F+20, 40] | N(0, 0.5/sqrt(42)) |
+/// | `hrnn.l1.gates.b` | [40] | 2.2 |
+/// | `hrnn.l1.cand.w` | [10+F+20, 20] | N(0, 0.5/sqrt(42)) |
+/// | `hrnn.l1.cand.b` | [20] | 0 |
+/// | `hrnn.l1.global_bias.w` | [20, 60] | N(0, 0.5/sqrt(20)) |
+/// | `hrnn.l1.global_bias.b` | [60] | 0 |
+/// | `hrnn.l2.gates.w` | [40, 40] | N(0, 0.5/sqrt(40)) |
+/// | `hrnn.l2.gates.b` | [40] | 2.2 |
+/// | `hrnn.l2.cand.w` | [40, 20] | N(0, 0.5/sqrt(40)) |
+/// | `hrnn.l2.cand.b` | [20] | 0 |
+/// | `hrnn.init.l0` / `.l1` / `.l2` | [1, 10] / [1, 20] / [1, 20] | U(-1, 1) |
+/// | `hrnn.update.w` | [10, 1] | N(0, 0.5/sqrt(10)) |
+/// | `hrnn.shortcut.w` (shortcut on) | [4, 1] | N(1/4, 0.1/sqrt(4)) |
+/// | `hrnn.scl_decay.w`, `.b` (learnable decay) | [10, 1], [1] | N(0, 0.5/sqrt(10)), 3.2 |
+/// | `hrnn.inp_decay.w`, `.b` (learnable, > 1 scale) | [10, 1], [1] | N(0, 0.5/sqrt(10)), 2.2 |
+/// | `hrnn.lr.w`, `.b` (dynamic output scale) | [10, 1], [1] | 0, 0 |
+/// | `hrnn.lr_momentum_logit` (dyn.) | [] | 3.2 |
+/// | `hrnn.param_stepsize_offset` (dyn.) | [] | -1 |
+///
+/// **Choice:** the original's cell affines concatenate `[input, state]`
+/// before one matrix, so the "fan_in" of the N(0, scale/sqrt(fan_in))
+/// init is input + state size; kept. Biases of the injected-bias affines are
+/// learnable and start at 0 (as `utils.affine` with `include_bias=True`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HrnnWeights {
+    pub specs: Vec<WeightSpec>,
+}
+
+impl HrnnWeights {
+    pub fn new(config: &HrnnConfig) -> Self {
+        config.validate();
+        let c = config;
+        let [s0, s1, s2] = c.level_sizes;
+        let f = c.num_features();
+        let mut v: Vec<WeightSpec> = vec![];
+        let mut push = |name: &str, shape: &[usize], init: WeightInit| {
+            v.push(WeightSpec {
+                name: format!("hrnn.{name}"),
+                shape: shape.to_vec(),
+                init,
+            })
+        };
+        let normal = |mean: f64, scale: f64, fan_in: usize| WeightInit::Normal {
+            mean,
+            std: scale / (fan_in as f64).sqrt(),
+        };
+        // One BiasGRU cell: gates [in+n, 2n] (+bias 2.2), candidate [in+n, n].
+        let cell = |push: &mut dyn FnMut(&str, &[usize], WeightInit),
+                    lvl: usize,
+                    input: usize,
+                    n: usize| {
+            let fan = input + n;
+            push(
+                &format!("l{lvl}.gates.w"),
+                &[fan, 2 * n],
+                normal(0.0, c.cell_scale, fan),
+            );
+            push(
+                &format!("l{lvl}.gates.b"),
+                &[2 * n],
+                WeightInit::Const(c.gate_bias_init),
+            );
+            push(
+                &format!("l{lvl}.cand.w"),
+                &[fan, n],
+                normal(0.0, c.cell_scale, fan),
+            );
+            push(&format!("l{lvl}.cand.b"), &[n], WeightInit::Const(0.0));
+        };
+        cell(&mut push, 0, f, s0);
+        push(
+            "l0.tensor_bias.w",
+            &[s1, 3 * s0],
+            normal(0.0, c.affine_scale, s1),
+        );
+        push("l0.tensor_bias.b", &[3 * s0], WeightInit::Const(0.0));
+        push(
+            "l0.global_bias.w",
+            &[s2, 3 * s0],
+            normal(0.0, c.affine_scale, s2),
+        );
+        push("l0.global_bias.b", &[3 * s0], WeightInit::Const(0.0));
+        cell(&mut push, 1, s0 + f, s1);
+        push(
+            "l1.global_bias.w",
+            &[s2, 3 * s1],
+            normal(0.0, c.affine_scale, s2),
+        );
+        push("l1.global_bias.b", &[3 * s1], WeightInit::Const(0.0));
+        cell(&mut push, 2, s1, s2);
+        let u = WeightInit::Uniform { lo: -1.0, hi: 1.0 };
+        push("init.l0", &[1, s0], u);
+        push("init.l1", &[1, s1], u);
+        push("init.l2", &[1, s2], u);
+        let readout = normal(0.0, c.readout_scale, s0);
+        push("update.w", &[s0, 1], readout);
+        if c.use_gradient_shortcut {
+            let ns = c.num_gradient_scales;
+            push(
+                "shortcut.w",
+                &[ns, 1],
+                normal(1.0 / ns as f64, c.shortcut_scale, ns),
+            );
+        }
+        if c.learnable_decay {
+            push("scl_decay.w", &[s0, 1], readout);
+            push(
+                "scl_decay.b",
+                &[1],
+                WeightInit::Const(c.scale_decay_bias_init),
+            );
+        }
+        if c.learnable_inp_decay() {
+            push("inp_decay.w", &[s0, 1], readout);
+            push(
+                "inp_decay.b",
+                &[1],
+                WeightInit::Const(c.inp_decay_bias_init),
+            );
+        }
+        if c.dynamic_output_scale {
+            // zero_init_lr_weights=True in the original.
+            push("lr.w", &[s0, 1], WeightInit::Const(0.0));
+            push("lr.b", &[1], WeightInit::Const(0.0));
+            push(
+                "lr_momentum_logit",
+                &[],
+                WeightInit::Const(c.lr_momentum_logit_init),
+            );
+            push(
+                "param_stepsize_offset",
+                &[],
+                WeightInit::Const(c.param_stepsize_offset_init),
+            );
+        }
+        HrnnWeights { specs: v }
+    }
+
+    /// Names and shapes, in order.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.specs
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect()
+    }
+
+    /// Position of a weight by its full name (`hrnn.update.w`).
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.specs.iter().position(|s| s.name == name)
+    }
+
+    /// Total number of meta-parameters.
+    pub fn num_elements(&self) -> usize {
+        self.specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Declare every weight as an f32 graph input named after it.
+    pub fn inputs(&self, g: &mut Graph) -> Vec<NodeId> {
+        self.specs
+            .iter()
+            .map(|s| g.input(&s.name, DType::F32, &s.shape))
+            .collect()
+    }
+
+    /// Initial values, deterministic in `seed`. Each tensor draws from its own
+    /// ChaCha8 stream (`seed`, stream = its index), so adding or removing one
+    /// tensor does not change the others. Normals by Box-Muller in f64,
+    /// rounded to f32.
+    pub fn init(&self, seed: u64) -> Vec<(String, Tensor)> {
+        self.specs
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let n: usize = s.shape.iter().product();
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(k as u64);
+                let data: Vec<f32> = (0..n)
+                    .map(|_| match s.init {
+                        WeightInit::Normal { mean, std } => {
+                            (mean + std * std_normal(&mut rng)) as f32
+                        }
+                        WeightInit::Uniform { lo, hi } => rng.random_range(lo..hi) as f32,
+                        WeightInit::Const(c) => c as f32,
+                    })
+                    .collect();
+                (s.name.clone(), Tensor::f32(&s.shape, data))
+            })
+            .collect()
+    }
+}
+
+/// A standard normal sample by Box-Muller.
+fn std_normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// The HierarchicalRNN optimizer for a given config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hrnn {
+    pub config: HrnnConfig,
+}
+
+impl Default for Hrnn {
+    fn default() -> Self {
+        Hrnn::new(HrnnConfig::default())
+    }
+}
+
+/// Positions of one parameter tensor's entries in the state list.
+#[derive(Clone, Debug)]
+struct TensorSlots {
+    h0: usize,
+    accum: Vec<usize>,
+    ms: Vec<usize>,
+    inp_decay: usize,
+    scl_decay: usize,
+    log_lr: Option<usize>,
+    h1: usize,
+}
+
+impl Hrnn {
+    pub fn new(config: HrnnConfig) -> Self {
+        config.validate();
+        Hrnn { config }
+    }
+
+    /// The meta-parameter list.
+    pub fn weights(&self) -> HrnnWeights {
+        HrnnWeights::new(&self.config)
+    }
+
+    fn slots(&self, num_tensors: usize) -> (Vec<TensorSlots>, usize) {
+        let s = self.config.num_gradient_scales;
+        let mut next = 0;
+        let mut take = || {
+            next += 1;
+            next - 1
+        };
+        let mut v = vec![];
+        for _ in 0..num_tensors {
+            let h0 = take();
+            let accum = (0..s).map(|_| take()).collect();
+            let ms = (0..s).map(|_| take()).collect();
+            let inp_decay = take();
+            let scl_decay = take();
+            let log_lr = self.config.dynamic_output_scale.then(&mut take);
+            let h1 = take();
+            v.push(TensorSlots {
+                h0,
+                accum,
+                ms,
+                inp_decay,
+                scl_decay,
+                log_lr,
+                h1,
+            });
+        }
+        let h2 = take();
+        (v, h2)
+    }
+
+    /// Names and shapes of the optimizer state for parameter tensors of the
+    /// given shapes. For each tensor `k` (with `n` elements), in this order:
+    ///
+    /// * `hrnn.p{k}.h0` `[n, 10]`: level-0 hidden state per element;
+    /// * `hrnn.p{k}.accum{i}` `[n, 1]`, i = 0..scales: gradient accumulators;
+    /// * `hrnn.p{k}.ms{i}` `[n, 1]`: their mean squares;
+    /// * `hrnn.p{k}.inp_decay` `[n, 1]`, `hrnn.p{k}.scl_decay` `[n, 1]`;
+    /// * `hrnn.p{k}.log_lr` `[n, 1]` (with dynamic output scale);
+    /// * `hrnn.p{k}.h1` `[1, 20]`: level-1 hidden state of the tensor;
+    ///
+    /// then, once, `hrnn.global.h2` `[1, 20]`. There are no scalar states
+    /// (the original has no step counter).
+    pub fn state_specs(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
+        let [s0, s1, s2] = self.config.level_sizes;
+        let mut v = vec![];
+        for (k, shape) in param_shapes.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            v.push((format!("hrnn.p{k}.h0"), vec![n, s0]));
+            for i in 0..self.config.num_gradient_scales {
+                v.push((format!("hrnn.p{k}.accum{i}"), vec![n, 1]));
+            }
+            for i in 0..self.config.num_gradient_scales {
+                v.push((format!("hrnn.p{k}.ms{i}"), vec![n, 1]));
+            }
+            v.push((format!("hrnn.p{k}.inp_decay"), vec![n, 1]));
+            v.push((format!("hrnn.p{k}.scl_decay"), vec![n, 1]));
+            if self.config.dynamic_output_scale {
+                v.push((format!("hrnn.p{k}.log_lr"), vec![n, 1]));
+            }
+            v.push((format!("hrnn.p{k}.h1"), vec![1, s1]));
+        }
+        v.push(("hrnn.global.h2".into(), vec![1, s2]));
+        v
+    }
+
+    /// Declare the state as f32 graph inputs named per [`Hrnn::state_specs`].
+    pub fn state_inputs(&self, g: &mut Graph, param_shapes: &[Vec<usize>]) -> Vec<NodeId> {
+        self.state_specs(param_shapes)
+            .iter()
+            .map(|(n, s)| g.input(n, DType::F32, s))
+            .collect()
+    }
+
+    /// Host initial state, deterministic in `seed`: accumulators, mean
+    /// squares and both decays 0; hidden states 0 (placeholders: apply
+    /// [`Hrnn::reset_hidden`] in the graph of the first unroll, or use
+    /// [`Hrnn::initial_state_with_weights`]); per-element log learning rates
+    /// `U(log(min)/2, log(max)/2) + offset`, `offset ~ U(log(min)/2,
+    /// log(max)/2)`, clipped to `[-33, max_log_lr]`.
+    ///
+    /// **Choice:** one offset per parameter tensor, as in the original
+    /// (`_initialize_state` runs once per variable). Tensor `k` draws from
+    /// ChaCha8 stream `k` of `seed`: first its offset, then its elements.
+    /// With the default range both terms lie in [-6.9, -2.3], so the initial
+    /// log lr is in [-13.8, -4.6] (about e^-9 on average).
+    pub fn initial_state(&self, param_shapes: &[Vec<usize>], seed: u64) -> Vec<(String, Tensor)> {
+        let (lo, hi) = self.config.init_lr_range;
+        let (a, b) = (lo.ln() / 2.0, hi.ln() / 2.0);
+        let specs = self.state_specs(param_shapes);
+        let (slots, _) = self.slots(param_shapes.len());
+        let mut out: Vec<(String, Tensor)> = specs
+            .iter()
+            .map(|(n, s)| (n.clone(), Tensor::f32(s, vec![0.0; s.iter().product()])))
+            .collect();
+        for (k, sl) in slots.iter().enumerate() {
+            let Some(i) = sl.log_lr else { continue };
+            let n = specs[i].1[0];
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(k as u64);
+            let draw = |rng: &mut ChaCha8Rng| if a < b { rng.random_range(a..b) } else { a };
+            let offset = draw(&mut rng);
+            let vals: Vec<f32> = (0..n)
+                .map(|_| (draw(&mut rng) + offset).clamp(MIN_LOG_LR, self.config.max_log_lr) as f32)
+                .collect();
+            out[i].1 = Tensor::f32(&[n, 1], vals);
+        }
+        out
+    }
+
+    /// [`Hrnn::initial_state`] with the hidden states set from the values of
+    /// `hrnn.init.l{0,1,2}` in `weights` (broadcast over elements), as the
+    /// original's reset does. Not differentiable (host values).
+    pub fn initial_state_with_weights(
+        &self,
+        param_shapes: &[Vec<usize>],
+        weights: &[(String, Tensor)],
+        seed: u64,
+    ) -> Vec<(String, Tensor)> {
+        let get = |name: &str| -> Vec<f32> {
+            weights
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("initial_state_with_weights: no weight '{name}'"))
+                .1
+                .as_f32()
+                .expect("f32 weight")
+                .to_vec()
+        };
+        let (i0, i1, i2) = (
+            get("hrnn.init.l0"),
+            get("hrnn.init.l1"),
+            get("hrnn.init.l2"),
+        );
+        let mut st = self.initial_state(param_shapes, seed);
+        let (slots, h2) = self.slots(param_shapes.len());
+        let tile = |v: &[f32], rows: usize| -> Vec<f32> {
+            (0..rows).flat_map(|_| v.iter().copied()).collect()
+        };
+        for sl in &slots {
+            let s = st[sl.h0].1.shape.clone();
+            st[sl.h0].1 = Tensor::f32(&s, tile(&i0, s[0]));
+            st[sl.h1].1 = Tensor::f32(&[1, i1.len()], i1.clone());
+        }
+        st[h2].1 = Tensor::f32(&[1, i2.len()], i2);
+        st
+    }
+
+    /// In-graph reset of the hidden states: returns `state` with every
+    /// `h0` replaced by the learnable `hrnn.init.l0` broadcast over the
+    /// tensor's elements, every `h1` by `hrnn.init.l1` and `h2` by
+    /// `hrnn.init.l2` (differentiably, so the meta-gradient reaches the init
+    /// vectors). Use on the first unroll of a problem.
+    pub fn reset_hidden(&self, g: &mut Graph, w: &[NodeId], state: &[NodeId]) -> Vec<NodeId> {
+        let ws = self.weights();
+        let wi = |name: &str| w[ws.index(name).expect("weight")];
+        let num_tensors = self.num_tensors_from_state_len(state.len());
+        let (slots, h2) = self.slots(num_tensors);
+        let mut out = state.to_vec();
+        let (i0, i1, i2) = (wi("hrnn.init.l0"), wi("hrnn.init.l1"), wi("hrnn.init.l2"));
+        for sl in &slots {
+            let s = g.shape(state[sl.h0]).to_vec();
+            out[sl.h0] = g.expand(i0, &s);
+            out[sl.h1] = i1;
+        }
+        out[h2] = i2;
+        out
+    }
+
+    fn num_tensors_from_state_len(&self, len: usize) -> usize {
+        let per =
+            2 * self.config.num_gradient_scales + 4 + usize::from(self.config.dynamic_output_scale);
+        assert!(
+            len >= 1 && (len - 1).is_multiple_of(per),
+            "Hrnn: a state list of {len} entries does not match the layout ({per} per tensor + 1)"
+        );
+        (len - 1) / per
+    }
+
+    /// One optimizer step.
+    ///
+    /// * `w`: the meta-parameters in [`HrnnWeights`] order;
+    /// * `params`, `grads`: the optimizee's parameter tensors and their
+    ///   gradients (same shapes, any rank);
+    /// * `state`: in [`Hrnn::state_specs`] order for `params`' shapes;
+    /// * `objective`: unused (the original HierarchicalRNN does not read the
+    ///   objective in its step; attention is off). Kept for a uniform calling
+    ///   convention with optimizers that do.
+    ///
+    /// Returns the new parameters and the new state (same order as `state`).
+    ///
+    /// The step does not cut the gradient through `grads`: pass
+    /// `g.stop_gradient(grad)` for `use_second_derivatives = False`.
+    ///
+    /// **Choices:**
+    /// * The first-step rule for `ms` is per tensor and per scale, like the
+    ///   original `tf.reduce_all(tf.equal(ms, 0.))`: if every element of the
+    ///   tensor's old `ms_i` is 0, the scale decay is replaced by 0 for that
+    ///   update. In the graph: `Where(ReduceMax(Abs(ms_i)) == 0, 0, s)`.
+    /// * The clip of the step log lr is straight-through:
+    ///   `x + StopGradient(clip(x, -33, max_log_lr) - x)`, as in the original.
+    /// * The dynamic output scale divides by the RMS of the update direction
+    ///   over the tensor (`sqrt(mean(delta^2) + 1e-16)`), gradient included.
+    /// * All tensors share the same weights (the original's `PerTensor`
+    ///   variable scope with reuse).
+    /// * The decays of the scales are `d_{i+1} = sqrt(d_i)` with `d_0` the
+    ///   `inp_decay` state, which starts at 0 where `sqrt` has an infinite
+    ///   derivative. No derivative flows there unless the *state* is
+    ///   differentiated (truncated BPTT never differentiates the state an
+    ///   unroll starts from; inside an unroll `inp_decay` is a sigmoid > 0);
+    ///   differentiating with respect to a zero `inp_decay` gives inf/NaN.
+    pub fn step(
+        &self,
+        g: &mut Graph,
+        w: &[NodeId],
+        params: &[NodeId],
+        grads: &[NodeId],
+        state: &[NodeId],
+        objective: NodeId,
+    ) -> (Vec<NodeId>, Vec<NodeId>) {
+        let _ = objective;
+        let c = &self.config;
+        let ws = self.weights();
+        assert_eq!(
+            w.len(),
+            ws.specs.len(),
+            "Hrnn::step: expected {} weights",
+            ws.specs.len()
+        );
+        for (id, s) in w.iter().zip(&ws.specs) {
+            assert_eq!(
+                g.shape(*id),
+                s.shape.as_slice(),
+                "Hrnn::step: weight {} has the wrong shape",
+                s.name
+            );
+        }
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "Hrnn::step: params and grads differ in length"
+        );
+        let shapes: Vec<Vec<usize>> = params.iter().map(|&p| g.shape(p).to_vec()).collect();
+        for (k, (&p, &gr)) in params.iter().zip(grads).enumerate() {
+            assert_eq!(
+                g.shape(p),
+                g.shape(gr),
+                "Hrnn::step: grad {k} does not match its parameter"
+            );
+        }
+        let specs = self.state_specs(&shapes);
+        assert_eq!(
+            state.len(),
+            specs.len(),
+            "Hrnn::step: expected {} state tensors",
+            specs.len()
+        );
+        for (id, (n, s)) in state.iter().zip(&specs) {
+            assert_eq!(
+                g.shape(*id),
+                s.as_slice(),
+                "Hrnn::step: state {n} has the wrong shape"
+            );
+        }
+        let wi = |name: &str| -> NodeId {
+            w[ws.index(&format!("hrnn.{name}"))
+                .unwrap_or_else(|| panic!("weight {name}"))]
+        };
+        let wo = |name: &str| -> Option<NodeId> { ws.index(&format!("hrnn.{name}")).map(|i| w[i]) };
+
+        let (slots, h2_slot) = self.slots(params.len());
+        let mut new_state = state.to_vec();
+        let mut new_params = vec![];
+        let h2_old = state[h2_slot];
+        let ns = c.num_gradient_scales;
+        let [s0, s1, _] = c.level_sizes;
+
+        // Mean log lr over the whole problem (use_problem_lr_mean).
+        let problem_mean_log_lr = if c.use_relative_lr && c.use_problem_lr_mean {
+            let mut total: Option<NodeId> = None;
+            let mut count = 0usize;
+            for sl in &slots {
+                let l = state[sl.log_lr.expect("log_lr")];
+                count += g.shape(l)[0];
+                let s = g.sum_all(l);
+                total = g.add_opt(total, Some(s));
+            }
+            let t = total.expect("at least one tensor");
+            // Divide by the count (exact in f32 up to 2^24) rather than
+            // multiplying by a rounded 1/count.
+            let cnt = g.scalar(count as f32);
+            Some(g.div(t, cnt))
+        } else {
+            None
+        };
+
+        // Injected biases from the OLD global state (shared by all tensors).
+        let gbias0 = affine(
+            g,
+            h2_old,
+            wi("l0.global_bias.w"),
+            Some(wi("l0.global_bias.b")),
+        );
+        let gbias1 = affine(
+            g,
+            h2_old,
+            wi("l1.global_bias.w"),
+            Some(wi("l1.global_bias.b")),
+        );
+        let cell0 = CellWeights::of(&wi, 0);
+        let cell1 = CellWeights::of(&wi, 1);
+        let cell2 = CellWeights::of(&wi, 2);
+
+        let mut h1_news = vec![];
+        for (k, sl) in slots.iter().enumerate() {
+            let n: usize = shapes[k].iter().product();
+            let grad = g.reshape(grads[k], &[n, 1]);
+
+            // ---- features --------------------------------------------------
+            let mut decays = vec![state[sl.inp_decay]];
+            for i in 1..ns {
+                let d = g.sqrt(decays[i - 1]);
+                decays.push(d);
+            }
+            let scl = state[sl.scl_decay];
+            let zero = g.scalar(0.0);
+            let one = g.scalar(1.0);
+            let mut gs = vec![];
+            let mut log_ms = vec![];
+            for i in 0..ns {
+                let accum = if ns == 1 {
+                    grad
+                } else {
+                    let om = g.sub(one, decays[i]);
+                    let a = g.mul(grad, om);
+                    let b = g.mul(state[sl.accum[i]], decays[i]);
+                    g.add(a, b)
+                };
+                new_state[sl.accum[i]] = accum;
+                let ms_old = state[sl.ms[i]];
+                let abs = g.abs(ms_old);
+                let mx = g.reduce_max(abs, &[0, 1], false);
+                let all_zero = g.equal(mx, zero);
+                let s = g.where_(all_zero, zero, scl);
+                let sq = g.square(accum);
+                let sq = g.add_scalar(sq, MS_EPS);
+                let oms = g.sub(one, s);
+                let a = g.mul(oms, sq);
+                let b = g.mul(s, ms_old);
+                let ms = g.add(a, b);
+                new_state[sl.ms[i]] = ms;
+                let mse = g.add_scalar(ms, EPS16);
+                let rms = g.sqrt(mse);
+                let q = g.div(accum, rms);
+                gs.push(g.asinh(q));
+                if c.use_log_means_squared {
+                    log_ms.push(g.log(mse));
+                }
+            }
+            let mut feats = gs.clone();
+            if c.use_grad_products && ns > 1 {
+                for i in 0..ns - 1 {
+                    feats.push(g.mul(gs[i], gs[i + 1]));
+                }
+            }
+            if c.use_log_means_squared {
+                let mut sum: Option<NodeId> = None;
+                for &l in &log_ms {
+                    sum = g.add_opt(sum, Some(l));
+                }
+                let cnt = g.scalar(ns as f32);
+                let avg = g.div(sum.expect("scales"), cnt);
+                for &l in &log_ms {
+                    feats.push(g.sub(l, avg));
+                }
+            }
+            if c.use_relative_lr {
+                let l = state[sl.log_lr.expect("log_lr")];
+                let mean = match problem_mean_log_lr {
+                    Some(m) => m,
+                    None => g.mean_all(l),
+                };
+                feats.push(g.sub(l, mean));
+            }
+            let x = g.concat(&feats, 1);
+
+            // ---- level 0 and level 1 ---------------------------------------
+            let h1_old = state[sl.h1];
+            let tb = affine(
+                g,
+                h1_old,
+                wi("l0.tensor_bias.w"),
+                Some(wi("l0.tensor_bias.b")),
+            );
+            let bias0 = g.add(tb, gbias0);
+            let h0_new = bias_gru(g, x, state[sl.h0], Some(bias0), &cell0, s0);
+            new_state[sl.h0] = h0_new;
+            let cat = g.concat(&[h0_new, x], 1);
+            let l1_in = g.mean(cat, &[0], true);
+            let h1_new = bias_gru(g, l1_in, h1_old, Some(gbias1), &cell1, s1);
+            new_state[sl.h1] = h1_new;
+            h1_news.push(h1_new);
+
+            // ---- readouts --------------------------------------------------
+            let mut delta = g.matmul(h0_new, wi("update.w"));
+            if let Some(sw) = wo("shortcut.w") {
+                let gcat = g.concat(&gs, 1);
+                let sc = g.matmul(gcat, sw);
+                delta = g.add(delta, sc);
+            }
+            if c.dynamic_output_scale {
+                let d2 = g.square(delta);
+                let m = g.mean_all(d2);
+                let m = g.add_scalar(m, EPS16);
+                let denom = g.sqrt(m);
+                delta = g.div(delta, denom);
+            }
+            new_state[sl.scl_decay] = match (wo("scl_decay.w"), wo("scl_decay.b")) {
+                (Some(dw), Some(db)) => {
+                    let z = affine(g, h0_new, dw, Some(db));
+                    g.sigmoid(z)
+                }
+                // Original: sigmoid(h . 0 + log(0.93 / 0.07)) = 0.93.
+                _ => g.fill(0.93, DType::F32, &[n, 1]),
+            };
+            new_state[sl.inp_decay] = match (wo("inp_decay.w"), wo("inp_decay.b")) {
+                (Some(dw), Some(db)) => {
+                    let z = affine(g, h0_new, dw, Some(db));
+                    g.sigmoid(z)
+                }
+                // Original: sigmoid(h . 0 + log(0.89 / 0.11)) = 0.89.
+                _ => g.fill(0.89, DType::F32, &[n, 1]),
+            };
+            let step_vec = if c.dynamic_output_scale {
+                let slot = sl.log_lr.expect("log_lr");
+                let log_lr = state[slot];
+                let change = affine(g, h0_new, wi("lr.w"), Some(wi("lr.b")));
+                let raw = g.add(log_lr, change);
+                let step_log_lr =
+                    straight_through_clip(g, raw, MIN_LOG_LR as f32, c.max_log_lr as f32);
+                let lrm = g.sigmoid(wi("lr_momentum_logit"));
+                let a = g.mul(lrm, log_lr);
+                let olrm = g.sub(one, lrm);
+                let b = g.mul(olrm, step_log_lr);
+                new_state[slot] = g.add(a, b);
+                let e = g.add(step_log_lr, wi("param_stepsize_offset"));
+                let lr = g.exp(e);
+                g.mul(lr, delta)
+            } else {
+                // lr_param = 2 * sigmoid(h . 0 + 0) = 1 in the original.
+                delta
+            };
+            let upd = g.reshape(step_vec, &shapes[k]);
+            new_params.push(g.sub(params[k], upd));
+        }
+
+        // ---- level 2 -------------------------------------------------------
+        let l2_in = match c.level2_input {
+            Level2Input::LastTensor => *h1_news.last().expect("at least one parameter tensor"),
+            Level2Input::MeanOverTensors => {
+                let cat = g.concat(&h1_news, 0);
+                g.mean(cat, &[0], true)
+            }
+        };
+        new_state[h2_slot] = bias_gru(g, l2_in, h2_old, None, &cell2, c.level_sizes[2]);
+        (new_params, new_state)
+    }
+}
+
+/// `x . w (+ b)`.
+fn affine(g: &mut Graph, x: NodeId, w: NodeId, b: Option<NodeId>) -> NodeId {
+    let y = g.matmul(x, w);
+    match b {
+        Some(b) => g.add(y, b),
+        None => y,
+    }
+}
+
+/// `clip(x, lo, hi)` in value, identity in gradient:
+/// `x + StopGradient(clip(x) - x)`.
+pub fn straight_through_clip(g: &mut Graph, x: NodeId, lo: f32, hi: f32) -> NodeId {
+    let l = g.scalar(lo);
+    let h = g.scalar(hi);
+    let a = g.max(x, l);
+    let clipped = g.min(a, h);
+    let d = g.sub(clipped, x);
+    let d = g.stop_gradient(d);
+    g.add(x, d)
+}
+
+struct CellWeights {
+    gates_w: NodeId,
+    gates_b: NodeId,
+    cand_w: NodeId,
+    cand_b: NodeId,
+}
+
+impl CellWeights {
+    fn of(wi: &dyn Fn(&str) -> NodeId, lvl: usize) -> Self {
+        CellWeights {
+            gates_w: wi(&format!("l{lvl}.gates.w")),
+            gates_b: wi(&format!("l{lvl}.gates.b")),
+            cand_w: wi(&format!("l{lvl}.cand.w")),
+            cand_b: wi(&format!("l{lvl}.cand.b")),
+        }
+    }
+}
+
+/// The BiasGRU cell of `rnn_cells.py`: `x [b, in]`, `h [b, n]`, injected
+/// bias `[1, 3n]` split into r / u / c parts.
+///
+/// `r, u = sigmoid([x, h] . Wg + bg + bias[r|u])`,
+/// `c = tanh([x, r*h] . Wc + bc + bias[c])`, `h' = u*h + (1-u)*c`.
+fn bias_gru(
+    g: &mut Graph,
+    x: NodeId,
+    h: NodeId,
+    bias: Option<NodeId>,
+    cw: &CellWeights,
+    n: usize,
+) -> NodeId {
+    let xh = g.concat(&[x, h], 1);
+    let mut gates = affine(g, xh, cw.gates_w, Some(cw.gates_b));
+    if let Some(b) = bias {
+        let bru = g.slice(b, 1, 0, 2 * n);
+        gates = g.add(gates, bru);
+    }
+    let r_lin = g.slice(gates, 1, 0, n);
+    let u_lin = g.slice(gates, 1, n, 2 * n);
+    let r = g.sigmoid(r_lin);
+    let u = g.sigmoid(u_lin);
+    let rh = g.mul(r, h);
+    let xrh = g.concat(&[x, rh], 1);
+    let mut cand = affine(g, xrh, cw.cand_w, Some(cw.cand_b));
+    if let Some(b) = bias {
+        let bc = g.slice(b, 1, 2 * n, 3 * n);
+        cand = g.add(cand, bc);
+    }
+    let c = g.tanh(cand);
+    let uh = g.mul(u, h);
+    let one = g.scalar(1.0);
+    let om = g.sub(one, u);
+    let oc = g.mul(om, c);
+    g.add(uh, oc)
+}
