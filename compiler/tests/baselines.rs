@@ -185,7 +185,7 @@ fn check(opt: &dyn StepOptimizer, mut reference: Box<dyn Reference>, seed: u64) 
     assert_eq!(np.len(), params.len());
     assert_eq!(ns.len(), state.len());
     for (k, &p) in np.iter().enumerate() {
-        g.output(&format!("x{k}"), p);
+        g.output(&format!("new.x{k}"), p);
     }
     let specs = opt.state_specs(&shapes);
     for ((name, shape), &s) in specs.iter().zip(&ns) {
@@ -195,7 +195,7 @@ fn check(opt: &dyn StepOptimizer, mut reference: Box<dyn Reference>, seed: u64) 
             "{}: new state {name} shape",
             opt.name()
         );
-        g.output(name, s);
+        g.output(&format!("new.{name}"), s);
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -242,8 +242,9 @@ fn check(opt: &dyn StepOptimizer, mut reference: Box<dyn Reference>, seed: u64) 
                 );
             }
         }
+        // Outputs `new.NAME` feed back as inputs `NAME`.
         for (name, v) in out {
-            feeds.insert(name, v);
+            feeds.insert(name.trim_start_matches("new.").to_string(), v);
         }
     }
 }
