@@ -2,4 +2,6 @@
 //! that turn them into bundles or derived graphs.
 
 pub mod derive;
+pub mod l2o;
+pub mod metatest;
 pub mod models;

@@ -1,0 +1,322 @@
+//! The L2O compile configuration, read from TOML.
+//!
+//! Everything outside the `[run]` table shapes the compiled bundle (and is
+//! written into the manifest's `meta`); `[run]` holds run-time settings
+//! (number of meta-iterations, unroll length, ...) that the runtime reads
+//! from the same file and that never change a compiled graph: the bundle's
+//! bytes do not depend on them.
+//!
+//! ```toml
+//! problem = "mnist-mlp"
+//! batch_size = 128
+//! objective_examples = 10000
+//! use_second_derivatives = false
+//! seed = 0
+//!
+//! [optimizer]
+//! level2_input = "last-tensor"   # or "mean-over-tensors"
+//!
+//! [meta_optimizer]               # RMSProp
+//! lr = 1e-6
+//! decay = 0.9
+//! eps = 1e-20
+//! clip = 1e4
+//! accumulator_init = 1.0         # TF1's RMSProp starts the accumulator at 1
+//!
+//! [run]
+//! num_meta_iterations = 100
+//! unroll_length = 20
+//! num_unrolls = 5
+//! evaluation_period = 1
+//! ```
+//!
+//! Unknown keys are errors, and every value is validated when the file is
+//! read, with the offending key named.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::models::hrnn::{HrnnConfig, Level2Input};
+use crate::models::problems::problem_by_name;
+
+/// What the global RNN reads (see [`Level2Input`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Level2InputName {
+    /// The original code's quirk: the last tensor's level-1 state.
+    #[default]
+    LastTensor,
+    /// The mean over tensors.
+    MeanOverTensors,
+}
+
+/// The subset of the HierarchicalRNN config exposed in the TOML; the rest
+/// are the `metarun.py` defaults of [`HrnnConfig::default`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    #[serde(default)]
+    pub level2_input: Level2InputName,
+}
+
+impl OptimizerConfig {
+    pub fn hrnn_config(&self) -> HrnnConfig {
+        HrnnConfig {
+            level2_input: match self.level2_input {
+                Level2InputName::LastTensor => Level2Input::LastTensor,
+                Level2InputName::MeanOverTensors => Level2Input::MeanOverTensors,
+            },
+            ..HrnnConfig::default()
+        }
+    }
+}
+
+/// RMSProp on the meta-parameters; gradients are made finite and clipped
+/// elementwise to `[-clip, clip]` first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaOptimizerConfig {
+    #[serde(default = "default_meta_lr")]
+    pub lr: f64,
+    #[serde(default = "default_decay")]
+    pub decay: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    /// Start value of the mean-square accumulator (TF1's RMSProp: 1).
+    #[serde(default = "default_accumulator_init")]
+    pub accumulator_init: f64,
+}
+
+fn default_accumulator_init() -> f64 {
+    1.0
+}
+
+impl MetaOptimizerConfig {
+    /// The runtime's RMSProp settings.
+    pub fn rmsprop(&self) -> metac_runtime::l2o::RmsPropConfig {
+        metac_runtime::l2o::RmsPropConfig {
+            lr: self.lr,
+            decay: self.decay,
+            eps: self.eps,
+            clip: self.clip,
+            accumulator_init: self.accumulator_init,
+        }
+    }
+}
+
+fn default_meta_lr() -> f64 {
+    1e-6
+}
+fn default_decay() -> f64 {
+    0.9
+}
+fn default_eps() -> f64 {
+    1e-20
+}
+fn default_clip() -> f64 {
+    1e4
+}
+
+impl Default for MetaOptimizerConfig {
+    fn default() -> Self {
+        MetaOptimizerConfig {
+            lr: default_meta_lr(),
+            decay: default_decay(),
+            eps: default_eps(),
+            clip: default_clip(),
+            accumulator_init: default_accumulator_init(),
+        }
+    }
+}
+
+/// Run-time settings: read by the runtime, never part of a compiled graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub num_meta_iterations: usize,
+    pub unroll_length: usize,
+    pub num_unrolls: usize,
+    #[serde(default = "default_eval_period")]
+    pub evaluation_period: usize,
+}
+
+fn default_eval_period() -> usize {
+    1
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            num_meta_iterations: 100,
+            unroll_length: 20,
+            num_unrolls: 5,
+            evaluation_period: 1,
+        }
+    }
+}
+
+/// The whole L2O config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L2oConfig {
+    /// A name known to [`problem_by_name`].
+    pub problem: String,
+    /// Minibatch size of the inner steps.
+    pub batch_size: usize,
+    /// Size of the large objective set the meta-loss is measured on (ignored
+    /// by data-free problems).
+    pub objective_examples: usize,
+    /// Differentiate through the optimizee gradient (second derivatives);
+    /// when false the gradient fed to the optimizer is a stop-gradient.
+    pub use_second_derivatives: bool,
+    /// Seed of the meta-parameter and state initialisation.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub meta_optimizer: MetaOptimizerConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+fn positive(key: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("config key '{key}' must be at least 1, got 0");
+    }
+    Ok(())
+}
+
+fn finite_positive(key: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("config key '{key}' must be a finite number > 0, got {v}");
+    }
+    Ok(())
+}
+
+impl L2oConfig {
+    /// Parse and validate TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let c: L2oConfig = toml::from_str(text).context("invalid l2o config")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Read, parse and validate a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading l2o config {}", path.display()))?;
+        Self::from_toml_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Check every value; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        positive("batch_size", self.batch_size)?;
+        positive("objective_examples", self.objective_examples)?;
+        if let Err(e) = problem_by_name(&self.problem, self.batch_size) {
+            bail!("config key 'problem': {e}");
+        }
+        let m = &self.meta_optimizer;
+        finite_positive("meta_optimizer.lr", m.lr)?;
+        if !(0.0..1.0).contains(&m.decay) {
+            bail!(
+                "config key 'meta_optimizer.decay' must be in [0, 1), got {}",
+                m.decay
+            );
+        }
+        if !(m.eps.is_finite() && m.eps >= 0.0) {
+            bail!(
+                "config key 'meta_optimizer.eps' must be a finite number >= 0, got {}",
+                m.eps
+            );
+        }
+        finite_positive("meta_optimizer.clip", m.clip)?;
+        if !(m.accumulator_init.is_finite() && m.accumulator_init >= 0.0) {
+            bail!(
+                "config key 'meta_optimizer.accumulator_init' must be a finite number >= 0, got {}",
+                m.accumulator_init
+            );
+        }
+        let r = &self.run;
+        positive("run.num_meta_iterations", r.num_meta_iterations)?;
+        positive("run.unroll_length", r.unroll_length)?;
+        positive("run.num_unrolls", r.num_unrolls)?;
+        positive("run.evaluation_period", r.evaluation_period)?;
+        Ok(())
+    }
+
+    /// The part of the config that shapes the bundle, as JSON for the
+    /// manifest's `meta` (everything but `[run]`).
+    pub fn compile_meta(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        if let Some(o) = v.as_object_mut() {
+            o.remove("run");
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "problem = \"quadratic\"\nbatch_size = 4\nobjective_examples = 8\nuse_second_derivatives = true\n";
+
+    #[test]
+    fn parses_defaults_and_tables() {
+        let c = L2oConfig::from_toml_str(BASE).unwrap();
+        assert_eq!(c.run, RunConfig::default());
+        assert_eq!(c.meta_optimizer, MetaOptimizerConfig::default());
+        let c = L2oConfig::from_toml_str(&format!(
+            "{BASE}[optimizer]\nlevel2_input = \"mean-over-tensors\"\n[run]\nnum_meta_iterations = 3\nunroll_length = 5\nnum_unrolls = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.optimizer.hrnn_config().level2_input,
+            Level2Input::MeanOverTensors
+        );
+        assert_eq!(c.run.unroll_length, 5);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |extra: &str| {
+            format!(
+                "{:#}",
+                L2oConfig::from_toml_str(&format!("{BASE}{extra}")).unwrap_err()
+            )
+        };
+        let e = err("[run]\nnum_meta_iterations = 3\nunroll_length = 0\nnum_unrolls = 2\n");
+        assert!(e.contains("run.unroll_length"), "{e}");
+        let e = err("bogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+        let e = err("[meta_optimizer]\nlr = -1.0\n");
+        assert!(e.contains("meta_optimizer.lr"), "{e}");
+        let e = err("[optimizer]\nlevel2_input = \"first\"\n");
+        assert!(e.contains("level2_input") || e.contains("first"), "{e}");
+        let e = format!(
+            "{:#}",
+            L2oConfig::from_toml_str(&BASE.replace("quadratic", "nope")).unwrap_err()
+        );
+        assert!(e.contains("'problem'"), "{e}");
+        let e = format!(
+            "{:#}",
+            L2oConfig::from_toml_str(&BASE.replace("batch_size = 4", "batch_size = 0"))
+                .unwrap_err()
+        );
+        assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn run_table_is_not_compile_meta() {
+        let a = L2oConfig::from_toml_str(BASE).unwrap();
+        let mut b = a.clone();
+        b.run.unroll_length = 7;
+        assert_eq!(a.compile_meta(), b.compile_meta());
+        assert!(a.compile_meta().get("run").is_none());
+    }
+}

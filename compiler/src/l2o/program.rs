@@ -1,0 +1,533 @@
+//! The graphs of an L2O meta-training bundle.
+//!
+//! Meta-gradients come from explicit step adjoints (see
+//! `shared/docs/architecture.md`): one inner step and its VJP are compiled;
+//! the runtime unrolls them (`metac_runtime::l2o::bptt`). The graphs:
+//!
+//! * `step`: inputs `phi` (the HierarchicalRNN weights, `hrnn.*`), `theta`
+//!   (`theta.<param>`), `S` (the optimizer state, `hrnn.p<k>.*`,
+//!   `hrnn.global.h2`), the minibatch (`batch.<input>`) and the objective set
+//!   (`obj.<input>`; data-free problems have neither). Computes the minibatch
+//!   loss `L(theta)`, `g = grad L` (a stop-gradient unless
+//!   `use_second_derivatives`), `(theta', S') = Hrnn::step(phi, theta, g, S)`
+//!   and the objective at `theta'` on the objective set. Outputs
+//!   `next.<theta>`, `next.<state>`, `objective` and `minibatch_loss`.
+//! * `step_vjp`: the step's inputs plus cotangents `ct.next.<theta>`,
+//!   `ct.next.<state>` and `ct.objective`; outputs `d.<phi>`, `d.<theta>`,
+//!   `d.<state>` (reverse mode over the step, through the gradient when
+//!   second derivatives are on).
+//! * `reset`: `phi -> next.<hidden state>`: the in-graph reset of the hidden
+//!   states to the learnable init vectors (`hrnn.init.l{0,1,2}`), applied
+//!   before the first step of a problem's first unroll. **Choice:** a separate
+//!   graph rather than a `first_step` variant of the step, so that the step is
+//!   compiled once; the runtime feeds the reset's outputs as `S_0`, and after
+//!   the backward pass feeds `d S_0` (hidden entries only) into `reset_vjp`.
+//! * `reset_vjp`: `phi`, `ct.next.<hidden state>` -> `d.hrnn.init.l{0,1,2}`.
+//! * `objective`: `theta`, objective set -> `objective` (and `accuracy` for
+//!   classifiers): the initial objective and validation.
+//!
+//! The whole-unroll graph of [`L2oProgram::fused_unroll_graph`] is the
+//! reference for the BPTT tests; it is not part of the bundle.
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+use metac_graphs::autodiff::{grad, vjp};
+use metac_graphs::passes::optimize;
+use metac_graphs::{DType, Graph, NodeId, Tensor};
+use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
+use metac_runtime::l2o::{ct_name, d_name, next_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE};
+
+use super::config::L2oConfig;
+use crate::models::hrnn::Hrnn;
+use crate::models::problems::{problem_by_name, Problem};
+
+/// Name of the meta-loss output of the fused unroll graph.
+pub const META_LOSS: &str = "meta_loss";
+/// Name of the initial-objective input of the fused unroll graph.
+pub const INITIAL_OBJECTIVE: &str = "initial_objective";
+/// The epsilon of the log meta-objective.
+pub const LOG_OBJECTIVE_EPS: f32 = 1e-6;
+
+/// An L2O program: the learned optimizer, the problem it trains on (the
+/// minibatch form and the objective-set form, which differ only in batch
+/// size) and whether the meta-gradient goes through the optimizee gradient.
+pub struct L2oProgram {
+    pub hrnn: Hrnn,
+    pub train: Box<dyn Problem>,
+    pub objective: Box<dyn Problem>,
+    pub use_second_derivatives: bool,
+}
+
+/// The input nodes of one step.
+struct StepInputs {
+    phi: Vec<NodeId>,
+    theta: Vec<NodeId>,
+    state: Vec<NodeId>,
+    batch: Vec<NodeId>,
+    obj: Vec<NodeId>,
+}
+
+/// The output nodes of one step.
+struct StepOutputs {
+    theta: Vec<NodeId>,
+    state: Vec<NodeId>,
+    objective: NodeId,
+    minibatch_loss: NodeId,
+}
+
+impl L2oProgram {
+    /// `train` and `objective` must have the same parameters.
+    pub fn new(
+        hrnn: Hrnn,
+        train: Box<dyn Problem>,
+        objective: Box<dyn Problem>,
+        use_second_derivatives: bool,
+    ) -> Result<Self> {
+        ensure!(
+            train.param_shapes() == objective.param_shapes(),
+            "the minibatch problem and the objective problem have different parameters"
+        );
+        ensure!(
+            !train.param_shapes().is_empty(),
+            "the problem has no parameters"
+        );
+        Ok(L2oProgram {
+            hrnn,
+            train,
+            objective,
+            use_second_derivatives,
+        })
+    }
+
+    /// The program of a (validated) config.
+    pub fn from_config(c: &L2oConfig) -> Result<Self> {
+        c.validate()?;
+        let e = |e: String| anyhow::anyhow!("config key 'problem': {e}");
+        let train = problem_by_name(&c.problem, c.batch_size).map_err(e)?;
+        let objective = problem_by_name(&c.problem, c.objective_examples).map_err(e)?;
+        Self::new(
+            Hrnn::new(c.optimizer.hrnn_config()),
+            train,
+            objective,
+            c.use_second_derivatives,
+        )
+    }
+
+    /// Shapes of the optimizee parameters.
+    pub fn param_shapes(&self) -> Vec<Vec<usize>> {
+        self.train
+            .param_shapes()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// The names of the graphs' inputs by role.
+    pub fn layout(&self) -> L2oLayout {
+        let state: Vec<String> = self
+            .hrnn
+            .state_specs(&self.param_shapes())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        // The entries reset_hidden replaces, found by applying it to a
+        // scratch graph.
+        let mut g = Graph::new();
+        let phi = self.hrnn.weights().inputs(&mut g);
+        let st = self.hrnn.state_inputs(&mut g, &self.param_shapes());
+        let reset = self.hrnn.reset_hidden(&mut g, &phi, &st);
+        let hidden = state
+            .iter()
+            .zip(st.iter().zip(&reset))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(n, _)| n.clone())
+            .collect();
+        L2oLayout {
+            phi: self
+                .hrnn
+                .weights()
+                .specs
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
+            theta: self
+                .train
+                .param_shapes()
+                .into_iter()
+                .map(|(n, _)| format!("theta.{n}"))
+                .collect(),
+            state,
+            hidden,
+            batch: self
+                .train
+                .batch_inputs()
+                .into_iter()
+                .map(|(n, _, _)| format!("batch.{n}"))
+                .collect(),
+            objective_batch: self
+                .objective
+                .batch_inputs()
+                .into_iter()
+                .map(|(n, _, _)| format!("obj.{n}"))
+                .collect(),
+        }
+    }
+
+    fn declare_theta(&self, g: &mut Graph, prefix: &str) -> Vec<NodeId> {
+        self.train
+            .param_shapes()
+            .iter()
+            .map(|(n, s)| g.input(&format!("{prefix}{n}"), DType::F32, s))
+            .collect()
+    }
+
+    fn declare_batch(problem: &dyn Problem, g: &mut Graph, prefix: &str) -> Vec<NodeId> {
+        problem
+            .batch_inputs()
+            .iter()
+            .map(|(n, d, s)| g.input(&format!("{prefix}{n}"), *d, s))
+            .collect()
+    }
+
+    fn declare_step_inputs(&self, g: &mut Graph) -> StepInputs {
+        let phi = self.hrnn.weights().inputs(g);
+        let theta = self.declare_theta(g, "theta.");
+        let state = self.hrnn.state_inputs(g, &self.param_shapes());
+        let batch = Self::declare_batch(self.train.as_ref(), g, "batch.");
+        let obj = Self::declare_batch(self.objective.as_ref(), g, "obj.");
+        StepInputs {
+            phi,
+            theta,
+            state,
+            batch,
+            obj,
+        }
+    }
+
+    /// One inner step on already-declared nodes.
+    fn step_core(
+        &self,
+        g: &mut Graph,
+        phi: &[NodeId],
+        theta: &[NodeId],
+        state: &[NodeId],
+        batch: &[NodeId],
+        obj: &[NodeId],
+    ) -> StepOutputs {
+        self.step_core_with(g, phi, theta, state, batch, obj, None)
+    }
+
+    /// [`Self::step_core`], with the optimizee gradients given instead of
+    /// derived when `given_grads` is set.
+    #[allow(clippy::too_many_arguments)]
+    fn step_core_with(
+        &self,
+        g: &mut Graph,
+        phi: &[NodeId],
+        theta: &[NodeId],
+        state: &[NodeId],
+        batch: &[NodeId],
+        obj: &[NodeId],
+        given_grads: Option<&[NodeId]>,
+    ) -> StepOutputs {
+        let loss = self.train.loss(g, theta, batch);
+        let grads = match given_grads {
+            Some(gr) => gr.to_vec(),
+            None => {
+                let gr = grad(g, loss, theta);
+                if self.use_second_derivatives {
+                    gr
+                } else {
+                    gr.into_iter().map(|x| g.stop_gradient(x)).collect()
+                }
+            }
+        };
+        let (nt, ns) = self.hrnn.step(g, phi, theta, &grads, state, loss);
+        let objective = self.objective.loss(g, &nt, obj);
+        StepOutputs {
+            theta: nt,
+            state: ns,
+            objective,
+            minibatch_loss: loss,
+        }
+    }
+
+    fn add_step_outputs(&self, g: &mut Graph, l: &L2oLayout, o: &StepOutputs) {
+        for (n, &id) in l.theta.iter().zip(&o.theta) {
+            g.output(&next_name(n), id);
+        }
+        for (n, &id) in l.state.iter().zip(&o.state) {
+            g.output(&next_name(n), id);
+        }
+    }
+
+    /// The `step` graph (optimized).
+    pub fn step_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let i = self.declare_step_inputs(&mut g);
+        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, &i.obj);
+        self.add_step_outputs(&mut g, &l, &o);
+        g.output(OBJECTIVE, o.objective);
+        g.output(MINIBATCH_LOSS, o.minibatch_loss);
+        optimize(&g)
+    }
+
+    /// The `step_vjp` graph (optimized): the meta-gradient subgraph.
+    pub fn step_vjp_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let i = self.declare_step_inputs(&mut g);
+        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, &i.obj);
+        let mut seeds = vec![];
+        for (n, &y) in l.theta.iter().zip(&o.theta) {
+            let s = g.shape(y).to_vec();
+            let ct = g.input(&ct_name(&next_name(n)), DType::F32, &s);
+            seeds.push((y, ct));
+        }
+        for (n, &y) in l.state.iter().zip(&o.state) {
+            let s = g.shape(y).to_vec();
+            let ct = g.input(&ct_name(&next_name(n)), DType::F32, &s);
+            seeds.push((y, ct));
+        }
+        let ct = g.input(&ct_name(OBJECTIVE), DType::F32, &[]);
+        seeds.push((o.objective, ct));
+        let wrt: Vec<NodeId> = i
+            .phi
+            .iter()
+            .chain(&i.theta)
+            .chain(&i.state)
+            .copied()
+            .collect();
+        let names: Vec<&String> = l.phi.iter().chain(&l.theta).chain(&l.state).collect();
+        let cots = vjp(&mut g, &seeds, &wrt);
+        for ((n, c), &w) in names.into_iter().zip(cots).zip(&wrt) {
+            let c = c.unwrap_or_else(|| g.zeros_like(w));
+            g.output(&d_name(n), c);
+        }
+        optimize(&g)
+    }
+
+    /// Build the reset on `phi`: the new hidden states, by state name.
+    fn reset_core(&self, g: &mut Graph, phi: &[NodeId], l: &L2oLayout) -> Vec<(String, NodeId)> {
+        let specs = self.hrnn.state_specs(&self.param_shapes());
+        // Placeholders for the state: reset_hidden reads only their shapes.
+        let st: Vec<NodeId> = specs.iter().map(|(_, s)| g.zeros(s)).collect();
+        let out = self.hrnn.reset_hidden(g, phi, &st);
+        l.state
+            .iter()
+            .zip(out)
+            .filter(|(n, _)| l.hidden.contains(n))
+            .map(|(n, id)| (n.clone(), id))
+            .collect()
+    }
+
+    /// The `reset` graph (optimized): `phi -> next.<hidden state>`.
+    pub fn reset_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let phi = self.hrnn.weights().inputs(&mut g);
+        for (n, id) in self.reset_core(&mut g, &phi, &l) {
+            // `hrnn.init.l1`/`.l2` are outputs as they are; the export routes
+            // such outputs through Identity.
+            g.output(&next_name(&n), id);
+        }
+        optimize(&g)
+    }
+
+    /// The `reset_vjp` graph (optimized): `phi, ct.next.<hidden>` -> `d.<init vectors>`.
+    pub fn reset_vjp_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let phi = self.hrnn.weights().inputs(&mut g);
+        let outs = self.reset_core(&mut g, &phi, &l);
+        let mut seeds = vec![];
+        for (n, y) in &outs {
+            let s = g.shape(*y).to_vec();
+            let ct = g.input(&ct_name(&next_name(n)), DType::F32, &s);
+            seeds.push((*y, ct));
+        }
+        let cots = vjp(&mut g, &seeds, &phi);
+        for (n, c) in l.phi.iter().zip(cots) {
+            if let Some(c) = c {
+                g.output(&d_name(n), c);
+            }
+        }
+        optimize(&g)
+    }
+
+    /// The `objective` graph (optimized): `theta, obj.* -> objective (, accuracy)`.
+    pub fn objective_graph(&self) -> Graph {
+        let mut g = Graph::new();
+        let theta = self.declare_theta(&mut g, "theta.");
+        let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
+        let o = self.objective.loss(&mut g, &theta, &obj);
+        g.output(OBJECTIVE, o);
+        if let Some(a) = self.objective.accuracy(&mut g, &theta, &obj) {
+            g.output("accuracy", a);
+        }
+        optimize(&g)
+    }
+
+    /// The whole unroll of `k` steps as one graph (not optimized, so that it
+    /// can be differentiated as built): inputs `phi`, `theta.*`, the state,
+    /// per step `t<i>.batch.*`, the objective set `obj.*` and the scalar
+    /// `initial_objective`; output `meta_loss` =
+    /// `mean_t log(obj_t / (initial_objective + 1e-6) + 1e-6)`. With `reset`
+    /// the hidden states are first reset from `phi`. The reference for BPTT.
+    ///
+    /// With `frozen_grads` the optimizee gradients are inputs
+    /// `t<i>.grad.<theta>` instead of being derived; otherwise they are extra
+    /// outputs of those names. Fed back at the same point, the frozen form has
+    /// the same value, and its derivative in `phi` is the meta-gradient with
+    /// `use_second_derivatives = false` (gradients as constants): the finite-
+    /// difference reference for that mode.
+    pub fn fused_unroll_graph(&self, k: usize, reset: bool, frozen_grads: bool) -> Graph {
+        assert!(k > 0, "fused_unroll_graph: k must be at least 1");
+        let l = self.layout();
+        let mut g = Graph::new();
+        let phi = self.hrnn.weights().inputs(&mut g);
+        let mut theta = self.declare_theta(&mut g, "theta.");
+        let mut state = self.hrnn.state_inputs(&mut g, &self.param_shapes());
+        let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
+        let init = g.input(INITIAL_OBJECTIVE, DType::F32, &[]);
+        if reset {
+            state = self.hrnn.reset_hidden(&mut g, &phi, &state);
+        }
+        let c = g.add_scalar(init, LOG_OBJECTIVE_EPS);
+        let mut total: Option<NodeId> = None;
+        let mut grad_outputs = vec![];
+        for t in 0..k {
+            let batch = Self::declare_batch(self.train.as_ref(), &mut g, &format!("t{t}.batch."));
+            let grads = if frozen_grads {
+                let v: Vec<NodeId> = l
+                    .theta
+                    .iter()
+                    .zip(&theta)
+                    .map(|(n, &th)| {
+                        let s = g.shape(th).to_vec();
+                        g.input(&format!("t{t}.grad.{n}"), DType::F32, &s)
+                    })
+                    .collect();
+                Some(v)
+            } else {
+                let loss = self.train.loss(&mut g, &theta, &batch);
+                let gr = grad(&mut g, loss, &theta);
+                for (n, &x) in l.theta.iter().zip(&gr) {
+                    grad_outputs.push((format!("t{t}.grad.{n}"), x));
+                }
+                None
+            };
+            let o =
+                self.step_core_with(&mut g, &phi, &theta, &state, &batch, &obj, grads.as_deref());
+            let r = g.div(o.objective, c);
+            let r = g.add_scalar(r, LOG_OBJECTIVE_EPS);
+            let term = g.log(r);
+            total = g.add_opt(total, Some(term));
+            theta = o.theta;
+            state = o.state;
+        }
+        let kk = g.scalar(k as f32);
+        let m = g.div(total.expect("k > 0"), kk);
+        g.output(META_LOSS, m);
+        for (n, x) in grad_outputs {
+            g.output(&n, x);
+        }
+        g
+    }
+
+    /// Initial meta-parameters.
+    pub fn init_phi(&self, seed: u64) -> Vec<(String, Tensor)> {
+        self.hrnn.weights().init(seed)
+    }
+
+    /// Initial optimizee parameters, named `theta.<param>`.
+    pub fn init_theta(&self, seed: u64) -> Vec<(String, Tensor)> {
+        self.layout()
+            .theta
+            .into_iter()
+            .zip(self.train.init_params(seed))
+            .collect()
+    }
+
+    /// Initial optimizer state (hidden states 0: run `reset` on the first
+    /// unroll).
+    pub fn init_state(&self, seed: u64) -> Vec<(String, Tensor)> {
+        self.hrnn.initial_state(&self.param_shapes(), seed)
+    }
+
+    /// Write the bundle (`kind = "l2o"`) into `dir`; `meta` goes under
+    /// `meta.l2o.config`.
+    pub fn write_bundle(
+        &self,
+        seed: u64,
+        config_meta: serde_json::Value,
+        dir: &Path,
+    ) -> Result<Manifest> {
+        let l = self.layout();
+        let graphs = [
+            ("step", self.step_graph()),
+            ("step_vjp", self.step_vjp_graph()),
+            ("reset", self.reset_graph()),
+            ("reset_vjp", self.reset_vjp_graph()),
+            ("objective", self.objective_graph()),
+        ];
+        let mut b = BundleBuilder::new("l2o");
+        for (name, g) in &graphs {
+            b.graph(name, g)?;
+        }
+        let port = |graph: &str, tensor: &str| Port {
+            graph: graph.into(),
+            tensor: tensor.into(),
+        };
+        let has_input = |graph: &str, name: &str| {
+            graphs
+                .iter()
+                .any(|(n, g)| *n == graph && g.find_input(name).is_some())
+        };
+        let buffer = |b: &mut BundleBuilder, name: &str, t: Tensor, updated: Option<Port>| {
+            let reads = graphs
+                .iter()
+                .filter(|(gn, _)| has_input(gn, name))
+                .map(|(gn, _)| port(gn, name))
+                .collect();
+            b.state(StateBuffer {
+                name: name.into(),
+                dtype: t.dtype().name().into(),
+                shape: t.shape.clone(),
+                init: Some(name.into()),
+                reads,
+                updated_by: updated,
+            });
+            b.init_tensor(name, t);
+        };
+        // phi is updated by the meta-optimizer on the host (no graph yet).
+        for (n, t) in self.init_phi(seed) {
+            buffer(&mut b, &n, t, None);
+        }
+        for (n, t) in self
+            .init_theta(seed)
+            .into_iter()
+            .chain(self.init_state(seed))
+        {
+            let up = port("step", &next_name(&n));
+            buffer(&mut b, &n, t, Some(up));
+        }
+        b.meta(serde_json::json!({
+            "l2o": {
+                "config": config_meta,
+                "layout": l,
+                "meta_objective": "mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)",
+                "reset": "run `reset` before the first step of a problem's first unroll",
+            }
+        }));
+        b.write(dir)
+    }
+}
+
+/// Compile the L2O program of `config` into a bundle in `out_dir`.
+pub fn compile_l2o(config: &L2oConfig, out_dir: &Path) -> Result<Manifest> {
+    let p = L2oProgram::from_config(config)?;
+    p.write_bundle(config.seed, config.compile_meta(), out_dir)
+}

@@ -1,0 +1,719 @@
+//! Meta-gradients by explicit step adjoints: truncated BPTT over the L2O
+//! bundle's `step` / `step_vjp` / `reset` / `reset_vjp` graphs (evaluated
+//! with the f64 reference interpreter) agrees with central finite
+//! differences of the meta-loss and with reverse mode over the fused
+//! whole-unroll graph, with and without second derivatives. Where ONNX
+//! Runtime can be loaded, BPTT over the exported bundle agrees with the f64
+//! result to f32 accuracy.
+
+use std::collections::HashMap;
+
+use metac_compiler::l2o::program::{L2oProgram, INITIAL_OBJECTIVE, META_LOSS};
+use metac_compiler::l2o::{compile_l2o, L2oConfig};
+use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
+use metac_compiler::models::mlp::{Activation, Mlp};
+use metac_compiler::models::problems::{fan_in_normal_init, Problem, SeededRng, SyntheticProblem};
+use metac_compiler::models::synthetic::Synthetic;
+use metac_graphs::autodiff::grad;
+use metac_graphs::eval::{eval_graph, Value};
+use metac_graphs::{DType, Graph, NodeId, Tensor};
+use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
+use metac_runtime::bundle::Bundle;
+use metac_runtime::l2o::{
+    meta_iteration, truncated_bptt, GraphRunner, MnistUnrollData, RmsProp, RmsPropConfig,
+    SessionRunner, Unroll, UnrollData, UnrollSchedule,
+};
+use metac_runtime::tensor::HostTensor;
+
+const STEPS: usize = 5;
+const IN: usize = 3;
+
+/// A 3-2-2 sigmoid MLP on random data: small enough for the interpreter.
+struct TinyMlp {
+    batch: usize,
+}
+
+impl TinyMlp {
+    fn mlp() -> Mlp {
+        Mlp::new(&[IN, 2, 2], Activation::Sigmoid)
+    }
+}
+
+impl Problem for TinyMlp {
+    fn name(&self) -> &str {
+        "tiny-mlp"
+    }
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Self::mlp().param_shapes()
+    }
+    fn init_params(&self, seed: u64) -> Vec<Tensor> {
+        fan_in_normal_init(&self.param_shapes(), &[IN, IN, 2, 2], seed)
+    }
+    fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
+        vec![
+            ("x".into(), DType::F32, vec![self.batch, IN]),
+            ("y".into(), DType::I64, vec![self.batch]),
+        ]
+    }
+    fn loss(&self, g: &mut Graph, params: &[NodeId], batch: &[NodeId]) -> NodeId {
+        Self::mlp().loss(g, params, batch[0], batch[1])
+    }
+}
+
+/// Learning rates around 1e-2 so that a 5-step unroll moves the optimizee.
+fn hrnn() -> Hrnn {
+    Hrnn::new(HrnnConfig {
+        init_lr_range: (1e-2, 1e-1),
+        ..HrnnConfig::default()
+    })
+}
+
+fn tiny_program(second: bool) -> L2oProgram {
+    L2oProgram::new(
+        hrnn(),
+        Box::new(TinyMlp { batch: 2 }),
+        Box::new(TinyMlp { batch: 6 }),
+        second,
+    )
+    .unwrap()
+}
+
+fn quadratic_program(second: bool) -> L2oProgram {
+    let p = || -> Box<dyn Problem> {
+        Box::new(SyntheticProblem {
+            name: "quadratic-3".into(),
+            f: Synthetic::quadratic(3, 7),
+        })
+    };
+    L2oProgram::new(hrnn(), p(), p(), second).unwrap()
+}
+
+fn values(ts: Vec<(String, Tensor)>) -> Vec<(String, Value)> {
+    ts.into_iter()
+        .map(|(n, t)| (n, Value::from_tensor(&t)))
+        .collect()
+}
+
+/// A random batch under `prefix` for `problem`'s batch inputs.
+fn batch(problem: &dyn Problem, prefix: &str, rng: &mut SeededRng) -> Vec<(String, Value)> {
+    problem
+        .batch_inputs()
+        .into_iter()
+        .map(|(n, d, s)| {
+            let k: usize = s.iter().product();
+            let t = match d {
+                DType::F32 => Tensor::f32(&s, (0..k).map(|_| rng.normal() as f32).collect()),
+                DType::I64 => Tensor::i64(&s, (0..k).map(|_| rng.below(2) as i64).collect()),
+                DType::Bool => unreachable!(),
+            };
+            (format!("{prefix}{n}"), Value::from_tensor(&t))
+        })
+        .collect()
+}
+
+struct Case {
+    prog: L2oProgram,
+    phi: Vec<(String, Value)>,
+    theta: Vec<(String, Value)>,
+    state: Vec<(String, Value)>,
+    minibatches: Vec<Vec<(String, Value)>>,
+    obj: Vec<(String, Value)>,
+    initial: f64,
+}
+
+fn case(prog: L2oProgram) -> Case {
+    let mut rng = SeededRng::new(11, 0);
+    let phi = values(prog.init_phi(3));
+    let theta = values(prog.init_theta(4));
+    let state = values(prog.init_state(5));
+    let minibatches: Vec<_> = (0..STEPS)
+        .map(|_| batch(prog.train.as_ref(), "batch.", &mut rng))
+        .collect();
+    let obj = batch(prog.objective.as_ref(), "obj.", &mut rng);
+    let og = prog.objective_graph();
+    let ins: HashMap<String, Value> = theta.iter().chain(&obj).cloned().collect();
+    let out = eval_graph(&og, &ins).unwrap();
+    let initial = out[0].1.f().iter().copied().next().unwrap();
+    Case {
+        prog,
+        phi,
+        theta,
+        state,
+        minibatches,
+        obj,
+        initial,
+    }
+}
+
+fn runner(p: &L2oProgram) -> GraphRunner {
+    GraphRunner {
+        step: p.step_graph(),
+        step_vjp: p.step_vjp_graph(),
+        reset: p.reset_graph(),
+        reset_vjp: p.reset_vjp_graph(),
+    }
+}
+
+/// Inputs of the fused graph.
+fn fused_inputs(c: &Case, phi: &[(String, Value)]) -> HashMap<String, Value> {
+    let mut m: HashMap<String, Value> = phi
+        .iter()
+        .chain(&c.theta)
+        .chain(&c.state)
+        .chain(&c.obj)
+        .cloned()
+        .collect();
+    for (t, mb) in c.minibatches.iter().enumerate() {
+        for (n, v) in mb {
+            m.insert(format!("t{t}.{n}"), v.clone());
+        }
+    }
+    m.insert(
+        INITIAL_OBJECTIVE.into(),
+        Value::F(
+            Value::from_tensor(&Tensor::scalar_f32(0.0))
+                .f()
+                .mapv(|_| c.initial),
+        ),
+    );
+    m
+}
+
+fn flat(v: &Value) -> Vec<f64> {
+    v.f().iter().copied().collect()
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let n: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    d / n.max(1e-300)
+}
+
+/// BPTT vs fused reverse mode vs finite differences; returns the BPTT
+/// meta-loss and meta-gradient.
+fn check(c: &Case, reset: bool) -> (f64, Vec<(String, Value)>) {
+    let layout = c.prog.layout();
+    let mut r = runner(&c.prog);
+    let res = truncated_bptt(
+        &mut r,
+        &layout,
+        &Unroll {
+            phi: &c.phi,
+            theta: &c.theta,
+            state: &c.state,
+            reset,
+            minibatches: &c.minibatches,
+            objective_batch: &c.obj,
+            initial_objective: c.initial,
+        },
+    )
+    .unwrap();
+    assert!(!res.diverged);
+    assert_eq!(res.objectives.len(), STEPS);
+    assert!(res.objectives.iter().all(|o| o.is_finite()));
+
+    // Fused reference: reverse mode over the whole unroll.
+    let mut g = c.prog.fused_unroll_graph(STEPS, reset, false);
+    let loss = g.find_output(META_LOSS).unwrap();
+    let phi_ids: Vec<NodeId> = layout
+        .phi
+        .iter()
+        .map(|n| g.find_input(n).unwrap())
+        .collect();
+    let grads = grad(&mut g, loss, &phi_ids);
+    for (n, id) in layout.phi.iter().zip(grads) {
+        g.output(&format!("d.{n}"), id);
+    }
+    let out: HashMap<String, Value> = eval_graph(&g, &fused_inputs(c, &c.phi))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let fused_loss = out[META_LOSS].f().iter().copied().next().unwrap();
+    let le = (fused_loss - res.meta_loss).abs() / fused_loss.abs();
+    assert!(
+        le < 1e-12,
+        "meta-loss: BPTT {} vs fused {fused_loss}",
+        res.meta_loss
+    );
+
+    let (mut all_b, mut all_f) = (vec![], vec![]);
+    let mut worst = (0.0f64, String::new());
+    for (n, d) in &res.d_phi {
+        let (b, f) = (flat(d), flat(&out[&format!("d.{n}")]));
+        let nf: f64 = f.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if nf > 0.0 {
+            let e = rel_err(&b, &f);
+            if e > worst.0 {
+                worst = (e, n.clone());
+            }
+        } else {
+            assert!(
+                b.iter().all(|x| *x == 0.0),
+                "{n}: fused gradient 0, BPTT not"
+            );
+        }
+        all_b.extend(b);
+        all_f.extend(f);
+    }
+    let e = rel_err(&all_b, &all_f);
+    println!(
+        "reset={reset} second={}: meta-loss {:.6}, |d phi| {:.3e}, BPTT vs fused rel err {e:.2e} (worst tensor {} {:.2e})",
+        c.prog.use_second_derivatives,
+        res.meta_loss,
+        all_f.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        worst.1,
+        worst.0
+    );
+    assert!(e < 1e-5, "BPTT vs fused: rel err {e}");
+    assert!(
+        worst.0 < 1e-5,
+        "BPTT vs fused: tensor {} rel err {}",
+        worst.1,
+        worst.0
+    );
+
+    // Central finite differences of the fused meta-loss on a few elements;
+    // without second derivatives, of the frozen-gradient form (the
+    // gradients of the unperturbed unroll as constants).
+    let second = c.prog.use_second_derivatives;
+    let fwd = {
+        let mut f = c.prog.fused_unroll_graph(STEPS, reset, !second);
+        let l = f.find_output(META_LOSS).unwrap();
+        f.set_outputs(vec![(META_LOSS.into(), l)]);
+        f
+    };
+    let frozen: Vec<(String, Value)> = out
+        .iter()
+        .filter(|(n, _)| n.contains(".grad."))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let eval_loss = |phi: &[(String, Value)]| -> f64 {
+        let mut ins = fused_inputs(c, phi);
+        if !second {
+            ins.extend(frozen.iter().cloned());
+        }
+        let o = eval_graph(&fwd, &ins).unwrap();
+        o[0].1.f().iter().copied().next().unwrap()
+    };
+    // The frozen form has the same value at the unperturbed point.
+    let l0 = eval_loss(&c.phi);
+    assert!(
+        (l0 - fused_loss).abs() <= 1e-12 * fused_loss.abs(),
+        "{l0} vs {fused_loss}"
+    );
+    let picks: &[(&str, usize)] = &[
+        ("hrnn.update.w", 3),
+        ("hrnn.shortcut.w", 1),
+        ("hrnn.lr.w", 2),
+        ("hrnn.param_stepsize_offset", 0),
+        ("hrnn.l0.gates.w", 17),
+        ("hrnn.l0.cand.w", 5),
+        ("hrnn.init.l0", 4),
+        ("hrnn.scl_decay.b", 0),
+    ];
+    let h = 1e-5;
+    let max_abs = all_b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    for &(name, i) in picks {
+        let k = c.phi.iter().position(|(n, _)| n == name).unwrap();
+        let shift = |dx: f64| {
+            let mut p = c.phi.clone();
+            if let Value::F(a) = &mut p[k].1 {
+                *a.iter_mut().nth(i).unwrap() += dx;
+            }
+            p
+        };
+        let fd = (eval_loss(&shift(h)) - eval_loss(&shift(-h))) / (2.0 * h);
+        let bp = flat(&res.d_phi.iter().find(|(n, _)| n == name).unwrap().1)[i];
+        // Relative error, with a floor of 1e-3 of the largest meta-gradient
+        // element for elements whose gradient is at the FD noise level.
+        let scale = fd.abs().max(bp.abs()).max(1e-3 * max_abs);
+        let err = (fd - bp).abs() / scale;
+        println!("  {name}[{i}]: BPTT {bp:.9e}, FD {fd:.9e}, rel err {err:.1e}");
+        if !reset && name.starts_with("hrnn.init") {
+            assert_eq!(bp, 0.0, "without reset the init vectors get no gradient");
+            continue;
+        }
+        assert!(
+            err < 1e-5,
+            "{name}[{i}]: BPTT {bp} vs FD {fd} (rel err {err})"
+        );
+    }
+    (res.meta_loss, res.d_phi)
+}
+
+#[test]
+fn bptt_matches_fused_and_finite_differences() {
+    for second in [false, true] {
+        let c = case(tiny_program(second));
+        check(&c, true);
+    }
+    let c = case(tiny_program(false));
+    check(&c, false);
+}
+
+#[test]
+fn bptt_on_a_data_free_problem() {
+    let c = case(quadratic_program(true));
+    check(&c, true);
+}
+
+#[test]
+fn second_derivatives_change_the_meta_gradient() {
+    let a = check(&case(tiny_program(false)), true).1;
+    let b = check(&case(tiny_program(true)), true).1;
+    let (fa, fb): (Vec<f64>, Vec<f64>) = (
+        a.iter().flat_map(|(_, v)| flat(v)).collect(),
+        b.iter().flat_map(|(_, v)| flat(v)).collect(),
+    );
+    assert!(rel_err(&fa, &fb) > 1e-6, "the two meta-gradients coincide");
+}
+
+#[test]
+fn divergence_stops_the_unroll() {
+    let c = case(tiny_program(false));
+    let mut phi = c.phi.clone();
+    // A huge step size offset: the optimizee blows up at once.
+    for (n, v) in phi.iter_mut() {
+        if n == "hrnn.param_stepsize_offset" {
+            *v = Value::from_tensor(&Tensor::scalar_f32(800.0));
+        }
+    }
+    let layout = c.prog.layout();
+    let res = truncated_bptt(
+        &mut runner(&c.prog),
+        &layout,
+        &Unroll {
+            phi: &phi,
+            theta: &c.theta,
+            state: &c.state,
+            reset: true,
+            minibatches: &c.minibatches,
+            objective_batch: &c.obj,
+            initial_objective: c.initial,
+        },
+    )
+    .unwrap();
+    assert!(res.diverged);
+    assert!(res.objectives.len() < STEPS);
+    assert!(res.meta_loss.is_finite());
+    assert!(res
+        .d_phi
+        .iter()
+        .all(|(_, d)| d.f().iter().all(|x| x.is_finite())));
+}
+
+fn to_host(v: &[(String, Value)]) -> Vec<(String, HostTensor)> {
+    v.iter()
+        .map(|(n, x)| {
+            let t = match x {
+                Value::F(a) => HostTensor::F32(a.mapv(|y| y as f32)),
+                Value::I(a) => HostTensor::I64(a.clone()),
+                Value::B(a) => HostTensor::Bool(a.clone()),
+            };
+            (n.clone(), t)
+        })
+        .collect()
+}
+
+#[test]
+fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
+    let dir = std::env::temp_dir().join(format!("metac-l2o-test-{}", std::process::id()));
+    // The tiny config compiles (mnist-mlp, small batches) and loads back.
+    let cfg = L2oConfig::load(&config_path("tiny.toml")).unwrap();
+    let m = compile_l2o(&cfg, &dir.join("tiny")).unwrap();
+    let names: Vec<&str> = m.graphs.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["step", "step_vjp", "reset", "reset_vjp", "objective"]
+    );
+    Bundle::load(&dir.join("tiny")).unwrap();
+    let seed = L2oConfig::load(&config_path("seed.toml")).unwrap();
+    assert_eq!(seed.run.unroll_length, 20);
+
+    // BPTT over the exported tiny-MLP program in tract and ONNX Runtime
+    // (f32) vs the f64 interpreter.
+    let c = case(tiny_program(false));
+    let bdir = dir.join("tiny-mlp");
+    c.prog
+        .write_bundle(3, serde_json::Value::Null, &bdir)
+        .unwrap();
+    let bundle = Bundle::load(&bdir).unwrap();
+    let (ml, d64) = check(&c, true);
+    let b: Vec<f64> = d64.iter().flat_map(|(_, v)| flat(v)).collect();
+    let layout = c.prog.layout();
+    let (phi, theta, state, obj) = (
+        to_host(&c.phi),
+        to_host(&c.theta),
+        to_host(&c.state),
+        to_host(&c.obj),
+    );
+    let mbs: Vec<_> = c.minibatches.iter().map(|m| to_host(m)).collect();
+    for choice in [BackendChoice::Tract, BackendChoice::Ort] {
+        let backend = match open_backend(&BackendOptions {
+            choice,
+            threads: Some(1),
+            ..Default::default()
+        }) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipping the {choice} check: {e:#}");
+                continue;
+            }
+        };
+        let mut sr = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
+        let res = truncated_bptt(
+            &mut sr,
+            &layout,
+            &Unroll {
+                phi: &phi,
+                theta: &theta,
+                state: &state,
+                reset: true,
+                minibatches: &mbs,
+                objective_batch: &obj,
+                initial_objective: c.initial,
+            },
+        )
+        .unwrap();
+        let a: Vec<f64> = res
+            .d_phi
+            .iter()
+            .flat_map(|(_, t)| {
+                t.as_f32()
+                    .unwrap()
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let e = rel_err(&a, &b);
+        let le = (res.meta_loss - ml).abs() / ml.abs();
+        println!(
+            "{} f32 vs f64: meta-loss rel err {le:.2e}, meta-gradient rel err {e:.2e}",
+            backend.name()
+        );
+        assert!(
+            le < 1e-3 && e < 1e-3,
+            "{choice} vs f64: meta-loss {le}, gradient {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn config_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs")
+        .join(name)
+}
+
+#[test]
+fn compile_is_deterministic_and_ignores_the_run_table() {
+    let dir = std::env::temp_dir().join(format!("metac-l2o-det-{}", std::process::id()));
+    let cfg = L2oConfig::load(&config_path("tiny.toml")).unwrap();
+    let mut other = cfg.clone();
+    other.run.unroll_length = 3;
+    other.run.num_meta_iterations = 9;
+    let a = compile_l2o(&cfg, &dir.join("a")).unwrap();
+    let b = compile_l2o(&other, &dir.join("b")).unwrap();
+    assert_eq!(a, b);
+    let read = |d: &str| std::fs::read(dir.join(d).join("manifest.json")).unwrap();
+    assert_eq!(read("a"), read("b"));
+    // Every theta and state buffer is fed back by the step; phi by the host.
+    let layout = metac_runtime::l2o::L2oLayout::from_meta(&a.meta).unwrap();
+    for s in &a.state {
+        let is_phi = layout.phi.contains(&s.name);
+        assert_eq!(s.updated_by.is_none(), is_phi, "{}", s.name);
+        assert!(!s.reads.is_empty(), "{}", s.name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The seed recipe's bundle (MNIST MLP, 10,000-example objective set).
+#[test]
+fn compile_seed_config() {
+    let dir = std::env::temp_dir().join(format!("metac-l2o-seed-{}", std::process::id()));
+    let cfg = L2oConfig::load(&config_path("seed.toml")).unwrap();
+    let t = std::time::Instant::now();
+    let m = compile_l2o(&cfg, &dir).unwrap();
+    println!(
+        "compiled the seed bundle in {:.1} s: {} graphs, {} state buffers",
+        t.elapsed().as_secs_f64(),
+        m.graphs.len(),
+        m.state.len()
+    );
+    Bundle::load(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Fixed data for every meta-iteration: the same minibatches and objective set.
+struct FixedData {
+    minibatches: Vec<Vec<(String, HostTensor)>>,
+    obj: Vec<(String, HostTensor)>,
+}
+
+impl UnrollData for FixedData {
+    fn minibatch(&mut self, step: usize) -> anyhow::Result<Vec<(String, HostTensor)>> {
+        Ok(self.minibatches[step % self.minibatches.len()].clone())
+    }
+    fn objective_batch(&mut self, _unroll: usize) -> anyhow::Result<Vec<(String, HostTensor)>> {
+        Ok(self.obj.clone())
+    }
+}
+
+#[test]
+fn meta_training_on_tract_lowers_the_meta_loss() {
+    let dir = std::env::temp_dir().join(format!("metac-l2o-train-{}", std::process::id()));
+    let c = case(tiny_program(false));
+    c.prog
+        .write_bundle(3, serde_json::Value::Null, &dir)
+        .unwrap();
+    let bundle = Bundle::load(&dir).unwrap();
+    let backend = open_backend(&BackendOptions {
+        choice: BackendChoice::Tract,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut sr = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
+    let layout = c.prog.layout();
+    let mut phi = to_host(&c.phi);
+    let phi0 = phi.clone();
+    let mut opt = RmsProp::new(
+        RmsPropConfig {
+            lr: 1e-2,
+            decay: 0.9,
+            eps: 1e-8,
+            clip: 1e4,
+            accumulator_init: 0.0,
+        },
+        &phi,
+    );
+    let mut data = FixedData {
+        minibatches: c.minibatches.iter().map(|m| to_host(m)).collect(),
+        obj: to_host(&c.obj),
+    };
+    let schedule = UnrollSchedule {
+        unroll_length: 3,
+        num_unrolls: 2,
+    };
+    let mut first = vec![];
+    for _ in 0..6 {
+        let rep = meta_iteration(
+            &mut sr,
+            &layout,
+            &mut phi,
+            &mut opt,
+            to_host(&c.theta),
+            to_host(&c.state),
+            c.initial,
+            schedule,
+            &mut data,
+        )
+        .unwrap();
+        assert!(!rep.diverged);
+        assert_eq!(rep.meta_losses.len(), 2);
+        assert_eq!(rep.objectives.len(), 6);
+        assert!(rep.objectives.iter().all(|o| o.is_finite()));
+        first.push(rep.meta_losses[0]);
+    }
+    println!("first-unroll meta-loss over meta-iterations: {first:?}");
+    assert!(phi != phi0);
+    assert!(
+        first.last().unwrap() < first.first().unwrap(),
+        "meta-loss did not fall: {first:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The tiny config end to end on MNIST: compile, load, one meta-iteration
+/// of the config's `[run]` schedule with ONNX Runtime (tract when it is
+/// missing). Skipped when the MNIST files are not there.
+#[test]
+fn tiny_config_meta_iteration_on_mnist() {
+    let mdir = metac_runtime::data::mnist::default_dir();
+    let mnist = match metac_runtime::data::mnist::load(&mdir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipping: no MNIST ({e:#})");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("metac-l2o-mnist-{}", std::process::id()));
+    let cfg = L2oConfig::load(&config_path("tiny.toml")).unwrap();
+    compile_l2o(&cfg, &dir).unwrap();
+    let bundle = Bundle::load(&dir).unwrap();
+    let layout = metac_runtime::l2o::L2oLayout::from_meta(&bundle.manifest.meta).unwrap();
+    let backend = open_backend(&BackendOptions::default()).unwrap();
+    let mut sr = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
+    let init = |names: &[String]| -> Vec<(String, HostTensor)> {
+        names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    to_host(&values(vec![(n.clone(), bundle.init[n].clone())]))[0]
+                        .1
+                        .clone(),
+                )
+            })
+            .collect()
+    };
+    let mut phi = init(&layout.phi);
+    let (theta, state) = (init(&layout.theta), init(&layout.state));
+    let mut data = MnistUnrollData::new(
+        &mnist.train,
+        cfg.batch_size,
+        cfg.objective_examples,
+        &layout.batch,
+        &layout.objective_batch,
+        cfg.seed,
+    )
+    .unwrap();
+    // The initial objective on the first unroll's objective set.
+    let mut objective = backend
+        .load(&bundle.graph_bytes("objective").unwrap(), "objective")
+        .unwrap();
+    let obj0 = data.objective_batch(0).unwrap();
+    let ins: Vec<(&str, &HostTensor)> = theta
+        .iter()
+        .chain(&obj0)
+        .map(|(n, t)| (n.as_str(), t))
+        .collect();
+    let out = objective.run(&ins).unwrap();
+    let initial = f64::from(out[0].1.to_scalar_f32().unwrap());
+    let mut opt = RmsProp::new(cfg.meta_optimizer.rmsprop(), &phi);
+    let t = std::time::Instant::now();
+    let rep = meta_iteration(
+        &mut sr,
+        &layout,
+        &mut phi,
+        &mut opt,
+        theta,
+        state,
+        initial,
+        UnrollSchedule {
+            unroll_length: cfg.run.unroll_length,
+            num_unrolls: cfg.run.num_unrolls,
+        },
+        &mut data,
+    )
+    .unwrap();
+    println!(
+        "{}: initial objective {initial:.4}, meta-losses {:?}, last objective {:.4} ({:.1} s)",
+        backend.name(),
+        rep.meta_losses,
+        rep.objectives.last().unwrap(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(!rep.diverged);
+    assert_eq!(
+        rep.objectives.len(),
+        cfg.run.unroll_length * cfg.run.num_unrolls
+    );
+    assert!(rep.meta_losses.iter().all(|m| m.is_finite()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

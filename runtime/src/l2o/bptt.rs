@@ -1,0 +1,432 @@
+//! Truncated backpropagation through time from explicit step adjoints.
+//!
+//! An L2O bundle holds one inner step `F(phi, theta_t, S_t, batch_t, obj) ->
+//! (theta_t+1, S_t+1, objective_t)` and its VJP. [`truncated_bptt`] runs one
+//! unroll forward, keeping only `(theta_t, S_t)` per step (memory grows with
+//! the optimizee and optimizer state, not with activations), then runs the
+//! VJP graphs backward from the last step to the first, carrying the
+//! cotangents of `theta` and `S` and summing the cotangent of `phi`.
+//!
+//! The meta-loss is the `use_log_objective` form of the original code:
+//! `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)`, with `obj_t` the
+//! objective after step `t` and `initial_obj` a constant. The cotangent the
+//! backward pass feeds for `obj_t` is the derivative of that term (see
+//! [`meta_loss_term`]). Gradients are truncated at the unroll boundary: the
+//! `theta` and `S` the unroll starts from are constants.
+//!
+//! The driver is generic over [`StepRunner`], so it runs on backend
+//! [`Session`]s ([`SessionRunner`], f32) and on the f64 reference interpreter
+//! ([`GraphRunner`], the ground truth of the tests).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, ensure, Context, Result};
+use metac_graphs::eval::{eval_graph, Value};
+use metac_graphs::Graph;
+use ndarray::{ArrayD, IxDyn};
+
+use super::{ct_name, d_name, next_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE};
+use crate::backend::{Backend, Session};
+use crate::bundle::Bundle;
+use crate::tensor::HostTensor;
+
+/// Named tensors.
+pub type Named<T> = Vec<(String, T)>;
+
+/// The host arithmetic BPTT needs on a runner's tensor type.
+pub trait StepTensor: Clone {
+    /// A rank-0 float tensor.
+    fn scalar(v: f64) -> Self;
+    /// The value of a one-element float tensor.
+    fn scalar_value(&self) -> Result<f64>;
+    /// A float tensor of zeros shaped like `self`.
+    fn zeros_like(&self) -> Self;
+    /// Elementwise sum of two float tensors of one shape.
+    fn add(&self, other: &Self) -> Result<Self>;
+}
+
+impl StepTensor for HostTensor {
+    fn scalar(v: f64) -> Self {
+        HostTensor::scalar_f32(v as f32)
+    }
+    fn scalar_value(&self) -> Result<f64> {
+        Ok(f64::from(self.to_scalar_f32()?))
+    }
+    fn zeros_like(&self) -> Self {
+        HostTensor::zeros(self.dtype(), self.shape())
+    }
+    fn add(&self, other: &Self) -> Result<Self> {
+        let (a, b) = (self.as_f32()?, other.as_f32()?);
+        ensure!(
+            a.shape() == b.shape(),
+            "adding f32 tensors of shapes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
+        Ok(HostTensor::F32(a + b))
+    }
+}
+
+impl StepTensor for Value {
+    fn scalar(v: f64) -> Self {
+        Value::F(ArrayD::from_elem(IxDyn(&[]), v))
+    }
+    fn scalar_value(&self) -> Result<f64> {
+        match self {
+            Value::F(a) if a.len() == 1 => Ok(*a.iter().next().expect("one element")),
+            other => bail!(
+                "expected a one-element float value, got shape {:?}",
+                other.shape()
+            ),
+        }
+    }
+    fn zeros_like(&self) -> Self {
+        Value::F(ArrayD::zeros(IxDyn(self.shape())))
+    }
+    fn add(&self, other: &Self) -> Result<Self> {
+        match (self, other) {
+            (Value::F(a), Value::F(b)) if a.shape() == b.shape() => Ok(Value::F(a + b)),
+            _ => bail!(
+                "adding values of shapes {:?} and {:?} (floats of one shape expected)",
+                self.shape(),
+                other.shape()
+            ),
+        }
+    }
+}
+
+/// Runs the four graphs of an L2O bundle. Inputs may include names a graph
+/// does not declare (implementations pass each graph only its own inputs);
+/// outputs come back by name.
+pub trait StepRunner {
+    type Tensor: StepTensor;
+    /// `step`: phi, theta, S, minibatch, objective batch -> `next.*`, `objective`, `minibatch_loss`.
+    fn step(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    /// `step_vjp`: the step's inputs plus `ct.next.*`, `ct.objective` -> `d.*`.
+    fn step_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    /// `reset`: phi -> `next.<hidden state>`.
+    fn reset(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    /// `reset_vjp`: phi, `ct.next.<hidden state>` -> `d.<phi>` (the init vectors).
+    fn reset_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+}
+
+/// One unroll's inputs.
+pub struct Unroll<'a, T> {
+    /// Meta-parameters, any order, by name.
+    pub phi: &'a [(String, T)],
+    /// Optimizee parameters at the start of the unroll.
+    pub theta: &'a [(String, T)],
+    /// Optimizer state at the start of the unroll.
+    pub state: &'a [(String, T)],
+    /// Reset the hidden states from `phi` in-graph before the first step (the
+    /// first unroll of a problem), so the initial-state vectors get gradients.
+    pub reset: bool,
+    /// One minibatch per step (`batch.*` names); the unroll length is its length.
+    pub minibatches: &'a [Named<T>],
+    /// The objective set (`obj.*` names), fixed for the unroll.
+    pub objective_batch: &'a [(String, T)],
+    /// The constant the objectives are measured against.
+    pub initial_objective: f64,
+}
+
+/// What an unroll produced.
+#[derive(Clone, Debug)]
+pub struct BpttResult<T> {
+    /// `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)` over the steps run.
+    pub meta_loss: f64,
+    /// d meta-loss / d phi, in the order of `layout.phi`.
+    pub d_phi: Named<T>,
+    /// theta after the last finite step (the next unroll starts here).
+    pub theta: Named<T>,
+    /// S after the last finite step.
+    pub state: Named<T>,
+    /// Objective after each step run.
+    pub objectives: Vec<f64>,
+    /// Minibatch loss at the start of each step run.
+    pub minibatch_losses: Vec<f64>,
+    /// The unroll stopped at a non-finite objective; only the steps before
+    /// it count (the meta-loss is 0 and d_phi zero if none ran).
+    pub diverged: bool,
+}
+
+/// The epsilon of the log objective, rounded to f32 as in the graphs.
+fn eps() -> f64 {
+    f64::from(1e-6_f32)
+}
+
+/// One term of the log meta-objective and its derivative in `obj`:
+/// `log(obj / (initial + 1e-6) + 1e-6)`.
+pub fn meta_loss_term(obj: f64, initial: f64) -> (f64, f64) {
+    let c = initial + eps();
+    let r = obj / c + eps();
+    (r.ln(), 1.0 / (r * c))
+}
+
+fn lookup<'o, T>(out: &'o HashMap<String, T>, graph: &str, name: &str) -> Result<&'o T> {
+    out.get(name)
+        .with_context(|| format!("graph '{graph}' has no output '{name}'"))
+}
+
+fn pick<T: Clone>(from: &[(String, T)], names: &[String], what: &str) -> Result<Named<T>> {
+    let map: HashMap<&str, &T> = from.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    names
+        .iter()
+        .map(|n| {
+            map.get(n.as_str())
+                .map(|t| (n.clone(), (*t).clone()))
+                .with_context(|| format!("{what}: missing '{n}'"))
+        })
+        .collect()
+}
+
+/// One unroll of truncated BPTT; see the module docs.
+pub fn truncated_bptt<R: StepRunner>(
+    runner: &mut R,
+    layout: &L2oLayout,
+    u: &Unroll<'_, R::Tensor>,
+) -> Result<BpttResult<R::Tensor>> {
+    type T<R> = <R as StepRunner>::Tensor;
+    let phi = pick(u.phi, &layout.phi, "phi")?;
+    let theta0 = pick(u.theta, &layout.theta, "theta")?;
+    let mut state0 = pick(u.state, &layout.state, "state")?;
+
+    if u.reset {
+        let ins: Vec<(&str, &T<R>)> = phi.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let out: HashMap<String, T<R>> = runner.reset(&ins)?.into_iter().collect();
+        for (n, t) in state0.iter_mut() {
+            if layout.hidden.contains(n) {
+                *t = lookup(&out, "reset", &next_name(n))?.clone();
+            }
+        }
+    }
+
+    // ---- forward ------------------------------------------------------------
+    let mut thetas: Vec<Named<T<R>>> = vec![theta0];
+    let mut states: Vec<Named<T<R>>> = vec![state0];
+    let mut objectives = vec![];
+    let mut minibatch_losses = vec![];
+    let mut diverged = false;
+    for (t, mb) in u.minibatches.iter().enumerate() {
+        let mut ins: Vec<(&str, &T<R>)> = vec![];
+        for (n, x) in phi
+            .iter()
+            .chain(&thetas[t])
+            .chain(&states[t])
+            .chain(mb)
+            .chain(u.objective_batch)
+        {
+            ins.push((n.as_str(), x));
+        }
+        let out: HashMap<String, T<R>> = runner.step(&ins)?.into_iter().collect();
+        let obj = lookup(&out, "step", OBJECTIVE)?.scalar_value()?;
+        if !obj.is_finite() {
+            diverged = true;
+            break;
+        }
+        objectives.push(obj);
+        minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
+        let next = |names: &[String]| -> Result<Named<T<R>>> {
+            names
+                .iter()
+                .map(|n| Ok((n.clone(), lookup(&out, "step", &next_name(n))?.clone())))
+                .collect()
+        };
+        thetas.push(next(&layout.theta)?);
+        states.push(next(&layout.state)?);
+    }
+    let steps = objectives.len();
+    let mut d_phi: Named<T<R>> = phi
+        .iter()
+        .map(|(n, t)| (n.clone(), t.zeros_like()))
+        .collect();
+    if steps == 0 {
+        return Ok(BpttResult {
+            meta_loss: 0.0,
+            d_phi,
+            theta: thetas.pop().expect("theta0"),
+            state: states.pop().expect("S0"),
+            objectives,
+            minibatch_losses,
+            diverged,
+        });
+    }
+    let mut meta_loss = 0.0;
+    let mut d_obj = vec![];
+    for &o in &objectives {
+        let (v, d) = meta_loss_term(o, u.initial_objective);
+        meta_loss += v / steps as f64;
+        d_obj.push(d / steps as f64);
+    }
+
+    // ---- backward -----------------------------------------------------------
+    let ct_names = |names: &[String]| -> Vec<String> {
+        names.iter().map(|n| ct_name(&next_name(n))).collect()
+    };
+    let (ct_theta_names, ct_state_names) = (ct_names(&layout.theta), ct_names(&layout.state));
+    let ct_obj_name = ct_name(OBJECTIVE);
+    let mut ct_theta: Vec<T<R>> = thetas[steps].iter().map(|(_, t)| t.zeros_like()).collect();
+    let mut ct_state: Vec<T<R>> = states[steps].iter().map(|(_, t)| t.zeros_like()).collect();
+    for t in (0..steps).rev() {
+        let ct_obj = T::<R>::scalar(d_obj[t]);
+        let mut ins: Vec<(&str, &T<R>)> = vec![];
+        for (n, x) in phi
+            .iter()
+            .chain(&thetas[t])
+            .chain(&states[t])
+            .chain(&u.minibatches[t])
+            .chain(u.objective_batch)
+        {
+            ins.push((n.as_str(), x));
+        }
+        for (n, x) in ct_theta_names.iter().zip(&ct_theta) {
+            ins.push((n.as_str(), x));
+        }
+        for (n, x) in ct_state_names.iter().zip(&ct_state) {
+            ins.push((n.as_str(), x));
+        }
+        ins.push((ct_obj_name.as_str(), &ct_obj));
+        let out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
+        for (n, acc) in d_phi.iter_mut() {
+            *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;
+        }
+        // The cotangents of theta_0 and S_0 are not needed (truncation), and
+        // those of S_0 may be inf/NaN where a decay state starts at 0; the
+        // reset below reads only the hidden states.
+        ct_theta = layout
+            .theta
+            .iter()
+            .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+            .collect::<Result<_>>()?;
+        ct_state = layout
+            .state
+            .iter()
+            .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+            .collect::<Result<_>>()?;
+    }
+    if u.reset {
+        let hidden_ct: Vec<(String, T<R>)> = layout
+            .state
+            .iter()
+            .zip(&ct_state)
+            .filter(|(n, _)| layout.hidden.contains(n))
+            .map(|(n, x)| (ct_name(&next_name(n)), x.clone()))
+            .collect();
+        let mut ins: Vec<(&str, &T<R>)> = phi.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (n, x) in &hidden_ct {
+            ins.push((n.as_str(), x));
+        }
+        let out: HashMap<String, T<R>> = runner.reset_vjp(&ins)?.into_iter().collect();
+        for (n, acc) in d_phi.iter_mut() {
+            if let Some(d) = out.get(&d_name(n)) {
+                *acc = acc.add(d)?;
+            }
+        }
+    }
+    Ok(BpttResult {
+        meta_loss,
+        d_phi,
+        theta: thetas.swap_remove(steps),
+        state: states.swap_remove(steps),
+        objectives,
+        minibatch_losses,
+        diverged,
+    })
+}
+
+/// A [`StepRunner`] on the f64 reference interpreter: the graphs as built by
+/// the compiler (before export), evaluated exactly. For tests and checks.
+pub struct GraphRunner {
+    pub step: Graph,
+    pub step_vjp: Graph,
+    pub reset: Graph,
+    pub reset_vjp: Graph,
+}
+
+fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+    let mut map = HashMap::new();
+    for (n, v) in inputs {
+        if g.find_input(n).is_some() {
+            map.insert((*n).to_string(), (*v).clone());
+        }
+    }
+    eval_graph(g, &map).with_context(|| format!("evaluating graph '{label}'"))
+}
+
+impl StepRunner for GraphRunner {
+    type Tensor = Value;
+    fn step(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        eval_named(&self.step, "step", inputs)
+    }
+    fn step_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        eval_named(&self.step_vjp, "step_vjp", inputs)
+    }
+    fn reset(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        eval_named(&self.reset, "reset", inputs)
+    }
+    fn reset_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        eval_named(&self.reset_vjp, "reset_vjp", inputs)
+    }
+}
+
+/// A [`StepRunner`] on backend sessions (ONNX Runtime or tract), f32.
+pub struct SessionRunner {
+    pub step: Box<dyn Session>,
+    pub step_vjp: Box<dyn Session>,
+    pub reset: Box<dyn Session>,
+    pub reset_vjp: Box<dyn Session>,
+}
+
+impl SessionRunner {
+    /// Load the `step`, `step_vjp`, `reset` and `reset_vjp` graphs of an L2O bundle.
+    pub fn from_bundle(bundle: &Bundle, backend: &dyn Backend) -> Result<Self> {
+        let load = |name: &str| -> Result<Box<dyn Session>> {
+            backend.load(&bundle.graph_bytes(name)?, name)
+        };
+        Ok(SessionRunner {
+            step: load("step")?,
+            step_vjp: load("step_vjp")?,
+            reset: load("reset")?,
+            reset_vjp: load("reset_vjp")?,
+        })
+    }
+}
+
+fn run_session(s: &mut dyn Session, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+    let names = s.input_names();
+    let ins: Vec<(&str, &HostTensor)> = inputs
+        .iter()
+        .filter(|(n, _)| names.iter().any(|m| m == n))
+        .copied()
+        .collect();
+    s.run(&ins)
+}
+
+impl StepRunner for SessionRunner {
+    type Tensor = HostTensor;
+    fn step(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        run_session(self.step.as_mut(), inputs)
+    }
+    fn step_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        run_session(self.step_vjp.as_mut(), inputs)
+    }
+    fn reset(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        run_session(self.reset.as_mut(), inputs)
+    }
+    fn reset_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        run_session(self.reset_vjp.as_mut(), inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_loss_term_derivative() {
+        let (init, obj, h) = (2.0, 1.3, 1e-6);
+        let (v, d) = meta_loss_term(obj, init);
+        let fd = (meta_loss_term(obj + h, init).0 - meta_loss_term(obj - h, init).0) / (2.0 * h);
+        assert!((d - fd).abs() < 1e-6 * d.abs(), "{d} vs {fd}");
+        assert!((v - (obj / (init + eps()) + eps()).ln()).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,159 @@
+//! MNIST batches for L2O meta-training ([`UnrollData`] over a [`Split`]).
+//!
+//! **Choices:** minibatches are drawn uniformly *with* replacement (each
+//! step independent); the objective set of each unroll is a uniformly drawn
+//! subset *without* replacement (the fork draws a 10,000-example subset per
+//! unroll); the stream is a SplitMix64 generator seeded by the caller, so a
+//! run is reproducible.
+
+use anyhow::{ensure, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+
+use super::bptt::Named;
+use super::train::UnrollData;
+use crate::data::mnist::{Split, PIXELS};
+use crate::tensor::HostTensor;
+
+/// SplitMix64: small, fast and good enough to draw indices.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (multiply-shift; the bias is below 2^-32 for n < 2^32).
+    pub fn below(&mut self, n: usize) -> usize {
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
+    }
+}
+
+/// Minibatches and objective sets drawn from an MNIST split, under the
+/// `x`/`y` input names of an L2O layout.
+pub struct MnistUnrollData<'a> {
+    split: &'a Split,
+    batch: usize,
+    objective_examples: usize,
+    batch_names: (String, String),
+    obj_names: (String, String),
+    rng: SplitMix64,
+    perm: Vec<usize>,
+}
+
+fn xy_names(names: &[String], what: &str) -> Result<(String, String)> {
+    let find = |suffix: &str| {
+        names
+            .iter()
+            .find(|n| n.ends_with(suffix))
+            .cloned()
+            .with_context(|| format!("{what}: no input ending in '{suffix}' among {names:?}"))
+    };
+    Ok((find(".x")?, find(".y")?))
+}
+
+impl<'a> MnistUnrollData<'a> {
+    /// `batch_names`/`obj_names`: the layout's `batch` and `objective_batch`.
+    pub fn new(
+        split: &'a Split,
+        batch: usize,
+        objective_examples: usize,
+        batch_names: &[String],
+        obj_names: &[String],
+        seed: u64,
+    ) -> Result<Self> {
+        ensure!(batch > 0 && !split.is_empty(), "empty batch or split");
+        ensure!(
+            objective_examples <= split.len(),
+            "an objective set of {objective_examples} examples from a split of {}",
+            split.len()
+        );
+        Ok(MnistUnrollData {
+            split,
+            batch,
+            objective_examples,
+            batch_names: xy_names(batch_names, "minibatch")?,
+            obj_names: xy_names(obj_names, "objective set")?,
+            rng: SplitMix64::new(seed),
+            perm: (0..split.len()).collect(),
+        })
+    }
+
+    fn gather(&self, idx: &[usize], names: &(String, String)) -> Named<HostTensor> {
+        let mut x = Vec::with_capacity(idx.len() * PIXELS);
+        let mut y = Vec::with_capacity(idx.len());
+        for &i in idx {
+            x.extend_from_slice(self.split.image(i));
+            y.push(self.split.labels[i]);
+        }
+        let n = idx.len();
+        vec![
+            (
+                names.0.clone(),
+                HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, PIXELS]), x).expect("shape")),
+            ),
+            (
+                names.1.clone(),
+                HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), y).expect("shape")),
+            ),
+        ]
+    }
+}
+
+impl UnrollData for MnistUnrollData<'_> {
+    fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
+        let n = self.split.len();
+        let idx: Vec<usize> = (0..self.batch).map(|_| self.rng.below(n)).collect();
+        Ok(self.gather(&idx, &self.batch_names))
+    }
+
+    fn objective_batch(&mut self, _unroll: usize) -> Result<Named<HostTensor>> {
+        // Partial Fisher-Yates: the first k entries become a uniform subset.
+        let n = self.perm.len();
+        for i in 0..self.objective_examples {
+            let j = i + self.rng.below(n - i);
+            self.perm.swap(i, j);
+        }
+        let idx = self.perm[..self.objective_examples].to_vec();
+        Ok(self.gather(&idx, &self.obj_names))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_have_the_layout_names_and_shapes() {
+        let n = 10;
+        let split = Split {
+            images: (0..n * PIXELS).map(|i| (i / PIXELS) as f32).collect(),
+            labels: (0..n as i64).collect(),
+        };
+        let names = |p: &str| vec![format!("{p}.x"), format!("{p}.y")];
+        let mut d = MnistUnrollData::new(&split, 3, 10, &names("batch"), &names("obj"), 1).unwrap();
+        let b = d.minibatch(0).unwrap();
+        assert_eq!(b[0].0, "batch.x");
+        assert_eq!(b[0].1.shape(), &[3, PIXELS]);
+        // Image i is filled with i and has label i.
+        let (x, y) = (b[0].1.as_f32().unwrap(), b[1].1.as_i64().unwrap());
+        for r in 0..3 {
+            assert_eq!(x[[r, 5]] as i64, y[r]);
+        }
+        let o = d.objective_batch(0).unwrap();
+        let mut labels: Vec<i64> = o[1].1.as_i64().unwrap().iter().copied().collect();
+        labels.sort_unstable();
+        assert_eq!(
+            labels,
+            (0..10).collect::<Vec<_>>(),
+            "a subset without replacement"
+        );
+        assert!(MnistUnrollData::new(&split, 3, 11, &names("batch"), &names("obj"), 1).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! One meta-iteration of L2O meta-training: a problem run for
+//! `num_unrolls` unrolls of `unroll_length` steps from its initial
+//! parameters, truncated BPTT per unroll ([`truncated_bptt`]) and one
+//! RMSProp update of the meta-parameters after each unroll. The optimizee
+//! and optimizer state carry across unrolls; the hidden states are reset
+//! in-graph on the first unroll; a non-finite objective ends the
+//! meta-iteration after the update from the steps before it.
+
+use anyhow::{ensure, Result};
+
+use super::bptt::{truncated_bptt, Named, StepRunner, Unroll};
+use super::meta_opt::RmsProp;
+use super::L2oLayout;
+use crate::tensor::HostTensor;
+
+/// Where a meta-iteration's data come from.
+pub trait UnrollData {
+    /// The minibatch (`batch.*`) of inner step `step` (counted over the meta-iteration).
+    fn minibatch(&mut self, step: usize) -> Result<Named<HostTensor>>;
+    /// The objective set (`obj.*`) of unroll `unroll`.
+    fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>>;
+}
+
+/// The `[run]` settings a meta-iteration uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnrollSchedule {
+    pub unroll_length: usize,
+    pub num_unrolls: usize,
+}
+
+/// What a meta-iteration did.
+#[derive(Clone, Debug)]
+pub struct MetaIterationReport {
+    /// Meta-loss of each unroll run.
+    pub meta_losses: Vec<f64>,
+    /// Objective after every inner step run.
+    pub objectives: Vec<f64>,
+    /// Minibatch loss at every inner step run.
+    pub minibatch_losses: Vec<f64>,
+    /// Stopped at a non-finite objective.
+    pub diverged: bool,
+    /// Optimizee parameters and optimizer state at the end.
+    pub theta: Named<HostTensor>,
+    pub state: Named<HostTensor>,
+}
+
+/// Run one meta-iteration from `theta0`/`state0`, updating `phi` (in
+/// `layout.phi` order) in place with `opt`. `initial_objective` is the
+/// objective at `theta0` (the constant of the log meta-objective).
+#[allow(clippy::too_many_arguments)]
+pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
+    runner: &mut R,
+    layout: &L2oLayout,
+    phi: &mut Named<HostTensor>,
+    opt: &mut RmsProp,
+    theta0: Named<HostTensor>,
+    state0: Named<HostTensor>,
+    initial_objective: f64,
+    schedule: UnrollSchedule,
+    data: &mut dyn UnrollData,
+) -> Result<MetaIterationReport> {
+    ensure!(
+        schedule.unroll_length > 0 && schedule.num_unrolls > 0,
+        "unroll_length and num_unrolls must be at least 1"
+    );
+    ensure!(
+        phi.iter().map(|(n, _)| n).eq(layout.phi.iter()),
+        "phi must be given in the layout's order"
+    );
+    let mut rep = MetaIterationReport {
+        meta_losses: vec![],
+        objectives: vec![],
+        minibatch_losses: vec![],
+        diverged: false,
+        theta: theta0,
+        state: state0,
+    };
+    for u in 0..schedule.num_unrolls {
+        let minibatches = (0..schedule.unroll_length)
+            .map(|i| data.minibatch(u * schedule.unroll_length + i))
+            .collect::<Result<Vec<_>>>()?;
+        let obj = data.objective_batch(u)?;
+        let res = truncated_bptt(
+            runner,
+            layout,
+            &Unroll {
+                phi,
+                theta: &rep.theta,
+                state: &rep.state,
+                reset: u == 0,
+                minibatches: &minibatches,
+                objective_batch: &obj,
+                initial_objective,
+            },
+        )?;
+        if !res.objectives.is_empty() {
+            opt.update(phi, &res.d_phi)?;
+            rep.meta_losses.push(res.meta_loss);
+        }
+        rep.objectives.extend(&res.objectives);
+        rep.minibatch_losses.extend(&res.minibatch_losses);
+        rep.theta = res.theta;
+        rep.state = res.state;
+        if res.diverged {
+            rep.diverged = true;
+            break;
+        }
+    }
+    Ok(rep)
+}

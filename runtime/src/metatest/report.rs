@@ -1,0 +1,251 @@
+//! Curves (CSV), summary over seeds (JSON) and mean curves for plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::RunResult;
+
+/// Window of the "final loss": the mean of the last this many recorded steps.
+pub const FINAL_WINDOW: usize = 100;
+/// The "loss at step 1,000" is the mean of steps 951..=1000.
+pub const AT_1000_STEP: usize = 1000;
+pub const AT_1000_WINDOW: usize = 50;
+
+/// All runs of a meta-test (every optimizer on every seed, one problem).
+#[derive(Clone, Debug, Default)]
+pub struct MetaTestResults {
+    /// Problem name, e.g. `mnist-mlp`.
+    pub problem: String,
+    /// Which data split the runs drew batches from and were evaluated on.
+    pub split: String,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub runs: Vec<RunResult>,
+}
+
+/// Mean and (population, ddof = 0) standard deviation over the seeds that
+/// have a value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        if values.is_empty() {
+            return None;
+        }
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        Some(Stat {
+            mean,
+            std: var.sqrt(),
+            n: values.len(),
+        })
+    }
+}
+
+/// One optimizer's summary over seeds; diverged runs are counted and left
+/// out of every statistic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerSummary {
+    pub optimizer: String,
+    pub seeds: Vec<u64>,
+    pub diverged: usize,
+    /// Per seed: mean minibatch loss over the last 100 steps.
+    pub final_loss: Option<Stat>,
+    /// Per seed: mean minibatch loss over steps 951..=1000 (None when runs
+    /// are shorter than 1,000 steps).
+    pub loss_at_1000: Option<Stat>,
+    pub eval_loss: Option<Stat>,
+    pub eval_accuracy: Option<Stat>,
+}
+
+/// The contents of `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub problem: String,
+    pub split: String,
+    pub batch_size: usize,
+    pub steps: usize,
+    /// How the statistics are defined, for readers of the file.
+    pub definitions: Vec<String>,
+    pub optimizers: Vec<OptimizerSummary>,
+}
+
+fn window_mean(losses: &[f32], end: usize, window: usize) -> Option<f64> {
+    if end == 0 || end > losses.len() {
+        return None;
+    }
+    let start = end.saturating_sub(window);
+    let w = &losses[start..end];
+    Some(w.iter().map(|&v| v as f64).sum::<f64>() / w.len() as f64)
+}
+
+impl MetaTestResults {
+    /// Optimizer labels in order of first appearance.
+    pub fn optimizers(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![];
+        for r in &self.runs {
+            if !v.contains(&r.optimizer) {
+                v.push(r.optimizer.clone());
+            }
+        }
+        v
+    }
+
+    /// CSV with header `optimizer,seed,step,loss`, one row per recorded step
+    /// (steps from 1; losses with full f32 precision). Diverged runs stop at
+    /// their last finite step.
+    pub fn curves_csv(&self) -> String {
+        let mut s = String::from("optimizer,seed,step,loss\n");
+        for r in &self.runs {
+            for (t, l) in r.losses.iter().enumerate() {
+                let _ = writeln!(s, "{},{},{},{}", csv_field(&r.optimizer), r.seed, t + 1, l);
+            }
+        }
+        s
+    }
+
+    pub fn write_curves_csv(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.curves_csv())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The summary over seeds, per optimizer.
+    pub fn summary(&self) -> Summary {
+        let optimizers = self
+            .optimizers()
+            .into_iter()
+            .map(|name| {
+                let runs: Vec<&RunResult> =
+                    self.runs.iter().filter(|r| r.optimizer == name).collect();
+                let ok: Vec<&&RunResult> = runs.iter().filter(|r| !r.diverged()).collect();
+                let collect = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Option<Stat> {
+                    let v: Vec<f64> = ok.iter().filter_map(|r| f(r)).collect();
+                    Stat::of(&v)
+                };
+                OptimizerSummary {
+                    seeds: runs.iter().map(|r| r.seed).collect(),
+                    diverged: runs.len() - ok.len(),
+                    final_loss: collect(&|r| window_mean(&r.losses, r.losses.len(), FINAL_WINDOW)),
+                    loss_at_1000: collect(&|r| {
+                        window_mean(&r.losses, AT_1000_STEP, AT_1000_WINDOW)
+                    }),
+                    eval_loss: collect(&|r| r.eval_loss),
+                    eval_accuracy: collect(&|r| r.eval_accuracy),
+                    optimizer: name,
+                }
+            })
+            .collect();
+        Summary {
+            problem: self.problem.clone(),
+            split: self.split.clone(),
+            batch_size: self.batch_size,
+            steps: self.steps,
+            definitions: vec![
+                format!("final_loss: per seed, the mean minibatch loss over the last {FINAL_WINDOW} steps; then mean and population std over seeds"),
+                format!("loss_at_1000: per seed, the mean minibatch loss over steps {}..={AT_1000_STEP}; null when runs are shorter", AT_1000_STEP - AT_1000_WINDOW + 1),
+                "eval_loss, eval_accuracy: the final parameters on the whole split (in evaluation-batch chunks)".into(),
+                "diverged: runs whose minibatch loss (or final evaluation) became non-finite; left out of every statistic".into(),
+                "the minibatch loss of step t is measured at the parameters before update t".into(),
+            ],
+            optimizers,
+        }
+    }
+
+    pub fn write_summary_json(&self, path: &Path) -> Result<()> {
+        let s = serde_json::to_string_pretty(&self.summary())?;
+        std::fs::write(path, s + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Per optimizer, the mean curve over its non-diverged seeds (all seeds
+    /// when every run diverged, up to the shortest), as `(step, loss)`
+    /// points, for [`crate::plot::plot_curves`].
+    pub fn mean_curves(&self) -> Vec<(String, Vec<(f64, f64)>)> {
+        self.optimizers()
+            .into_iter()
+            .map(|name| {
+                let all: Vec<&RunResult> =
+                    self.runs.iter().filter(|r| r.optimizer == name).collect();
+                let ok: Vec<&RunResult> = all.iter().copied().filter(|r| !r.diverged()).collect();
+                let use_runs = if ok.is_empty() { all } else { ok };
+                let len = use_runs.iter().map(|r| r.losses.len()).min().unwrap_or(0);
+                let pts = (0..len)
+                    .map(|t| {
+                        let m = use_runs.iter().map(|r| r.losses[t] as f64).sum::<f64>()
+                            / use_runs.len() as f64;
+                        ((t + 1) as f64, m)
+                    })
+                    .collect();
+                (name, pts)
+            })
+            .collect()
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(opt: &str, seed: u64, losses: Vec<f32>, div: Option<usize>) -> RunResult {
+        RunResult {
+            optimizer: opt.into(),
+            seed,
+            steps: 1000,
+            losses,
+            diverged_at: div,
+            eval_loss: div.is_none().then_some(0.5),
+            eval_accuracy: div.is_none().then_some(0.9),
+            eval_examples: 10,
+        }
+    }
+
+    #[test]
+    fn summary_windows_and_divergence() {
+        let a: Vec<f32> = (1..=1000).map(|t| t as f32).collect();
+        let b: Vec<f32> = vec![3.0; 1000];
+        let r = MetaTestResults {
+            problem: "p".into(),
+            split: "test".into(),
+            batch_size: 2,
+            steps: 1000,
+            runs: vec![
+                run("x", 1, a, None),
+                run("x", 2, b, None),
+                run("y", 1, vec![1.0], Some(2)),
+            ],
+        };
+        let s = r.summary();
+        let x = &s.optimizers[0];
+        // seed 1: mean of 901..=1000 = 950.5; seed 2: 3.
+        let f = x.final_loss.as_ref().unwrap();
+        assert!((f.mean - (950.5 + 3.0) / 2.0).abs() < 1e-9);
+        assert!((f.std - (950.5 - 3.0) / 2.0).abs() < 1e-9);
+        // 951..=1000 mean = 975.5.
+        assert!((x.loss_at_1000.as_ref().unwrap().mean - (975.5 + 3.0) / 2.0).abs() < 1e-9);
+        let y = &s.optimizers[1];
+        assert_eq!(y.diverged, 1);
+        assert!(y.final_loss.is_none());
+        let csv = r.curves_csv();
+        assert_eq!(csv.lines().count(), 1 + 2000 + 1);
+        assert!(csv.starts_with("optimizer,seed,step,loss\nx,1,1,1\n"));
+        let curves = r.mean_curves();
+        assert_eq!(curves[0].1[0], (1.0, 2.0));
+        assert_eq!(curves[1].1.len(), 1);
+    }
+}

@@ -1,0 +1,249 @@
+//! PNG line plots of loss curves (log-scale y), drawn with plotters.
+//!
+//! Text needs a font, and plotters is built with `ab_glyph`, which renders
+//! only fonts registered at run time (no fontconfig, no system lookup). The
+//! font is read once from the file named by `METAC_PLOT_FONT` (`none` or
+//! empty: draw no text), else from the
+//! first of a few usual TrueType locations (DejaVu Sans, Liberation Sans,
+//! Noto Sans, FreeSans, macOS Arial). Without any of them the plot is drawn
+//! without text (no title, tick labels or legend): the lines and grid only,
+//! in the fixed colour order of [`COLORS`]; the optimizer names are in the
+//! CSV/JSON next to it.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use plotters::prelude::*;
+
+/// Line colours, in series order.
+pub const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+const FAMILY: &str = "sans-serif";
+
+/// Registers a font with plotters once per process; whether one is available.
+pub fn font_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let mut paths: Vec<String> = vec![];
+        match std::env::var("METAC_PLOT_FONT") {
+            Ok(p) if p.is_empty() || p == "none" => return false,
+            Ok(p) => paths.push(p),
+            Err(_) => {}
+        }
+        paths.extend(FONT_CANDIDATES.iter().map(|s| s.to_string()));
+        for p in paths {
+            let Ok(bytes) = std::fs::read(&p) else {
+                continue;
+            };
+            // Registered fonts must live for the whole process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(FAMILY, FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// How to draw a plot.
+#[derive(Clone, Debug)]
+pub struct PlotOptions {
+    pub width: u32,
+    pub height: u32,
+    /// Trailing moving-average window applied to every series (1 = none).
+    pub smoothing: usize,
+    /// Logarithmic y axis (non-positive values are left out).
+    pub log_y: bool,
+    pub x_label: String,
+    pub y_label: String,
+}
+
+impl Default for PlotOptions {
+    fn default() -> Self {
+        PlotOptions {
+            width: 1000,
+            height: 650,
+            smoothing: 1,
+            log_y: true,
+            x_label: "step".into(),
+            y_label: "minibatch loss".into(),
+        }
+    }
+}
+
+/// Trailing moving average over `window` points (the first points average
+/// over what is there).
+pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    if window <= 1 {
+        return points.to_vec();
+    }
+    let mut out = Vec::with_capacity(points.len());
+    let mut sum = 0.0;
+    for i in 0..points.len() {
+        sum += points[i].1;
+        if i >= window {
+            sum -= points[i - window].1;
+        }
+        let n = (i + 1).min(window) as f64;
+        out.push((points[i].0, sum / n));
+    }
+    out
+}
+
+/// A log-scale line plot of `series` (name, `(x, y)` points) with the default
+/// options: one line per series, title and legend with the series names.
+pub fn plot_curves(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    plot_curves_with(path, title, series, &PlotOptions::default())
+}
+
+/// [`plot_curves`] with explicit options.
+pub fn plot_curves_with(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    opts: &PlotOptions,
+) -> Result<()> {
+    // A log y axis is drawn as a linear axis over log10(y) with tick labels
+    // mapped back (plotters' own log axis labels only powers of ten, so a
+    // curve spanning less than a decade would get no y labels at all).
+    let series: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, p)| {
+            let p = smooth(p, opts.smoothing)
+                .into_iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
+                .map(|(x, y)| (x, if opts.log_y { y.log10() } else { y }))
+                .collect();
+            (n.clone(), p)
+        })
+        .collect();
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in series.iter().flat_map(|(_, p)| p.iter()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        bail!("plot '{title}': no points to draw");
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = if y1 > y0 { (y1 - y0) * 0.05 } else { 0.5 };
+    y0 -= pad;
+    y1 += pad;
+    let text = font_available();
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (opts.width, opts.height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut b = ChartBuilder::on(&root);
+    b.margin(15);
+    if text {
+        b.caption(title, (FAMILY, 26))
+            .x_label_area_size(45)
+            .y_label_area_size(80);
+    } else {
+        b.x_label_area_size(10).y_label_area_size(10);
+    }
+    let mut chart = b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(&e))?;
+    let log_y = opts.log_y;
+    let x_fmt = |x: &f64| {
+        if (x1 - x0) >= 10.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x}")
+        }
+    };
+    let y_fmt = |y: &f64| {
+        let v = if log_y { 10f64.powf(*y) } else { *y };
+        if v != 0.0 && v.abs() < 0.01 {
+            format!("{v:.2e}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(225, 225, 225));
+    if text {
+        mesh.x_labels(10)
+            .y_labels(10)
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .x_desc(opts.x_label.as_str())
+            .y_desc(if log_y {
+                format!("{} (log scale)", opts.y_label)
+            } else {
+                opts.y_label.clone()
+            })
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 17));
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|e| err(&e))?;
+    for (i, (name, p)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let s = chart
+            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?;
+        if text {
+            s.label(name.as_str()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+            });
+        }
+    }
+    if text && !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FAMILY, 16))
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_is_a_trailing_mean() {
+        let p = vec![(1.0, 1.0), (2.0, 3.0), (3.0, 5.0)];
+        assert_eq!(smooth(&p, 2), vec![(1.0, 1.0), (2.0, 2.0), (3.0, 4.0)]);
+        assert_eq!(smooth(&p, 1), p);
+    }
+}
