@@ -3,6 +3,7 @@
 mod cmd_bench;
 mod cmd_derive;
 mod cmd_inspect;
+mod cmd_l2o;
 mod common;
 
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
 meta-gradient subgraphs, writes them as standard ONNX in an artifact bundle, and runs bundles through \
 ONNX Runtime (CPU or CUDA) or tract.",
     after_help = "Examples:\n  \
-metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
+metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
 metac inspect model.onnx\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
@@ -34,6 +35,10 @@ enum Cmd {
     Derive(cmd_derive::Args),
     Inspect(cmd_inspect::Args),
     Bench(cmd_bench::Args),
+    /// Compile a program (l2o) into a bundle.
+    Compile(cmd_l2o::CompileArgs),
+    /// Meta-train the learned optimizer of an L2O bundle.
+    Run(cmd_l2o::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,8 @@ fn main() -> ExitCode {
         Cmd::Derive(a) => cmd_derive::run(a),
         Cmd::Inspect(a) => cmd_inspect::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Compile(a) => cmd_l2o::compile(a),
+        Cmd::Run(a) => cmd_l2o::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

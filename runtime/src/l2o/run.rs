@@ -1,0 +1,553 @@
+//! `metac run` for L2O bundles: meta-training over many meta-iterations
+//! with periodic validation, a best checkpoint, `metrics.jsonl`, and
+//! atomic checkpoints from which a killed run resumes to the same result.
+//!
+//! Determinism: everything random in meta-iteration `i` (the optimizee's
+//! initialisation, its minibatches, its objective sets) is drawn from seeds
+//! derived from `(seed, i)` alone, and the checkpoint holds the complete
+//! state carried between meta-iterations (meta-parameters and the
+//! meta-optimizer's accumulators), so a resumed run computes exactly what
+//! the uninterrupted run would have (same backend, same thread count).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+
+use super::bptt::{Named, StepRunner};
+use super::data::SplitMix64;
+use super::meta_opt::RmsProp;
+use super::train::{meta_iteration, UnrollData, UnrollSchedule};
+use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
+use crate::backend::{Backend, Session};
+use crate::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
+use crate::data::mnist::{Split, PIXELS};
+use crate::fsutil::{sha256_hex, write_atomic};
+use crate::metatest::host_tensor;
+use crate::tensor::HostTensor;
+
+/// Fresh optimizee parameters and optimizer state for a meta-iteration.
+pub trait InitSampler {
+    /// `theta` in `layout.theta` order and the optimizer state in
+    /// `layout.state` order, drawn from `seed`.
+    fn sample(&self, seed: u64) -> Result<(Named<HostTensor>, Named<HostTensor>)>;
+}
+
+/// Run-time settings (the config's `[run]` table and data sizes).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunSettings {
+    pub num_meta_iterations: usize,
+    pub unroll_length: usize,
+    pub num_unrolls: usize,
+    /// Validate every this many meta-iterations (0 = never).
+    pub evaluation_period: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub objective_examples: usize,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IterationLog {
+    pub iteration: usize,
+    pub meta_losses: Vec<f64>,
+    pub initial_objective: f64,
+    pub final_objective: Option<f64>,
+    pub final_minibatch_loss: Option<f64>,
+    pub diverged: bool,
+    pub seconds: f64,
+    /// Objective on validation data after a validation run, when one ran.
+    pub validation_objective: Option<f64>,
+    pub best_validation: Option<f64>,
+}
+
+/// What is carried between meta-iterations, plus bookkeeping.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CheckpointInfo {
+    completed_iterations: usize,
+    best_validation: Option<f64>,
+    best_iteration: Option<usize>,
+    manifest_sha256: String,
+    weights_sha256: String,
+    settings: RunSettings,
+}
+
+pub const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
+pub const CHECKPOINT_INFO: &str = "checkpoint.json";
+pub const BEST_WEIGHTS: &str = "best.safetensors";
+pub const METRICS: &str = "metrics.jsonl";
+
+/// Seed of meta-iteration `i` (and of validation, with a separate stream).
+fn derive_seed(seed: u64, stream: u64, i: u64) -> u64 {
+    let mut r = SplitMix64::new(
+        seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    );
+    r.next_u64()
+}
+
+/// An objective set is drawn with replacement (validation data may be
+/// smaller than the compiled objective set); minibatches too.
+struct SampledData<'a> {
+    split: &'a Split,
+    batch: (usize, String, String),
+    objective: (usize, String, String),
+    rng: SplitMix64,
+    first_objective: Option<Named<HostTensor>>,
+}
+
+fn gather(split: &Split, idx: &[usize], xn: &str, yn: &str) -> Named<HostTensor> {
+    let mut x = Vec::with_capacity(idx.len() * PIXELS);
+    let mut y = Vec::with_capacity(idx.len());
+    for &i in idx {
+        x.extend_from_slice(split.image(i));
+        y.push(split.labels[i]);
+    }
+    let n = idx.len();
+    vec![
+        (
+            xn.to_string(),
+            HostTensor::F32(ArrayD::from_shape_vec(vec![n, PIXELS], x).expect("shape")),
+        ),
+        (
+            yn.to_string(),
+            HostTensor::I64(ArrayD::from_shape_vec(vec![n], y).expect("shape")),
+        ),
+    ]
+}
+
+fn xy(names: &[String], what: &str) -> Result<(String, String)> {
+    let find = |s: &str| {
+        names
+            .iter()
+            .find(|n| n.ends_with(s))
+            .cloned()
+            .with_context(|| format!("{what}: no '*{s}' input in {names:?}"))
+    };
+    Ok((find(".x")?, find(".y")?))
+}
+
+impl<'a> SampledData<'a> {
+    fn new(
+        split: &'a Split,
+        layout: &L2oLayout,
+        batch: usize,
+        objective: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let (bx, by) = xy(&layout.batch, "minibatch")?;
+        let (ox, oy) = xy(&layout.objective_batch, "objective set")?;
+        Ok(SampledData {
+            split,
+            batch: (batch, bx, by),
+            objective: (objective, ox, oy),
+            rng: SplitMix64::new(seed),
+            first_objective: None,
+        })
+    }
+    fn draw(&mut self, n: usize) -> Vec<usize> {
+        let len = self.split.len();
+        (0..n).map(|_| self.rng.below(len)).collect()
+    }
+}
+
+impl UnrollData for SampledData<'_> {
+    fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
+        let idx = self.draw(self.batch.0);
+        Ok(gather(self.split, &idx, &self.batch.1, &self.batch.2))
+    }
+    fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>> {
+        if unroll == 0 {
+            if let Some(b) = self.first_objective.take() {
+                return Ok(b);
+            }
+        }
+        let idx = self.draw(self.objective.0);
+        Ok(gather(
+            self.split,
+            &idx,
+            &self.objective.1,
+            &self.objective.2,
+        ))
+    }
+}
+
+/// The objective graph's value at `theta` on an objective batch.
+fn objective_value(
+    s: &mut dyn Session,
+    theta: &Named<HostTensor>,
+    obj: &Named<HostTensor>,
+) -> Result<f64> {
+    let names = s.input_names();
+    let ins: Vec<(&str, &HostTensor)> = theta
+        .iter()
+        .chain(obj.iter())
+        .filter(|(n, _)| names.contains(n))
+        .map(|(n, t)| (n.as_str(), t))
+        .collect();
+    let out = s.run(&ins)?;
+    let o = out
+        .iter()
+        .find(|(n, _)| n == OBJECTIVE)
+        .context("objective graph has no 'objective' output")?;
+    Ok(o.1.to_scalar_f32()? as f64)
+}
+
+/// A meta-training run in a directory.
+pub struct MetaTrainer<'a> {
+    pub bundle: &'a Bundle,
+    pub layout: L2oLayout,
+    pub settings: RunSettings,
+    pub out: PathBuf,
+    runner: SessionRunner,
+    objective: Box<dyn Session>,
+    phi: Named<HostTensor>,
+    opt: RmsProp,
+    completed: usize,
+    best_validation: Option<f64>,
+    best_iteration: Option<usize>,
+    manifest_sha256: String,
+}
+
+impl<'a> MetaTrainer<'a> {
+    /// Start a run in `out` (which must not hold a checkpoint unless
+    /// `resume`), or resume the checkpoint there.
+    pub fn open(
+        bundle: &'a Bundle,
+        backend: &dyn Backend,
+        settings: RunSettings,
+        meta_opt: super::RmsPropConfig,
+        out: &Path,
+        resume: bool,
+    ) -> Result<Self> {
+        ensure!(
+            bundle.manifest.kind == "l2o",
+            "{}: bundle kind is '{}', expected 'l2o'",
+            bundle.dir.display(),
+            bundle.manifest.kind
+        );
+        let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
+        let manifest_sha256 = sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?);
+        let runner = SessionRunner::from_bundle(bundle, backend)?;
+        let objective = backend.load(&bundle.graph_bytes("objective")?, "objective")?;
+        let mut phi: Named<HostTensor> = Vec::new();
+        for n in &layout.phi {
+            let t = bundle.init.get(n).with_context(|| {
+                format!(
+                    "{}: no initial value for meta-parameter '{n}'",
+                    bundle.dir.display()
+                )
+            })?;
+            phi.push((n.clone(), host_tensor(t)));
+        }
+        let opt = RmsProp::new(meta_opt, &phi);
+        let mut t = MetaTrainer {
+            bundle,
+            layout,
+            settings,
+            out: out.to_path_buf(),
+            runner,
+            objective,
+            phi,
+            opt,
+            completed: 0,
+            best_validation: None,
+            best_iteration: None,
+            manifest_sha256,
+        };
+        let info = out.join(CHECKPOINT_INFO);
+        if resume {
+            ensure!(
+                info.is_file(),
+                "{}: no checkpoint to resume (run without --resume to start)",
+                info.display()
+            );
+            t.load_checkpoint()?;
+        } else {
+            ensure!(
+                !info.exists(),
+                "{} already holds a run (checkpoint.json); pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join(METRICS), b"")?;
+        }
+        Ok(t)
+    }
+
+    pub fn completed(&self) -> usize {
+        self.completed
+    }
+
+    pub fn phi(&self) -> &Named<HostTensor> {
+        &self.phi
+    }
+
+    fn load_checkpoint(&mut self) -> Result<()> {
+        let ip = self.out.join(CHECKPOINT_INFO);
+        let info: CheckpointInfo = serde_json::from_str(&std::fs::read_to_string(&ip)?)
+            .with_context(|| format!("{}: malformed checkpoint", ip.display()))?;
+        ensure!(
+            info.manifest_sha256 == self.manifest_sha256,
+            "{}: the checkpoint belongs to a different bundle (manifest hash {} vs {}); resume with the bundle the run started with",
+            ip.display(),
+            &info.manifest_sha256[..12],
+            &self.manifest_sha256[..12]
+        );
+        ensure!(
+            info.settings.seed == self.settings.seed
+                && info.settings.unroll_length == self.settings.unroll_length
+                && info.settings.num_unrolls == self.settings.num_unrolls
+                && info.settings.batch_size == self.settings.batch_size,
+            "{}: the run was started with other settings ({:?}); resume with the same ones",
+            ip.display(),
+            info.settings
+        );
+        let wp = self.out.join(CHECKPOINT_WEIGHTS);
+        let bytes = std::fs::read(&wp).with_context(|| format!("cannot read {}", wp.display()))?;
+        ensure!(
+            sha256_hex(&bytes) == info.weights_sha256,
+            "{}: does not match checkpoint.json (corrupt checkpoint)",
+            wp.display()
+        );
+        let tensors = read_safetensors(&bytes, &wp.display().to_string())?;
+        for (i, (name, t)) in self.phi.iter_mut().enumerate() {
+            let v = tensors
+                .get(&format!("phi/{name}"))
+                .with_context(|| format!("{}: no 'phi/{name}'", wp.display()))?;
+            ensure!(
+                v.shape == t.shape(),
+                "{}: 'phi/{name}' has shape {:?}, the bundle {:?}",
+                wp.display(),
+                v.shape,
+                t.shape()
+            );
+            *t = host_tensor(v);
+            let m = tensors
+                .get(&format!("ms/{name}"))
+                .with_context(|| format!("{}: no 'ms/{name}'", wp.display()))?;
+            self.opt.ms[i] = host_tensor(m).into_f32()?;
+        }
+        self.completed = info.completed_iterations;
+        self.best_validation = info.best_validation;
+        self.best_iteration = info.best_iteration;
+        // Keep the metrics of the completed meta-iterations only.
+        let mp = self.out.join(METRICS);
+        let text = std::fs::read_to_string(&mp).unwrap_or_default();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<IterationLog>(l).is_ok_and(|r| r.iteration < self.completed)
+            })
+            .collect();
+        write_atomic(
+            &mp,
+            (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    fn weights_bytes(&self, with_ms: bool) -> Result<Vec<u8>> {
+        let mut ts = vec![];
+        for (i, (n, t)) in self.phi.iter().enumerate() {
+            ts.push((format!("phi/{n}"), to_tensor(t)?));
+            if with_ms {
+                let m = &self.opt.ms[i];
+                ts.push((
+                    format!("ms/{n}"),
+                    metac_graphs::Tensor::f32(m.shape(), m.iter().copied().collect()),
+                ));
+            }
+        }
+        write_safetensors(&ts)
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        let bytes = self.weights_bytes(true)?;
+        write_atomic(&self.out.join(CHECKPOINT_WEIGHTS), &bytes)?;
+        let info = CheckpointInfo {
+            completed_iterations: self.completed,
+            best_validation: self.best_validation,
+            best_iteration: self.best_iteration,
+            manifest_sha256: self.manifest_sha256.clone(),
+            weights_sha256: sha256_hex(&bytes),
+            settings: self.settings.clone(),
+        };
+        // The info file is written last: it is what makes the checkpoint count.
+        write_atomic(
+            &self.out.join(CHECKPOINT_INFO),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )
+    }
+
+    /// Run the learned optimizer (no learning) on a fresh problem on
+    /// `split` for the training horizon; the objective at the end.
+    pub fn validate(&mut self, sampler: &dyn InitSampler, split: &Split) -> Result<f64> {
+        let s = &self.settings;
+        let seed = derive_seed(s.seed, 2, 0);
+        let (mut theta, mut state) = sampler.sample(seed)?;
+        let mut data = SampledData::new(
+            split,
+            &self.layout,
+            s.batch_size,
+            s.objective_examples,
+            seed,
+        )?;
+        let phi_refs: Vec<(&str, &HostTensor)> =
+            self.phi.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        // Hidden states from the meta-parameters, as on a first unroll.
+        let mut ins = phi_refs.clone();
+        ins.extend(state.iter().map(|(n, t)| (n.as_str(), t)));
+        for (n, t) in self.runner.reset(&ins)? {
+            let name = n.trim_start_matches(super::NEXT);
+            if let Some(e) = state.iter_mut().find(|(m, _)| m == name) {
+                e.1 = t;
+            }
+        }
+        let steps = s.unroll_length * s.num_unrolls;
+        // The step graph also reports the objective on an objective set; one
+        // set serves the whole validation run (its value is not used here).
+        let step_obj = data.objective_batch(1)?;
+        for step in 0..steps {
+            let mb = data.minibatch(step)?;
+            let mut ins = phi_refs.clone();
+            ins.extend(
+                theta
+                    .iter()
+                    .chain(state.iter())
+                    .chain(mb.iter())
+                    .chain(step_obj.iter())
+                    .map(|(n, t)| (n.as_str(), t)),
+            );
+            let out = self.runner.step(&ins)?;
+            let get = |name: &str| {
+                out.iter()
+                    .find(|(n, _)| n == &super::next_name(name))
+                    .map(|(_, t)| t.clone())
+            };
+            for e in theta.iter_mut().chain(state.iter_mut()) {
+                e.1 =
+                    get(&e.0).with_context(|| format!("step graph has no output for '{}'", e.0))?;
+            }
+            if !out
+                .iter()
+                .find(|(n, _)| n == MINIBATCH_LOSS)
+                .map_or(true, |(_, t)| t.to_scalar_f32().is_ok_and(f32::is_finite))
+            {
+                return Ok(f64::INFINITY);
+            }
+        }
+        let obj = data.objective_batch(1)?;
+        objective_value(self.objective.as_mut(), &theta, &obj)
+    }
+
+    /// Run meta-iterations until `settings.num_meta_iterations` are done.
+    /// `on_iteration` sees every log line (progress display).
+    pub fn run(
+        &mut self,
+        sampler: &dyn InitSampler,
+        train: &Split,
+        validation: &Split,
+        on_iteration: &mut dyn FnMut(&IterationLog),
+    ) -> Result<()> {
+        let s = self.settings.clone();
+        let schedule = UnrollSchedule {
+            unroll_length: s.unroll_length,
+            num_unrolls: s.num_unrolls,
+        };
+        while self.completed < s.num_meta_iterations {
+            let it = self.completed;
+            let t0 = Instant::now();
+            let seed = derive_seed(s.seed, 1, it as u64);
+            let (theta0, state0) = sampler.sample(seed)?;
+            let mut data = SampledData::new(
+                train,
+                &self.layout,
+                s.batch_size,
+                s.objective_examples,
+                seed,
+            )?;
+            // The log meta-objective's constant: the objective at the start,
+            // on the first unroll's objective set.
+            let first = data.objective_batch(0)?;
+            let initial_objective = objective_value(self.objective.as_mut(), &theta0, &first)?;
+            if !initial_objective.is_finite() {
+                bail!("meta-iteration {it}: the initial objective is not finite ({initial_objective})");
+            }
+            data.first_objective = Some(first);
+            let rep = meta_iteration(
+                &mut self.runner,
+                &self.layout,
+                &mut self.phi,
+                &mut self.opt,
+                theta0,
+                state0,
+                initial_objective,
+                schedule,
+                &mut data,
+            )?;
+            self.completed += 1;
+            let mut validation_objective = None;
+            if s.evaluation_period > 0 && self.completed % s.evaluation_period == 0 {
+                let v = self.validate(sampler, validation)?;
+                validation_objective = Some(v);
+                if v.is_finite() && self.best_validation.is_none_or(|b| v < b) {
+                    self.best_validation = Some(v);
+                    self.best_iteration = Some(it);
+                    write_atomic(&self.out.join(BEST_WEIGHTS), &self.weights_bytes(false)?)?;
+                }
+            }
+            let log = IterationLog {
+                iteration: it,
+                meta_losses: rep.meta_losses.clone(),
+                initial_objective,
+                final_objective: rep.objectives.last().copied(),
+                final_minibatch_loss: rep.minibatch_losses.last().copied(),
+                diverged: rep.diverged,
+                seconds: t0.elapsed().as_secs_f64(),
+                validation_objective,
+                best_validation: self.best_validation,
+            };
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(self.out.join(METRICS))?;
+            writeln!(f, "{}", serde_json::to_string(&log)?)?;
+            f.sync_all()?;
+            self.save_checkpoint()?;
+            on_iteration(&log);
+        }
+        Ok(())
+    }
+}
+
+fn to_tensor(t: &HostTensor) -> Result<metac_graphs::Tensor> {
+    let a = t.as_f32()?;
+    Ok(metac_graphs::Tensor::f32(
+        a.shape(),
+        a.iter().copied().collect(),
+    ))
+}
+
+/// Read the meta-parameters of a run (`best.safetensors` or the last
+/// checkpoint), named as in the bundle.
+pub fn load_run_phi(run: &Path, best: bool) -> Result<Named<metac_graphs::Tensor>> {
+    let p = run.join(if best && run.join(BEST_WEIGHTS).is_file() {
+        BEST_WEIGHTS
+    } else {
+        CHECKPOINT_WEIGHTS
+    });
+    let bytes = std::fs::read(&p).with_context(|| {
+        format!(
+            "cannot read {} (is {} a metac run directory?)",
+            p.display(),
+            run.display()
+        )
+    })?;
+    Ok(read_safetensors(&bytes, &p.display().to_string())?
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix("phi/").map(|n| (n.to_string(), t)))
+        .collect())
+}

@@ -1,0 +1,229 @@
+//! `metac compile l2o` and `metac run`: the learned-optimizer workload.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use metac_compiler::l2o::config::{L2oConfig, RunConfig};
+use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
+use metac_runtime::backend::open_backend;
+use metac_runtime::bundle::Bundle;
+use metac_runtime::data::mnist;
+use metac_runtime::l2o::bptt::Named;
+use metac_runtime::l2o::run::{InitSampler, IterationLog, MetaTrainer, RunSettings};
+use metac_runtime::metatest::host_tensor;
+use metac_runtime::tensor::HostTensor;
+
+use crate::common::BackendArgs;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny"
+)]
+pub struct CompileArgs {
+    #[command(subcommand)]
+    pub program: Program,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Program {
+    /// The HierarchicalRNN learned optimizer: inner step, its VJP (the meta-gradient
+    /// subgraph), the hidden-state reset and its VJP, and the objective.
+    L2o {
+        /// TOML config (see configs/seed.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn compile(a: CompileArgs) -> Result<()> {
+    match a.program {
+        Program::L2o { config, out } => {
+            let c = L2oConfig::load(&config)?;
+            let t0 = Instant::now();
+            let m = compile_l2o(&c, &out)?;
+            let nodes: usize = m
+                .graphs
+                .iter()
+                .map(|g| g.op_counts.values().sum::<usize>())
+                .sum();
+            println!(
+                "wrote l2o bundle {} ({} graphs, {} ONNX nodes, {} state buffers) in {:.1}s",
+                out.display(),
+                m.graphs.len(),
+                nodes,
+                m.state.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Meta-train the learned optimizer of an L2O bundle.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+metac run bundles/seed --out runs/seed                       # the seed recipe: 100 meta-iterations x 5 unrolls of 20\n  \
+metac run bundles/seed --out runs/long --meta-iterations 500 --num-unrolls 10\n  \
+metac run bundles/seed --out runs/seed --resume               # continue a killed run\n\n\
+Writes RUN/metrics.jsonl (one line per meta-iteration), RUN/checkpoint.{safetensors,json} \
+(written atomically after every meta-iteration) and RUN/best.safetensors (the meta-parameters \
+with the best validation objective). Unroll length and counts are run-time settings: \
+changing them recompiles nothing.")]
+pub struct RunArgs {
+    /// The bundle (from `metac compile l2o`).
+    pub bundle: PathBuf,
+    /// Run directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Take the [run] settings from this config file (flags below override them).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub meta_iterations: Option<usize>,
+    #[arg(long)]
+    pub unroll_length: Option<usize>,
+    #[arg(long)]
+    pub num_unrolls: Option<usize>,
+    /// Validate every N meta-iterations (0 = never).
+    #[arg(long)]
+    pub evaluation_period: Option<usize>,
+    /// MNIST directory (IDX files, gzip or raw); default: the shipped data/mnist.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// No progress line per meta-iteration.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// Fresh optimizee parameters and optimizer state from the compiled program.
+struct ProgramSampler(L2oProgram);
+
+impl InitSampler for ProgramSampler {
+    fn sample(&self, seed: u64) -> Result<(Named<HostTensor>, Named<HostTensor>)> {
+        let conv = |v: Vec<(String, metac_graphs::Tensor)>| {
+            v.into_iter().map(|(n, t)| (n, host_tensor(&t))).collect()
+        };
+        Ok((conv(self.0.init_theta(seed)), conv(self.0.init_state(seed))))
+    }
+}
+
+/// The compile config stored in an L2O bundle.
+pub fn bundle_config(b: &Bundle) -> Result<L2oConfig> {
+    let v = b
+        .manifest
+        .meta
+        .get("l2o")
+        .and_then(|m| m.get("config"))
+        .with_context(|| {
+            format!(
+                "{}: not an l2o bundle (no meta.l2o.config)",
+                b.dir.display()
+            )
+        })?;
+    serde_json::from_value(v.clone())
+        .with_context(|| format!("{}: malformed meta.l2o.config", b.dir.display()))
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let bundle = Bundle::load(&a.bundle)?;
+    let cfg = bundle_config(&bundle)?;
+    let mut rc = match &a.config {
+        Some(p) => L2oConfig::load(p)?.run,
+        None => RunConfig::default(),
+    };
+    if let Some(v) = a.meta_iterations {
+        rc.num_meta_iterations = v;
+    }
+    if let Some(v) = a.unroll_length {
+        rc.unroll_length = v;
+    }
+    if let Some(v) = a.num_unrolls {
+        rc.num_unrolls = v;
+    }
+    if let Some(v) = a.evaluation_period {
+        rc.evaluation_period = v;
+    }
+    ensure!(rc.unroll_length > 0, "--unroll-length must be at least 1");
+    ensure!(rc.num_unrolls > 0, "--num-unrolls must be at least 1");
+    let program = L2oProgram::from_config(&cfg)?;
+    ensure!(
+        program.train.needs_data().is_some(),
+        "problem '{}' needs no data; metac run meta-trains on MNIST problems",
+        cfg.problem
+    );
+    let dir = a.data_dir.clone().unwrap_or_else(mnist::default_dir);
+    let data = mnist::load(&dir)?;
+    let backend = open_backend(&a.backend.options())?;
+    let settings = RunSettings {
+        num_meta_iterations: rc.num_meta_iterations,
+        unroll_length: rc.unroll_length,
+        num_unrolls: rc.num_unrolls,
+        evaluation_period: rc.evaluation_period,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        objective_examples: cfg.objective_examples,
+    };
+    let mut trainer = MetaTrainer::open(
+        &bundle,
+        backend.as_ref(),
+        settings.clone(),
+        cfg.meta_optimizer.rmsprop(),
+        &a.out,
+        a.resume,
+    )?;
+    if !a.quiet {
+        eprintln!(
+            "metac run: {} on {} ({}), {} meta-iterations x {} unrolls x {} steps, starting at {}",
+            cfg.problem,
+            backend.name(),
+            a.backend.device,
+            settings.num_meta_iterations,
+            settings.num_unrolls,
+            settings.unroll_length,
+            trainer.completed()
+        );
+    }
+    let total = settings.num_meta_iterations;
+    let quiet = a.quiet;
+    let t0 = Instant::now();
+    let start = trainer.completed();
+    let mut show = |l: &IterationLog| {
+        if quiet {
+            return;
+        }
+        let done = l.iteration + 1;
+        let rate = t0.elapsed().as_secs_f64() / (done - start) as f64;
+        let meta = l.meta_losses.iter().sum::<f64>() / l.meta_losses.len().max(1) as f64;
+        eprintln!(
+            "[{done:>4}/{total}] meta-loss {meta:+.4}  objective {:.4} -> {}  {}{}  ({:.1}s/it, eta {:.0}s)",
+            l.initial_objective,
+            l.final_objective.map_or("n/a".into(), |v| format!("{v:.4}")),
+            l.validation_objective.map_or(String::new(), |v| format!("val {v:.4}  ")),
+            if l.diverged { "DIVERGED " } else { "" },
+            rate,
+            rate * (total - done) as f64
+        );
+    };
+    trainer.run(
+        &ProgramSampler(program),
+        &data.train,
+        &data.validation,
+        &mut show,
+    )?;
+    println!(
+        "meta-training done: {} meta-iterations in {}; metrics in {}",
+        total,
+        a.out.display(),
+        a.out.join("metrics.jsonl").display()
+    );
+    Ok(())
+}

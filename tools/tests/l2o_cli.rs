@@ -1,0 +1,196 @@
+//! `metac compile l2o` and `metac run` as a user runs them: a run resumed
+//! from its checkpoint ends exactly where the uninterrupted run ends, and
+//! bad configs or mismatched checkpoints are rejected up front.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn metac(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_metac"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = root().join("target/test-scratch/l2o-cli").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn err_line(o: &Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+/// metrics.jsonl without the wall-clock field.
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
+    let d = scratch("resume");
+    let bundle = d.join("bundle");
+    let cfg = root().join("configs/tiny.toml");
+    ok(&metac(&[
+        "compile",
+        "l2o",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+    ]));
+    let b = bundle.to_str().unwrap();
+    let common = [
+        "--backend",
+        "tract",
+        "--unroll-length",
+        "3",
+        "--num-unrolls",
+        "2",
+        "--evaluation-period",
+        "2",
+        "--quiet",
+    ];
+    let full = d.join("full");
+    let mut args = vec![
+        "run",
+        b,
+        "--out",
+        full.to_str().unwrap(),
+        "--meta-iterations",
+        "4",
+    ];
+    args.extend(common);
+    ok(&metac(&args));
+    // The same run, killed after 2 meta-iterations and resumed.
+    let part = d.join("part");
+    let mut args = vec![
+        "run",
+        b,
+        "--out",
+        part.to_str().unwrap(),
+        "--meta-iterations",
+        "2",
+    ];
+    args.extend(common);
+    ok(&metac(&args));
+    // Starting again over an existing run is refused.
+    let e = err_line(&metac(&args));
+    assert!(e.contains("--resume"), "{e}");
+    let mut args = vec![
+        "run",
+        b,
+        "--out",
+        part.to_str().unwrap(),
+        "--meta-iterations",
+        "4",
+        "--resume",
+    ];
+    args.extend(common);
+    ok(&metac(&args));
+    for f in ["checkpoint.safetensors", "best.safetensors"] {
+        assert_eq!(
+            std::fs::read(full.join(f)).unwrap(),
+            std::fs::read(part.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    assert_eq!(metrics(&full), metrics(&part));
+    assert_eq!(metrics(&full).len(), 4);
+
+    // A checkpoint of another bundle is rejected.
+    let other = d.join("other");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("seed = 0", "seed = 1");
+    let other_cfg = d.join("other.toml");
+    std::fs::write(&other_cfg, text).unwrap();
+    ok(&metac(&[
+        "compile",
+        "l2o",
+        "--config",
+        other_cfg.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+    ]));
+    let mut args = vec![
+        "run",
+        other.to_str().unwrap(),
+        "--out",
+        part.to_str().unwrap(),
+        "--meta-iterations",
+        "5",
+        "--resume",
+    ];
+    args.extend(common);
+    let e = err_line(&metac(&args));
+    assert!(e.contains("different bundle"), "{e}");
+}
+
+#[test]
+fn malformed_configs_are_rejected_with_the_key_named() {
+    let d = scratch("configs");
+    let base = std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap();
+    let cases = [
+        (
+            base.replace("batch_size = 8", "batch_size = 8\nbatch_sise = 3"),
+            "batch_sise",
+        ),
+        (
+            base.replace("batch_size = 8", "batch_size = \"eight\""),
+            "batch_size",
+        ),
+        (
+            base.replace("unroll_length = 5", "unroll_length = 0"),
+            "run.unroll_length",
+        ),
+        (
+            base.replace("problem = \"mnist-mlp\"", "problem = \"mnist-resnet\""),
+            "problem",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let p = d.join(format!("bad{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let out = d.join(format!("b{i}"));
+        let e = err_line(&metac(&[
+            "compile",
+            "l2o",
+            "--config",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert!(e.contains(key), "expected '{key}' in: {e}");
+        assert!(
+            !out.join("manifest.json").exists(),
+            "no bundle is written for a bad config"
+        );
+    }
+}
