@@ -431,11 +431,11 @@ impl<'a> MetaTrainer<'a> {
                 e.1 =
                     get(&e.0).with_context(|| format!("step graph has no output for '{}'", e.0))?;
             }
-            if !out
+            let finite = out
                 .iter()
                 .find(|(n, _)| n == MINIBATCH_LOSS)
-                .map_or(true, |(_, t)| t.to_scalar_f32().is_ok_and(f32::is_finite))
-            {
+                .is_none_or(|(_, t)| t.to_scalar_f32().is_ok_and(f32::is_finite));
+            if !finite {
                 return Ok(f64::INFINITY);
             }
         }
@@ -490,7 +490,7 @@ impl<'a> MetaTrainer<'a> {
             )?;
             self.completed += 1;
             let mut validation_objective = None;
-            if s.evaluation_period > 0 && self.completed % s.evaluation_period == 0 {
+            if s.evaluation_period > 0 && self.completed.is_multiple_of(s.evaluation_period) {
                 let v = self.validate(sampler, validation)?;
                 validation_objective = Some(v);
                 if v.is_finite() && self.best_validation.is_none_or(|b| v < b) {
