@@ -2,6 +2,7 @@
 
 mod cmd_bench;
 mod cmd_derive;
+mod cmd_eval;
 mod cmd_inspect;
 mod cmd_l2o;
 mod common;
@@ -39,6 +40,8 @@ enum Cmd {
     Compile(cmd_l2o::CompileArgs),
     /// Meta-train the learned optimizer of an L2O bundle.
     Run(cmd_l2o::RunArgs),
+    /// Meta-test a run's learned optimizer against baselines on an MNIST problem.
+    Eval(cmd_eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Compile(a) => cmd_l2o::compile(a),
         Cmd::Run(a) => cmd_l2o::run(a),
+        Cmd::Eval(a) => cmd_eval::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,6 +66,22 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
         bundle.to_str().unwrap(),
     ]));
     let b = bundle.to_str().unwrap();
+    // Every graph of the bundle passes the reference ONNX checker.
+    let graphs: Vec<PathBuf> = ["step", "step_vjp", "reset", "reset_vjp", "objective"]
+        .iter()
+        .map(|g| bundle.join(format!("{g}.onnx")))
+        .collect();
+    let py = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root().join("tests/python/check_onnx.py"))
+        .args(&graphs)
+        .output()
+        .expect("python3 (pip install -r requirements.txt)");
+    let text = String::from_utf8_lossy(&py.stdout);
+    assert!(
+        py.status.success() && text.contains("5 passed, 0 failed"),
+        "{text}{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     let common = [
         "--backend",
         "tract",

@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""JAX reference of one metac L2O meta-iteration, for benchmarking.
+
+One meta-iteration = the initial objective, one unroll of `--unroll` inner
+steps of the HierarchicalRNN learned optimizer (L2O-Scale) on the MNIST
+784-20-10 sigmoid MLP, the meta-gradient of the log meta-objective by
+reverse mode over the whole unroll (jax.grad through lax.scan), and an
+RMSProp update of the optimizer weights -- all in one jax.jit, on CPU.
+
+It follows metac's computation:
+* HierarchicalRNN step: compiler/src/models/hrnn.rs (defaults of
+  HrnnConfig: sizes 10/20/20, 4 gradient scales, learnable decays, dynamic
+  output scale, log-ms and relative-lr features with the problem-wide lr
+  mean, gradient shortcut, gradient products, level-2 input = new level-1
+  state of the LAST tensor, straight-through clip of the step log lr);
+* inner step: compiler/src/l2o/program.rs (`step_core`): minibatch loss,
+  its gradient with stop_gradient (use_second_derivatives = false), the
+  HRNN update, the objective at the new parameters on the objective set;
+  hidden states reset in-graph from the learnable init vectors;
+* meta-loss: mean_t log(obj_t / (init_obj + 1e-6) + 1e-6)
+  (runtime/src/l2o/bptt.rs);
+* meta-update: runtime/src/l2o/meta_opt.rs (NaN -> 0, clip to +-clip,
+  ms = decay*ms + (1-decay)*g^2, phi -= lr*g/sqrt(ms+eps), no change where
+  g == 0), settings of configs/seed.toml.
+
+Usage: python3 bench/l2o_jax.py --unroll 20 --repeats 5   (prints JSON)
+"""
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# ---- configuration (compiler/src/models/hrnn.rs HrnnConfig::default) ---------
+S0, S1, S2 = 10, 20, 20
+NS = 4  # gradient scales
+NF = NS + (NS - 1) + NS + 1  # 12 features
+MIN_LOG_LR, MAX_LOG_LR = -33.0, 33.0
+MS_EPS, EPS16 = 1e-12, 1e-16
+LOG_OBJ_EPS = 1e-6
+INIT_LR_RANGE = (1e-6, 1e-2)
+
+# configs/seed.toml
+BATCH = 128
+OBJ_EXAMPLES = 10000
+META_LR, META_DECAY, META_EPS, META_CLIP, META_ACC_INIT = 1e-6, 0.9, 1e-20, 1e4, 1.0
+
+# The MLP's parameters, in metac's order (w0, b0, w1, b1).
+PARAM_SHAPES = [(784, 20), (20,), (20, 10), (10,)]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "data", "mnist")
+
+
+# ---- data ---------------------------------------------------------------------
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_mnist_train(data_dir):
+    x = read_idx(os.path.join(data_dir, "train-images-idx3-ubyte.gz"))
+    y = read_idx(os.path.join(data_dir, "train-labels-idx1-ubyte.gz"))
+    x = x.reshape(x.shape[0], 784).astype(np.float32) / 255.0
+    return x, y.astype(np.int32)
+
+
+def sample_data(rng, x, y, unroll):
+    """`unroll` minibatches of BATCH and one objective set of OBJ_EXAMPLES."""
+    n = x.shape[0]
+    mb = rng.integers(0, n, size=(unroll, BATCH))
+    obj = rng.choice(n, size=OBJ_EXAMPLES, replace=False)
+    return x[mb], y[mb], x[obj], y[obj]
+
+
+# ---- meta-weights (HrnnWeights::new: same names, shapes and init scales) ------
+def weight_specs():
+    specs = []
+
+    def normal(mean, scale, fan):
+        return ("normal", mean, scale / np.sqrt(fan))
+
+    def cell(lvl, inp, n):
+        fan = inp + n
+        specs.append((f"l{lvl}.gates.w", (fan, 2 * n), normal(0.0, 0.5, fan)))
+        specs.append((f"l{lvl}.gates.b", (2 * n,), ("const", 2.2)))
+        specs.append((f"l{lvl}.cand.w", (fan, n), normal(0.0, 0.5, fan)))
+        specs.append((f"l{lvl}.cand.b", (n,), ("const", 0.0)))
+
+    cell(0, NF, S0)
+    specs.append(("l0.tensor_bias.w", (S1, 3 * S0), normal(0.0, 0.5, S1)))
+    specs.append(("l0.tensor_bias.b", (3 * S0,), ("const", 0.0)))
+    specs.append(("l0.global_bias.w", (S2, 3 * S0), normal(0.0, 0.5, S2)))
+    specs.append(("l0.global_bias.b", (3 * S0,), ("const", 0.0)))
+    cell(1, S0 + NF, S1)
+    specs.append(("l1.global_bias.w", (S2, 3 * S1), normal(0.0, 0.5, S2)))
+    specs.append(("l1.global_bias.b", (3 * S1,), ("const", 0.0)))
+    cell(2, S1, S2)
+    specs.append(("init.l0", (1, S0), ("uniform", -1.0, 1.0)))
+    specs.append(("init.l1", (1, S1), ("uniform", -1.0, 1.0)))
+    specs.append(("init.l2", (1, S2), ("uniform", -1.0, 1.0)))
+    readout = normal(0.0, 0.5, S0)
+    specs.append(("update.w", (S0, 1), readout))
+    specs.append(("shortcut.w", (NS, 1), normal(1.0 / NS, 0.1, NS)))
+    specs.append(("scl_decay.w", (S0, 1), readout))
+    specs.append(("scl_decay.b", (1,), ("const", 3.2)))
+    specs.append(("inp_decay.w", (S0, 1), readout))
+    specs.append(("inp_decay.b", (1,), ("const", 2.2)))
+    specs.append(("lr.w", (S0, 1), ("const", 0.0)))
+    specs.append(("lr.b", (1,), ("const", 0.0)))
+    specs.append(("lr_momentum_logit", (), ("const", 3.2)))
+    specs.append(("param_stepsize_offset", (), ("const", -1.0)))
+    return specs
+
+
+def init_phi(seed):
+    rng = np.random.default_rng(seed)
+    phi = {}
+    for name, shape, init in weight_specs():
+        if init[0] == "normal":
+            v = init[1] + init[2] * rng.standard_normal(shape)
+        elif init[0] == "uniform":
+            v = rng.uniform(init[1], init[2], size=shape)
+        else:
+            v = np.full(shape, init[1])
+        phi["hrnn." + name] = jnp.asarray(v, dtype=jnp.float32)
+    return phi
+
+
+# ---- optimizee init and optimizer state ----------------------------------------
+def init_theta(rng):
+    """Fan-in normal: N(0,1) * 1.2/sqrt(fan_in) weights, zero biases."""
+    w0 = rng.standard_normal((784, 20)) * 1.2 / np.sqrt(784)
+    w1 = rng.standard_normal((20, 10)) * 1.2 / np.sqrt(20)
+    return [jnp.asarray(a, jnp.float32) for a in
+            (w0, np.zeros(20), w1, np.zeros(10))]
+
+
+def init_state(rng):
+    """Hrnn::initial_state: zeros; log_lr = U(a,b) + one U(a,b) offset per
+    tensor, clipped. Hidden states are placeholders (reset in the step)."""
+    a, b = np.log(INIT_LR_RANGE[0]) / 2, np.log(INIT_LR_RANGE[1]) / 2
+    tensors = []
+    for shape in PARAM_SHAPES:
+        n = int(np.prod(shape))
+        off = rng.uniform(a, b)
+        log_lr = np.clip(rng.uniform(a, b, size=(n, 1)) + off, MIN_LOG_LR, MAX_LOG_LR)
+        z = np.zeros((n, 1), np.float32)
+        tensors.append(dict(
+            h0=jnp.zeros((n, S0), jnp.float32),
+            accum=[jnp.asarray(z)] * NS,
+            ms=[jnp.asarray(z)] * NS,
+            inp_decay=jnp.asarray(z),
+            scl_decay=jnp.asarray(z),
+            log_lr=jnp.asarray(log_lr, jnp.float32),
+            h1=jnp.zeros((1, S1), jnp.float32),
+        ))
+    return dict(tensors=tensors, h2=jnp.zeros((1, S2), jnp.float32))
+
+
+def reset_hidden(phi, state):
+    """Hrnn::reset_hidden: hidden states from the learnable init vectors."""
+    tensors = []
+    for t in state["tensors"]:
+        t = dict(t)
+        t["h0"] = jnp.broadcast_to(phi["hrnn.init.l0"], t["h0"].shape)
+        t["h1"] = phi["hrnn.init.l1"]
+        tensors.append(t)
+    return dict(tensors=tensors, h2=phi["hrnn.init.l2"])
+
+
+# ---- the HierarchicalRNN step -----------------------------------------------------
+def bias_gru(phi, lvl, x, h, bias, n):
+    xh = jnp.concatenate([x, h], axis=1)
+    gates = xh @ phi[f"hrnn.l{lvl}.gates.w"] + phi[f"hrnn.l{lvl}.gates.b"]
+    if bias is not None:
+        gates = gates + bias[:, : 2 * n]
+    r = jax.nn.sigmoid(gates[:, :n])
+    u = jax.nn.sigmoid(gates[:, n: 2 * n])
+    xrh = jnp.concatenate([x, r * h], axis=1)
+    cand = xrh @ phi[f"hrnn.l{lvl}.cand.w"] + phi[f"hrnn.l{lvl}.cand.b"]
+    if bias is not None:
+        cand = cand + bias[:, 2 * n:]
+    c = jnp.tanh(cand)
+    return u * h + (1.0 - u) * c
+
+
+def straight_through_clip(x, lo, hi):
+    return x + lax.stop_gradient(jnp.clip(x, lo, hi) - x)
+
+
+def hrnn_step(phi, params, grads, state):
+    """Hrnn::step with the default config. Returns (new params, new state)."""
+    h2_old = state["h2"]
+    # use_problem_lr_mean: mean log lr over all elements of all tensors.
+    total = sum(jnp.sum(t["log_lr"]) for t in state["tensors"])
+    count = sum(t["log_lr"].shape[0] for t in state["tensors"])
+    problem_mean_log_lr = total / count
+    gbias0 = h2_old @ phi["hrnn.l0.global_bias.w"] + phi["hrnn.l0.global_bias.b"]
+    gbias1 = h2_old @ phi["hrnn.l1.global_bias.w"] + phi["hrnn.l1.global_bias.b"]
+    lrm = jax.nn.sigmoid(phi["hrnn.lr_momentum_logit"])
+
+    new_params, new_tensors, h1_news = [], [], []
+    for p, gr, st in zip(params, grads, state["tensors"]):
+        n = p.size
+        grad = gr.reshape(n, 1)
+        # ---- features
+        decays = [st["inp_decay"]]
+        for _ in range(1, NS):
+            decays.append(jnp.sqrt(decays[-1]))
+        scl = st["scl_decay"]
+        gs, log_ms, accums, mss = [], [], [], []
+        for i in range(NS):
+            accum = grad * (1.0 - decays[i]) + st["accum"][i] * decays[i]
+            accums.append(accum)
+            ms_old = st["ms"][i]
+            all_zero = jnp.max(jnp.abs(ms_old)) == 0.0
+            s = jnp.where(all_zero, 0.0, scl)
+            ms = (1.0 - s) * (jnp.square(accum) + MS_EPS) + s * ms_old
+            mss.append(ms)
+            mse = ms + EPS16
+            gs.append(jnp.arcsinh(accum / jnp.sqrt(mse)))
+            log_ms.append(jnp.log(mse))
+        feats = list(gs)
+        for i in range(NS - 1):
+            feats.append(gs[i] * gs[i + 1])
+        avg = sum(log_ms) / NS
+        feats += [l - avg for l in log_ms]
+        feats.append(st["log_lr"] - problem_mean_log_lr)
+        x = jnp.concatenate(feats, axis=1)  # [n, 12]
+        # ---- level 0 and level 1
+        h1_old = st["h1"]
+        tb = h1_old @ phi["hrnn.l0.tensor_bias.w"] + phi["hrnn.l0.tensor_bias.b"]
+        h0_new = bias_gru(phi, 0, x, st["h0"], tb + gbias0, S0)
+        l1_in = jnp.mean(jnp.concatenate([h0_new, x], axis=1), axis=0, keepdims=True)
+        h1_new = bias_gru(phi, 1, l1_in, h1_old, gbias1, S1)
+        h1_news.append(h1_new)
+        # ---- readouts
+        delta = h0_new @ phi["hrnn.update.w"]
+        delta = delta + jnp.concatenate(gs, axis=1) @ phi["hrnn.shortcut.w"]
+        delta = delta / jnp.sqrt(jnp.mean(jnp.square(delta)) + EPS16)
+        new_scl = jax.nn.sigmoid(h0_new @ phi["hrnn.scl_decay.w"] + phi["hrnn.scl_decay.b"])
+        new_inp = jax.nn.sigmoid(h0_new @ phi["hrnn.inp_decay.w"] + phi["hrnn.inp_decay.b"])
+        log_lr = st["log_lr"]
+        change = h0_new @ phi["hrnn.lr.w"] + phi["hrnn.lr.b"]
+        step_log_lr = straight_through_clip(log_lr + change, MIN_LOG_LR, MAX_LOG_LR)
+        new_log_lr = lrm * log_lr + (1.0 - lrm) * step_log_lr
+        lr = jnp.exp(step_log_lr + phi["hrnn.param_stepsize_offset"])
+        new_params.append(p - (lr * delta).reshape(p.shape))
+        new_tensors.append(dict(h0=h0_new, accum=accums, ms=mss, inp_decay=new_inp,
+                                scl_decay=new_scl, log_lr=new_log_lr, h1=h1_new))
+    # ---- level 2 (Level2Input::LastTensor)
+    h2_new = bias_gru(phi, 2, h1_news[-1], h2_old, None, S2)
+    return new_params, dict(tensors=new_tensors, h2=h2_new)
+
+
+# ---- the optimizee ---------------------------------------------------------------
+def mlp_loss(params, x, y):
+    w0, b0, w1, b1 = params
+    h = jax.nn.sigmoid(x @ w0 + b0)
+    logits = h @ w1 + b1
+    lsm = jax.nn.log_softmax(logits, axis=1)
+    picked = jnp.take_along_axis(lsm, y[:, None], axis=1)
+    return -jnp.mean(picked)
+
+
+# ---- one meta-iteration ---------------------------------------------------------------
+def meta_loss_fn(phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan=True):
+    state = reset_hidden(phi, state0)
+    c = init_obj + LOG_OBJ_EPS
+
+    def step(carry, batch):
+        theta, st = carry
+        x, y = batch
+        g = jax.grad(mlp_loss)(theta, x, y)
+        g = [lax.stop_gradient(a) for a in g]  # use_second_derivatives = false
+        theta, st = hrnn_step(phi, theta, g, st)
+        obj = mlp_loss(theta, xo, yo)
+        return (theta, st), jnp.log(obj / c + LOG_OBJ_EPS)
+
+    if use_scan:
+        _, terms = lax.scan(step, (theta0, state), (xb, yb))
+    else:
+        carry, ts = (theta0, state), []
+        for t in range(xb.shape[0]):
+            carry, term = step(carry, (xb[t], yb[t]))
+            ts.append(term)
+        terms = jnp.stack(ts)
+    return jnp.mean(terms)
+
+
+def make_meta_iteration(use_scan):
+    def meta_iteration(phi, ms, theta0, state0, xb, yb, xo, yo):
+        init_obj = lax.stop_gradient(mlp_loss(theta0, xo, yo))
+        loss, d_phi = jax.value_and_grad(meta_loss_fn)(
+            phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan)
+        new_phi, new_ms = {}, {}
+        for k in phi:
+            g = jnp.clip(jnp.nan_to_num(d_phi[k], nan=0.0, posinf=META_CLIP,
+                                        neginf=-META_CLIP), -META_CLIP, META_CLIP)
+            m = META_DECAY * ms[k] + (1.0 - META_DECAY) * g * g
+            upd = jnp.where(g == 0.0, 0.0, META_LR * g / jnp.sqrt(m + META_EPS))
+            new_phi[k], new_ms[k] = phi[k] - upd, m
+        return new_phi, new_ms, loss, init_obj
+    return jax.jit(meta_iteration)
+
+
+def flops_of(compiled):
+    try:
+        ca = compiled.cost_analysis()
+    except Exception as e:  # noqa: BLE001
+        return None, f"cost_analysis failed: {e}"
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None, "cost_analysis has no 'flops'"
+    return float(ca["flops"]), None
+
+
+def analytic_flops(unroll):
+    """Matmul FLOPs only (2*m*k*n), forward + reverse, for the dominant terms."""
+    mm = lambda m, k, n: 2 * m * k * n  # noqa: E731
+    mlp_fwd = lambda b: mm(b, 784, 20) + mm(b, 20, 10)  # noqa: E731
+    # objective at theta': forward + backward (dW0, dW1, dh) in the VJP
+    obj = mlp_fwd(OBJ_EXAMPLES) + mm(784, OBJ_EXAMPLES, 20) + mm(20, OBJ_EXAMPLES, 10) \
+        + mm(OBJ_EXAMPLES, 10, 20)
+    # minibatch gradient (forward + backward; constant under stop_gradient)
+    mb = mlp_fwd(BATCH) + mm(784, BATCH, 20) + mm(20, BATCH, 10) + mm(BATCH, 10, 20)
+    n = sum(int(np.prod(s)) for s in PARAM_SHAPES)
+    hrnn_fwd = mm(n, NF + S0, 2 * S0) + mm(n, NF + S0, S0) + 4 * mm(n, S0, 1) + mm(n, NS, 1)
+    per_step = obj + mb + 3 * hrnn_fwd  # HRNN forward + ~2x for its VJP
+    return unroll * per_step + mlp_fwd(OBJ_EXAMPLES)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--unroll", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--python-loop", action="store_true",
+                    help="unroll with a Python loop inside the jit instead of lax.scan")
+    ap.add_argument("--no-unrolled-flops", action="store_true",
+                    help="skip compiling the Python-loop form for its FLOP count")
+    args = ap.parse_args()
+
+    t_load = time.perf_counter()
+    x, y = load_mnist_train(args.data)
+    t_load = time.perf_counter() - t_load
+
+    rng = np.random.default_rng(args.seed)
+    phi = init_phi(args.seed)
+    ms = {k: jnp.full(v.shape, META_ACC_INIT, jnp.float32) for k, v in phi.items()}
+
+    def sample():
+        theta0 = init_theta(rng)
+        state0 = init_state(rng)
+        xb, yb, xo, yo = sample_data(rng, x, y, args.unroll)
+        return (theta0, state0, jnp.asarray(xb), jnp.asarray(yb),
+                jnp.asarray(xo), jnp.asarray(yo))
+
+    use_scan = not args.python_loop
+    fn = make_meta_iteration(use_scan)
+    inputs = sample()
+    t0 = time.perf_counter()
+    lowered = fn.lower(phi, ms, *inputs)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    flops, flops_note = flops_of(compiled)
+
+    flops_unrolled, unrolled_note, unrolled_compile_s = None, None, None
+    if use_scan and not args.no_unrolled_flops:
+        # XLA's cost analysis counts a while loop's body once; the Python-loop
+        # form gives the whole unroll's count.
+        t1 = time.perf_counter()
+        c2 = make_meta_iteration(False).lower(phi, ms, *inputs).compile()
+        unrolled_compile_s = time.perf_counter() - t1
+        flops_unrolled, unrolled_note = flops_of(c2)
+        del c2
+
+    # Warm-up run (first execution), not timed.
+    out = compiled(phi, ms, *inputs)
+    jax.block_until_ready(out)
+    phi, ms = out[0], out[1]
+
+    times, times_with_data, meta_losses, init_objs = [], [], [], []
+    for _ in range(args.repeats):
+        t_data = time.perf_counter()
+        inputs = sample()
+        jax.block_until_ready(inputs)
+        t_run = time.perf_counter()
+        out = compiled(phi, ms, *inputs)
+        jax.block_until_ready(out)
+        t_end = time.perf_counter()
+        times.append(t_end - t_run)
+        times_with_data.append(t_end - t_data)
+        phi, ms = out[0], out[1]
+        meta_losses.append(float(out[2]))
+        init_objs.append(float(out[3]))
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {
+        "implementation": "jax",
+        "jax_version": jax.__version__,
+        "jaxlib_version": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "device": str(jax.devices()[0]),
+        "platform": jax.devices()[0].platform,
+        "cpu_count": os.cpu_count(),
+        "loop": "lax.scan" if use_scan else "python",
+        "unroll": args.unroll,
+        "repeats": args.repeats,
+        "median_seconds": statistics.median(times),
+        "seconds": times,
+        "median_seconds_with_data_sampling": statistics.median(times_with_data),
+        "compile_seconds": compile_s,
+        "flops_cost_analysis": flops,
+        "flops_cost_analysis_note": flops_note or (
+            "lax.scan: XLA counts the loop body once" if use_scan else None),
+        "flops_cost_analysis_unrolled": flops_unrolled,
+        "flops_cost_analysis_unrolled_note": unrolled_note,
+        "unrolled_compile_seconds": unrolled_compile_s,
+        "flops_analytic_matmul": analytic_flops(args.unroll),
+        "meta_losses": meta_losses,
+        "initial_objectives": init_objs,
+        "peak_rss_mib": rss_kib / 1024.0,
+        "mnist_load_seconds": t_load,
+        "loadavg": os.getloadavg(),
+    }
+    json.dump(result, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
