@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: install the Python
-# requirements (ONNX Runtime), build metac, derive the gradient and HVP
-# graphs of a PyTorch-exported MNIST MLP, inspect them, and benchmark
-# value-and-gradient and HVP of the MNIST MLP on ONNX Runtime and tract.
+# requirements (ONNX Runtime), build metac, meta-train the HierarchicalRNN
+# learned optimizer on the MNIST MLP (a short run), meta-test it against
+# Adam on the MNIST test set with a plot, and derive the gradient and HVP
+# graphs of a PyTorch-exported model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
 cargo build --release -p metac
-out=runs/derive-mlp
-./target/release/metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
-  --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out"
-./target/release/metac inspect "$out"
-./target/release/metac bench mlp --repeats 5
+metac=./target/release/metac
+out=runs/main-job
+rm -rf "$out"
+$metac compile l2o --config configs/short.toml --out "$out/bundle"
+$metac run "$out/bundle" --config configs/short.toml --out "$out/run"
+$metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp --steps 1000 --seeds 6,12 \
+  --optimizers learned,adam-1e-3 --out "$out/eval"
+echo "meta-test curves: $out/eval/curves.png, summary: $out/eval/summary.json"
+$metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
+  --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out/derive-mlp"
+$metac inspect "$out/derive-mlp"

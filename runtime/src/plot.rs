@@ -185,7 +185,8 @@ pub fn plot_curves_with(
     };
     let y_fmt = |y: &f64| {
         let v = if log_y { 10f64.powf(*y) } else { *y };
-        if v != 0.0 && v.abs() < 0.01 {
+        // Scientific notation outside [0.01, 1e4] keeps labels inside the margin.
+        if v != 0.0 && (v.abs() < 0.01 || v.abs() >= 1e4) {
             format!("{v:.2e}")
         } else {
             format!("{v:.3}")
