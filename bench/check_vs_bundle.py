@@ -167,7 +167,7 @@ def main():
     for t in reversed(range(args.steps)):
         feed = {**phi, **thetas[t], **states[t], "batch.x": xb[t], "batch.y": yb[t].astype(np.int64),
                 "obj.x": xo, "obj.y": yo.astype(np.int64), **ct,
-                "ct.objective": np.float32(d_obj[t])}
+                "ct.objective": np.array(d_obj[t], np.float32)}
         o = dict(zip(outs["step_vjp"], sess["step_vjp"].run(None, {n: feed[n] for n in names["step_vjp"]})))
         for n in d_phi:
             d_phi[n] = d_phi[n] + o["d." + n]

@@ -5,4 +5,5 @@ pub mod fsutil;
 pub mod l2o;
 pub mod metatest;
 pub mod plot;
+pub mod rng;
 pub mod tensor;

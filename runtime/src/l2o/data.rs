@@ -14,26 +14,7 @@ use super::train::UnrollData;
 use crate::data::mnist::{Split, PIXELS};
 use crate::tensor::HostTensor;
 
-/// SplitMix64: small, fast and good enough to draw indices.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (multiply-shift; the bias is below 2^-32 for n < 2^32).
-    pub fn below(&mut self, n: usize) -> usize {
-        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
-    }
-}
+pub use crate::rng::SplitMix64;
 
 /// Minibatches and objective sets drawn from an MNIST split, under the
 /// `x`/`y` input names of an L2O layout.

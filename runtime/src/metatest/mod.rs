@@ -105,37 +105,7 @@ pub fn host_tensor(t: &metac_graphs::Tensor) -> HostTensor {
 
 // ---- batches ------------------------------------------------------------------
 
-/// SplitMix64: a small, well-mixed, platform-independent generator (the
-/// runtime has no `rand` dependency, and batch selection must be identical
-/// everywhere).
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by rejection (no modulo bias).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "SplitMix64::below(0)");
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let v = self.next_u64();
-            if v < zone {
-                return v % n;
-            }
-        }
-    }
-}
+pub use crate::rng::SplitMix64;
 
 /// Pre-generated minibatch indices: `steps` batches of `batch_size` rows of
 /// a split of `n` examples, determined by the seed alone.
@@ -166,7 +136,7 @@ impl Batches {
         let per_epoch = n / batch_size;
         while indices.len() < steps * batch_size {
             for i in (1..n).rev() {
-                let j = rng.below(i as u64 + 1) as usize;
+                let j = rng.below(i + 1);
                 perm.swap(i, j);
             }
             let need = steps - indices.len() / batch_size;
