@@ -30,6 +30,9 @@ pub enum Which {
     /// Value-and-gradient and HVP of the MNIST MLP 784-20-10 over the training set,
     /// against a plain 784x20 MatMul on the same rows.
     Mlp(MlpArgs),
+    /// One L2O meta-iteration (unroll + BPTT) of a config's compiled bundle: time per
+    /// meta-iteration and per inner step, FLOPs, GFLOP/s, peak memory.
+    L2o(crate::bench_l2o::L2oArgs),
 }
 
 #[derive(clap::Args)]
@@ -53,6 +56,7 @@ pub struct MlpArgs {
 pub fn run(a: Args) -> Result<()> {
     match a.which {
         Which::Mlp(m) => mlp(m),
+        Which::L2o(l) => crate::bench_l2o::run(l),
     }
 }
 

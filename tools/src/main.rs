@@ -1,5 +1,6 @@
 //! `metac`: ahead-of-time compiler and runtime for meta-learning training.
 
+mod bench_l2o;
 mod cmd_bench;
 mod cmd_derive;
 mod cmd_eval;

@@ -1,0 +1,184 @@
+//! `metac bench l2o`: the cost of one meta-iteration of a compiled L2O
+//! bundle (one unroll forward through `step`, BPTT through `step_vjp`),
+//! per inner step, with FLOPs, achieved GFLOP/s and peak memory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use metac_compiler::l2o::config::L2oConfig;
+use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
+use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
+use metac_runtime::bundle::Bundle;
+use metac_runtime::data::mnist;
+use metac_runtime::l2o::bptt::{truncated_bptt, Named, StepRunner, Unroll};
+use metac_runtime::l2o::{L2oLayout, SessionRunner};
+use metac_runtime::metatest::host_tensor;
+use metac_runtime::tensor::HostTensor;
+use ndarray::{ArrayD, IxDyn};
+
+use crate::common::BackendArgs;
+
+#[derive(clap::Args)]
+pub struct L2oArgs {
+    /// The L2O config to compile and measure.
+    #[arg(long, default_value = "configs/seed.toml")]
+    pub config: PathBuf,
+    /// Inner steps per unroll.
+    #[arg(long, default_value_t = 20)]
+    pub unroll_length: usize,
+    /// Timed meta-iterations per backend (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Comma-separated backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "ort,tract")]
+    pub backends: Vec<BackendChoice>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// MNIST directory (IDX files).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn conv(v: Vec<(String, metac_graphs::Tensor)>) -> Named<HostTensor> {
+    v.into_iter().map(|(n, t)| (n, host_tensor(&t))).collect()
+}
+
+fn xy(names: &[String], split: &mnist::Split, rows: std::ops::Range<usize>) -> Named<HostTensor> {
+    let n = rows.len();
+    let x: Vec<f32> = rows
+        .clone()
+        .flat_map(|i| split.image(i % split.len()).to_vec())
+        .collect();
+    let y: Vec<i64> = rows.map(|i| split.labels[i % split.len()]).collect();
+    let find = |s: &str| {
+        names
+            .iter()
+            .find(|m| m.ends_with(s))
+            .cloned()
+            .unwrap_or_default()
+    };
+    vec![
+        (
+            find(".x"),
+            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, mnist::PIXELS]), x).unwrap()),
+        ),
+        (
+            find(".y"),
+            HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), y).unwrap()),
+        ),
+    ]
+}
+
+/// Peak resident memory of this process so far (Linux), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn run(a: L2oArgs) -> Result<()> {
+    let cfg = L2oConfig::load(&a.config)?;
+    let program = L2oProgram::from_config(&cfg)?;
+    let flops_step = metac_graphs::cost::flops(&program.step_graph()) as f64;
+    let flops_vjp = metac_graphs::cost::flops(&program.step_vjp_graph()) as f64;
+    let per_iter = a.unroll_length as f64 * (flops_step + flops_vjp);
+    let dir = std::env::temp_dir().join(format!("metac-bench-l2o-{}", std::process::id()));
+    compile_l2o(&cfg, &dir)?;
+    let bundle = Bundle::load(&dir)?;
+    let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
+    let data = mnist::load(&a.data_dir.clone().unwrap_or_else(mnist::default_dir))?;
+    let phi = conv(program.init_phi(cfg.seed));
+    let theta = conv(program.init_theta(cfg.seed));
+    let state = conv(program.init_state(cfg.seed));
+    let minibatches: Vec<Named<HostTensor>> = (0..a.unroll_length)
+        .map(|t| {
+            xy(
+                &layout.batch,
+                &data.train,
+                t * cfg.batch_size..(t + 1) * cfg.batch_size,
+            )
+        })
+        .collect();
+    let obj = xy(
+        &layout.objective_batch,
+        &data.train,
+        0..cfg.objective_examples,
+    );
+    println!(
+        "# metac bench l2o: {} (batch {}, objective set {}), one meta-iteration = {}-step unroll + BPTT + meta-gradient",
+        cfg.problem, cfg.batch_size, cfg.objective_examples, a.unroll_length
+    );
+    println!(
+        "# FLOPs: step {:.3} GFLOP, step_vjp {:.3} GFLOP, meta-iteration {:.2} GFLOP; median of {} after one warm-up\n",
+        flops_step / 1e9,
+        flops_vjp / 1e9,
+        per_iter / 1e9,
+        a.repeats
+    );
+    println!("| backend | step forward (ms) | meta-iteration (s) | per inner step (ms) | GFLOP/s | peak RSS (MB) |");
+    println!("|---|---|---|---|---|---|");
+    for choice in &a.backends {
+        let backend = match open_backend(&BackendOptions {
+            choice: *choice,
+            ..a.backend.options()
+        }) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("| {choice} | unavailable: {e:#} | | | | |");
+                continue;
+            }
+        };
+        let mut runner = SessionRunner::from_bundle(&bundle, backend.as_ref())?;
+        let unroll = Unroll {
+            phi: &phi,
+            theta: &theta,
+            state: &state,
+            reset: true,
+            minibatches: &minibatches,
+            objective_batch: &obj,
+            initial_objective: 2.3,
+        };
+        let mut fwd = vec![];
+        let mut ins: Vec<(&str, &HostTensor)> = phi
+            .iter()
+            .chain(&theta)
+            .chain(&state)
+            .chain(&minibatches[0])
+            .chain(&obj)
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        ins.sort_by_key(|(n, _)| *n);
+        runner.step(&ins)?;
+        for _ in 0..a.repeats {
+            let t0 = Instant::now();
+            runner.step(&ins)?;
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+        truncated_bptt(&mut runner, &layout, &unroll)?;
+        let mut times = vec![];
+        for _ in 0..a.repeats {
+            let t0 = Instant::now();
+            truncated_bptt(&mut runner, &layout, &unroll)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        let t = median(times);
+        println!(
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {} |",
+            backend.name(),
+            median(fwd) * 1e3,
+            t,
+            t / a.unroll_length as f64 * 1e3,
+            per_iter / t / 1e9,
+            peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0}"))
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
