@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 meta-gradient subgraphs, writes them as standard ONNX in an artifact bundle, and runs bundles through \
 ONNX Runtime (CPU or CUDA) or tract.",
     after_help = "Examples:\n  \
-metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
+metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --out evals/relu\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
 metac inspect model.onnx\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
@@ -36,6 +36,7 @@ struct Cli {
 enum Cmd {
     Derive(cmd_derive::Args),
     Inspect(cmd_inspect::Args),
+    /// Measure compiled graphs (mlp, l2o) against a reference run in the same process.
     Bench(cmd_bench::Args),
     /// Compile a program (l2o) into a bundle.
     Compile(cmd_l2o::CompileArgs),
