@@ -1,15 +1,12 @@
 //! The `metac` binary as a user runs it: `derive`, `inspect`, `--help`, and
 //! bad input (one-line errors, exit code 2, no panics).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn metac(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metac"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::metac;
 
 fn fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -20,12 +17,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/test-scratch/cli")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("cli", name)
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -37,14 +29,7 @@ fn text(o: &Output) -> (String, String) {
 
 /// Bad input: exit code 2, exactly one line on stderr that contains `needle`.
 fn assert_user_error(o: &Output, needle: &str) {
-    let (_, err) = text(o);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "expected one line: {err}"
-    );
+    let err = common::err_line(o);
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
 

@@ -3,42 +3,14 @@
 //! batches; the curves, summary and plot are written, and bad names are
 //! one-line errors with exit status 2.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn metac(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metac"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use std::path::Path;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{err_line, metac, ok, root};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = root().join("target/test-scratch/eval-cli").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn err_line(o: &Output) -> String {
-    let e = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(!e.contains("panicked"), "{e}");
-    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
-    e
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("eval-cli", name)
 }
 
 /// A tiny bundle and a one-iteration run of it.

@@ -2,41 +2,15 @@
 //! from its checkpoint ends exactly where the uninterrupted run ends, and
 //! bad configs or mismatched checkpoints are rejected up front.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn metac(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metac"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{err_line, metac, ok, root};
 
 fn scratch(name: &str) -> PathBuf {
-    let d = root().join("target/test-scratch/l2o-cli").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn err_line(o: &Output) -> String {
-    let e = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(!e.contains("panicked"), "{e}");
-    e
+    common::scratch("l2o-cli", name)
 }
 
 /// metrics.jsonl without the wall-clock field.

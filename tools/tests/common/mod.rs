@@ -1,0 +1,45 @@
+//! Helpers shared by the CLI tests: run the `metac` binary, scratch
+//! directories, and the checks every user-facing error must pass.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn metac(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_metac"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh, empty directory under `target/test-scratch/<suite>/<name>`.
+pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    let d = root().join("target/test-scratch").join(suite).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The command succeeded (its output is shown if not).
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Bad input: exit code 2, no panic, exactly one line on stderr; returns it.
+pub fn err_line(o: &Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "expected one line: {e}");
+    e
+}
