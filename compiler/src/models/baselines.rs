@@ -36,6 +36,15 @@ pub trait StepOptimizer {
     }
 }
 
+/// One state tensor per parameter, shaped like it: `<opt>.p<k>.<slot>`.
+fn per_param(opt: &str, slot: &str, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
+    param_shapes
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (format!("{opt}.p{k}.{slot}"), s.clone()))
+        .collect()
+}
+
 fn filled(specs: Vec<(String, Vec<usize>)>, value: impl Fn(&str) -> f32) -> Vec<(String, Tensor)> {
     specs
         .into_iter()
@@ -221,11 +230,7 @@ impl StepOptimizer for Sgd {
         if self.momentum == 0.0 {
             return vec![];
         }
-        param_shapes
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (format!("sgd.p{k}.buf"), s.clone()))
-            .collect()
+        per_param("sgd", "buf", param_shapes)
     }
     fn initial_state(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Tensor)> {
         filled(self.state_specs(param_shapes), |_| 0.0)
@@ -294,11 +299,7 @@ impl StepOptimizer for RmsProp {
         "rmsprop"
     }
     fn state_specs(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
-        param_shapes
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (format!("rmsprop.p{k}.ms"), s.clone()))
-            .collect()
+        per_param("rmsprop", "ms", param_shapes)
     }
     fn initial_state(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Tensor)> {
         filled(self.state_specs(param_shapes), |_| self.initial_ms)
@@ -363,11 +364,7 @@ impl StepOptimizer for Adagrad {
         "adagrad"
     }
     fn state_specs(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
-        param_shapes
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (format!("adagrad.p{k}.accum"), s.clone()))
-            .collect()
+        per_param("adagrad", "accum", param_shapes)
     }
     fn initial_state(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Tensor)> {
         filled(self.state_specs(param_shapes), |_| self.initial_accumulator)
