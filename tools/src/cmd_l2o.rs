@@ -196,6 +196,17 @@ pub fn run(a: RunArgs) -> Result<()> {
     let quiet = a.quiet;
     let t0 = Instant::now();
     let start = trainer.completed();
+    // A progress bar on a terminal; plain lines (one per meta-iteration) in logs.
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let pb = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} meta-iterations, eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        pb
+    });
     let mut show = |l: &IterationLog| {
         if quiet {
             return;
@@ -203,7 +214,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         let done = l.iteration + 1;
         let rate = t0.elapsed().as_secs_f64() / (done - start) as f64;
         let meta = l.meta_losses.iter().sum::<f64>() / l.meta_losses.len().max(1) as f64;
-        eprintln!(
+        let line = format!(
             "[{done:>4}/{total}] meta-loss {meta:+.4}  objective {:.4} -> {}  {}{}  ({:.1}s/it, eta {:.0}s)",
             l.initial_objective,
             l.final_objective.map_or("n/a".into(), |v| format!("{v:.4}")),
@@ -212,6 +223,13 @@ pub fn run(a: RunArgs) -> Result<()> {
             rate,
             rate * (total - done) as f64
         );
+        match &bar {
+            Some(pb) => {
+                pb.println(line);
+                pb.set_position(done as u64);
+            }
+            None => eprintln!("{line}"),
+        }
     };
     trainer.run(
         &ProgramSampler(program),
