@@ -22,7 +22,7 @@
 use metac_graphs::autodiff::grad;
 use metac_graphs::passes::optimize;
 use metac_graphs::{Graph, Tensor};
-use metac_runtime::metatest::{EvalIo, TrainStepIo};
+use metac_runtime::metatest::{host_tensor, EvalIo, RunInit, TrainStepIo};
 
 use crate::models::baselines::{Baseline, StepOptimizer};
 use crate::models::hrnn::Hrnn;
@@ -166,6 +166,28 @@ pub fn build_train_step(problem: &dyn Problem, opt: &MetaOptimizer) -> TrainStep
 ///
 /// # Errors
 /// When the problem has no accuracy (not a classifier).
+/// Where optimizer `label` starts for `seed`: the problem's initial
+/// parameters and the optimizer's initial state (from `phi` for the HRNN).
+pub fn run_init(
+    label: &str,
+    problem: &dyn Problem,
+    opt: &MetaOptimizer,
+    phi: &[(String, Tensor)],
+    seed: u64,
+) -> RunInit {
+    let shapes: Vec<Vec<usize>> = problem.param_shapes().into_iter().map(|(_, s)| s).collect();
+    RunInit {
+        optimizer: label.into(),
+        params: problem.init_params(seed).iter().map(host_tensor).collect(),
+        state: opt
+            .initial_state(&shapes, phi, seed)
+            .iter()
+            .map(|(_, t)| host_tensor(t))
+            .collect(),
+        phi: phi.iter().map(|(_, t)| host_tensor(t)).collect(),
+    }
+}
+
 pub fn build_evaluate(problem: &dyn Problem) -> Result<EvalGraph, String> {
     let g = problem.loss_graph();
     if g.find_output("accuracy").is_none() {

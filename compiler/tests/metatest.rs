@@ -4,14 +4,16 @@
 
 use std::sync::OnceLock;
 
-use metac_compiler::metatest::{build_evaluate, build_train_step, to_onnx, MetaOptimizer};
+use metac_compiler::metatest::{
+    build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
+};
 use metac_compiler::models::baselines::{Adam, Baseline, Sgd};
 use metac_compiler::models::hrnn::Hrnn;
 use metac_compiler::models::problems::problem_by_name;
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions, Session};
 use metac_runtime::data::mnist::{self, Mnist, Split};
 use metac_runtime::metatest::{
-    host_tensor, run_optimizer, Batches, EvalIo, MetaTestResults, RunInit, RunResult, TrainStepIo,
+    run_optimizer, Batches, EvalIo, MetaTestResults, RunInit, RunResult, TrainStepIo,
 };
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 
@@ -59,17 +61,7 @@ fn init(
     phi: &[(String, metac_graphs::Tensor)],
 ) -> RunInit {
     let p = problem_by_name("mnist-mlp", BATCH).unwrap();
-    let shapes: Vec<Vec<usize>> = p.param_shapes().into_iter().map(|(_, s)| s).collect();
-    RunInit {
-        optimizer: label.into(),
-        params: p.init_params(seed).iter().map(host_tensor).collect(),
-        state: opt
-            .initial_state(&shapes, phi, seed)
-            .iter()
-            .map(|(_, t)| host_tensor(t))
-            .collect(),
-        phi: phi.iter().map(|(_, t)| host_tensor(t)).collect(),
-    }
+    run_init(label, p.as_ref(), opt, phi, seed)
 }
 
 fn run(

@@ -10,8 +10,6 @@ use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use rand_chacha::ChaCha8Rng as Rng8;
-
 /// How to draw an input: uniform in [lo, hi], or integers below `n` (indices).
 #[derive(Clone, Copy)]
 pub enum Dist {
@@ -62,10 +60,6 @@ pub fn sample(rng: &mut ChaCha8Rng, shape: &[usize], d: Dist) -> Value {
 pub struct Harness {
     pub g: Graph,
     pub float_inputs: Vec<(String, NodeId)>,
-    pub grads: Vec<NodeId>,
-    pub hvp_fr: Vec<NodeId>,
-    pub hvp_rr: Vec<NodeId>,
-    pub third: Vec<NodeId>,
 }
 
 pub fn harness(c: &Case, rng: &mut ChaCha8Rng) -> Harness {
@@ -137,14 +131,7 @@ pub fn harness(c: &Case, rng: &mut ChaCha8Rng) -> Harness {
     for (i, id) in third.iter().enumerate() {
         g.output(&format!("t{i}"), *id);
     }
-    Harness {
-        g,
-        float_inputs,
-        grads,
-        hvp_fr,
-        hvp_rr,
-        third,
-    }
+    Harness { g, float_inputs }
 }
 
 pub fn cases() -> Vec<Case> {

@@ -11,9 +11,9 @@ use metac_graphs::onnx::export_bytes;
 use metac_graphs::passes::optimize;
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions, Session};
 use metac_runtime::tensor::HostTensor;
+use metac_tests::fixtures::rel_err as rel;
 use metac_tests::op_cases::{cases, harness, harness_inputs, rng};
 use metac_tests::python::{run_script, scratch};
-use ndarray::ArrayD;
 
 fn to_host(v: &Value) -> HostTensor {
     match v {
@@ -25,17 +25,6 @@ fn to_host(v: &Value) -> HostTensor {
 
 fn f64s(t: &HostTensor) -> Vec<f64> {
     t.as_f32().unwrap().iter().map(|&x| x as f64).collect()
-}
-
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-3);
-    num / den
 }
 
 fn run(s: &mut dyn Session, inputs: &[(String, HostTensor)]) -> HashMap<String, HostTensor> {
@@ -98,6 +87,3 @@ fn every_op_case_runs_on_ort_and_tract_and_matches_the_f64_reference() {
         "{out}"
     );
 }
-
-#[allow(dead_code)]
-fn unused(_: ArrayD<f32>) {}

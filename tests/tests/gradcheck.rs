@@ -55,7 +55,6 @@ fn check(c: &Case, optimized: bool) {
     } else {
         h.g.clone()
     };
-    let _ = (&h.grads, &h.hvp_fr, &h.hvp_rr, &h.third);
     let mut env = HashMap::new();
     for (i, (s, d)) in c.inputs.iter().enumerate() {
         env.insert(format!("x{i}"), sample(&mut rng, s, *d));

@@ -12,10 +12,10 @@ use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
 use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
 use metac_runtime::l2o::bptt::{truncated_bptt, Named, StepRunner, Unroll};
+use metac_runtime::l2o::data::{named_rows, xy_names};
 use metac_runtime::l2o::{L2oLayout, SessionRunner};
 use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
-use ndarray::{ArrayD, IxDyn};
 
 use crate::common::BackendArgs;
 
@@ -44,30 +44,18 @@ fn conv(v: Vec<(String, metac_graphs::Tensor)>) -> Named<HostTensor> {
     v.into_iter().map(|(n, t)| (n, host_tensor(&t))).collect()
 }
 
-fn xy(names: &[String], split: &mnist::Split, rows: std::ops::Range<usize>) -> Named<HostTensor> {
-    let n = rows.len();
-    let x: Vec<f32> = rows
-        .clone()
-        .flat_map(|i| split.image(i % split.len()).to_vec())
-        .collect();
-    let y: Vec<i64> = rows.map(|i| split.labels[i % split.len()]).collect();
-    let find = |s: &str| {
-        names
-            .iter()
-            .find(|m| m.ends_with(s))
-            .cloned()
-            .unwrap_or_default()
-    };
-    vec![
-        (
-            find(".x"),
-            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, mnist::PIXELS]), x).unwrap()),
-        ),
-        (
-            find(".y"),
-            HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), y).unwrap()),
-        ),
-    ]
+/// Rows `rows` of the split (wrapping around) under a layout's `*.x`/`*.y` names.
+fn xy(
+    names: &[String],
+    split: &mnist::Split,
+    rows: std::ops::Range<usize>,
+) -> Result<Named<HostTensor>> {
+    let n = split.len();
+    Ok(named_rows(
+        split,
+        rows.map(|i| i % n),
+        &xy_names(names, "bench inputs")?,
+    ))
 }
 
 /// Peak resident memory of this process so far (Linux), in MB.
@@ -105,12 +93,12 @@ pub fn run(a: L2oArgs) -> Result<()> {
                 t * cfg.batch_size..(t + 1) * cfg.batch_size,
             )
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let obj = xy(
         &layout.objective_batch,
         &data.train,
         0..cfg.objective_examples,
-    );
+    )?;
     println!(
         "# metac bench l2o: {} (batch {}, objective set {}), one meta-iteration = {}-step unroll + BPTT + meta-gradient",
         cfg.problem, cfg.batch_size, cfg.objective_examples, a.unroll_length

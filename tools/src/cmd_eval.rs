@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use metac_compiler::metatest::{build_evaluate, build_train_step, to_onnx, MetaOptimizer};
+use metac_compiler::metatest::{
+    build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
+};
 use metac_compiler::models::baselines::{Adagrad, Adam, Baseline, RmsProp, Sgd};
 use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
 use metac_compiler::models::problems::{problem_by_name, DataKind, Problem};
@@ -20,7 +22,7 @@ use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist::{self, Split};
 use metac_runtime::l2o::run::load_run_phi;
 use metac_runtime::metatest::{
-    host_tensor, run_optimizer, Batches, EvalIo, MetaTestResults, OptimizerSummary, RunInit, Stat,
+    run_optimizer, Batches, EvalIo, MetaTestResults, OptimizerSummary, Stat,
 };
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 
@@ -366,7 +368,6 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|&s| Batches::generate(split.len(), a.batch_size, a.steps, s))
         .collect::<Result<_>>()?;
-    let shapes: Vec<Vec<usize>> = problem.param_shapes().into_iter().map(|(_, s)| s).collect();
     let mut results = MetaTestResults {
         problem: problem_name.clone(),
         split: a.split.name().into(),
@@ -396,16 +397,7 @@ pub fn run(a: Args) -> Result<()> {
         );
         for (&seed, b) in seeds.iter().zip(&batches) {
             let t0 = Instant::now();
-            let init = RunInit {
-                optimizer: label.to_string(),
-                params: problem.init_params(seed).iter().map(host_tensor).collect(),
-                state: opt
-                    .initial_state(&shapes, phi, seed)
-                    .iter()
-                    .map(|(_, t)| host_tensor(t))
-                    .collect(),
-                phi: phi.iter().map(|(_, t)| host_tensor(t)).collect(),
-            };
+            let init = run_init(label, problem.as_ref(), &opt, phi, seed);
             let eval: Option<(&mut dyn Session, &EvalIo, &Split)> =
                 Some((eval_sess.as_mut(), &eval_graph.io, split));
             let r = run_optimizer(train.as_mut(), &ts.io, &init, split, b, seed, eval)?;

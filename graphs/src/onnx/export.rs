@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use prost::Message;
 
 use super::pb::{
-    self, attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto,
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
 };
 use super::{IR_VERSION, OPSET};
 use crate::graph::{Graph, NodeId};
@@ -371,6 +371,3 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
 pub fn export_bytes(g: &Graph, graph_name: &str) -> Result<Vec<u8>, ExportError> {
     Ok(export_model(g, graph_name)?.encode_to_vec())
 }
-
-#[allow(unused_imports)]
-use pb as _;

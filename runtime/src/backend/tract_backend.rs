@@ -3,7 +3,6 @@
 //! It is the fallback when ONNX Runtime is not installed and the reference for cross-checking ORT.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use prost::Message;
@@ -109,7 +108,6 @@ impl Backend for TractBackend {
         let state = plan.spawn()?;
         Ok(Box::new(TractSession {
             label: label.to_string(),
-            plan,
             state,
             inputs,
             outputs: output_names,
@@ -128,9 +126,6 @@ fn to_dtype(dt: DatumType) -> Result<DType> {
 
 struct TractSession {
     label: String,
-    // Kept so the plan outlives the state explicitly (the state also holds an `Arc` to it).
-    #[allow(dead_code)]
-    plan: Arc<TypedSimplePlan>,
     state: TypedSimpleState,
     inputs: Vec<InputSpec>,
     outputs: Vec<String>,

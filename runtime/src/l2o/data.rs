@@ -7,11 +7,10 @@
 //! run is reproducible.
 
 use anyhow::{ensure, Context, Result};
-use ndarray::{ArrayD, IxDyn};
 
 use super::bptt::Named;
 use super::train::UnrollData;
-use crate::data::mnist::{Split, PIXELS};
+use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
 
 pub use crate::rng::SplitMix64;
@@ -28,7 +27,8 @@ pub struct MnistUnrollData<'a> {
     perm: Vec<usize>,
 }
 
-fn xy_names(names: &[String], what: &str) -> Result<(String, String)> {
+/// The image and label input names (`*.x`, `*.y`) among a layout's names.
+pub fn xy_names(names: &[String], what: &str) -> Result<(String, String)> {
     let find = |suffix: &str| {
         names
             .iter()
@@ -37,6 +37,16 @@ fn xy_names(names: &[String], what: &str) -> Result<(String, String)> {
             .with_context(|| format!("{what}: no input ending in '{suffix}' among {names:?}"))
     };
     Ok((find(".x")?, find(".y")?))
+}
+
+/// Rows of a split as the named inputs `(names.0: images, names.1: labels)`.
+pub fn named_rows(
+    split: &Split,
+    rows: impl IntoIterator<Item = usize>,
+    names: &(String, String),
+) -> Named<HostTensor> {
+    let (x, y) = crate::metatest::gather(split, rows);
+    vec![(names.0.clone(), x), (names.1.clone(), y)]
 }
 
 impl<'a> MnistUnrollData<'a> {
@@ -67,23 +77,7 @@ impl<'a> MnistUnrollData<'a> {
     }
 
     fn gather(&self, idx: &[usize], names: &(String, String)) -> Named<HostTensor> {
-        let mut x = Vec::with_capacity(idx.len() * PIXELS);
-        let mut y = Vec::with_capacity(idx.len());
-        for &i in idx {
-            x.extend_from_slice(self.split.image(i));
-            y.push(self.split.labels[i]);
-        }
-        let n = idx.len();
-        vec![
-            (
-                names.0.clone(),
-                HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, PIXELS]), x).expect("shape")),
-            ),
-            (
-                names.1.clone(),
-                HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), y).expect("shape")),
-            ),
-        ]
+        named_rows(self.split, idx.iter().copied(), names)
     }
 }
 
@@ -109,6 +103,7 @@ impl UnrollData for MnistUnrollData<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::mnist::PIXELS;
 
     #[test]
     fn batches_have_the_layout_names_and_shapes() {

@@ -14,17 +14,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
 use super::bptt::{Named, StepRunner};
-use super::data::SplitMix64;
+use super::data::{named_rows, xy_names, SplitMix64};
 use super::meta_opt::RmsProp;
 use super::train::{meta_iteration, UnrollData, UnrollSchedule};
 use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
 use crate::backend::{Backend, Session};
 use crate::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
-use crate::data::mnist::{Split, PIXELS};
+use crate::data::mnist::Split;
 use crate::fsutil::{sha256_hex, write_atomic};
 use crate::metatest::host_tensor;
 use crate::tensor::HostTensor;
@@ -92,41 +91,11 @@ fn derive_seed(seed: u64, stream: u64, i: u64) -> u64 {
 /// smaller than the compiled objective set); minibatches too.
 struct SampledData<'a> {
     split: &'a Split,
-    batch: (usize, String, String),
-    objective: (usize, String, String),
+    /// Size and (image, label) input names of minibatches and objective sets.
+    batch: (usize, (String, String)),
+    objective: (usize, (String, String)),
     rng: SplitMix64,
     first_objective: Option<Named<HostTensor>>,
-}
-
-fn gather(split: &Split, idx: &[usize], xn: &str, yn: &str) -> Named<HostTensor> {
-    let mut x = Vec::with_capacity(idx.len() * PIXELS);
-    let mut y = Vec::with_capacity(idx.len());
-    for &i in idx {
-        x.extend_from_slice(split.image(i));
-        y.push(split.labels[i]);
-    }
-    let n = idx.len();
-    vec![
-        (
-            xn.to_string(),
-            HostTensor::F32(ArrayD::from_shape_vec(vec![n, PIXELS], x).expect("shape")),
-        ),
-        (
-            yn.to_string(),
-            HostTensor::I64(ArrayD::from_shape_vec(vec![n], y).expect("shape")),
-        ),
-    ]
-}
-
-fn xy(names: &[String], what: &str) -> Result<(String, String)> {
-    let find = |s: &str| {
-        names
-            .iter()
-            .find(|n| n.ends_with(s))
-            .cloned()
-            .with_context(|| format!("{what}: no '*{s}' input in {names:?}"))
-    };
-    Ok((find(".x")?, find(".y")?))
 }
 
 impl<'a> SampledData<'a> {
@@ -137,12 +106,13 @@ impl<'a> SampledData<'a> {
         objective: usize,
         seed: u64,
     ) -> Result<Self> {
-        let (bx, by) = xy(&layout.batch, "minibatch")?;
-        let (ox, oy) = xy(&layout.objective_batch, "objective set")?;
         Ok(SampledData {
             split,
-            batch: (batch, bx, by),
-            objective: (objective, ox, oy),
+            batch: (batch, xy_names(&layout.batch, "minibatch")?),
+            objective: (
+                objective,
+                xy_names(&layout.objective_batch, "objective set")?,
+            ),
             rng: SplitMix64::new(seed),
             first_objective: None,
         })
@@ -156,7 +126,7 @@ impl<'a> SampledData<'a> {
 impl UnrollData for SampledData<'_> {
     fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
         let idx = self.draw(self.batch.0);
-        Ok(gather(self.split, &idx, &self.batch.1, &self.batch.2))
+        Ok(named_rows(self.split, idx, &self.batch.1))
     }
     fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>> {
         if unroll == 0 {
@@ -165,12 +135,7 @@ impl UnrollData for SampledData<'_> {
             }
         }
         let idx = self.draw(self.objective.0);
-        Ok(gather(
-            self.split,
-            &idx,
-            &self.objective.1,
-            &self.objective.2,
-        ))
+        Ok(named_rows(self.split, idx, &self.objective.1))
     }
 }
 

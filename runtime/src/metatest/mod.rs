@@ -160,14 +160,14 @@ impl Batches {
 }
 
 /// Gathers rows of `split` into `x f32[B,784]`, `y i64[B]`.
-pub fn gather(split: &Split, rows: &[u32]) -> (HostTensor, HostTensor) {
-    let mut x = Vec::with_capacity(rows.len() * PIXELS);
-    let mut y = Vec::with_capacity(rows.len());
-    for &r in rows {
-        x.extend_from_slice(split.image(r as usize));
-        y.push(split.labels[r as usize]);
+pub fn gather(split: &Split, rows: impl IntoIterator<Item = usize>) -> (HostTensor, HostTensor) {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for r in rows {
+        x.extend_from_slice(split.image(r));
+        y.push(split.labels[r]);
     }
-    let b = rows.len();
+    let b = y.len();
     (
         HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, PIXELS]), x).expect("gather: shape")),
         HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[b]), y).expect("gather: shape")),
@@ -288,7 +288,7 @@ pub fn run_optimizer(
     let mut losses = Vec::with_capacity(batches.steps());
     let mut diverged_at = None;
     for t in 0..batches.steps() {
-        let (x, y) = gather(data, batches.batch(t));
+        let (x, y) = gather(data, batches.batch(t).iter().map(|&r| r as usize));
         let mut feed: Vec<(&str, &HostTensor)> =
             Vec::with_capacity(params.len() + state.len() + init.phi.len() + 2);
         for (n, v) in io
@@ -378,7 +378,7 @@ pub fn evaluate(
     let (mut loss, mut acc) = (0.0f64, 0.0f64);
     for c in 0..chunks {
         let rows: Vec<u32> = ((c * e) as u32..((c + 1) * e) as u32).collect();
-        let (x, y) = gather(split, &rows);
+        let (x, y) = gather(split, rows.iter().map(|&r| r as usize));
         let mut feed: Vec<(&str, &HostTensor)> =
             io.params.iter().map(String::as_str).zip(params).collect();
         feed.push((&io.batch[0], &x));
@@ -483,7 +483,7 @@ mod tests {
     fn gather_picks_rows() {
         let mut s = split(4);
         s.images[2 * PIXELS] = 0.5;
-        let (x, y) = gather(&s, &[2, 0]);
+        let (x, y) = gather(&s, [2, 0]);
         assert_eq!(x.shape(), &[2, PIXELS]);
         assert_eq!(x.as_f32().unwrap()[[0, 0]], 0.5);
         assert_eq!(y.as_i64().unwrap().as_slice().unwrap(), &[2, 0]);
