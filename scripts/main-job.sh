@@ -15,7 +15,7 @@ $metac compile l2o --config configs/short.toml --out "$out/bundle"
 $metac run "$out/bundle" --config configs/short.toml --out "$out/run"
 $metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp --steps 1000 --seeds 6,12 \
   --optimizers learned,adam-1e-3 --out "$out/eval"
-echo "meta-test curves: $out/eval/curves.png, summary: $out/eval/summary.json"
+echo "meta-test curves: $out/eval/curves.png, summary: $out/eval/summary.json, final parameters: $out/eval/params/"
 $metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
   --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out/derive-mlp"
 $metac inspect "$out/derive-mlp"

@@ -11,9 +11,10 @@ use metac_compiler::models::baselines::{Adam, Baseline, Sgd};
 use metac_compiler::models::hrnn::Hrnn;
 use metac_compiler::models::problems::problem_by_name;
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions, Session};
-use metac_runtime::data::mnist::{self, Mnist, Split};
+use metac_runtime::data::mnist::{self, Mnist};
 use metac_runtime::metatest::{
-    run_optimizer, Batches, EvalIo, MetaTestResults, RunInit, RunResult, TrainStepIo,
+    run_optimizer, Batches, EvalIo, Evaluation, MetaTestResults, RunInit, RunResult, StepData,
+    TrainStepIo,
 };
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 
@@ -45,7 +46,7 @@ fn build(opt: &MetaOptimizer) -> Built {
     let p = problem_by_name("mnist-mlp", BATCH).unwrap();
     let ts = build_train_step(p.as_ref(), opt);
     let pe = problem_by_name("mnist-mlp", EVAL_BATCH).unwrap();
-    let ev = build_evaluate(pe.as_ref()).unwrap();
+    let ev = build_evaluate(pe.as_ref());
     Built {
         train: session(&ts.graph, "train_step"),
         io: ts.io,
@@ -75,12 +76,18 @@ fn run(
     let test = &mnist().test;
     let batches = Batches::generate(test.len(), BATCH, steps, seed).unwrap();
     let i = init(label, opt, seed, &[]);
-    let eval: Option<(&mut dyn Session, &EvalIo, &Split)> = if evaluate {
-        Some((b.eval.as_mut(), &b.eval_io, test))
-    } else {
-        None
+    let eval = evaluate.then(|| Evaluation {
+        session: b.eval.as_mut(),
+        io: &b.eval_io,
+        split: Some(test),
+    });
+    let data = StepData::Mnist {
+        split: test,
+        batches: &batches,
     };
-    run_optimizer(b.train.as_mut(), &b.io, &i, test, &batches, seed, eval).unwrap()
+    run_optimizer(b.train.as_mut(), &b.io, &i, data, seed, eval)
+        .unwrap()
+        .0
 }
 
 fn mean(v: &[f32]) -> f32 {
@@ -111,8 +118,8 @@ fn baselines_train_and_reports_are_written() {
     }));
     let mut results = MetaTestResults {
         problem: "mnist-mlp".into(),
-        split: "test".into(),
-        batch_size: BATCH,
+        split: Some("test".into()),
+        batch_size: Some(BATCH),
         steps: 50,
         runs: vec![],
     };
@@ -200,8 +207,55 @@ fn hrnn_train_step_runs() {
     let test = &mnist().test;
     let batches = Batches::generate(test.len(), BATCH, 3, 6).unwrap();
     let i = init("hrnn", &opt, 6, &phi);
-    let r = run_optimizer(train.as_mut(), &ts.io, &i, test, &batches, 6, None).unwrap();
+    let data = StepData::Mnist {
+        split: test,
+        batches: &batches,
+    };
+    let (r, _) = run_optimizer(train.as_mut(), &ts.io, &i, data, 6, None).unwrap();
     assert!(!r.diverged(), "{r:?}");
     assert_eq!(r.losses.len(), 3);
     assert!(r.losses.iter().all(|l| l.is_finite()));
+}
+
+#[test]
+fn data_free_problems_train_and_evaluate_without_a_split() {
+    let hrnn = Hrnn::default();
+    let phi = hrnn.weights().init(0);
+    let adam = MetaOptimizer::Baseline(Baseline::Adam(Adam::with_lr(1e-2)));
+    for (name, opt, phi, has_acc) in [
+        ("rosenbrock", MetaOptimizer::Hrnn(hrnn), &phi[..], false),
+        ("softmax-regression-random", adam, &[][..], true),
+    ] {
+        let p = problem_by_name(name, 0).unwrap();
+        let ts = build_train_step(p.as_ref(), &opt);
+        assert!(ts.io.batch.is_empty(), "{name}");
+        let ev = build_evaluate(p.as_ref());
+        assert_eq!(ev.io.accuracy.is_some(), has_acc, "{name}");
+        let mut train = session(&ts.graph, "train_step");
+        let mut eval = session(&ev.graph, "evaluate");
+        let i = run_init(name, p.as_ref(), &opt, phi, 6);
+        let evaluation = Evaluation {
+            session: eval.as_mut(),
+            io: &ev.io,
+            split: None,
+        };
+        let data = StepData::DataFree { steps: 20 };
+        let (r, params) =
+            run_optimizer(train.as_mut(), &ts.io, &i, data, 6, Some(evaluation)).unwrap();
+        assert!(!r.diverged(), "{name}: {r:?}");
+        assert_eq!(r.losses.len(), 20);
+        assert_eq!(r.eval_examples, 0);
+        assert_eq!(r.eval_accuracy.is_some(), has_acc, "{name}");
+        assert_eq!(params.len(), p.param_shapes().len());
+        for (t, (_, s)) in params.iter().zip(p.param_shapes()) {
+            assert_eq!(t.shape(), &s[..]);
+        }
+        // The evaluation is the loss at the final parameters: close to the
+        // last step's loss (measured one update earlier).
+        let (last, end) = (r.losses[19] as f64, r.eval_loss.unwrap());
+        assert!(
+            (end - last).abs() <= 0.5 * last.abs() + 1e-3,
+            "{name}: {last} vs {end}"
+        );
+    }
 }

@@ -39,13 +39,14 @@ pub fn run_script(name: &str, args: &[&Path]) -> String {
     text
 }
 
-/// A fresh scratch directory under the target directory.
+/// A fresh scratch directory `target/test-scratch/<name>-<pid>` (unique per
+/// test process, so that concurrent `cargo test` runs do not collide).
 pub fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("target")
         .join("test-scratch")
-        .join(name);
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -1,45 +1,41 @@
 //! `metac eval`: meta-test the frozen learned optimizer of a run against
-//! hand-designed baselines on an MNIST problem.
+//! hand-designed baselines on a problem: an MNIST problem or a data-free
+//! synthetic one (quadratic, Rosenbrock, ...).
 //!
 //! Per seed every optimizer starts from the same initial parameters
-//! (`problem.init_params(seed)`) and sees the same minibatches
-//! (`Batches::generate(split size, batch, steps, seed)`); the final
-//! parameters are evaluated on the whole split. Writes `curves.csv`,
-//! `summary.json` and `curves.png` into `--out`, and prints a table.
+//! (`problem.init_params(seed)`) and, for MNIST problems, sees the same
+//! minibatches (`Batches::generate(split size, batch, steps, seed)`); the
+//! final parameters are evaluated on the whole split (MNIST) or by the loss
+//! itself (data-free problems). Writes `curves.csv`, `summary.json`,
+//! `curves.png` and `params/<optimizer>-seed<seed>.safetensors` into
+//! `--out`, and prints a table.
+
+mod data;
+mod optimizers;
+mod table;
+
+pub use optimizers::PhiChoice;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use metac_compiler::metatest::{
     build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
 };
-use metac_compiler::models::baselines::{Adagrad, Adam, Baseline, RmsProp, Sgd};
-use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
-use metac_compiler::models::problems::{problem_by_name, DataKind, Problem};
-use metac_runtime::backend::{open_backend, Session};
+use metac_compiler::models::problems::{problem_by_name, problem_names, Problem};
+use metac_runtime::backend::open_backend;
 use metac_runtime::bundle::Bundle;
-use metac_runtime::data::mnist::{self, Split};
-use metac_runtime::l2o::run::load_run_phi;
 use metac_runtime::metatest::{
-    run_optimizer, Batches, EvalIo, MetaTestResults, OptimizerSummary, Stat,
+    params_path, run_optimizer, write_params, Evaluation, MetaTestResults, StepData,
 };
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
+use metac_runtime::tensor::HostTensor;
 
 use crate::common::BackendArgs;
-
-/// The optimizers run when `--optimizers` is not given.
-pub const DEFAULT_OPTIMIZERS: &str =
-    "learned,adam-1e-3,adam-1e-4,sgd-1e-3,rmsprop-1e-3,adagrad-1e-2";
-
-/// Which meta-parameters of the run to use.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PhiChoice {
-    /// best.safetensors (best validation objective), else the last checkpoint.
-    Best,
-    /// checkpoint.safetensors (the last meta-iteration).
-    Last,
-}
+use data::{needs_mnist, MnistData};
+use optimizers::{load_learned, parse_optimizers, parse_seeds, OptSpec, DEFAULT_OPTIMIZERS};
+use table::table;
 
 /// The MNIST split the batches are drawn from and the final parameters are
 /// evaluated on.
@@ -60,16 +56,41 @@ impl SplitChoice {
     }
 }
 
-/// Meta-test the learned optimizer of a run against baselines.
-#[derive(clap::Args)]
-#[command(after_help = "Examples:\n  \
+/// Minibatch size of MNIST problems when `--batch-size` is not given.
+pub const DEFAULT_BATCH_SIZE: usize = 128;
+/// Evaluation chunk size of MNIST problems when `--eval-batch-size` is not given.
+pub const DEFAULT_EVAL_BATCH_SIZE: usize = 1000;
+
+fn after_help() -> String {
+    format!(
+        "Examples:\n  \
 metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --steps 10000 --seeds 6,12,18,24,30 --out eval/relu\n  \
-metac eval --problem mnist-mlp --optimizers adam-1e-3,sgd-1e-1 --steps 2000 --out eval/baselines\n\n\
+metac eval --problem mnist-mlp --optimizers adam-1e-3,sgd-1e-1 --steps 2000 --out eval/baselines\n  \
+metac eval runs/seed --bundle bundles/seed --problem rosenbrock --optimizers learned,adam-1e-2 --steps 1000 --out eval/rosenbrock\n\n\
+Problems: {}.\n\n\
 Optimizers: `learned` (the run's meta-parameters; needs RUN and --bundle) and NAME-LR with NAME one of \
 adam, sgd, rmsprop, adagrad (e.g. adam-1e-3). Per seed, every optimizer starts from the same initial \
-parameters and sees the same minibatches. Writes OUT/curves.csv (optimizer,seed,step,loss), \
-OUT/summary.json (per optimizer: mean and std over seeds of the final loss, the loss at 1,000 steps \
-and the accuracy on the split) and OUT/curves.png (mean curves over seeds, log scale).")]
+parameters. On MNIST problems (mnist-*) every optimizer sees the same minibatches of --split and the \
+final parameters are evaluated on the whole split. The other problems are data-free (any data is baked \
+into the loss): no minibatches and no split, the evaluation is the loss at the final parameters (and \
+the accuracy where the problem is a classifier, softmax-regression-random); --split, --data-dir, \
+--batch-size and --eval-batch-size are rejected for them.\n\n\
+Writes into OUT:\n  \
+curves.csv    optimizer,seed,step,loss: the (minibatch) loss at the parameters before each step\n  \
+summary.json  problem, steps, split and batch_size (null for data-free problems), and per optimizer \
+the mean and std over seeds of the final loss (last 100 steps), the loss at 1,000 steps, the evaluation \
+loss and accuracy (null where the problem is not a classifier), and how many runs diverged\n  \
+curves.png    mean curves over seeds (log scale where every loss is positive)\n  \
+params/OPTIMIZER-seedSEED.safetensors  the final parameters of every run that did not diverge, one \
+tensor per parameter under the problem's parameter names (written atomically; nothing for a diverged \
+run, whose file from an earlier eval into OUT is removed)",
+        problem_names().join(", ")
+    )
+}
+
+/// Meta-test the learned optimizer of a run against baselines.
+#[derive(clap::Args)]
+#[command(after_help = after_help())]
 pub struct Args {
     /// Run directory of `metac run` (needed for the `learned` optimizer).
     pub run: Option<PathBuf>,
@@ -91,16 +112,19 @@ pub struct Args {
     /// Which meta-parameters of RUN the learned optimizer uses.
     #[arg(long, value_enum, default_value_t = PhiChoice::Best)]
     pub phi: PhiChoice,
-    /// Minibatch size.
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
-    /// Evaluation chunk size (clamped to the split size).
-    #[arg(long, default_value_t = 1000)]
-    pub eval_batch_size: usize,
-    /// MNIST split for the batches and the final evaluation.
-    #[arg(long, value_enum, default_value_t = SplitChoice::Test)]
-    pub split: SplitChoice,
-    /// MNIST directory (IDX files, gzip or raw); default: the shipped data/mnist.
+    /// Minibatch size (MNIST problems only) [default: 128].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Evaluation chunk size, clamped to the split size (MNIST problems only)
+    /// [default: 1000].
+    #[arg(long)]
+    pub eval_batch_size: Option<usize>,
+    /// MNIST split for the batches and the final evaluation (MNIST problems
+    /// only) [default: test].
+    #[arg(long, value_enum)]
+    pub split: Option<SplitChoice>,
+    /// MNIST directory (IDX files, gzip or raw; MNIST problems only);
+    /// default: the shipped data/mnist.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Output directory.
@@ -110,202 +134,25 @@ pub struct Args {
     pub backend: BackendArgs,
 }
 
-/// One requested optimizer: its label and what to build.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OptSpec {
-    Learned,
-    Baseline(String, Baseline),
-}
-
-impl OptSpec {
-    pub fn label(&self) -> &str {
-        match self {
-            OptSpec::Learned => "learned",
-            OptSpec::Baseline(l, _) => l,
+/// Writes the final parameters of a run, or for a diverged run removes a
+/// file left from an earlier eval into the same directory.
+fn save_params(
+    out: &Path,
+    label: &str,
+    seed: u64,
+    diverged: bool,
+    names: &[String],
+    params: &[HostTensor],
+) -> Result<()> {
+    let path = params_path(out, label, seed);
+    if !diverged {
+        return write_params(&path, names, params);
+    }
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing stale {}", path.display()))
         }
-    }
-}
-
-/// Parses `learned` or `NAME-LR` (e.g. `adam-1e-3`).
-pub fn parse_optimizer(s: &str) -> Result<OptSpec> {
-    let s = s.trim();
-    if s == "learned" {
-        return Ok(OptSpec::Learned);
-    }
-    let bad = || {
-        anyhow::anyhow!(
-            "unknown optimizer '{s}' (expected learned or NAME-LR with NAME one of adam, sgd, rmsprop, adagrad, e.g. adam-1e-3)"
-        )
-    };
-    let (name, lr) = s.split_once('-').ok_or_else(bad)?;
-    let lr: f32 = lr.parse().map_err(|_| bad())?;
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("optimizer '{s}': the learning rate must be a finite number > 0");
-    }
-    let b = match name {
-        "adam" => Baseline::Adam(Adam::with_lr(lr)),
-        "sgd" => Baseline::Sgd(Sgd {
-            lr,
-            ..Sgd::default()
-        }),
-        "rmsprop" => Baseline::RmsProp(RmsProp {
-            lr,
-            ..RmsProp::default()
-        }),
-        "adagrad" => Baseline::Adagrad(Adagrad {
-            lr,
-            ..Adagrad::default()
-        }),
-        _ => return Err(bad()),
-    };
-    Ok(OptSpec::Baseline(s.to_string(), b))
-}
-
-/// Parses a comma-separated optimizer list (no duplicates, not empty).
-pub fn parse_optimizers(s: &str) -> Result<Vec<OptSpec>> {
-    let mut out: Vec<OptSpec> = vec![];
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let o = parse_optimizer(part)?;
-        ensure!(
-            !out.iter().any(|p| p.label() == o.label()),
-            "optimizer '{part}' is listed twice"
-        );
-        out.push(o);
-    }
-    ensure!(!out.is_empty(), "--optimizers lists no optimizer");
-    Ok(out)
-}
-
-/// Parses a comma-separated seed list (no duplicates, not empty).
-pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
-    let mut out: Vec<u64> = vec![];
-    for part in s.split(',').map(str::trim) {
-        let v: u64 = part.parse().map_err(|_| {
-            anyhow::anyhow!("malformed seed '{part}' in --seeds '{s}' (expected e.g. 6,12,18)")
-        })?;
-        ensure!(!out.contains(&v), "seed {v} is listed twice in --seeds");
-        out.push(v);
-    }
-    Ok(out)
-}
-
-/// The learned optimizer: its config from the bundle and its weights from
-/// the run, in the graph's `phi` order.
-fn load_learned(
-    run: Option<&Path>,
-    bundle: Option<&Bundle>,
-    phi: PhiChoice,
-) -> Result<(Hrnn, Vec<(String, metac_graphs::Tensor)>)> {
-    let run = run.context("the optimizer 'learned' needs a run directory (metac eval RUN --bundle BUNDLE ...); leave it out of --optimizers to run baselines only")?;
-    let bundle = bundle.context(
-        "the optimizer 'learned' needs --bundle BUNDLE (the bundle the run meta-trained)",
-    )?;
-    let cfg: HrnnConfig = crate::cmd_l2o::bundle_config(bundle)?
-        .optimizer
-        .hrnn_config();
-    let hrnn = Hrnn::new(cfg);
-    let mut loaded = load_run_phi(run, phi == PhiChoice::Best)?;
-    let specs = hrnn.weights().shapes();
-    let mut ordered = Vec::with_capacity(specs.len());
-    for (name, shape) in &specs {
-        let i = loaded
-            .iter()
-            .position(|(n, _)| n == name)
-            .with_context(|| {
-                format!(
-                    "{}: the run's meta-parameters have no '{name}' (does the run belong to bundle {}?)",
-                    run.display(),
-                    bundle.dir.display()
-                )
-            })?;
-        let (n, t) = loaded.swap_remove(i);
-        ensure!(
-            &t.shape == shape,
-            "{}: meta-parameter '{n}' has shape {:?}, the bundle's optimizer expects {shape:?}",
-            run.display(),
-            t.shape
-        );
-        ordered.push((n, t));
-    }
-    if let Some((n, _)) = loaded.first() {
-        bail!(
-            "{}: meta-parameter '{n}' is unknown to the bundle's optimizer (does the run belong to bundle {}?)",
-            run.display(),
-            bundle.dir.display()
-        );
-    }
-    Ok((hrnn, ordered))
-}
-
-fn fmt_stat(s: &Option<Stat>) -> String {
-    match s {
-        Some(s) => format!("{:.4} ± {:.4}", s.mean, s.std),
-        None => "n/a".into(),
-    }
-}
-
-fn fmt_acc(s: &Option<Stat>) -> String {
-    match s {
-        Some(s) => format!("{:.2}% ± {:.2}", 100.0 * s.mean, 100.0 * s.std),
-        None => "n/a".into(),
-    }
-}
-
-/// The table printed at the end.
-pub fn table(summary: &[OptimizerSummary], split: &str) -> String {
-    let acc_head = format!("{split} accuracy");
-    let rows: Vec<[String; 5]> = summary
-        .iter()
-        .map(|o| {
-            [
-                o.optimizer.clone(),
-                fmt_stat(&o.final_loss),
-                fmt_stat(&o.loss_at_1000),
-                fmt_acc(&o.eval_accuracy),
-                format!("{}/{}", o.diverged, o.seeds.len()),
-            ]
-        })
-        .collect();
-    let head = [
-        "optimizer".to_string(),
-        "final loss".into(),
-        "loss@1000".into(),
-        acc_head,
-        "diverged".into(),
-    ];
-    let mut w = [0usize; 5];
-    for r in rows.iter().chain(std::iter::once(&head)) {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |r: &[String; 5]| -> String {
-        let mut s = String::new();
-        for (i, c) in r.iter().enumerate() {
-            let pad = w[i] - c.chars().count();
-            if i == 0 {
-                s.push_str(c);
-                s.push_str(&" ".repeat(pad));
-            } else {
-                s.push_str("  ");
-                s.push_str(&" ".repeat(pad));
-                s.push_str(c);
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut s = line(&head);
-    for r in &rows {
-        s.push_str(&line(r));
-    }
-    s
-}
-
-fn split_of(m: &mnist::Mnist, c: SplitChoice) -> &Split {
-    match c {
-        SplitChoice::Test => &m.test,
-        SplitChoice::Validation => &m.validation,
-        SplitChoice::Train => &m.train,
+        _ => Ok(()),
     }
 }
 
@@ -314,64 +161,65 @@ pub fn run(a: Args) -> Result<()> {
     let specs = parse_optimizers(&a.optimizers)?;
     let seeds = parse_seeds(&a.seeds)?;
     ensure!(a.steps > 0, "--steps must be at least 1");
-    ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-    ensure!(
-        a.eval_batch_size > 0,
-        "--eval-batch-size must be at least 1"
-    );
     let bundle = a.bundle.as_deref().map(Bundle::load).transpose()?;
     let problem_name = match (&a.problem, &bundle) {
         (Some(p), _) => p.clone(),
         (None, Some(b)) => crate::cmd_l2o::bundle_config(b)?.problem,
         (None, None) => "mnist-mlp".into(),
     };
+    let batch_size = a.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
     let problem: Box<dyn Problem> =
-        problem_by_name(&problem_name, a.batch_size).map_err(anyhow::Error::msg)?;
-    match problem.needs_data() {
-        Some(DataKind::Mnist) => {}
-        None => {
-            bail!("problem '{problem_name}' needs no data; eval supports MNIST problems for now")
-        }
-    }
+        problem_by_name(&problem_name, batch_size).map_err(anyhow::Error::msg)?;
+    let mnist_problem = needs_mnist(&a, problem.as_ref())?;
     let learned = if specs.contains(&OptSpec::Learned) {
         Some(load_learned(a.run.as_deref(), bundle.as_ref(), a.phi)?)
     } else {
         None
     };
 
-    let dir = a.data_dir.clone().unwrap_or_else(mnist::default_dir);
-    let data = mnist::load(&dir)?;
-    let split = split_of(&data, a.split);
-    let eval_batch = a.eval_batch_size.min(split.len());
-    let eval_problem = problem_by_name(&problem_name, eval_batch).map_err(anyhow::Error::msg)?;
-    let eval_graph = build_evaluate(eval_problem.as_ref()).map_err(anyhow::Error::msg)?;
+    let data = if mnist_problem {
+        Some(MnistData::load(&a, &seeds)?)
+    } else {
+        None
+    };
+    let eval_graph = match &data {
+        Some(d) => build_evaluate(
+            problem_by_name(&problem_name, d.eval_batch_size)
+                .map_err(anyhow::Error::msg)?
+                .as_ref(),
+        ),
+        None => build_evaluate(problem.as_ref()),
+    };
     let backend = open_backend(&a.backend.options())?;
     let mut eval_sess = backend.load(
         &to_onnx(&eval_graph.graph, "evaluate").map_err(anyhow::Error::msg)?,
         "evaluate",
     )?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let on = match &data {
+        Some(d) => format!(
+            "MNIST {} ({} examples), batch {}",
+            d.choice.name(),
+            d.split.len(),
+            d.batch_size
+        ),
+        None => format!("data-free, {} parameters", problem.num_params()),
+    };
     eprintln!(
-        "metac eval: {problem_name} on MNIST {} ({} examples), {} optimizers x {} seeds x {} steps, batch {}, {} ({})",
-        a.split.name(),
-        split.len(),
+        "metac eval: {problem_name} ({on}), {} optimizers x {} seeds x {} steps, {} ({})",
         specs.len(),
         seeds.len(),
         a.steps,
-        a.batch_size,
         backend.name(),
         a.backend.device
     );
+    let split_name = data.as_ref().map(|d| d.choice.name());
+    let eval_name = split_name.unwrap_or("final-parameter");
 
-    // The batches per seed, shared by every optimizer.
-    let batches: Vec<Batches> = seeds
-        .iter()
-        .map(|&s| Batches::generate(split.len(), a.batch_size, a.steps, s))
-        .collect::<Result<_>>()?;
     let mut results = MetaTestResults {
         problem: problem_name.clone(),
-        split: a.split.name().into(),
-        batch_size: a.batch_size,
+        split: data.as_ref().map(|d| d.choice.name().to_string()),
+        batch_size: data.as_ref().map(|d| d.batch_size),
         steps: a.steps,
         runs: vec![],
     };
@@ -395,19 +243,32 @@ pub fn run(a: Args) -> Result<()> {
             "[{label}] built train_step in {:.1}s",
             t0.elapsed().as_secs_f64()
         );
-        for (&seed, b) in seeds.iter().zip(&batches) {
+        for (i, &seed) in seeds.iter().enumerate() {
             let t0 = Instant::now();
             let init = run_init(label, problem.as_ref(), &opt, phi, seed);
-            let eval: Option<(&mut dyn Session, &EvalIo, &Split)> =
-                Some((eval_sess.as_mut(), &eval_graph.io, split));
-            let r = run_optimizer(train.as_mut(), &ts.io, &init, split, b, seed, eval)?;
-            let status = match (r.diverged_at, r.eval_accuracy) {
+            let step_data = match &data {
+                Some(d) => StepData::Mnist {
+                    split: &d.split,
+                    batches: &d.batches[i],
+                },
+                None => StepData::DataFree { steps: a.steps },
+            };
+            let eval = Evaluation {
+                session: eval_sess.as_mut(),
+                io: &eval_graph.io,
+                split: data.as_ref().map(|d| &d.split),
+            };
+            let (r, params) =
+                run_optimizer(train.as_mut(), &ts.io, &init, step_data, seed, Some(eval))?;
+            save_params(&a.out, label, seed, r.diverged(), &ts.io.params, &params)?;
+            let status = match (r.diverged_at, r.eval_loss) {
                 (Some(t), _) => format!("DIVERGED at step {t}"),
-                (None, Some(acc)) => format!(
-                    "last loss {:.4}, {} accuracy {:.2}%",
+                (None, Some(l)) => format!(
+                    "last loss {:.4}, {eval_name} loss {l:.4}{}",
                     r.losses.last().copied().unwrap_or(f32::NAN),
-                    a.split.name(),
-                    100.0 * acc
+                    r.eval_accuracy
+                        .map(|acc| format!(", {eval_name} accuracy {:.2}%", 100.0 * acc))
+                        .unwrap_or_default()
                 ),
                 (None, None) => "not evaluated".into(),
             };
@@ -425,17 +286,28 @@ pub fn run(a: Args) -> Result<()> {
     let png = a.out.join("curves.png");
     results.write_curves_csv(&csv)?;
     results.write_summary_json(&summary_path)?;
+    // A log scale where every loss is positive (not so for e.g. styblinski-tang).
+    let curves = results.mean_curves();
     let opts = PlotOptions {
         smoothing: (a.steps / 200).max(1),
-        log_y: true,
+        log_y: curves.iter().all(|(_, c)| c.iter().all(|&(_, y)| y > 0.0)),
+        y_label: if data.is_some() {
+            "minibatch loss"
+        } else {
+            "loss"
+        }
+        .into(),
         ..PlotOptions::default()
     };
-    let title = format!(
-        "{problem_name}: minibatch loss on MNIST {} (mean over {} seeds)",
-        a.split.name(),
-        seeds.len()
-    );
-    let plotted = match plot_curves_with(&png, &title, &results.mean_curves(), &opts) {
+    let title = match &data {
+        Some(d) => format!(
+            "{problem_name}: minibatch loss on MNIST {} (mean over {} seeds)",
+            d.choice.name(),
+            seeds.len()
+        ),
+        None => format!("{problem_name}: loss (mean over {} seeds)", seeds.len()),
+    };
+    let plotted = match plot_curves_with(&png, &title, &curves, &opts) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("metac eval: warning: no plot written: {e:#}");
@@ -443,59 +315,17 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let summary = results.summary();
-    print!("{}", table(&summary.optimizers, a.split.name()));
+    print!("{}", table(&summary.optimizers, split_name));
     println!(
-        "wrote {}, {}{}",
+        "wrote {}, {}{}, {}",
         csv.display(),
         summary_path.display(),
         if plotted {
             format!(", {}", png.display())
         } else {
             String::new()
-        }
+        },
+        a.out.join("params").display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn optimizer_names_parse() {
-        assert_eq!(parse_optimizer("learned").unwrap(), OptSpec::Learned);
-        match parse_optimizer("adam-1e-3").unwrap() {
-            OptSpec::Baseline(l, Baseline::Adam(a)) => {
-                assert_eq!(l, "adam-1e-3");
-                assert_eq!(a.lr, 1e-3);
-            }
-            o => panic!("{o:?}"),
-        }
-        match parse_optimizer("adagrad-0.01").unwrap() {
-            OptSpec::Baseline(_, Baseline::Adagrad(a)) => assert_eq!(a.lr, 0.01),
-            o => panic!("{o:?}"),
-        }
-        for bad in [
-            "adam",
-            "adam-x",
-            "nope-1e-3",
-            "sgd--1",
-            "sgd-0",
-            "sgd-inf",
-            "",
-        ] {
-            assert!(parse_optimizer(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_optimizers(DEFAULT_OPTIMIZERS).unwrap().len(), 6);
-        assert!(parse_optimizers("adam-1e-3,adam-1e-3").is_err());
-        assert!(parse_optimizers(",").is_err());
-    }
-
-    #[test]
-    fn seeds_parse() {
-        assert_eq!(parse_seeds("6, 12,18").unwrap(), vec![6, 12, 18]);
-        for bad in ["", "1,,2", "a", "1,1", "-1"] {
-            assert!(parse_seeds(bad).is_err(), "{bad}");
-        }
-    }
 }

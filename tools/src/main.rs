@@ -42,7 +42,7 @@ enum Cmd {
     Compile(cmd_l2o::CompileArgs),
     /// Meta-train the learned optimizer of an L2O bundle.
     Run(cmd_l2o::RunArgs),
-    /// Meta-test a run's learned optimizer against baselines on an MNIST problem.
+    /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic).
     Eval(cmd_eval::Args),
 }
 

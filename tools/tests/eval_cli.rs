@@ -1,64 +1,112 @@
 //! `metac eval` as a user runs it: a tiny bundle meta-trained for one
 //! iteration, then its learned optimizer and two baselines on MNIST test
-//! batches; the curves, summary and plot are written, and bad names are
-//! one-line errors with exit status 2.
+//! batches and on data-free synthetic problems; the curves, summary, plot
+//! and final parameters are written, and bad names are one-line errors with
+//! exit status 2.
 
 mod common;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use common::{err_line, metac, ok, root};
+use metac_compiler::models::problems::problem_by_name;
+use metac_runtime::bundle::read_safetensors;
 
 fn scratch(name: &str) -> std::path::PathBuf {
     common::scratch("eval-cli", name)
 }
 
-/// A tiny bundle and a one-iteration run of it.
-fn bundle_and_run(d: &Path) -> (String, String) {
-    let bundle = d.join("bundle");
-    let run = d.join("run");
-    let cfg = root().join("configs/tiny.toml");
-    ok(&metac(&[
-        "compile",
-        "l2o",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        bundle.to_str().unwrap(),
-    ]));
-    ok(&metac(&[
-        "run",
-        bundle.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--meta-iterations",
-        "1",
-        "--unroll-length",
-        "2",
-        "--num-unrolls",
-        "1",
-        "--quiet",
-        "--backend",
-        "tract",
-    ]));
-    (
-        bundle.to_str().unwrap().to_string(),
-        run.to_str().unwrap().to_string(),
-    )
+/// A tiny bundle and a one-iteration run of it, made once per test process.
+fn bundle_and_run() -> &'static (String, String) {
+    static BR: OnceLock<(String, String)> = OnceLock::new();
+    BR.get_or_init(|| {
+        let d = scratch("bundle");
+        let bundle = d.join("bundle");
+        let run = d.join("run");
+        let cfg = root().join("configs/tiny.toml");
+        ok(&metac(&[
+            "compile",
+            "l2o",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            bundle.to_str().unwrap(),
+        ]));
+        ok(&metac(&[
+            "run",
+            bundle.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--meta-iterations",
+            "1",
+            "--unroll-length",
+            "2",
+            "--num-unrolls",
+            "1",
+            "--quiet",
+            "--backend",
+            "tract",
+        ]));
+        (
+            bundle.to_str().unwrap().to_string(),
+            run.to_str().unwrap().to_string(),
+        )
+    })
+}
+
+fn call(v: &[String]) -> std::process::Output {
+    metac(&v.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+/// curves.csv as rows `[optimizer, seed, step, loss]`, header checked.
+fn curves(out: &Path) -> Vec<Vec<String>> {
+    let csv = std::fs::read_to_string(out.join("curves.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("optimizer,seed,step,loss"));
+    lines
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+/// `OUT/params/<optimizer>-seed<seed>.safetensors` holds exactly the
+/// problem's parameters, with their shapes, all finite.
+fn check_params(out: &Path, problem: &str, optimizer: &str, seed: u64) {
+    let path = out
+        .join("params")
+        .join(format!("{optimizer}-seed{seed}.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let got = read_safetensors(&bytes, "params").unwrap();
+    let want = problem_by_name(problem, 16).unwrap().param_shapes();
+    assert_eq!(got.len(), want.len(), "{}", path.display());
+    for (name, shape) in &want {
+        let t = got
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no tensor '{name}'", path.display()));
+        assert_eq!(&t.shape, shape, "{name}");
+        assert!(t.as_f32().unwrap().iter().all(|v| v.is_finite()), "{name}");
+    }
 }
 
 #[test]
 fn eval_writes_curves_summary_and_plot_and_rejects_bad_names() {
-    let d = scratch("eval");
-    let (bundle, run) = bundle_and_run(&d);
-    let out = d.join("eval");
+    let (bundle, run) = bundle_and_run();
+    let out = scratch("eval");
     let o = out.to_str().unwrap();
     let args = |problem: &str, optimizers: &str, seeds: &str| -> Vec<String> {
         [
             "eval",
-            &run,
+            run,
             "--bundle",
-            &bundle,
+            bundle,
             "--problem",
             problem,
             "--steps",
@@ -78,9 +126,7 @@ fn eval_writes_curves_summary_and_plot_and_rejects_bad_names() {
         .map(|s| s.to_string())
         .collect()
     };
-    let call = |v: Vec<String>| metac(&v.iter().map(String::as_str).collect::<Vec<_>>());
-
-    let r = call(args("mnist-mlp", "learned,adam-1e-3,sgd-1e-1", "1,2"));
+    let r = call(&args("mnist-mlp", "learned,adam-1e-3,sgd-1e-1", "1,2"));
     ok(&r);
     let stdout = String::from_utf8_lossy(&r.stdout);
     for name in ["learned", "adam-1e-3", "sgd-1e-1"] {
@@ -137,15 +183,27 @@ fn eval_writes_curves_summary_and_plot_and_rejects_bad_names() {
     assert!(png.len() > 1024, "{} bytes", png.len());
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
 
-    // Bad names: one line naming them, exit 2.
-    let e = err_line(&call(args("nope", "adam-1e-3", "1")));
-    assert!(e.contains("nope"), "{e}");
-    let e = err_line(&call(args("mnist-mlp", "adam-x", "1")));
+    // The final parameters of every run that did not diverge.
+    for opt in ["adam-1e-3", "sgd-1e-1"] {
+        for seed in [1, 2] {
+            check_params(&out, "mnist-mlp", opt, seed);
+        }
+    }
+
+    // Bad names: one line naming them, exit 2; an unknown problem lists
+    // the known ones.
+    let e = err_line(&call(&args("nope", "adam-1e-3", "1")));
+    assert!(e.contains("'nope'"), "{e}");
+    for known in ["mnist-mlp", "quadratic", "rosenbrock", "logsumexp"] {
+        assert!(e.contains(known), "{e}");
+    }
+    let e = err_line(&call(&args("mnist-mlp", "adam-x", "1")));
     assert!(e.contains("adam-x"), "{e}");
-    let e = err_line(&call(args("mnist-mlp", "adam-1e-3", "1,x")));
+    let e = err_line(&call(&args("mnist-mlp", "adam-1e-3", "1,x")));
     assert!(e.contains("'x'"), "{e}");
-    let e = err_line(&call(args("quadratic", "adam-1e-3", "1")));
-    assert!(e.contains("needs no data"), "{e}");
+    // The MNIST flags do not apply to data-free problems.
+    let e = err_line(&call(&args("quadratic", "adam-1e-3", "1")));
+    assert!(e.contains("data-free") && e.contains("--batch-size"), "{e}");
 }
 
 #[test]
@@ -169,4 +227,114 @@ fn learned_needs_a_run_and_a_bundle() {
     ]));
     assert!(e.contains("learned") && e.contains("run directory"), "{e}");
     assert!(!out.join("summary.json").exists());
+}
+
+#[test]
+fn baselines_on_a_data_free_problem() {
+    let out = scratch("quadratic");
+    let o = out.to_str().unwrap();
+    let r = call(&strings(&[
+        "eval",
+        "--problem",
+        "quadratic",
+        "--steps",
+        "300",
+        "--seeds",
+        "1,2",
+        "--optimizers",
+        "adam-1e-2,sgd-1e-2",
+        "--out",
+        o,
+        "--backend",
+        "tract",
+    ]));
+    ok(&r);
+
+    let rows = curves(&out);
+    assert_eq!(rows.len(), 2 * 2 * 300);
+    let s = summary(&out);
+    assert_eq!(s["problem"], "quadratic");
+    assert_eq!(s["steps"], 300);
+    assert!(s["split"].is_null() && s["batch_size"].is_null(), "{s}");
+    let opts = s["optimizers"].as_array().unwrap();
+    assert_eq!(opts.len(), 2);
+    for o in opts {
+        let name = o["optimizer"].as_str().unwrap();
+        assert_eq!(o["diverged"], 0, "{name}");
+        assert!(o["eval_accuracy"].is_null(), "{name}: not a classifier");
+        // The loss decreased: the loss at the final parameters is below the
+        // loss at the start (step 1) of every seed.
+        let end = o["eval_loss"]["mean"].as_f64().unwrap();
+        let start: Vec<f64> = rows
+            .iter()
+            .filter(|r| r[0] == name && r[2] == "1")
+            .map(|r| r[3].parse().unwrap())
+            .collect();
+        assert_eq!(start.len(), 2);
+        let start = start.iter().sum::<f64>() / 2.0;
+        assert!(end < 0.5 * start, "{name}: {start} -> {end}");
+        for seed in [1, 2] {
+            check_params(&out, "quadratic", name, seed);
+        }
+    }
+    assert!(out.join("curves.png").is_file());
+
+    // A data-free problem takes no split.
+    let mut v = strings(&[
+        "eval",
+        "--problem",
+        "rosenbrock",
+        "--optimizers",
+        "sgd-1e-3",
+    ]);
+    v.extend(strings(&[
+        "--split",
+        "test",
+        "--out",
+        o,
+        "--backend",
+        "tract",
+    ]));
+    let e = err_line(&call(&v));
+    assert!(e.contains("data-free") && e.contains("--split"), "{e}");
+}
+
+#[test]
+fn the_learned_optimizer_runs_on_a_data_free_problem() {
+    let (bundle, run) = bundle_and_run();
+    let out = scratch("rosenbrock");
+    ok(&call(&strings(&[
+        "eval",
+        run,
+        "--bundle",
+        bundle,
+        "--problem",
+        "rosenbrock",
+        "--steps",
+        "40",
+        "--seeds",
+        "1,2",
+        "--optimizers",
+        "learned,adam-1e-2",
+        "--out",
+        out.to_str().unwrap(),
+        "--backend",
+        "tract",
+    ])));
+    let s = summary(&out);
+    assert_eq!(s["problem"], "rosenbrock");
+    let opts = s["optimizers"].as_array().unwrap();
+    assert_eq!(opts[0]["optimizer"], "learned");
+    assert_eq!(opts[0]["seeds"], serde_json::json!([1, 2]));
+    let rows = curves(&out);
+    for opt in ["learned", "adam-1e-2"] {
+        let n = rows.iter().filter(|r| r[0] == opt).count();
+        assert_eq!(n, 2 * 40, "{opt}");
+        for seed in [1, 2] {
+            check_params(&out, "rosenbrock", opt, seed);
+        }
+    }
+    assert!(rows
+        .iter()
+        .all(|r| r[3].parse::<f32>().unwrap().is_finite()));
 }

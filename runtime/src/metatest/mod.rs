@@ -1,24 +1,29 @@
 //! Meta-test driver: run optimizers (hand-designed baselines or a learned
-//! optimizer, all as compiled `train_step` graphs) on an MNIST problem for a
-//! fixed number of steps, record the minibatch loss at every step, evaluate
-//! the final parameters on a whole data split, and write the curves (CSV) and
-//! a summary over seeds (JSON).
+//! optimizer, all as compiled `train_step` graphs) on a problem for a fixed
+//! number of steps, record the loss at every step, evaluate the final
+//! parameters, and write the curves (CSV), a summary over seeds (JSON) and
+//! the final parameters (safetensors, [`write_params`]).
 //!
 //! The graphs come from the compiler (`metac_compiler::metatest`); this
 //! module only needs the names in [`TrainStepIo`] and [`EvalIo`]:
 //!
 //! * `train_step`: inputs = parameters, optimizer state, optimizer weights
-//!   (`phi`, empty for baselines), the minibatch (`x f32[B,784]`, `y i64[B]`);
-//!   outputs = new parameters, new state, and `loss`, the minibatch loss at
-//!   the parameters *before* the update.
-//! * `evaluate`: inputs = parameters and an evaluation batch (`x f32[E,784]`,
-//!   `y i64[E]`); outputs = mean `loss` and `accuracy` over the batch.
+//!   (`phi`, empty for baselines), and for MNIST problems the minibatch
+//!   (`x f32[B,784]`, `y i64[B]`; data-free problems have none); outputs =
+//!   new parameters, new state, and `loss`, the loss at the parameters
+//!   *before* the update (the minibatch loss, or for data-free problems the
+//!   loss itself).
+//! * `evaluate`: inputs = parameters and, for MNIST problems, an evaluation
+//!   batch (`x f32[E,784]`, `y i64[E]`); outputs = mean `loss` and, for
+//!   classifiers, `accuracy`.
 //!
-//! **Batches** ([`Batches`]): the minibatch indices are generated on the host
-//! from the seed alone (SplitMix64; one Fisher-Yates shuffle of the split per
-//! epoch, consecutive slices of it as minibatches, the remainder of an epoch
-//! dropped), so every optimizer sees exactly the same batches for a given
-//! seed. Rows are gathered on the host.
+//! **Data** ([`StepData`]): for MNIST problems the minibatch indices are
+//! generated on the host from the seed alone ([`Batches`]: SplitMix64; one
+//! Fisher-Yates shuffle of the split per epoch, consecutive slices of it as
+//! minibatches, the remainder of an epoch dropped), so every optimizer sees
+//! exactly the same batches for a given seed; rows are gathered on the host.
+//! Data-free (synthetic) problems have their data baked into the graphs and
+//! no split.
 //!
 //! **Steps** are numbered from 1: `losses[t - 1]` is the loss of step `t`.
 //!
@@ -29,14 +34,22 @@
 //! `steps + 1`). Diverged runs are counted in the summary and left out of its
 //! means.
 //!
-//! **Evaluation**: the split is cut into consecutive chunks of the evaluation
-//! batch size `E` (a static graph dimension); the loss and accuracy are the
-//! means of the per-chunk means (exact when `E` divides the split size, as
-//! `E = 1000` does for the 10,000 test images). A remainder shorter than `E`
-//! is left out; [`RunResult::eval_examples`] says how many were used.
+//! **Evaluation** ([`Evaluation`]): for MNIST problems the split is cut into
+//! consecutive chunks of the evaluation batch size `E` (a static graph
+//! dimension); the loss and accuracy are the means of the per-chunk means
+//! (exact when `E` divides the split size, as `E = 1000` does for the 10,000
+//! test images). A remainder shorter than `E` is left out;
+//! [`RunResult::eval_examples`] says how many were used. For data-free
+//! problems the evaluation is one run of the graph: the loss at the final
+//! parameters (and the accuracy on the baked data where the problem is a
+//! classifier).
 
+mod batches;
+mod params;
 mod report;
 
+pub use batches::{gather, Batches};
+pub use params::{params_path, write_params};
 pub use report::{MetaTestResults, OptimizerSummary, Stat, Summary};
 
 use std::collections::HashMap;
@@ -45,7 +58,7 @@ use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 
 use crate::backend::Session;
-use crate::data::mnist::{Split, PIXELS};
+use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
 
 /// Names of the `train_step` graph's inputs and outputs.
@@ -57,15 +70,16 @@ pub struct TrainStepIo {
     pub state: Vec<String>,
     /// Optimizer weights (learned optimizers; empty for baselines).
     pub phi: Vec<String>,
-    /// Minibatch inputs: for MNIST problems `[x, y]`.
+    /// Minibatch inputs: for MNIST problems `[x, y]`; empty for data-free
+    /// problems.
     pub batch: Vec<String>,
     /// Outputs holding the new parameters (same order as `params`).
     pub new_params: Vec<String>,
     /// Outputs holding the new state (same order as `state`).
     pub new_state: Vec<String>,
-    /// The scalar minibatch loss at the parameters before the update.
+    /// The scalar loss at the parameters before the update.
     pub loss: String,
-    /// Minibatch size `B` the graph was built for.
+    /// Minibatch size `B` the graph was built for (0 for data-free problems).
     pub batch_size: usize,
 }
 
@@ -75,13 +89,15 @@ pub struct EvalIo {
     /// Parameter inputs, in the problem's order (same names as the
     /// `train_step` parameters).
     pub params: Vec<String>,
-    /// Evaluation batch inputs: `[x, y]`.
+    /// Evaluation batch inputs: `[x, y]` for MNIST problems; empty for
+    /// data-free problems.
     pub batch: Vec<String>,
     /// Scalar mean loss over the batch.
     pub loss: String,
-    /// Scalar fraction classified correctly.
-    pub accuracy: String,
-    /// Evaluation batch size `E` the graph was built for.
+    /// Scalar fraction classified correctly (classifiers only).
+    pub accuracy: Option<String>,
+    /// Evaluation batch size `E` the graph was built for (0 for data-free
+    /// problems).
     pub batch_size: usize,
 }
 
@@ -103,78 +119,82 @@ pub fn host_tensor(t: &metac_graphs::Tensor) -> HostTensor {
     }
 }
 
-// ---- batches ------------------------------------------------------------------
-
-pub use crate::rng::SplitMix64;
-
-/// Pre-generated minibatch indices: `steps` batches of `batch_size` rows of
-/// a split of `n` examples, determined by the seed alone.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Batches {
-    pub batch_size: usize,
-    /// `steps * batch_size` row indices, batch after batch.
-    pub indices: Vec<u32>,
-}
-
-impl Batches {
-    /// Shuffle `0..n` per epoch (Fisher-Yates on SplitMix64 seeded with
-    /// `seed`), cut each permutation into consecutive batches, drop the
-    /// epoch's remainder.
-    pub fn generate(n: usize, batch_size: usize, steps: usize, seed: u64) -> Result<Self> {
-        ensure!(batch_size > 0, "the batch size must be at least 1");
-        ensure!(
-            n >= batch_size,
-            "the split has {n} examples, fewer than one batch of {batch_size}"
-        );
-        ensure!(
-            n <= u32::MAX as usize,
-            "the split is too large ({n} examples)"
-        );
-        let mut rng = SplitMix64::new(seed);
-        let mut indices = Vec::with_capacity(steps * batch_size);
-        let mut perm: Vec<u32> = (0..n as u32).collect();
-        let per_epoch = n / batch_size;
-        while indices.len() < steps * batch_size {
-            for i in (1..n).rev() {
-                let j = rng.below(i + 1);
-                perm.swap(i, j);
-            }
-            let need = steps - indices.len() / batch_size;
-            let take = need.min(per_epoch) * batch_size;
-            indices.extend_from_slice(&perm[..take]);
-        }
-        Ok(Batches {
-            batch_size,
-            indices,
-        })
-    }
-
-    pub fn steps(&self) -> usize {
-        self.indices.len() / self.batch_size
-    }
-
-    /// The row indices of step `t` (0-based).
-    pub fn batch(&self, t: usize) -> &[u32] {
-        &self.indices[t * self.batch_size..(t + 1) * self.batch_size]
-    }
-}
-
-/// Gathers rows of `split` into `x f32[B,784]`, `y i64[B]`.
-pub fn gather(split: &Split, rows: impl IntoIterator<Item = usize>) -> (HostTensor, HostTensor) {
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    for r in rows {
-        x.extend_from_slice(split.image(r));
-        y.push(split.labels[r]);
-    }
-    let b = y.len();
-    (
-        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, PIXELS]), x).expect("gather: shape")),
-        HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[b]), y).expect("gather: shape")),
-    )
+/// The inverse of [`host_tensor`] for f32 tensors (parameters).
+pub fn graph_tensor(t: &HostTensor) -> Result<metac_graphs::Tensor> {
+    let a = t.as_f32()?;
+    Ok(metac_graphs::Tensor::f32(
+        a.shape(),
+        a.iter().copied().collect(),
+    ))
 }
 
 // ---- one run --------------------------------------------------------------------
+
+/// What `train_step` is fed per step besides parameters, state and weights.
+#[derive(Clone, Copy, Debug)]
+pub enum StepData<'a> {
+    /// MNIST problems: step `t` gets the rows `batches.batch(t)` of `split`
+    /// as `[x, y]`.
+    Mnist {
+        split: &'a Split,
+        batches: &'a Batches,
+    },
+    /// Data-free problems: `steps` steps without batch inputs.
+    DataFree { steps: usize },
+}
+
+impl StepData<'_> {
+    pub fn steps(&self) -> usize {
+        match self {
+            StepData::Mnist { batches, .. } => batches.steps(),
+            StepData::DataFree { steps } => *steps,
+        }
+    }
+
+    /// The batch inputs of step `t` (0-based), in `TrainStepIo::batch` order.
+    fn inputs(&self, t: usize) -> Vec<HostTensor> {
+        match self {
+            StepData::Mnist { split, batches } => {
+                let (x, y) = gather(split, batches.batch(t).iter().map(|&r| r as usize));
+                vec![x, y]
+            }
+            StepData::DataFree { .. } => vec![],
+        }
+    }
+
+    /// Checks that the graph takes these inputs.
+    fn check(&self, io: &TrainStepIo) -> Result<()> {
+        match self {
+            StepData::Mnist { batches, .. } => {
+                ensure!(
+                    io.batch.len() == 2,
+                    "train_step: expected the batch inputs [x, y], got {:?}",
+                    io.batch
+                );
+                ensure!(
+                    batches.batch_size == io.batch_size,
+                    "train_step was built for batch {}, but the batches have {}",
+                    io.batch_size,
+                    batches.batch_size
+                );
+            }
+            StepData::DataFree { .. } => ensure!(
+                io.batch.is_empty(),
+                "train_step takes batch inputs {:?}, but the problem is data-free",
+                io.batch
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// The evaluation of the final parameters: the `evaluate` session, its
+/// names, and the split for MNIST problems (`None` for data-free ones).
+pub struct Evaluation<'a> {
+    pub session: &'a mut dyn Session,
+    pub io: &'a EvalIo,
+    pub split: Option<&'a Split>,
+}
 
 /// What one optimizer starts from.
 #[derive(Clone, Debug)]
@@ -194,20 +214,21 @@ pub struct RunInit {
 pub struct RunResult {
     pub optimizer: String,
     pub seed: u64,
-    /// Minibatch loss of steps `1..=losses.len()` (finite values only).
+    /// Loss of steps `1..=losses.len()` (finite values only).
     pub losses: Vec<f32>,
     /// Number of steps asked for.
     pub steps: usize,
     /// The step at which the loss became non-finite (`steps + 1` when only
     /// the final evaluation was), if any.
     pub diverged_at: Option<usize>,
-    /// Mean loss over the evaluated examples of the split (None if diverged
-    /// or not evaluated).
+    /// Loss of the final parameters: the mean over the evaluated examples of
+    /// the split, or for data-free problems the loss itself (None if
+    /// diverged or not evaluated).
     pub eval_loss: Option<f64>,
-    /// Accuracy over the evaluated examples (None if diverged or not
-    /// evaluated).
+    /// Accuracy of the final parameters (None if diverged, not evaluated,
+    /// or the problem is not a classifier).
     pub eval_accuracy: Option<f64>,
-    /// Number of examples the evaluation covered.
+    /// Number of examples the evaluation covered (0 for data-free problems).
     pub eval_examples: usize,
 }
 
@@ -237,33 +258,22 @@ fn take_all(
         .collect()
 }
 
-/// Runs one optimizer for `batches.steps()` steps on `data`, then (if
-/// `eval` is given and the run did not diverge) evaluates the final
-/// parameters on `eval_data` in chunks.
+/// Runs one optimizer for `data.steps()` steps, then (if `eval` is given and
+/// the run did not diverge) evaluates the final parameters. Returns the
+/// record and the final parameters (in [`TrainStepIo::params`] order; for a
+/// run that diverged during training, the last finite ones).
 ///
 /// Inputs the session does not list (e.g. removed as unused when the graph
 /// was optimised) are not fed.
-#[allow(clippy::too_many_arguments)]
 pub fn run_optimizer(
     train: &mut dyn Session,
     io: &TrainStepIo,
     init: &RunInit,
-    data: &Split,
-    batches: &Batches,
+    data: StepData,
     seed: u64,
-    eval: Option<(&mut dyn Session, &EvalIo, &Split)>,
-) -> Result<RunResult> {
-    ensure!(
-        io.batch.len() == 2,
-        "train_step: expected the batch inputs [x, y], got {:?}",
-        io.batch
-    );
-    ensure!(
-        batches.batch_size == io.batch_size,
-        "train_step was built for batch {}, but the batches have {}",
-        io.batch_size,
-        batches.batch_size
-    );
+    eval: Option<Evaluation>,
+) -> Result<(RunResult, Vec<HostTensor>)> {
+    data.check(io)?;
     ensure!(
         init.params.len() == io.params.len(),
         "expected {} initial parameters, got {}",
@@ -285,12 +295,12 @@ pub fn run_optimizer(
     let wanted: std::collections::HashSet<String> = train.input_names().into_iter().collect();
     let mut params = init.params.clone();
     let mut state = init.state.clone();
-    let mut losses = Vec::with_capacity(batches.steps());
+    let mut losses = Vec::with_capacity(data.steps());
     let mut diverged_at = None;
-    for t in 0..batches.steps() {
-        let (x, y) = gather(data, batches.batch(t).iter().map(|&r| r as usize));
+    for t in 0..data.steps() {
+        let batch = data.inputs(t);
         let mut feed: Vec<(&str, &HostTensor)> =
-            Vec::with_capacity(params.len() + state.len() + init.phi.len() + 2);
+            Vec::with_capacity(params.len() + state.len() + init.phi.len() + batch.len());
         for (n, v) in io
             .params
             .iter()
@@ -302,8 +312,7 @@ pub fn run_optimizer(
                 feed.push((n, v));
             }
         }
-        feed.push((&io.batch[0], &x));
-        feed.push((&io.batch[1], &y));
+        feed.extend(io.batch.iter().map(String::as_str).zip(&batch));
         let mut outs: HashMap<String, HostTensor> = train
             .run(&feed)
             .with_context(|| {
@@ -328,44 +337,68 @@ pub fn run_optimizer(
         optimizer: init.optimizer.clone(),
         seed,
         losses,
-        steps: batches.steps(),
+        steps: data.steps(),
         diverged_at,
         eval_loss: None,
         eval_accuracy: None,
         eval_examples: 0,
     };
-    if let (None, Some((sess, eio, split))) = (diverged_at, eval) {
-        let (loss, acc, n) = evaluate(sess, eio, &params, split)?;
-        if loss.is_finite() && acc.is_finite() {
+    if let (None, Some(ev)) = (diverged_at, eval) {
+        let (loss, acc, n) = evaluate(ev.session, ev.io, &params, ev.split)?;
+        if loss.is_finite() && acc.is_none_or(f64::is_finite) {
             result.eval_loss = Some(loss);
-            result.eval_accuracy = Some(acc);
+            result.eval_accuracy = acc;
             result.eval_examples = n;
         } else {
-            result.diverged_at = Some(batches.steps() + 1);
+            result.diverged_at = Some(data.steps() + 1);
         }
     }
-    Ok(result)
+    Ok((result, params))
 }
 
-/// Mean loss and accuracy of `params` over `split`, in consecutive chunks of
-/// `io.batch_size` (a remainder shorter than that is left out); returns
+/// Loss and accuracy (where the graph has one) of `params`; returns
 /// `(loss, accuracy, examples used)`.
+///
+/// With a split (MNIST problems): the means over `split` in consecutive
+/// chunks of `io.batch_size` (a remainder shorter than that is left out).
+/// Without (data-free problems): one run of the graph, 0 examples.
 pub fn evaluate(
     sess: &mut dyn Session,
     io: &EvalIo,
     params: &[HostTensor],
-    split: &Split,
-) -> Result<(f64, f64, usize)> {
-    ensure!(
-        io.batch.len() == 2,
-        "evaluate: expected the batch inputs [x, y], got {:?}",
-        io.batch
-    );
+    split: Option<&Split>,
+) -> Result<(f64, Option<f64>, usize)> {
     ensure!(
         params.len() == io.params.len(),
         "evaluate: expected {} parameters, got {}",
         io.params.len(),
         params.len()
+    );
+    let mut run_once = |batch: &[HostTensor]| -> Result<(f64, Option<f64>)> {
+        let mut feed: Vec<(&str, &HostTensor)> =
+            io.params.iter().map(String::as_str).zip(params).collect();
+        feed.extend(io.batch.iter().map(String::as_str).zip(batch));
+        let outs: HashMap<String, HostTensor> =
+            sess.run(&feed).context("evaluate")?.into_iter().collect();
+        let acc = match &io.accuracy {
+            Some(a) => Some(scalar(&outs, a)? as f64),
+            None => None,
+        };
+        Ok((scalar(&outs, &io.loss)? as f64, acc))
+    };
+    let Some(split) = split else {
+        ensure!(
+            io.batch.is_empty(),
+            "evaluate: the graph takes batch inputs {:?}, but no split was given",
+            io.batch
+        );
+        let (loss, acc) = run_once(&[])?;
+        return Ok((loss, acc, 0));
+    };
+    ensure!(
+        io.batch.len() == 2,
+        "evaluate: expected the batch inputs [x, y], got {:?}",
+        io.batch
     );
     let e = io.batch_size;
     let chunks = split.len() / e.max(1);
@@ -375,40 +408,44 @@ pub fn evaluate(
             split.len()
         );
     }
-    let (mut loss, mut acc) = (0.0f64, 0.0f64);
+    let (mut loss, mut acc) = (0.0f64, None::<f64>);
     for c in 0..chunks {
-        let rows: Vec<u32> = ((c * e) as u32..((c + 1) * e) as u32).collect();
-        let (x, y) = gather(split, rows.iter().map(|&r| r as usize));
-        let mut feed: Vec<(&str, &HostTensor)> =
-            io.params.iter().map(String::as_str).zip(params).collect();
-        feed.push((&io.batch[0], &x));
-        feed.push((&io.batch[1], &y));
-        let outs: HashMap<String, HostTensor> =
-            sess.run(&feed).context("evaluate")?.into_iter().collect();
-        loss += scalar(&outs, &io.loss)? as f64;
-        acc += scalar(&outs, &io.accuracy)? as f64;
+        let (x, y) = gather(split, c * e..(c + 1) * e);
+        let (l, a) = run_once(&[x, y])?;
+        loss += l;
+        if let Some(a) = a {
+            *acc.get_or_insert(0.0) += a;
+        }
     }
-    Ok((loss / chunks as f64, acc / chunks as f64, chunks * e))
+    let n = chunks as f64;
+    Ok((loss / n, acc.map(|a| a / n), chunks * e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::mnist::PIXELS;
 
     /// A fake `train_step`: one scalar parameter `p`, `loss = p`, `p' = p + 1`,
-    /// and the loss turns NaN once `p >= limit`.
+    /// and the loss turns NaN once `p >= limit`; takes `[x, y]` when `batch`.
     struct Fake {
         limit: f32,
+        batch: bool,
     }
 
     impl Session for Fake {
         fn input_names(&self) -> Vec<String> {
-            vec!["p".into(), "x".into(), "y".into()]
+            let mut v = vec!["p".to_string()];
+            if self.batch {
+                v.extend(["x".into(), "y".into()]);
+            }
+            v
         }
         fn output_names(&self) -> Vec<String> {
             vec!["new.p".into(), "loss".into()]
         }
         fn run(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+            assert_eq!(inputs.len(), self.input_names().len());
             let p = inputs
                 .iter()
                 .find(|(n, _)| *n == "p")
@@ -423,16 +460,20 @@ mod tests {
         }
     }
 
-    fn io() -> TrainStepIo {
+    fn io(batch: bool) -> TrainStepIo {
         TrainStepIo {
             params: vec!["p".into()],
             state: vec![],
             phi: vec![],
-            batch: vec!["x".into(), "y".into()],
+            batch: if batch {
+                vec!["x".into(), "y".into()]
+            } else {
+                vec![]
+            },
             new_params: vec!["new.p".into()],
             new_state: vec![],
             loss: "loss".into(),
-            batch_size: 2,
+            batch_size: if batch { 2 } else { 0 },
         }
     }
 
@@ -443,49 +484,56 @@ mod tests {
         }
     }
 
-    #[test]
-    fn divergence_stops_the_run() {
-        let init = RunInit {
+    fn init() -> RunInit {
+        RunInit {
             optimizer: "fake".into(),
             params: vec![HostTensor::scalar_f32(0.0)],
             state: vec![],
             phi: vec![],
-        };
-        let data = split(10);
-        let batches = Batches::generate(10, 2, 8, 1).unwrap();
-        let r = run_optimizer(
-            &mut Fake { limit: 1e9 },
-            &io(),
-            &init,
-            &data,
-            &batches,
-            1,
-            None,
-        )
-        .unwrap();
-        assert_eq!(r.losses, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
-        assert!(!r.diverged());
-        let r = run_optimizer(
-            &mut Fake { limit: 3.0 },
-            &io(),
-            &init,
-            &data,
-            &batches,
-            1,
-            None,
-        )
-        .unwrap();
-        assert_eq!(r.losses, vec![0.0, 1.0, 2.0]);
-        assert_eq!(r.diverged_at, Some(4));
+        }
     }
 
     #[test]
-    fn gather_picks_rows() {
-        let mut s = split(4);
-        s.images[2 * PIXELS] = 0.5;
-        let (x, y) = gather(&s, [2, 0]);
-        assert_eq!(x.shape(), &[2, PIXELS]);
-        assert_eq!(x.as_f32().unwrap()[[0, 0]], 0.5);
-        assert_eq!(y.as_i64().unwrap().as_slice().unwrap(), &[2, 0]);
+    fn divergence_stops_the_run() {
+        let data = split(10);
+        let batches = Batches::generate(10, 2, 8, 1).unwrap();
+        let mnist = StepData::Mnist {
+            split: &data,
+            batches: &batches,
+        };
+        let mut fake = Fake {
+            limit: 1e9,
+            batch: true,
+        };
+        let (r, p) = run_optimizer(&mut fake, &io(true), &init(), mnist, 1, None).unwrap();
+        assert_eq!(r.losses, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert!(!r.diverged());
+        assert_eq!(p[0].to_scalar_f32().unwrap(), 8.0);
+        fake.limit = 3.0;
+        let (r, p) = run_optimizer(&mut fake, &io(true), &init(), mnist, 1, None).unwrap();
+        assert_eq!(r.losses, vec![0.0, 1.0, 2.0]);
+        assert_eq!(r.diverged_at, Some(4));
+        assert_eq!(p[0].to_scalar_f32().unwrap(), 3.0);
+    }
+
+    #[test]
+    fn data_free_runs_feed_no_batch() {
+        let mut fake = Fake {
+            limit: 1e9,
+            batch: false,
+        };
+        let data = StepData::DataFree { steps: 4 };
+        let (r, p) = run_optimizer(&mut fake, &io(false), &init(), data, 1, None).unwrap();
+        assert_eq!(r.losses, vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(p[0].to_scalar_f32().unwrap(), 4.0);
+        // A graph with batch inputs cannot run data-free, and vice versa.
+        assert!(run_optimizer(&mut fake, &io(true), &init(), data, 1, None).is_err());
+        let s = split(4);
+        let b = Batches::generate(4, 2, 1, 1).unwrap();
+        let mnist = StepData::Mnist {
+            split: &s,
+            batches: &b,
+        };
+        assert!(run_optimizer(&mut fake, &io(false), &init(), mnist, 1, None).is_err());
     }
 }

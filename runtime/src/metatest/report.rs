@@ -19,9 +19,11 @@ pub const AT_1000_WINDOW: usize = 50;
 pub struct MetaTestResults {
     /// Problem name, e.g. `mnist-mlp`.
     pub problem: String,
-    /// Which data split the runs drew batches from and were evaluated on.
-    pub split: String,
-    pub batch_size: usize,
+    /// Which data split the runs drew batches from and were evaluated on
+    /// (None for data-free problems).
+    pub split: Option<String>,
+    /// Minibatch size (None for data-free problems).
+    pub batch_size: Option<usize>,
     pub steps: usize,
     pub runs: Vec<RunResult>,
 }
@@ -58,12 +60,16 @@ pub struct OptimizerSummary {
     pub optimizer: String,
     pub seeds: Vec<u64>,
     pub diverged: usize,
-    /// Per seed: mean minibatch loss over the last 100 steps.
+    /// Per seed: mean loss over the last 100 steps.
     pub final_loss: Option<Stat>,
-    /// Per seed: mean minibatch loss over steps 951..=1000 (None when runs
-    /// are shorter than 1,000 steps).
+    /// Per seed: mean loss over steps 951..=1000 (None when runs are
+    /// shorter than 1,000 steps).
     pub loss_at_1000: Option<Stat>,
+    /// The loss of the final parameters (on the split, or for data-free
+    /// problems the loss itself).
     pub eval_loss: Option<Stat>,
+    /// The accuracy of the final parameters (None for problems that are not
+    /// classifiers).
     pub eval_accuracy: Option<Stat>,
 }
 
@@ -71,8 +77,10 @@ pub struct OptimizerSummary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub problem: String,
-    pub split: String,
-    pub batch_size: usize,
+    /// None (`null`) for data-free problems.
+    pub split: Option<String>,
+    /// None (`null`) for data-free problems.
+    pub batch_size: Option<usize>,
     pub steps: usize,
     /// How the statistics are defined, for readers of the file.
     pub definitions: Vec<String>,
@@ -149,15 +157,29 @@ impl MetaTestResults {
             split: self.split.clone(),
             batch_size: self.batch_size,
             steps: self.steps,
-            definitions: vec![
-                format!("final_loss: per seed, the mean minibatch loss over the last {FINAL_WINDOW} steps; then mean and population std over seeds"),
-                format!("loss_at_1000: per seed, the mean minibatch loss over steps {}..={AT_1000_STEP}; null when runs are shorter", AT_1000_STEP - AT_1000_WINDOW + 1),
-                "eval_loss, eval_accuracy: the final parameters on the whole split (in evaluation-batch chunks)".into(),
-                "diverged: runs whose minibatch loss (or final evaluation) became non-finite; left out of every statistic".into(),
-                "the minibatch loss of step t is measured at the parameters before update t".into(),
-            ],
+            definitions: self.definitions(),
             optimizers,
         }
+    }
+
+    fn definitions(&self) -> Vec<String> {
+        let (loss, eval) = match &self.split {
+            Some(split) => (
+                "minibatch loss",
+                format!("eval_loss, eval_accuracy: the final parameters on the whole {split} split (in evaluation-batch chunks)"),
+            ),
+            None => (
+                "loss",
+                "eval_loss: the loss at the final parameters; eval_accuracy: their accuracy on the problem's baked data, null for problems that are not classifiers (this problem is data-free: no minibatches, no split)".to_string(),
+            ),
+        };
+        vec![
+            format!("final_loss: per seed, the mean {loss} over the last {FINAL_WINDOW} steps; then mean and population std over seeds"),
+            format!("loss_at_1000: per seed, the mean {loss} over steps {}..={AT_1000_STEP}; null when runs are shorter", AT_1000_STEP - AT_1000_WINDOW + 1),
+            eval,
+            format!("diverged: runs whose {loss} (or final evaluation) became non-finite; left out of every statistic; their parameters are not written"),
+            format!("the {loss} of step t is measured at the parameters before update t"),
+        ]
     }
 
     pub fn write_summary_json(&self, path: &Path) -> Result<()> {
@@ -221,8 +243,8 @@ mod tests {
         let b: Vec<f32> = vec![3.0; 1000];
         let r = MetaTestResults {
             problem: "p".into(),
-            split: "test".into(),
-            batch_size: 2,
+            split: Some("test".into()),
+            batch_size: Some(2),
             steps: 1000,
             runs: vec![
                 run("x", 1, a, None),

@@ -17,9 +17,14 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A fresh, empty directory under `target/test-scratch/<suite>/<name>`.
+/// A fresh, empty directory `target/test-scratch/<suite>/<name>-<pid>`:
+/// unique per test process, so that concurrent `cargo test` runs of the same
+/// suite do not collide; emptied first in case the id was used before.
 pub fn scratch(suite: &str, name: &str) -> PathBuf {
-    let d = root().join("target/test-scratch").join(suite).join(name);
+    let d = root()
+        .join("target/test-scratch")
+        .join(suite)
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
