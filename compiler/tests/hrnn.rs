@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use metac_compiler::models::hrnn::{Hrnn, HrnnConfig, Level2Input, WeightInit};
+use metac_compiler::models::hrnn::{Hrnn, HrnnConfig, Level2Input, Packing, WeightInit};
 use metac_graphs::autodiff::grad;
 use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
@@ -108,6 +108,56 @@ fn run(g: &Graph, feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
     eval_graph(g, feeds).unwrap().into_iter().collect()
 }
 
+/// The packed, feature-major state entries `{prefix}hrnn.state.*` of `map`
+/// split per tensor and per scale under the names `{prefix}hrnn.p{k}.{h0,
+/// accum{i}, ms{i}, inp_decay, scl_decay, log_lr, h1}` (`h0` element-major,
+/// `[n, 10]` row-major) and `{prefix}hrnn.global.h2`, so that checks can be
+/// written per tensor as the reference notes are.
+fn unpack(
+    map: &HashMap<String, Value>,
+    sh: &[Vec<usize>],
+    prefix: &str,
+) -> HashMap<String, Vec<f64>> {
+    let p = Packing::new(sh);
+    let mut out = HashMap::new();
+    for (name, v) in map {
+        let Some(field) = name
+            .strip_prefix(prefix)
+            .and_then(|n| n.strip_prefix("hrnn.state."))
+        else {
+            continue;
+        };
+        let (d, rows, cols) = (data(v), v.shape()[0], v.shape()[1]);
+        let at = |r: usize, c: usize| d[r * cols + c];
+        if field == "h2" {
+            out.insert(format!("{prefix}hrnn.global.h2"), d.clone());
+            continue;
+        }
+        for k in 0..p.num_tensors() {
+            let key = |f: &str| format!("{prefix}hrnn.p{k}.{f}");
+            match field {
+                "h1" => {
+                    out.insert(key("h1"), (0..rows).map(|r| at(r, k)).collect());
+                }
+                "h0" => {
+                    let v = p.range(k).flat_map(|j| (0..rows).map(move |r| (r, j)));
+                    out.insert(key("h0"), v.map(|(r, j)| at(r, j)).collect());
+                }
+                "accum" | "ms" => {
+                    for i in 0..rows {
+                        let v = p.range(k).map(|j| at(i, j)).collect();
+                        out.insert(key(&format!("{field}{i}")), v);
+                    }
+                }
+                _ => {
+                    out.insert(key(field), p.range(k).map(|j| at(0, j)).collect());
+                }
+            }
+        }
+    }
+    out
+}
+
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * a.abs().max(b.abs()) + 1e-300
 }
@@ -201,15 +251,24 @@ fn initial_state_is_deterministic_and_in_range() {
     let sh = shapes();
     let specs = hrnn.state_specs(&sh);
     let names: Vec<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names.len(), 2 * 13 + 1);
     assert_eq!(
-        &names[..3],
-        ["hrnn.p0.h0", "hrnn.p0.accum0", "hrnn.p0.accum1"]
+        names,
+        [
+            "hrnn.state.h0",
+            "hrnn.state.accum",
+            "hrnn.state.ms",
+            "hrnn.state.inp_decay",
+            "hrnn.state.scl_decay",
+            "hrnn.state.log_lr",
+            "hrnn.state.h1",
+            "hrnn.state.h2"
+        ]
     );
-    assert_eq!(names.last(), Some(&"hrnn.global.h2"));
-    assert_eq!(specs[0].1, [6, 10]);
-    assert_eq!(specs[13].1, [2, 10]);
-    assert_eq!(specs[12], ("hrnn.p0.h1".to_string(), vec![1, 20]));
+    assert_eq!(specs[0].1, [10, 8]);
+    assert_eq!(specs[1].1, [4, 8]);
+    assert_eq!(specs[5].1, [1, 8]);
+    assert_eq!(specs[6].1, [20, 2]);
+    assert_eq!(specs[7].1, [20, 1]);
 
     let a = hrnn.initial_state(&sh, 3);
     assert_eq!(a, hrnn.initial_state(&sh, 3));
@@ -239,9 +298,11 @@ fn initial_state_is_deterministic_and_in_range() {
         .1
         .as_f32()
         .unwrap();
+    // h0 is [10, 8]: unit u of every element is init.l0[u].
     let h0 = b[0].1.as_f32().unwrap();
-    assert_eq!(&h0[..10], i0);
-    assert_eq!(&h0[50..60], i0);
+    for (u, &x) in i0.iter().enumerate() {
+        assert!(h0[u * 8..(u + 1) * 8].iter().all(|&y| y == x));
+    }
 }
 
 #[test]
@@ -258,6 +319,7 @@ fn first_and_second_step() {
         feeds.insert(format!("g{k}"), random_value(&mut rng, s, -1.0, 1.0));
     }
     let out = run(&sg.g, &feeds);
+    let (fu, ou) = (unpack(&feeds, &sh, ""), unpack(&out, &sh, "new."));
     let specs = hrnn.state_specs(&sh);
     for (n, s) in &specs {
         let v = &out[&format!("new.{n}")];
@@ -277,10 +339,10 @@ fn first_and_second_step() {
         );
         // Dynamic output scale: dtheta / lr has unit RMS over the tensor,
         // with lr = exp(log_lr - 1) (zero-initialised lr weights).
-        let log_lr = data(&feeds[&format!("hrnn.p{k}.log_lr")]);
+        let log_lr = &fu[&format!("hrnn.p{k}.log_lr")];
         let rms = (d
             .iter()
-            .zip(&log_lr)
+            .zip(log_lr)
             .map(|(d, l)| (d / (l - 1.0).exp()).powi(2))
             .sum::<f64>()
             / d.len() as f64)
@@ -289,16 +351,16 @@ fn first_and_second_step() {
             (rms - 1.0).abs() < 1e-9,
             "tensor {k}: RMS of the direction {rms}"
         );
-        let new_log_lr = data(&out[&format!("new.hrnn.p{k}.log_lr")]);
-        for (a, b) in log_lr.iter().zip(&new_log_lr) {
+        let new_log_lr = &ou[&format!("new.hrnn.p{k}.log_lr")];
+        for (a, b) in log_lr.iter().zip(new_log_lr) {
             assert!(close(*a, *b, 1e-12));
         }
         // First step: inp_decay 0 => every accumulator is the gradient; all
         // ms are 0 => the scale decay is forced to 0 => ms = g^2 + 1e-12.
         let gr = data(&feeds[&format!("g{k}")]);
         for i in 0..4 {
-            let acc = data(&out[&format!("new.hrnn.p{k}.accum{i}")]);
-            let ms = data(&out[&format!("new.hrnn.p{k}.ms{i}")]);
+            let acc = &ou[&format!("new.hrnn.p{k}.accum{i}")];
+            let ms = &ou[&format!("new.hrnn.p{k}.ms{i}")];
             for j in 0..gr.len() {
                 assert!(close(acc[j], gr[j], 1e-15), "accum{i}");
                 assert!(
@@ -310,7 +372,7 @@ fn first_and_second_step() {
             }
         }
         for dn in ["inp_decay", "scl_decay"] {
-            let v = data(&out[&format!("new.hrnn.p{k}.{dn}")]);
+            let v = &ou[&format!("new.hrnn.p{k}.{dn}")];
             assert!(v.iter().all(|&x| x > 0.0 && x < 1.0), "{dn}");
         }
     }
@@ -325,12 +387,13 @@ fn first_and_second_step() {
         feeds2.insert(format!("g{k}"), random_value(&mut rng, s, -1.0, 1.0));
     }
     let out2 = run(&sg.g, &feeds2);
+    let (fu2, ou2) = (unpack(&feeds2, &sh, ""), unpack(&out2, &sh, "new."));
     for v in out2.values() {
         assert!(data(v).iter().all(|x| x.is_finite()));
     }
     for k in 0..sh.len() {
-        let f = |n: &str| data(&feeds2[&format!("hrnn.p{k}.{n}")]);
-        let o = |n: &str| data(&out2[&format!("new.hrnn.p{k}.{n}")]);
+        let f = |n: &str| fu2[&format!("hrnn.p{k}.{n}")].clone();
+        let o = |n: &str| ou2[&format!("new.hrnn.p{k}.{n}")].clone();
         let gr = data(&feeds2[&format!("g{k}")]);
         let (d0, s) = (f("inp_decay"), f("scl_decay"));
         for j in 0..gr.len() {
@@ -761,7 +824,8 @@ fn reference_step(
     feeds: &HashMap<String, Value>,
 ) -> HashMap<String, Vec<f64>> {
     let rf = Ref { w: feeds };
-    let st = |k: usize, n: &str| data(&feeds[&format!("hrnn.p{k}.{n}")]);
+    let unpacked = unpack(feeds, sh, "");
+    let st = |k: usize, n: &str| unpacked[&format!("hrnn.p{k}.{n}")].clone();
     let e12 = 1e-12f32 as f64;
     let e16 = 1e-16f32 as f64;
     let mut out = HashMap::new();
@@ -770,7 +834,7 @@ fn reference_step(
         .map(|k| st(k, "log_lr").iter().sum::<f64>())
         .sum::<f64>()
         / total as f64;
-    let h2_old = M::new(1, 20, data(&feeds["hrnn.global.h2"]));
+    let h2_old = M::new(1, 20, unpacked["hrnn.global.h2"].clone());
     let gb0 = h2_old.affine(
         &rf.w("l0.global_bias.w"),
         30,
@@ -908,15 +972,19 @@ fn compare_with_reference(level2: Level2Input, first_step: bool, seed: u64) {
     }
     // One tensor with an exactly zero gradient element and a clipped log lr.
     if !first_step {
-        let mut l = data(&feeds["hrnn.p1.log_lr"]);
-        l[0] = 40.0;
-        feeds.insert("hrnn.p1.log_lr".into(), value(&[2, 1], &l));
+        let mut l = data(&feeds["hrnn.state.log_lr"]);
+        l[Packing::new(&sh).offsets[1]] = 40.0;
+        feeds.insert("hrnn.state.log_lr".into(), value(&[1, l.len()], &l));
     }
-    let got = run(&sg.g, &feeds);
+    let out = run(&sg.g, &feeds);
+    let mut got = unpack(&out, &sh, "new.");
+    for k in 0..sh.len() {
+        got.insert(format!("new.x{k}"), data(&out[&format!("new.x{k}")]));
+    }
     let want = reference_step(level2, &sh, &feeds);
     assert_eq!(got.len(), want.len());
     for (n, w) in &want {
-        let gv = data(&got[n]);
+        let gv = &got[n];
         assert_eq!(gv.len(), w.len(), "{n}");
         for (i, (a, b)) in gv.iter().zip(w).enumerate() {
             assert!(

@@ -5,17 +5,23 @@
 //! the runtime unrolls them (`metac_runtime::l2o::bptt`). The graphs:
 //!
 //! * `step`: inputs `phi` (the HierarchicalRNN weights, `hrnn.*`), `theta`
-//!   (`theta.<param>`), `S` (the optimizer state, `hrnn.p<k>.*`,
-//!   `hrnn.global.h2`), the minibatch (`batch.<input>`) and the objective set
+//!   (`theta.<param>`), `S` (the optimizer state, `hrnn.state.*`), the
+//!   minibatch (`batch.<input>`) and the objective set
 //!   (`obj.<input>`; data-free problems have neither). Computes the minibatch
 //!   loss `L(theta)`, `g = grad L` (a stop-gradient unless
 //!   `use_second_derivatives`), `(theta', S') = Hrnn::step(phi, theta, g, S)`
-//!   and the objective at `theta'` on the objective set. Outputs
-//!   `next.<theta>`, `next.<state>`, `objective` and `minibatch_loss`.
-//! * `step_vjp`: the step's inputs plus cotangents `ct.next.<theta>`,
-//!   `ct.next.<state>` and `ct.objective`; outputs `d.<phi>`, `d.<theta>`,
-//!   `d.<state>` (reverse mode over the step, through the gradient when
-//!   second derivatives are on).
+//!   and the objective at `theta'` on the objective set with its gradient
+//!   in `theta'`. Outputs `next.<theta>`, `next.<state>`, `objective`,
+//!   `objective_grad.<theta>` and `minibatch_loss`.
+//! * `step_vjp`: the step's inputs but the objective set, plus cotangents
+//!   `ct.next.<theta>` and `ct.next.<state>`; outputs `d.<phi>`,
+//!   `d.<theta>`, `d.<state>` (reverse mode over `(theta', S')`, through the
+//!   gradient when second derivatives are on). **Choice:** the objective's
+//!   cotangent reaches the step through `theta'` (the runtime adds
+//!   `ct objective * objective_grad` to `ct.next.<theta>`), so the VJP
+//!   neither reads the objective set nor recomputes its forward pass: the
+//!   objective set is the largest input (10,000 MNIST images), and its
+//!   activations are at hand in the forward step.
 //! * `reset`: `phi -> next.<hidden state>`: the in-graph reset of the hidden
 //!   states to the learnable init vectors (`hrnn.init.l{0,1,2}`), applied
 //!   before the first step of a problem's first unroll. **Choice:** a separate
@@ -36,7 +42,9 @@ use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
-use metac_runtime::l2o::{ct_name, d_name, next_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE};
+use metac_runtime::l2o::{
+    ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
+};
 
 use super::config::L2oConfig;
 use crate::models::hrnn::Hrnn;
@@ -72,7 +80,8 @@ struct StepInputs {
 struct StepOutputs {
     theta: Vec<NodeId>,
     state: Vec<NodeId>,
-    objective: NodeId,
+    /// The objective at the new parameters (when the objective set was given).
+    objective: Option<NodeId>,
     minibatch_loss: NodeId,
 }
 
@@ -190,12 +199,17 @@ impl L2oProgram {
             .collect()
     }
 
-    fn declare_step_inputs(&self, g: &mut Graph) -> StepInputs {
+    /// The step's inputs; the objective set only `with_objective`.
+    fn declare_step_inputs(&self, g: &mut Graph, with_objective: bool) -> StepInputs {
         let phi = self.hrnn.weights().inputs(g);
         let theta = self.declare_theta(g, "theta.");
         let state = self.hrnn.state_inputs(g, &self.param_shapes());
         let batch = Self::declare_batch(self.train.as_ref(), g, "batch.");
-        let obj = Self::declare_batch(self.objective.as_ref(), g, "obj.");
+        let obj = if with_objective {
+            Self::declare_batch(self.objective.as_ref(), g, "obj.")
+        } else {
+            vec![]
+        };
         StepInputs {
             phi,
             theta,
@@ -205,7 +219,8 @@ impl L2oProgram {
         }
     }
 
-    /// One inner step on already-declared nodes.
+    /// One inner step on already-declared nodes (`obj`: the objective set,
+    /// `None` for no objective).
     fn step_core(
         &self,
         g: &mut Graph,
@@ -213,7 +228,7 @@ impl L2oProgram {
         theta: &[NodeId],
         state: &[NodeId],
         batch: &[NodeId],
-        obj: &[NodeId],
+        obj: Option<&[NodeId]>,
     ) -> StepOutputs {
         self.step_core_with(g, phi, theta, state, batch, obj, None)
     }
@@ -228,7 +243,7 @@ impl L2oProgram {
         theta: &[NodeId],
         state: &[NodeId],
         batch: &[NodeId],
-        obj: &[NodeId],
+        obj: Option<&[NodeId]>,
         given_grads: Option<&[NodeId]>,
     ) -> StepOutputs {
         let loss = self.train.loss(g, theta, batch);
@@ -244,7 +259,7 @@ impl L2oProgram {
             }
         };
         let (nt, ns) = self.hrnn.step(g, phi, theta, &grads, state, loss);
-        let objective = self.objective.loss(g, &nt, obj);
+        let objective = obj.map(|obj| self.objective.loss(g, &nt, obj));
         StepOutputs {
             theta: nt,
             state: ns,
@@ -266,10 +281,15 @@ impl L2oProgram {
     pub fn step_graph(&self) -> Graph {
         let l = self.layout();
         let mut g = Graph::new();
-        let i = self.declare_step_inputs(&mut g);
-        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, &i.obj);
+        let i = self.declare_step_inputs(&mut g, true);
+        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, Some(&i.obj));
         self.add_step_outputs(&mut g, &l, &o);
-        g.output(OBJECTIVE, o.objective);
+        let objective = o.objective.expect("built with the objective set");
+        g.output(OBJECTIVE, objective);
+        let og = grad(&mut g, objective, &o.theta);
+        for (n, x) in l.theta.iter().zip(og) {
+            g.output(&objective_grad_name(n), x);
+        }
         g.output(MINIBATCH_LOSS, o.minibatch_loss);
         optimize(&g)
     }
@@ -278,8 +298,8 @@ impl L2oProgram {
     pub fn step_vjp_graph(&self) -> Graph {
         let l = self.layout();
         let mut g = Graph::new();
-        let i = self.declare_step_inputs(&mut g);
-        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, &i.obj);
+        let i = self.declare_step_inputs(&mut g, false);
+        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, None);
         let mut seeds = vec![];
         for (n, &y) in l.theta.iter().zip(&o.theta) {
             let s = g.shape(y).to_vec();
@@ -291,8 +311,6 @@ impl L2oProgram {
             let ct = g.input(&ct_name(&next_name(n)), DType::F32, &s);
             seeds.push((y, ct));
         }
-        let ct = g.input(&ct_name(OBJECTIVE), DType::F32, &[]);
-        seeds.push((o.objective, ct));
         let wrt: Vec<NodeId> = i
             .phi
             .iter()
@@ -419,9 +437,17 @@ impl L2oProgram {
                 }
                 None
             };
-            let o =
-                self.step_core_with(&mut g, &phi, &theta, &state, &batch, &obj, grads.as_deref());
-            let r = g.div(o.objective, c);
+            let o = self.step_core_with(
+                &mut g,
+                &phi,
+                &theta,
+                &state,
+                &batch,
+                Some(&obj),
+                grads.as_deref(),
+            );
+            let objective = o.objective.expect("built with the objective set");
+            let r = g.div(objective, c);
             let r = g.add_scalar(r, LOG_OBJECTIVE_EPS);
             let term = g.log(r);
             total = g.add_opt(total, Some(term));

@@ -24,9 +24,9 @@
 //! that order (the order of the original `rnn_input` list).
 //!
 //! # State layout
-//! See [`Hrnn::state_specs`]. Per-element scalars are stored flattened as
-//! `[n, 1]` (`n` = number of elements of the parameter tensor, row-major), the
-//! shape they have inside the computation.
+//! See [`Hrnn::state_specs`]. The per-element entries of all parameter
+//! tensors are packed into one `[N, *]` tensor each ([`Packing`]); per-tensor
+//! quantities are computed over each tensor's own rows.
 //!
 //! # Initial RNN states
 //! The initial hidden states are learnable vectors (`hrnn.init.l{0,1,2}`,
@@ -446,16 +446,103 @@ impl Default for Hrnn {
     }
 }
 
-/// Positions of one parameter tensor's entries in the state list.
-#[derive(Clone, Debug)]
-struct TensorSlots {
+/// Where each parameter tensor's elements sit in the packed per-element
+/// state: tensor `k` (flattened row-major) occupies columns
+/// `offsets[k] .. offsets[k] + sizes[k]` of every `[*, N]` state entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packing {
+    pub sizes: Vec<usize>,
+    pub offsets: Vec<usize>,
+    /// `N`, the number of optimizee parameters.
+    pub total: usize,
+}
+
+impl Packing {
+    pub fn new(param_shapes: &[Vec<usize>]) -> Self {
+        let sizes: Vec<usize> = param_shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .collect();
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0;
+        for &n in &sizes {
+            offsets.push(total);
+            total += n;
+        }
+        Packing {
+            sizes,
+            offsets,
+            total,
+        }
+    }
+
+    /// `T`, the number of parameter tensors.
+    pub fn num_tensors(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// The columns of tensor `k`.
+    pub fn range(&self, k: usize) -> std::ops::Range<usize> {
+        self.offsets[k]..self.offsets[k] + self.sizes[k]
+    }
+}
+
+/// Per-tensor reductions and broadcasts over the packed columns, as MatMuls
+/// with constant one-hot matrices: `basis [T, N]` (row `k` is 1 on tensor
+/// `k`'s columns), its transpose, and the element counts `[1, T]`. One MatMul
+/// per reduction keeps the graph small whatever the number of tensors and
+/// differentiates as any MatMul; dividing by the count (exact in f32) rather
+/// than multiplying by a rounded `1/n` keeps the means exact.
+struct Segments {
+    basis: NodeId,
+    basis_t: NodeId,
+    counts: NodeId,
+    num_tensors: usize,
+}
+
+impl Segments {
+    fn new(g: &mut Graph, p: &Packing) -> Self {
+        let (t, n) = (p.num_tensors(), p.total);
+        let mut basis = vec![0f32; t * n];
+        let mut basis_t = vec![0f32; n * t];
+        for k in 0..t {
+            for j in p.range(k) {
+                basis[k * n + j] = 1.0;
+                basis_t[j * t + k] = 1.0;
+            }
+        }
+        let counts = p.sizes.iter().map(|&c| c as f32).collect();
+        Segments {
+            basis: g.constant(Tensor::f32(&[t, n], basis)),
+            basis_t: g.constant(Tensor::f32(&[n, t], basis_t)),
+            counts: g.constant(Tensor::f32(&[1, t], counts)),
+            num_tensors: t,
+        }
+    }
+
+    /// `[c, N] -> [c, T]`: the mean over each tensor's columns.
+    fn mean(&self, g: &mut Graph, x: NodeId) -> NodeId {
+        let total = g.matmul(x, self.basis_t);
+        g.div(total, self.counts)
+    }
+
+    /// `[c, T] -> [c, N]`: each tensor's column repeated over its elements.
+    fn expand(&self, g: &mut Graph, y: NodeId) -> NodeId {
+        g.matmul(y, self.basis)
+    }
+}
+
+/// Positions of the state entries in the state list.
+#[derive(Clone, Copy, Debug)]
+struct Slots {
     h0: usize,
-    accum: Vec<usize>,
-    ms: Vec<usize>,
+    accum: usize,
+    ms: usize,
     inp_decay: usize,
     scl_decay: usize,
     log_lr: Option<usize>,
     h1: usize,
+    h2: usize,
 }
 
 impl Hrnn {
@@ -469,68 +556,62 @@ impl Hrnn {
         HrnnWeights::new(&self.config)
     }
 
-    fn slots(&self, num_tensors: usize) -> (Vec<TensorSlots>, usize) {
-        let s = self.config.num_gradient_scales;
-        let mut next = 0;
-        let mut take = || {
-            next += 1;
-            next - 1
-        };
-        let mut v = vec![];
-        for _ in 0..num_tensors {
-            let h0 = take();
-            let accum = (0..s).map(|_| take()).collect();
-            let ms = (0..s).map(|_| take()).collect();
-            let inp_decay = take();
-            let scl_decay = take();
-            let log_lr = self.config.dynamic_output_scale.then(&mut take);
-            let h1 = take();
-            v.push(TensorSlots {
-                h0,
-                accum,
-                ms,
-                inp_decay,
-                scl_decay,
-                log_lr,
-                h1,
-            });
+    fn slots(&self) -> Slots {
+        let dynamic = self.config.dynamic_output_scale;
+        let log_lr = dynamic.then_some(5);
+        let h1 = 5 + usize::from(dynamic);
+        Slots {
+            h0: 0,
+            accum: 1,
+            ms: 2,
+            inp_decay: 3,
+            scl_decay: 4,
+            log_lr,
+            h1,
+            h2: h1 + 1,
         }
-        let h2 = take();
-        (v, h2)
     }
 
     /// Names and shapes of the optimizer state for parameter tensors of the
-    /// given shapes. For each tensor `k` (with `n` elements), in this order:
+    /// given shapes. The state is feature-major and packed: one column per
+    /// optimizee parameter, all tensors' elements one after the other in
+    /// parameter order, each tensor flattened row-major ([`Packing`]), `N`
+    /// columns in all; `T` = number of tensors, `S` = number of gradient
+    /// scales:
     ///
-    /// * `hrnn.p{k}.h0` `[n, 10]`: level-0 hidden state per element;
-    /// * `hrnn.p{k}.accum{i}` `[n, 1]`, i = 0..scales: gradient accumulators;
-    /// * `hrnn.p{k}.ms{i}` `[n, 1]`: their mean squares;
-    /// * `hrnn.p{k}.inp_decay` `[n, 1]`, `hrnn.p{k}.scl_decay` `[n, 1]`;
-    /// * `hrnn.p{k}.log_lr` `[n, 1]` (with dynamic output scale);
-    /// * `hrnn.p{k}.h1` `[1, 20]`: level-1 hidden state of the tensor;
+    /// * `hrnn.state.h0` `[10, N]`: level-0 hidden state per element;
+    /// * `hrnn.state.accum` `[S, N]`: gradient accumulators, one row per scale;
+    /// * `hrnn.state.ms` `[S, N]`: their mean squares;
+    /// * `hrnn.state.inp_decay` `[1, N]`, `hrnn.state.scl_decay` `[1, N]`;
+    /// * `hrnn.state.log_lr` `[1, N]` (with dynamic output scale);
+    /// * `hrnn.state.h1` `[20, T]`: level-1 hidden state, one column per tensor;
+    /// * `hrnn.state.h2` `[20, 1]`: the global hidden state.
     ///
-    /// then, once, `hrnn.global.h2` `[1, 20]`. There are no scalar states
-    /// (the original has no step counter).
+    /// There are no scalar states (the original has no step counter).
+    ///
+    /// **Choice:** packing and orientation are a layout, not a change of the
+    /// math: every per-tensor quantity of the original (level-1 input,
+    /// output RMS, relative lr) is still computed per tensor, over its own
+    /// columns. Packing keeps the graphs about a hundred nodes whatever the
+    /// number of tensors; feature-major rows make every broadcast a
+    /// broadcast of a long contiguous row, the fast case of ONNX Runtime's
+    /// CPU kernels (a `[N, 1] x [N, 4]` broadcast is ~10x slower there).
     pub fn state_specs(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
         let [s0, s1, s2] = self.config.level_sizes;
-        let mut v = vec![];
-        for (k, shape) in param_shapes.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            v.push((format!("hrnn.p{k}.h0"), vec![n, s0]));
-            for i in 0..self.config.num_gradient_scales {
-                v.push((format!("hrnn.p{k}.accum{i}"), vec![n, 1]));
-            }
-            for i in 0..self.config.num_gradient_scales {
-                v.push((format!("hrnn.p{k}.ms{i}"), vec![n, 1]));
-            }
-            v.push((format!("hrnn.p{k}.inp_decay"), vec![n, 1]));
-            v.push((format!("hrnn.p{k}.scl_decay"), vec![n, 1]));
-            if self.config.dynamic_output_scale {
-                v.push((format!("hrnn.p{k}.log_lr"), vec![n, 1]));
-            }
-            v.push((format!("hrnn.p{k}.h1"), vec![1, s1]));
+        let p = Packing::new(param_shapes);
+        let (n, t, ns) = (p.total, p.num_tensors(), self.config.num_gradient_scales);
+        let mut v = vec![
+            ("hrnn.state.h0".to_string(), vec![s0, n]),
+            ("hrnn.state.accum".to_string(), vec![ns, n]),
+            ("hrnn.state.ms".to_string(), vec![ns, n]),
+            ("hrnn.state.inp_decay".to_string(), vec![1, n]),
+            ("hrnn.state.scl_decay".to_string(), vec![1, n]),
+        ];
+        if self.config.dynamic_output_scale {
+            v.push(("hrnn.state.log_lr".to_string(), vec![1, n]));
         }
-        v.push(("hrnn.global.h2".into(), vec![1, s2]));
+        v.push(("hrnn.state.h1".to_string(), vec![s1, t]));
+        v.push(("hrnn.state.h2".to_string(), vec![s2, 1]));
         v
     }
 
@@ -557,30 +638,33 @@ impl Hrnn {
     pub fn initial_state(&self, param_shapes: &[Vec<usize>], seed: u64) -> Vec<(String, Tensor)> {
         let (lo, hi) = self.config.init_lr_range;
         let (a, b) = (lo.ln() / 2.0, hi.ln() / 2.0);
-        let specs = self.state_specs(param_shapes);
-        let (slots, _) = self.slots(param_shapes.len());
-        let mut out: Vec<(String, Tensor)> = specs
+        let p = Packing::new(param_shapes);
+        let mut out: Vec<(String, Tensor)> = self
+            .state_specs(param_shapes)
             .iter()
             .map(|(n, s)| (n.clone(), Tensor::f32(s, vec![0.0; s.iter().product()])))
             .collect();
-        for (k, sl) in slots.iter().enumerate() {
-            let Some(i) = sl.log_lr else { continue };
-            let n = specs[i].1[0];
+        let Some(slot) = self.slots().log_lr else {
+            return out;
+        };
+        let mut vals = Vec::with_capacity(p.total);
+        for k in 0..p.num_tensors() {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(k as u64);
             let draw = |rng: &mut ChaCha8Rng| if a < b { rng.random_range(a..b) } else { a };
             let offset = draw(&mut rng);
-            let vals: Vec<f32> = (0..n)
-                .map(|_| (draw(&mut rng) + offset).clamp(MIN_LOG_LR, self.config.max_log_lr) as f32)
-                .collect();
-            out[i].1 = Tensor::f32(&[n, 1], vals);
+            vals.extend((0..p.sizes[k]).map(|_| {
+                (draw(&mut rng) + offset).clamp(MIN_LOG_LR, self.config.max_log_lr) as f32
+            }));
         }
+        out[slot].1 = Tensor::f32(&[1, p.total], vals);
         out
     }
 
     /// [`Hrnn::initial_state`] with the hidden states set from the values of
-    /// `hrnn.init.l{0,1,2}` in `weights` (broadcast over elements), as the
-    /// original's reset does. Not differentiable (host values).
+    /// `hrnn.init.l{0,1,2}` in `weights` (broadcast over elements and
+    /// tensors), as the original's reset does. Not differentiable (host
+    /// values).
     pub fn initial_state_with_weights(
         &self,
         param_shapes: &[Vec<usize>],
@@ -597,54 +681,107 @@ impl Hrnn {
                 .expect("f32 weight")
                 .to_vec()
         };
-        let (i0, i1, i2) = (
-            get("hrnn.init.l0"),
-            get("hrnn.init.l1"),
-            get("hrnn.init.l2"),
-        );
         let mut st = self.initial_state(param_shapes, seed);
-        let (slots, h2) = self.slots(param_shapes.len());
-        let tile = |v: &[f32], rows: usize| -> Vec<f32> {
-            (0..rows).flat_map(|_| v.iter().copied()).collect()
-        };
-        for sl in &slots {
-            let s = st[sl.h0].1.shape.clone();
-            st[sl.h0].1 = Tensor::f32(&s, tile(&i0, s[0]));
-            st[sl.h1].1 = Tensor::f32(&[1, i1.len()], i1.clone());
+        let sl = self.slots();
+        for (slot, init) in [
+            (sl.h0, "hrnn.init.l0"),
+            (sl.h1, "hrnn.init.l1"),
+            (sl.h2, "hrnn.init.l2"),
+        ] {
+            let v = get(init);
+            let s = st[slot].1.shape.clone();
+            // Unit u is row u: the init value repeated over the columns.
+            let rows = v
+                .iter()
+                .flat_map(|&x| std::iter::repeat_n(x, s[1]))
+                .collect();
+            st[slot].1 = Tensor::f32(&s, rows);
         }
-        st[h2].1 = Tensor::f32(&[1, i2.len()], i2);
         st
     }
 
-    /// In-graph reset of the hidden states: returns `state` with every
-    /// `h0` replaced by the learnable `hrnn.init.l0` broadcast over the
-    /// tensor's elements, every `h1` by `hrnn.init.l1` and `h2` by
+    /// In-graph reset of the hidden states: returns `state` with `h0`
+    /// replaced by the learnable `hrnn.init.l0` broadcast over the elements,
+    /// `h1` by `hrnn.init.l1` broadcast over the tensors and `h2` by
     /// `hrnn.init.l2` (differentiably, so the meta-gradient reaches the init
     /// vectors). Use on the first unroll of a problem.
     pub fn reset_hidden(&self, g: &mut Graph, w: &[NodeId], state: &[NodeId]) -> Vec<NodeId> {
         let ws = self.weights();
         let wi = |name: &str| w[ws.index(name).expect("weight")];
-        let num_tensors = self.num_tensors_from_state_len(state.len());
-        let (slots, h2) = self.slots(num_tensors);
+        let sl = self.slots();
+        assert_eq!(
+            state.len(),
+            sl.h2 + 1,
+            "Hrnn::reset_hidden: a state list of {} entries does not match the layout",
+            state.len()
+        );
         let mut out = state.to_vec();
-        let (i0, i1, i2) = (wi("hrnn.init.l0"), wi("hrnn.init.l1"), wi("hrnn.init.l2"));
-        for sl in &slots {
-            let s = g.shape(state[sl.h0]).to_vec();
-            out[sl.h0] = g.expand(i0, &s);
-            out[sl.h1] = i1;
+        for (slot, init) in [
+            (sl.h0, "hrnn.init.l0"),
+            (sl.h1, "hrnn.init.l1"),
+            (sl.h2, "hrnn.init.l2"),
+        ] {
+            let s = g.shape(state[slot]).to_vec();
+            let col = g.reshape(wi(init), &[s[0], 1]);
+            out[slot] = if s[1] == 1 { col } else { g.expand(col, &s) };
         }
-        out[h2] = i2;
         out
     }
 
-    fn num_tensors_from_state_len(&self, len: usize) -> usize {
-        let per =
-            2 * self.config.num_gradient_scales + 4 + usize::from(self.config.dynamic_output_scale);
-        assert!(
-            len >= 1 && (len - 1).is_multiple_of(per),
-            "Hrnn: a state list of {len} entries does not match the layout ({per} per tensor + 1)"
+    /// Check the weights, parameters, gradients and state against the
+    /// layout; returns the parameter shapes.
+    fn check_step_inputs(
+        &self,
+        g: &Graph,
+        w: &[NodeId],
+        params: &[NodeId],
+        grads: &[NodeId],
+        state: &[NodeId],
+    ) -> Vec<Vec<usize>> {
+        let ws = self.weights();
+        assert_eq!(
+            w.len(),
+            ws.specs.len(),
+            "Hrnn::step: expected {} weights",
+            ws.specs.len()
         );
-        (len - 1) / per
+        for (id, s) in w.iter().zip(&ws.specs) {
+            assert_eq!(
+                g.shape(*id),
+                s.shape.as_slice(),
+                "Hrnn::step: weight {} has the wrong shape",
+                s.name
+            );
+        }
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "Hrnn::step: params and grads differ in length"
+        );
+        assert!(!params.is_empty(), "Hrnn::step: no parameter tensors");
+        for (k, (&p, &gr)) in params.iter().zip(grads).enumerate() {
+            assert_eq!(
+                g.shape(p),
+                g.shape(gr),
+                "Hrnn::step: grad {k} does not match its parameter"
+            );
+        }
+        let shapes: Vec<Vec<usize>> = params.iter().map(|&p| g.shape(p).to_vec()).collect();
+        let specs = self.state_specs(&shapes);
+        assert_eq!(
+            state.len(),
+            specs.len(),
+            "Hrnn::step: expected {} state tensors",
+            specs.len()
+        );
+        for (id, (n, s)) in state.iter().zip(&specs) {
+            assert_eq!(
+                g.shape(*id),
+                s.as_slice(),
+                "Hrnn::step: state {n} has the wrong shape"
+            );
+        }
+        shapes
     }
 
     /// One optimizer step.
@@ -663,10 +800,13 @@ impl Hrnn {
     /// `g.stop_gradient(grad)` for `use_second_derivatives = False`.
     ///
     /// **Choices:**
-    /// * The first-step rule for `ms` is per tensor and per scale, like the
-    ///   original `tf.reduce_all(tf.equal(ms, 0.))`: if every element of the
-    ///   tensor's old `ms_i` is 0, the scale decay is replaced by 0 for that
-    ///   update. In the graph: `Where(ReduceMax(Abs(ms_i)) == 0, 0, s)`.
+    /// * The first-step rule for `ms`: the original replaces the scale decay
+    ///   by 0 for a variable whose old `ms` is all zero
+    ///   (`tf.reduce_all(tf.equal(ms, 0.))`, per variable and scale). Here the
+    ///   test is per scale over all tensors. The two agree on every state a
+    ///   run reaches: `ms` starts at 0 everywhere, and after the first update
+    ///   every element is at least `(1 - s) * 1e-12 > 0`, or keeps its old
+    ///   positive value when `s` rounds to 1.
     /// * The clip of the step log lr is straight-through:
     ///   `x + StopGradient(clip(x, -33, max_log_lr) - x)`, as in the original.
     /// * The dynamic output scale divides by the RMS of the update direction
@@ -690,258 +830,276 @@ impl Hrnn {
     ) -> (Vec<NodeId>, Vec<NodeId>) {
         let _ = objective;
         let c = &self.config;
+        let shapes = self.check_step_inputs(g, w, params, grads, state);
         let ws = self.weights();
-        assert_eq!(
-            w.len(),
-            ws.specs.len(),
-            "Hrnn::step: expected {} weights",
-            ws.specs.len()
-        );
-        for (id, s) in w.iter().zip(&ws.specs) {
-            assert_eq!(
-                g.shape(*id),
-                s.shape.as_slice(),
-                "Hrnn::step: weight {} has the wrong shape",
-                s.name
-            );
-        }
-        assert_eq!(
-            params.len(),
-            grads.len(),
-            "Hrnn::step: params and grads differ in length"
-        );
-        let shapes: Vec<Vec<usize>> = params.iter().map(|&p| g.shape(p).to_vec()).collect();
-        for (k, (&p, &gr)) in params.iter().zip(grads).enumerate() {
-            assert_eq!(
-                g.shape(p),
-                g.shape(gr),
-                "Hrnn::step: grad {k} does not match its parameter"
-            );
-        }
-        let specs = self.state_specs(&shapes);
-        assert_eq!(
-            state.len(),
-            specs.len(),
-            "Hrnn::step: expected {} state tensors",
-            specs.len()
-        );
-        for (id, (n, s)) in state.iter().zip(&specs) {
-            assert_eq!(
-                g.shape(*id),
-                s.as_slice(),
-                "Hrnn::step: state {n} has the wrong shape"
-            );
-        }
         let wi = |name: &str| -> NodeId {
             w[ws.index(&format!("hrnn.{name}"))
                 .unwrap_or_else(|| panic!("weight {name}"))]
         };
         let wo = |name: &str| -> Option<NodeId> { ws.index(&format!("hrnn.{name}")).map(|i| w[i]) };
 
-        let (slots, h2_slot) = self.slots(params.len());
+        let packing = Packing::new(&shapes);
+        let seg = Segments::new(g, &packing);
+        let (n, t) = (packing.total, packing.num_tensors());
+        let sl = self.slots();
         let mut new_state = state.to_vec();
-        let mut new_params = vec![];
-        let h2_old = state[h2_slot];
         let ns = c.num_gradient_scales;
-        let [s0, s1, _] = c.level_sizes;
+        let [s0, s1, s2] = c.level_sizes;
+        let zero = g.scalar(0.0);
+        let one = g.scalar(1.0);
 
-        // Mean log lr over the whole problem (use_problem_lr_mean).
-        let problem_mean_log_lr = if c.use_relative_lr && c.use_problem_lr_mean {
-            let mut total: Option<NodeId> = None;
-            let mut count = 0usize;
-            for sl in &slots {
-                let l = state[sl.log_lr.expect("log_lr")];
-                count += g.shape(l)[0];
-                let s = g.sum_all(l);
-                total = g.add_opt(total, Some(s));
-            }
-            let t = total.expect("at least one tensor");
-            // Divide by the count (exact in f32 up to 2^24) rather than
-            // multiplying by a rounded 1/count.
-            let cnt = g.scalar(count as f32);
-            Some(g.div(t, cnt))
+        // The gradients, packed: [1, N].
+        let flat: Vec<NodeId> = grads
+            .iter()
+            .zip(&packing.sizes)
+            .map(|(&gr, &k)| g.reshape(gr, &[1, k]))
+            .collect();
+        let grad = concat_or_single(g, &flat, 1);
+
+        // ---- features ------------------------------------------------------
+        // Decays of the scales, one row each: d_{i+1} = sqrt(d_i).
+        let mut decays = vec![state[sl.inp_decay]];
+        for i in 1..ns {
+            let d = g.sqrt(decays[i - 1]);
+            decays.push(d);
+        }
+        let decay = concat_or_single(g, &decays, 0);
+        let accum = if ns == 1 {
+            grad
         } else {
-            None
+            let om = g.sub(one, decay);
+            let a = g.mul(grad, om);
+            let b = g.mul(state[sl.accum], decay);
+            g.add(a, b)
         };
+        new_state[sl.accum] = accum;
+        // ms_i = (1 - s) (accum_i^2 + 1e-12) + s ms_i, with s forced to 0 on
+        // the first step (all ms_i zero): s = keep_i * scl_decay, an outer
+        // product of [S, 1] and [1, N].
+        let ms_old = state[sl.ms];
+        let abs = g.abs(ms_old);
+        let mx = g.reduce_max(abs, &[1], true);
+        let all_zero = g.equal(mx, zero);
+        let keep = g.where_(all_zero, zero, one);
+        let s = g.matmul(keep, state[sl.scl_decay]);
+        let sq = g.square(accum);
+        let sq = g.add_scalar(sq, MS_EPS);
+        let oms = g.sub(one, s);
+        let a = g.mul(oms, sq);
+        let b = g.mul(s, ms_old);
+        let ms = g.add(a, b);
+        new_state[sl.ms] = ms;
+        let mse = g.add_scalar(ms, EPS16);
+        let rms = g.sqrt(mse);
+        let q = g.div(accum, rms);
+        let gs = g.asinh(q);
+        let mut feats = vec![gs];
+        if c.use_grad_products && ns > 1 {
+            let lo = g.slice(gs, 0, 0, ns - 1);
+            let hi = g.slice(gs, 0, 1, ns);
+            feats.push(g.mul(lo, hi));
+        }
+        if c.use_log_means_squared {
+            let l = g.log(mse);
+            let avg = g.mean(l, &[0], true);
+            feats.push(g.sub(l, avg));
+        }
+        if c.use_relative_lr {
+            let l = state[sl.log_lr.expect("log_lr")];
+            let mean = if c.use_problem_lr_mean {
+                g.mean_all(l)
+            } else {
+                let m = seg.mean(g, l);
+                seg.expand(g, m)
+            };
+            feats.push(g.sub(l, mean));
+        }
+        let x = concat_or_single(g, &feats, 0);
 
-        // Injected biases from the OLD global state (shared by all tensors).
+        // ---- level 0 and level 1 -------------------------------------------
+        // Injected biases from the OLD level-1 and global states, as columns.
+        let h2_old = state[sl.h2];
+        let h1_old = state[sl.h1];
         let gbias0 = affine(
             g,
-            h2_old,
             wi("l0.global_bias.w"),
+            h2_old,
             Some(wi("l0.global_bias.b")),
         );
         let gbias1 = affine(
             g,
-            h2_old,
             wi("l1.global_bias.w"),
+            h2_old,
             Some(wi("l1.global_bias.b")),
         );
-        let cell0 = CellWeights::of(&wi, 0);
-        let cell1 = CellWeights::of(&wi, 1);
-        let cell2 = CellWeights::of(&wi, 2);
+        let tb = affine(
+            g,
+            wi("l0.tensor_bias.w"),
+            h1_old,
+            Some(wi("l0.tensor_bias.b")),
+        );
+        let bias0 = g.add(tb, gbias0);
+        let h0_new = bias_gru(
+            g,
+            x,
+            state[sl.h0],
+            Some(bias0),
+            seg.basis,
+            &CellWeights::of(&wi, 0),
+            s0,
+        );
+        new_state[sl.h0] = h0_new;
+        let cat = g.concat(&[h0_new, x], 0);
+        let l1_in = seg.mean(g, cat);
+        let ones_t = g.fill(1.0, DType::F32, &[1, t]);
+        let h1_new = bias_gru(
+            g,
+            l1_in,
+            h1_old,
+            Some(gbias1),
+            ones_t,
+            &CellWeights::of(&wi, 1),
+            s1,
+        );
+        new_state[sl.h1] = h1_new;
 
-        let mut h1_news = vec![];
-        for (k, sl) in slots.iter().enumerate() {
-            let n: usize = shapes[k].iter().product();
-            let grad = g.reshape(grads[k], &[n, 1]);
-
-            // ---- features --------------------------------------------------
-            let mut decays = vec![state[sl.inp_decay]];
-            for i in 1..ns {
-                let d = g.sqrt(decays[i - 1]);
-                decays.push(d);
-            }
-            let scl = state[sl.scl_decay];
-            let zero = g.scalar(0.0);
-            let one = g.scalar(1.0);
-            let mut gs = vec![];
-            let mut log_ms = vec![];
-            for i in 0..ns {
-                let accum = if ns == 1 {
-                    grad
-                } else {
-                    let om = g.sub(one, decays[i]);
-                    let a = g.mul(grad, om);
-                    let b = g.mul(state[sl.accum[i]], decays[i]);
-                    g.add(a, b)
-                };
-                new_state[sl.accum[i]] = accum;
-                let ms_old = state[sl.ms[i]];
-                let abs = g.abs(ms_old);
-                let mx = g.reduce_max(abs, &[0, 1], false);
-                let all_zero = g.equal(mx, zero);
-                let s = g.where_(all_zero, zero, scl);
-                let sq = g.square(accum);
-                let sq = g.add_scalar(sq, MS_EPS);
-                let oms = g.sub(one, s);
-                let a = g.mul(oms, sq);
-                let b = g.mul(s, ms_old);
-                let ms = g.add(a, b);
-                new_state[sl.ms[i]] = ms;
-                let mse = g.add_scalar(ms, EPS16);
-                let rms = g.sqrt(mse);
-                let q = g.div(accum, rms);
-                gs.push(g.asinh(q));
-                if c.use_log_means_squared {
-                    log_ms.push(g.log(mse));
-                }
-            }
-            let mut feats = gs.clone();
-            if c.use_grad_products && ns > 1 {
-                for i in 0..ns - 1 {
-                    feats.push(g.mul(gs[i], gs[i + 1]));
-                }
-            }
-            if c.use_log_means_squared {
-                let mut sum: Option<NodeId> = None;
-                for &l in &log_ms {
-                    sum = g.add_opt(sum, Some(l));
-                }
-                let cnt = g.scalar(ns as f32);
-                let avg = g.div(sum.expect("scales"), cnt);
-                for &l in &log_ms {
-                    feats.push(g.sub(l, avg));
-                }
-            }
-            if c.use_relative_lr {
-                let l = state[sl.log_lr.expect("log_lr")];
-                let mean = match problem_mean_log_lr {
-                    Some(m) => m,
-                    None => g.mean_all(l),
-                };
-                feats.push(g.sub(l, mean));
-            }
-            let x = g.concat(&feats, 1);
-
-            // ---- level 0 and level 1 ---------------------------------------
-            let h1_old = state[sl.h1];
-            let tb = affine(
-                g,
-                h1_old,
-                wi("l0.tensor_bias.w"),
-                Some(wi("l0.tensor_bias.b")),
-            );
-            let bias0 = g.add(tb, gbias0);
-            let h0_new = bias_gru(g, x, state[sl.h0], Some(bias0), &cell0, s0);
-            new_state[sl.h0] = h0_new;
-            let cat = g.concat(&[h0_new, x], 1);
-            let l1_in = g.mean(cat, &[0], true);
-            let h1_new = bias_gru(g, l1_in, h1_old, Some(gbias1), &cell1, s1);
-            new_state[sl.h1] = h1_new;
-            h1_news.push(h1_new);
-
-            // ---- readouts --------------------------------------------------
-            let mut delta = g.matmul(h0_new, wi("update.w"));
-            if let Some(sw) = wo("shortcut.w") {
-                let gcat = g.concat(&gs, 1);
-                let sc = g.matmul(gcat, sw);
-                delta = g.add(delta, sc);
-            }
-            if c.dynamic_output_scale {
-                let d2 = g.square(delta);
-                let m = g.mean_all(d2);
-                let m = g.add_scalar(m, EPS16);
-                let denom = g.sqrt(m);
-                delta = g.div(delta, denom);
-            }
-            new_state[sl.scl_decay] = match (wo("scl_decay.w"), wo("scl_decay.b")) {
-                (Some(dw), Some(db)) => {
-                    let z = affine(g, h0_new, dw, Some(db));
-                    g.sigmoid(z)
-                }
-                // Original: sigmoid(h . 0 + log(0.93 / 0.07)) = 0.93.
-                _ => g.fill(0.93, DType::F32, &[n, 1]),
-            };
-            new_state[sl.inp_decay] = match (wo("inp_decay.w"), wo("inp_decay.b")) {
-                (Some(dw), Some(db)) => {
-                    let z = affine(g, h0_new, dw, Some(db));
-                    g.sigmoid(z)
-                }
-                // Original: sigmoid(h . 0 + log(0.89 / 0.11)) = 0.89.
-                _ => g.fill(0.89, DType::F32, &[n, 1]),
-            };
-            let step_vec = if c.dynamic_output_scale {
-                let slot = sl.log_lr.expect("log_lr");
-                let log_lr = state[slot];
-                let change = affine(g, h0_new, wi("lr.w"), Some(wi("lr.b")));
-                let raw = g.add(log_lr, change);
-                let step_log_lr =
-                    straight_through_clip(g, raw, MIN_LOG_LR as f32, c.max_log_lr as f32);
-                let lrm = g.sigmoid(wi("lr_momentum_logit"));
-                let a = g.mul(lrm, log_lr);
-                let olrm = g.sub(one, lrm);
-                let b = g.mul(olrm, step_log_lr);
-                new_state[slot] = g.add(a, b);
-                let e = g.add(step_log_lr, wi("param_stepsize_offset"));
-                let lr = g.exp(e);
-                g.mul(lr, delta)
-            } else {
-                // lr_param = 2 * sigmoid(h . 0 + 0) = 1 in the original.
-                delta
-            };
-            let upd = g.reshape(step_vec, &shapes[k]);
-            new_params.push(g.sub(params[k], upd));
+        // ---- readouts ------------------------------------------------------
+        // The update direction and the decay / lr readouts as one MatMul on
+        // h0 (rows: update, then each present readout).
+        let mut readouts: Vec<(NodeId, Option<NodeId>)> = vec![(wi("update.w"), None)];
+        let names = ["scl_decay", "inp_decay", "lr"];
+        let present: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|r| wo(&format!("{r}.w")).is_some())
+            .collect();
+        for r in &present {
+            readouts.push((wi(&format!("{r}.w")), Some(wi(&format!("{r}.b")))));
         }
+        let rows: Vec<NodeId> = readouts
+            .iter()
+            .map(|&(w, _)| g.transpose(w, &[1, 0]))
+            .collect();
+        let wr = g.concat(&rows, 0);
+        let biases: Vec<NodeId> = readouts
+            .iter()
+            .map(|&(_, b)| match b {
+                Some(b) => g.reshape(b, &[1, 1]),
+                None => g.zeros(&[1, 1]),
+            })
+            .collect();
+        let br = g.concat(&biases, 0);
+        let br = g.expand(br, &[readouts.len(), t]);
+        let wr = g.concat(&[wr, br], 1);
+        let h0e = g.concat(&[h0_new, seg.basis], 0);
+        let out = g.matmul(wr, h0e);
+        let readout = |g: &mut Graph, i: usize| g.slice(out, 0, i, i + 1);
+        let mut delta = readout(g, 0);
+        let readout_of = |g: &mut Graph, name: &str| {
+            present
+                .iter()
+                .position(|r| *r == name)
+                .map(|i| readout(g, i + 1))
+        };
+        let scl_z = readout_of(g, "scl_decay");
+        let inp_z = readout_of(g, "inp_decay");
+        let lr_change = readout_of(g, "lr");
+        if let Some(sw) = wo("shortcut.w") {
+            let swt = g.transpose(sw, &[1, 0]);
+            let sc = g.matmul(swt, gs);
+            delta = g.add(delta, sc);
+        }
+        if c.dynamic_output_scale {
+            let d2 = g.square(delta);
+            let m = seg.mean(g, d2);
+            let m = g.add_scalar(m, EPS16);
+            let denom = g.sqrt(m);
+            let denom = seg.expand(g, denom);
+            delta = g.div(delta, denom);
+        }
+        new_state[sl.scl_decay] = match scl_z {
+            Some(z) => g.sigmoid(z),
+            // Original: sigmoid(h . 0 + log(0.93 / 0.07)) = 0.93.
+            None => g.fill(0.93, DType::F32, &[1, n]),
+        };
+        new_state[sl.inp_decay] = match inp_z {
+            Some(z) => g.sigmoid(z),
+            // Original: sigmoid(h . 0 + log(0.89 / 0.11)) = 0.89.
+            None => g.fill(0.89, DType::F32, &[1, n]),
+        };
+        let step_vec = if let Some(slot) = sl.log_lr {
+            let log_lr = state[slot];
+            let change = lr_change.expect("lr readout");
+            let raw = g.add(log_lr, change);
+            let step_log_lr = straight_through_clip(g, raw, MIN_LOG_LR as f32, c.max_log_lr as f32);
+            let lrm = g.sigmoid(wi("lr_momentum_logit"));
+            let a = g.mul(lrm, log_lr);
+            let olrm = g.sub(one, lrm);
+            let b = g.mul(olrm, step_log_lr);
+            new_state[slot] = g.add(a, b);
+            let e = g.add(step_log_lr, wi("param_stepsize_offset"));
+            let lr = g.exp(e);
+            g.mul(lr, delta)
+        } else {
+            // lr_param = 2 * sigmoid(h . 0 + 0) = 1 in the original.
+            delta
+        };
+        let new_params = params
+            .iter()
+            .enumerate()
+            .map(|(k, &p)| {
+                let cols = if t == 1 {
+                    step_vec
+                } else {
+                    let r = packing.range(k);
+                    g.slice(step_vec, 1, r.start, r.end)
+                };
+                let upd = g.reshape(cols, &shapes[k]);
+                g.sub(p, upd)
+            })
+            .collect();
 
         // ---- level 2 -------------------------------------------------------
         let l2_in = match c.level2_input {
-            Level2Input::LastTensor => *h1_news.last().expect("at least one parameter tensor"),
-            Level2Input::MeanOverTensors => {
-                let cat = g.concat(&h1_news, 0);
-                g.mean(cat, &[0], true)
-            }
+            Level2Input::LastTensor if t == 1 => h1_new,
+            Level2Input::LastTensor => g.slice(h1_new, 1, t - 1, t),
+            Level2Input::MeanOverTensors => g.mean(h1_new, &[1], true),
         };
-        new_state[h2_slot] = bias_gru(g, l2_in, h2_old, None, &cell2, c.level_sizes[2]);
+        let one_col = g.fill(1.0, DType::F32, &[1, 1]);
+        new_state[sl.h2] = bias_gru(
+            g,
+            l2_in,
+            h2_old,
+            None,
+            one_col,
+            &CellWeights::of(&wi, 2),
+            s2,
+        );
+        debug_assert_eq!(seg.num_tensors, t);
         (new_params, new_state)
     }
 }
 
-/// `x . w (+ b)`.
-fn affine(g: &mut Graph, x: NodeId, w: NodeId, b: Option<NodeId>) -> NodeId {
-    let y = g.matmul(x, w);
+/// Concatenation, without a node for a single part.
+fn concat_or_single(g: &mut Graph, parts: &[NodeId], axis: usize) -> NodeId {
+    if parts.len() == 1 {
+        parts[0]
+    } else {
+        g.concat(parts, axis)
+    }
+}
+
+/// Feature-major affine map `W^T x (+ b)`: `w [in, out]` (the weights'
+/// stored orientation), `x [in, M]`, `b [out]` broadcast over the columns.
+fn affine(g: &mut Graph, w: NodeId, x: NodeId, b: Option<NodeId>) -> NodeId {
+    let wt = g.transpose(w, &[1, 0]);
+    let y = g.matmul(wt, x);
     match b {
-        Some(b) => g.add(y, b),
+        Some(b) => {
+            let out = g.shape(wt)[0];
+            let col = g.reshape(b, &[out, 1]);
+            g.add(y, col)
+        }
         None => y,
     }
 }
@@ -976,40 +1134,51 @@ impl CellWeights {
     }
 }
 
-/// The BiasGRU cell of `rnn_cells.py`: `x [b, in]`, `h [b, n]`, injected
-/// bias `[1, 3n]` split into r / u / c parts.
+/// The BiasGRU cell of `rnn_cells.py`, feature-major: `x [in, M]`,
+/// `h [n, M]`, injected bias `[3n, K]` (r / u / c parts as row blocks), one
+/// column per group of columns of `x`, given by `basis [K, M]` (one-hot
+/// groups; `None` bias: `K = 1` and `basis` all ones).
 ///
-/// `r, u = sigmoid([x, h] . Wg + bg + bias[r|u])`,
-/// `c = tanh([x, r*h] . Wc + bc + bias[c])`, `h' = u*h + (1-u)*c`.
+/// `r, u = sigmoid(Wg^T [x; h] + bg + bias[r|u])`,
+/// `c = tanh(Wc^T [x; r*h] + bc + bias[c])`, `h' = u*h + (1-u)*c`.
+///
+/// The biases ride in the MatMuls: `[Wg^T | B] . [x; h; basis]`, so no
+/// `[3n, M]` bias tensor is ever broadcast.
 fn bias_gru(
     g: &mut Graph,
     x: NodeId,
     h: NodeId,
     bias: Option<NodeId>,
+    basis: NodeId,
     cw: &CellWeights,
     n: usize,
 ) -> NodeId {
-    let xh = g.concat(&[x, h], 1);
-    let mut gates = affine(g, xh, cw.gates_w, Some(cw.gates_b));
-    if let Some(b) = bias {
-        let bru = g.slice(b, 1, 0, 2 * n);
-        gates = g.add(gates, bru);
-    }
-    let r_lin = g.slice(gates, 1, 0, n);
-    let u_lin = g.slice(gates, 1, n, 2 * n);
+    let gb = g.reshape(cw.gates_b, &[2 * n, 1]);
+    let cb = g.reshape(cw.cand_b, &[n, 1]);
+    let cell_b = g.concat(&[gb, cb], 0);
+    let b = match bias {
+        Some(b) => g.add(b, cell_b),
+        None => cell_b,
+    };
+    let b_ru = g.slice(b, 0, 0, 2 * n);
+    let b_c = g.slice(b, 0, 2 * n, 3 * n);
+
+    let wgt = g.transpose(cw.gates_w, &[1, 0]);
+    let wg = g.concat(&[wgt, b_ru], 1);
+    let xh = g.concat(&[x, h, basis], 0);
+    let gates = g.matmul(wg, xh);
+    let r_lin = g.slice(gates, 0, 0, n);
+    let u_lin = g.slice(gates, 0, n, 2 * n);
     let r = g.sigmoid(r_lin);
     let u = g.sigmoid(u_lin);
     let rh = g.mul(r, h);
-    let xrh = g.concat(&[x, rh], 1);
-    let mut cand = affine(g, xrh, cw.cand_w, Some(cw.cand_b));
-    if let Some(b) = bias {
-        let bc = g.slice(b, 1, 2 * n, 3 * n);
-        cand = g.add(cand, bc);
-    }
+    let wct = g.transpose(cw.cand_w, &[1, 0]);
+    let wc = g.concat(&[wct, b_c], 1);
+    let xrh = g.concat(&[x, rh, basis], 0);
+    let cand = g.matmul(wc, xrh);
     let c = g.tanh(cand);
-    let uh = g.mul(u, h);
-    let one = g.scalar(1.0);
-    let om = g.sub(one, u);
-    let oc = g.mul(om, c);
-    g.add(uh, oc)
+    // u h + (1 - u) c = c + u (h - c)
+    let hc = g.sub(h, c);
+    let uhc = g.mul(u, hc);
+    g.add(c, uhc)
 }

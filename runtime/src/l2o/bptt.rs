@@ -1,18 +1,23 @@
 //! Truncated backpropagation through time from explicit step adjoints.
 //!
 //! An L2O bundle holds one inner step `F(phi, theta_t, S_t, batch_t, obj) ->
-//! (theta_t+1, S_t+1, objective_t)` and its VJP. [`truncated_bptt`] runs one
-//! unroll forward, keeping only `(theta_t, S_t)` per step (memory grows with
-//! the optimizee and optimizer state, not with activations), then runs the
-//! VJP graphs backward from the last step to the first, carrying the
-//! cotangents of `theta` and `S` and summing the cotangent of `phi`.
+//! (theta_t+1, S_t+1, objective_t, grad objective_t)` and the VJP of its
+//! `(theta_t+1, S_t+1)` part. [`truncated_bptt`] runs one unroll forward,
+//! keeping only `(theta_t, S_t)` and the objective's gradient per step
+//! (memory grows with the optimizee and optimizer state, not with
+//! activations), then runs the VJP graph backward from the last step to the
+//! first, carrying the cotangents of `theta` and `S` and summing the
+//! cotangent of `phi`.
 //!
 //! The meta-loss is the `use_log_objective` form of the original code:
 //! `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)`, with `obj_t` the
-//! objective after step `t` and `initial_obj` a constant. The cotangent the
-//! backward pass feeds for `obj_t` is the derivative of that term (see
-//! [`meta_loss_term`]). Gradients are truncated at the unroll boundary: the
-//! `theta` and `S` the unroll starts from are constants.
+//! objective after step `t` and `initial_obj` a constant. Its cotangent
+//! (see [`meta_loss_term`]) enters the backward pass through theta:
+//! `ct theta_t+1 += d term / d obj_t * grad objective_t`. The objective's
+//! gradient comes from the forward step, which has the objective set's
+//! activations at hand, so the VJP never touches the (large) objective set.
+//! Gradients are truncated at the unroll boundary: the `theta` and `S` the
+//! unroll starts from are constants.
 //!
 //! The driver is generic over [`StepRunner`], so it runs on backend
 //! [`Session`]s ([`SessionRunner`], f32) and on the f64 reference interpreter
@@ -25,7 +30,9 @@ use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::Graph;
 use ndarray::{ArrayD, IxDyn};
 
-use super::{ct_name, d_name, next_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE};
+use super::{
+    ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
+};
 use crate::backend::{Backend, Session};
 use crate::bundle::Bundle;
 use crate::tensor::HostTensor;
@@ -43,6 +50,8 @@ pub trait StepTensor: Clone {
     fn zeros_like(&self) -> Self;
     /// Elementwise sum of two float tensors of one shape.
     fn add(&self, other: &Self) -> Result<Self>;
+    /// `self + a * x`, elementwise, for float tensors of one shape.
+    fn axpy(&self, a: f64, x: &Self) -> Result<Self>;
 }
 
 impl StepTensor for HostTensor {
@@ -64,6 +73,19 @@ impl StepTensor for HostTensor {
             b.shape()
         );
         Ok(HostTensor::F32(a + b))
+    }
+    fn axpy(&self, a: f64, x: &Self) -> Result<Self> {
+        let (y, x) = (self.as_f32()?, x.as_f32()?);
+        ensure!(
+            y.shape() == x.shape(),
+            "axpy on f32 tensors of shapes {:?} and {:?}",
+            y.shape(),
+            x.shape()
+        );
+        let a = a as f32;
+        Ok(HostTensor::F32(
+            ndarray::Zip::from(y).and(x).map_collect(|&y, &x| y + a * x),
+        ))
     }
 }
 
@@ -93,6 +115,16 @@ impl StepTensor for Value {
             ),
         }
     }
+    fn axpy(&self, a: f64, x: &Self) -> Result<Self> {
+        match (self, x) {
+            (Value::F(y), Value::F(x)) if y.shape() == x.shape() => Ok(Value::F(y + &(x * a))),
+            _ => bail!(
+                "axpy on values of shapes {:?} and {:?} (floats of one shape expected)",
+                self.shape(),
+                x.shape()
+            ),
+        }
+    }
 }
 
 /// Runs the four graphs of an L2O bundle. Inputs may include names a graph
@@ -100,9 +132,10 @@ impl StepTensor for Value {
 /// outputs come back by name.
 pub trait StepRunner {
     type Tensor: StepTensor;
-    /// `step`: phi, theta, S, minibatch, objective batch -> `next.*`, `objective`, `minibatch_loss`.
+    /// `step`: phi, theta, S, minibatch, objective batch -> `next.*`,
+    /// `objective`, `objective_grad.*`, `minibatch_loss`.
     fn step(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
-    /// `step_vjp`: the step's inputs plus `ct.next.*`, `ct.objective` -> `d.*`.
+    /// `step_vjp`: phi, theta, S, minibatch, `ct.next.*` -> `d.*`.
     fn step_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// `reset`: phi -> `next.<hidden state>`.
     fn reset(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
@@ -203,6 +236,7 @@ pub fn truncated_bptt<R: StepRunner>(
     // ---- forward ------------------------------------------------------------
     let mut thetas: Vec<Named<T<R>>> = vec![theta0];
     let mut states: Vec<Named<T<R>>> = vec![state0];
+    let mut objective_grads: Vec<Vec<T<R>>> = vec![];
     let mut objectives = vec![];
     let mut minibatch_losses = vec![];
     let mut diverged = false;
@@ -233,6 +267,13 @@ pub fn truncated_bptt<R: StepRunner>(
         };
         thetas.push(next(&layout.theta)?);
         states.push(next(&layout.state)?);
+        objective_grads.push(
+            layout
+                .theta
+                .iter()
+                .map(|n| lookup(&out, "step", &objective_grad_name(n)).cloned())
+                .collect::<Result<_>>()?,
+        );
     }
     let steps = objectives.len();
     let mut d_phi: Named<T<R>> = phi
@@ -263,18 +304,19 @@ pub fn truncated_bptt<R: StepRunner>(
         names.iter().map(|n| ct_name(&next_name(n))).collect()
     };
     let (ct_theta_names, ct_state_names) = (ct_names(&layout.theta), ct_names(&layout.state));
-    let ct_obj_name = ct_name(OBJECTIVE);
     let mut ct_theta: Vec<T<R>> = thetas[steps].iter().map(|(_, t)| t.zeros_like()).collect();
     let mut ct_state: Vec<T<R>> = states[steps].iter().map(|(_, t)| t.zeros_like()).collect();
     for t in (0..steps).rev() {
-        let ct_obj = T::<R>::scalar(d_obj[t]);
+        // The objective after step t is a function of theta_t+1 only.
+        for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
+            *ct = ct.axpy(d_obj[t], g)?;
+        }
         let mut ins: Vec<(&str, &T<R>)> = vec![];
         for (n, x) in phi
             .iter()
             .chain(&thetas[t])
             .chain(&states[t])
             .chain(&u.minibatches[t])
-            .chain(u.objective_batch)
         {
             ins.push((n.as_str(), x));
         }
@@ -284,7 +326,6 @@ pub fn truncated_bptt<R: StepRunner>(
         for (n, x) in ct_state_names.iter().zip(&ct_state) {
             ins.push((n.as_str(), x));
         }
-        ins.push((ct_obj_name.as_str(), &ct_obj));
         let out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
         for (n, acc) in d_phi.iter_mut() {
             *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;

@@ -35,6 +35,9 @@ pub const D: &str = "d.";
 pub const OBJECTIVE: &str = "objective";
 /// Name of the step's minibatch-loss output.
 pub const MINIBATCH_LOSS: &str = "minibatch_loss";
+/// Prefix of the step's outputs holding the gradient of the objective in the
+/// new parameters (`objective_grad.theta.w0`).
+pub const OBJECTIVE_GRAD: &str = "objective_grad.";
 
 /// `next.<name>`.
 pub fn next_name(name: &str) -> String {
@@ -48,6 +51,10 @@ pub fn ct_name(name: &str) -> String {
 pub fn d_name(name: &str) -> String {
     format!("{D}{name}")
 }
+/// `objective_grad.<theta name>`.
+pub fn objective_grad_name(theta: &str) -> String {
+    format!("{OBJECTIVE_GRAD}{theta}")
+}
 
 /// The input names of an L2O bundle's graphs, by role.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +63,7 @@ pub struct L2oLayout {
     pub phi: Vec<String>,
     /// Optimizee parameters, `theta.<param>`.
     pub theta: Vec<String>,
-    /// Optimizer state, `hrnn.p<k>.*` and `hrnn.global.h2`.
+    /// Optimizer state, `hrnn.state.*`.
     pub state: Vec<String>,
     /// The state entries that the `reset` graph sets from `phi` (hidden states).
     pub hidden: Vec<String>,
