@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 
-use metac_compiler::l2o::program::{L2oProgram, INITIAL_OBJECTIVE, META_LOSS};
+use metac_compiler::l2o::program::{L2oProgram, INITIAL_OBJECTIVE, META_LOSS, REG_WEIGHT};
+use metac_compiler::l2o::regularizer::{RegOption, RegularizerSpec};
 use metac_compiler::l2o::{compile_l2o, L2oConfig};
 use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
 use metac_compiler::models::mlp::{Activation, Mlp};
@@ -119,6 +120,9 @@ struct Case {
     minibatches: Vec<Vec<(String, Value)>>,
     obj: Vec<(String, Value)>,
     initial: f64,
+    /// The regulariser's probes per step (empty without one) and its weight.
+    probes: Vec<Vec<(String, Value)>>,
+    reg_weight: f64,
 }
 
 fn case(prog: L2oProgram) -> Case {
@@ -134,8 +138,36 @@ fn case(prog: L2oProgram) -> Case {
     let ins: HashMap<String, Value> = theta.iter().chain(&obj).cloned().collect();
     let out = eval_graph(&og, &ins).unwrap();
     let initial = out[0].1.f().iter().copied().next().unwrap();
+    let probe_inputs = prog.probe_inputs();
+    let probes = if probe_inputs.is_empty() {
+        vec![]
+    } else {
+        (0..STEPS)
+            .map(|_| {
+                probe_inputs
+                    .iter()
+                    .map(|p| {
+                        let k: usize = p.shape.iter().product();
+                        let v = (0..k).map(|_| rng.normal() as f32).collect();
+                        (
+                            p.name.clone(),
+                            Value::from_tensor(&Tensor::f32(&p.shape, v)),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let reg_weight = if prog.regularizer.option == RegOption::None {
+        0.0
+    } else {
+        // Exact in f32, as the fused graph's input.
+        0.25
+    };
     Case {
         prog,
+        probes,
+        reg_weight,
         phi,
         theta,
         state,
@@ -167,6 +199,17 @@ fn fused_inputs(c: &Case, phi: &[(String, Value)]) -> HashMap<String, Value> {
         for (n, v) in mb {
             m.insert(format!("t{t}.{n}"), v.clone());
         }
+    }
+    for (t, pr) in c.probes.iter().enumerate() {
+        for (n, v) in pr {
+            m.insert(format!("t{t}.{n}"), v.clone());
+        }
+    }
+    if c.prog.regularizer.option != RegOption::None {
+        m.insert(
+            REG_WEIGHT.into(),
+            Value::from_tensor(&Tensor::scalar_f32(c.reg_weight as f32)),
+        );
     }
     m.insert(
         INITIAL_OBJECTIVE.into(),
@@ -210,6 +253,8 @@ fn check(c: &Case, reset: bool) -> (f64, Vec<(String, Value)>) {
             minibatches: &c.minibatches,
             objective_batch: &c.obj,
             initial_objective: c.initial,
+            probes: &c.probes,
+            reg_weight: c.reg_weight,
         },
     )
     .unwrap();
@@ -356,6 +401,34 @@ fn bptt_matches_fused_and_finite_differences() {
     check(&c, false);
 }
 
+/// Each regulariser enters the meta-loss and its meta-gradient (third-order
+/// terms through theta_t) matches the fused graph and finite differences.
+#[test]
+fn regularised_meta_gradients_match_fused_and_finite_differences() {
+    for (option, second) in [
+        (RegOption::Hessian, false),
+        (RegOption::HessianEv, false),
+        (RegOption::HessianEsd, true),
+        (RegOption::Jacob, false),
+    ] {
+        let mut prog = tiny_program(second);
+        prog.regularizer = RegularizerSpec {
+            option,
+            num_probes: 2,
+            power_iterations: 3,
+            lanczos_steps: 3,
+        };
+        let c = case(prog);
+        let plain = check(&case(tiny_program(second)), true).0;
+        let (loss, _) = check(&c, true);
+        println!("{option:?}: meta-loss {loss:.6} (without the regulariser {plain:.6})");
+        assert!(
+            (loss - plain).abs() > 1e-9,
+            "{option:?}: the regulariser does not change the meta-loss"
+        );
+    }
+}
+
 #[test]
 fn bptt_on_a_data_free_problem() {
     let c = case(quadratic_program(true));
@@ -395,6 +468,8 @@ fn divergence_stops_the_unroll() {
             minibatches: &c.minibatches,
             objective_batch: &c.obj,
             initial_objective: c.initial,
+            probes: &[],
+            reg_weight: 0.0,
         },
     )
     .unwrap();
@@ -440,7 +515,7 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
     let c = case(tiny_program(false));
     let bdir = dir.join("tiny-mlp");
     c.prog
-        .write_bundle(3, serde_json::Value::Null, &bdir)
+        .write_bundle(3, serde_json::Value::Null, &Default::default(), &bdir)
         .unwrap();
     let bundle = Bundle::load(&bdir).unwrap();
     let (ml, d64) = check(&c, true);
@@ -477,6 +552,8 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
                 minibatches: &mbs,
                 objective_batch: &obj,
                 initial_objective: c.initial,
+                probes: &[],
+                reg_weight: 0.0,
             },
         )
         .unwrap();
@@ -570,7 +647,7 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
     let dir = std::env::temp_dir().join(format!("metac-l2o-train-{}", std::process::id()));
     let c = case(tiny_program(false));
     c.prog
-        .write_bundle(3, serde_json::Value::Null, &dir)
+        .write_bundle(3, serde_json::Value::Null, &Default::default(), &dir)
         .unwrap();
     let bundle = Bundle::load(&dir).unwrap();
     let backend = open_backend(&BackendOptions {
@@ -612,6 +689,7 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
             c.initial,
             schedule,
             &mut data,
+            None,
         )
         .unwrap();
         assert!(!rep.diverged);
@@ -700,6 +778,7 @@ fn tiny_config_meta_iteration_on_mnist() {
             num_unrolls: cfg.run.num_unrolls,
         },
         &mut data,
+        None,
     )
     .unwrap();
     println!(

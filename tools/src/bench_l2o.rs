@@ -13,6 +13,7 @@ use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
 use metac_runtime::l2o::bptt::{truncated_bptt, Named, StepRunner, Unroll};
 use metac_runtime::l2o::data::{named_rows, xy_names};
+use metac_runtime::l2o::regularizer::{ProbeGenerator, RegularizeTime, RegularizerSchedule};
 use metac_runtime::l2o::{L2oLayout, SessionRunner};
 use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
@@ -38,6 +39,10 @@ pub struct L2oArgs {
     /// MNIST directory (IDX files).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Measure with this regulariser instead of the config's (none, hessian,
+    /// hessian-ev, hessian-esd, jacob), counted in every unroll.
+    #[arg(long)]
+    pub reg_option: Option<String>,
 }
 
 fn conv(v: Vec<(String, metac_graphs::Tensor)>) -> Named<HostTensor> {
@@ -72,7 +77,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: L2oArgs) -> Result<()> {
-    let cfg = L2oConfig::load(&a.config)?;
+    let mut cfg = L2oConfig::load(&a.config)?;
+    if let Some(r) = &a.reg_option {
+        cfg.regularizer.reg_option = serde_json::from_value(serde_json::json!(r))
+            .map_err(|_| anyhow::anyhow!("--reg-option: unknown regulariser '{r}' (none, hessian, hessian-ev, hessian-esd, jacob)"))?;
+        cfg.regularizer.regularize_time = Some(RegularizeTime::All);
+    }
     let program = L2oProgram::from_config(&cfg)?;
     let flops_step = metac_graphs::cost::flops(&program.step_graph()) as f64;
     let flops_vjp = metac_graphs::cost::flops(&program.step_vjp_graph()) as f64;
@@ -81,6 +91,12 @@ pub fn run(a: L2oArgs) -> Result<()> {
     compile_l2o(&cfg, &dir)?;
     let bundle = Bundle::load(&dir)?;
     let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
+    let reg = RegularizerSchedule::from_meta(&bundle.manifest.meta)?;
+    let mut gen = ProbeGenerator::new(cfg.seed);
+    let probes: Vec<Named<HostTensor>> = match &reg {
+        Some(r) => (0..a.unroll_length).map(|_| gen.draw(r)).collect(),
+        None => vec![],
+    };
     let data = mnist::load(&a.data_dir.clone().unwrap_or_else(mnist::default_dir))?;
     let phi = conv(program.init_phi(cfg.seed));
     let theta = conv(program.init_theta(cfg.seed));
@@ -100,8 +116,12 @@ pub fn run(a: L2oArgs) -> Result<()> {
         0..cfg.objective_examples,
     )?;
     println!(
-        "# metac bench l2o: {} (batch {}, objective set {}), one meta-iteration = {}-step unroll + BPTT + meta-gradient",
-        cfg.problem, cfg.batch_size, cfg.objective_examples, a.unroll_length
+        "# metac bench l2o: {} (batch {}, objective set {}), regulariser {}, one meta-iteration = {}-step unroll + BPTT + meta-gradient",
+        cfg.problem,
+        cfg.batch_size,
+        cfg.objective_examples,
+        reg.as_ref().map_or("none", |r| r.option.as_str()),
+        a.unroll_length
     );
     println!(
         "# FLOPs: step {:.3} GFLOP, step_vjp {:.3} GFLOP, meta-iteration {:.2} GFLOP; median of {} after one warm-up\n",
@@ -132,6 +152,8 @@ pub fn run(a: L2oArgs) -> Result<()> {
             minibatches: &minibatches,
             objective_batch: &obj,
             initial_objective: 2.3,
+            probes: &probes,
+            reg_weight: reg.as_ref().map_or(0.0, |r| r.alpha),
         };
         let mut fwd = vec![];
         let mut ins: Vec<(&str, &HostTensor)> = phi
@@ -140,6 +162,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
             .chain(&state)
             .chain(&minibatches[0])
             .chain(&obj)
+            .chain(probes.first().into_iter().flatten())
             .map(|(n, t)| (n.as_str(), t))
             .collect();
         ins.sort_by_key(|(n, _)| *n);

@@ -164,6 +164,14 @@ fn malformed_configs_are_rejected_with_the_key_named() {
             base.replace("problem = \"mnist-mlp\"", "problem = \"mnist-resnet\""),
             "problem",
         ),
+        (
+            format!("{base}\n[regularizer]\nreg_option = \"hessian\"\nregularize_time = \"all\"\nalpha = -1e-4\n"),
+            "regularizer.alpha",
+        ),
+        (
+            format!("{base}\n[regularizer]\nreg_option = \"trace\"\nregularize_time = \"all\"\n"),
+            "reg_option",
+        ),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let p = d.join(format!("bad{i}.toml"));

@@ -23,6 +23,12 @@
 //! clip = 1e4
 //! accumulator_init = 1.0         # TF1's RMSProp starts the accumulator at 1
 //!
+//! [regularizer]                 # L2O-Entropy; omitted: none
+//! reg_option = "hessian"         # none, hessian, hessian-ev, hessian-esd, jacob
+//! alpha = 1e-4
+//! regularize_time = "all"        # all, posterior or none (required with a reg_option)
+//! num_probes = 10                # hessian: Rademacher probes per step
+//!
 //! [run]
 //! num_meta_iterations = 100
 //! unroll_length = 20
@@ -38,6 +44,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use metac_runtime::l2o::regularizer::RegularizeTime;
+
+use super::regularizer::{RegOption, RegularizerSpec};
 use crate::models::hrnn::{HrnnConfig, Level2Input};
 use crate::models::problems::problem_by_name;
 
@@ -133,6 +142,97 @@ impl Default for MetaOptimizerConfig {
     }
 }
 
+/// The Hessian regulariser of the L2O-Entropy fork. `reg_option`,
+/// `num_probes`, `power_iterations` and `lanczos_steps` shape the graphs;
+/// `alpha`, `regularize_time` and `posterior_scale` are read by the runtime
+/// from the bundle's manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegularizerConfig {
+    #[serde(default)]
+    pub reg_option: RegOption,
+    /// Weight of the regulariser in the meta-loss (`regular += alpha * reg`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Which unrolls are regularised; required with a `reg_option` (the
+    /// fork's commands pass `none`, which silently disables the regulariser).
+    #[serde(default)]
+    pub regularize_time: Option<RegularizeTime>,
+    /// `posterior`: regularise unrolls with index > int(scale * n + 1).
+    #[serde(default = "default_posterior_scale")]
+    pub posterior_scale: f64,
+    /// `hessian`: Rademacher probes per step.
+    #[serde(default = "default_ten")]
+    pub num_probes: usize,
+    /// `hessian-ev`: power-iteration steps.
+    #[serde(default = "default_ten")]
+    pub power_iterations: usize,
+    /// `hessian-esd`: Lanczos steps.
+    #[serde(default = "default_ten")]
+    pub lanczos_steps: usize,
+}
+
+fn default_alpha() -> f64 {
+    1e-4
+}
+fn default_posterior_scale() -> f64 {
+    0.5
+}
+fn default_ten() -> usize {
+    10
+}
+
+impl Default for RegularizerConfig {
+    fn default() -> Self {
+        RegularizerConfig {
+            reg_option: RegOption::None,
+            alpha: default_alpha(),
+            regularize_time: None,
+            posterior_scale: default_posterior_scale(),
+            num_probes: default_ten(),
+            power_iterations: default_ten(),
+            lanczos_steps: default_ten(),
+        }
+    }
+}
+
+impl RegularizerConfig {
+    /// What the graphs need.
+    pub fn spec(&self) -> RegularizerSpec {
+        RegularizerSpec {
+            option: self.reg_option,
+            num_probes: self.num_probes,
+            power_iterations: self.power_iterations,
+            lanczos_steps: self.lanczos_steps,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.alpha.is_finite() && self.alpha >= 0.0) {
+            bail!(
+                "config key 'regularizer.alpha' must be a finite number >= 0, got {}",
+                self.alpha
+            );
+        }
+        if !(0.0..=1.0).contains(&self.posterior_scale) {
+            bail!(
+                "config key 'regularizer.posterior_scale' must be in [0, 1], got {}",
+                self.posterior_scale
+            );
+        }
+        positive("regularizer.num_probes", self.num_probes)?;
+        positive("regularizer.power_iterations", self.power_iterations)?;
+        positive("regularizer.lanczos_steps", self.lanczos_steps)?;
+        if self.reg_option != RegOption::None && self.regularize_time.is_none() {
+            bail!(
+                "config key 'regularizer.regularize_time' must be given with a reg_option: \
+                 all, posterior or none"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Run-time settings: read by the runtime, never part of a compiled graph.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,6 +280,8 @@ pub struct L2oConfig {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub meta_optimizer: MetaOptimizerConfig,
+    #[serde(default)]
+    pub regularizer: RegularizerConfig,
     #[serde(default)]
     pub run: RunConfig,
 }
@@ -241,6 +343,7 @@ impl L2oConfig {
                 m.accumulator_init
             );
         }
+        self.regularizer.validate()?;
         let r = &self.run;
         positive("run.num_meta_iterations", r.num_meta_iterations)?;
         positive("run.unroll_length", r.unroll_length)?;
@@ -309,6 +412,35 @@ mod tests {
                 .unwrap_err()
         );
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn regularizer_keys_are_checked() {
+        let err = |extra: &str| {
+            format!(
+                "{:#}",
+                L2oConfig::from_toml_str(&format!("{BASE}[regularizer]\n{extra}")).unwrap_err()
+            )
+        };
+        let e = err("reg_option = \"hessian-trace\"\nregularize_time = \"all\"\n");
+        assert!(e.contains("reg_option"), "{e}");
+        let e = err("reg_option = \"hessian\"\nregularize_time = \"all\"\nalpha = -1e-4\n");
+        assert!(e.contains("regularizer.alpha"), "{e}");
+        let e = err("reg_option = \"hessian\"\n");
+        assert!(e.contains("regularizer.regularize_time"), "{e}");
+        let e = err("reg_option = \"jacob\"\nregularize_time = \"later\"\n");
+        assert!(e.contains("regularize_time"), "{e}");
+        let e = err("reg_option = \"hessian\"\nregularize_time = \"all\"\nnum_probes = 0\n");
+        assert!(e.contains("regularizer.num_probes"), "{e}");
+        let c = L2oConfig::from_toml_str(&format!(
+            "{BASE}[regularizer]\nreg_option = \"hessian-esd\"\nregularize_time = \"posterior\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.regularizer.spec().option, RegOption::HessianEsd);
+        assert_eq!(
+            c.regularizer.regularize_time,
+            Some(RegularizeTime::Posterior)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod program;
+pub mod regularizer;
 
 pub use config::L2oConfig;
 pub use program::{compile_l2o, L2oProgram};

@@ -22,6 +22,10 @@
 //!   neither reads the objective set nor recomputes its forward pass: the
 //!   objective set is the largest input (10,000 MNIST images), and its
 //!   activations are at hand in the forward step.
+//! * With a regulariser (`[regularizer]`, see [`super::regularizer`]),
+//!   `step` also reads the probes `reg.probe.<theta>` (`[P, *shape]`) and
+//!   outputs `reg`, the regulariser on the minibatch loss at `theta`, and
+//!   `step_vjp` reads the same probes and the cotangent `ct.reg`.
 //! * `reset`: `phi -> next.<hidden state>`: the in-graph reset of the hidden
 //!   states to the learnable init vectors (`hrnn.init.l{0,1,2}`), applied
 //!   before the first step of a problem's first unroll. **Choice:** a separate
@@ -47,13 +51,17 @@ use metac_runtime::l2o::{
 };
 
 use super::config::L2oConfig;
+use super::regularizer::{RegOption, RegularizerSpec};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
+use metac_runtime::l2o::regularizer::{ProbeInput, RegularizerSchedule, REG};
 
 /// Name of the meta-loss output of the fused unroll graph.
 pub const META_LOSS: &str = "meta_loss";
 /// Name of the initial-objective input of the fused unroll graph.
 pub const INITIAL_OBJECTIVE: &str = "initial_objective";
+/// Name of the regulariser-weight input of the fused unroll graph.
+pub const REG_WEIGHT: &str = "reg_weight";
 /// The epsilon of the log meta-objective.
 pub const LOG_OBJECTIVE_EPS: f32 = 1e-6;
 
@@ -65,6 +73,8 @@ pub struct L2oProgram {
     pub train: Box<dyn Problem>,
     pub objective: Box<dyn Problem>,
     pub use_second_derivatives: bool,
+    /// The regulariser's graph shape (option `None`: no regulariser).
+    pub regularizer: RegularizerSpec,
 }
 
 /// The input nodes of one step.
@@ -74,6 +84,8 @@ struct StepInputs {
     state: Vec<NodeId>,
     batch: Vec<NodeId>,
     obj: Vec<NodeId>,
+    /// The regulariser's probes, one per parameter (empty without).
+    probes: Vec<NodeId>,
 }
 
 /// The output nodes of one step.
@@ -83,6 +95,8 @@ struct StepOutputs {
     /// The objective at the new parameters (when the objective set was given).
     objective: Option<NodeId>,
     minibatch_loss: NodeId,
+    /// The regulariser at the old parameters (with one).
+    reg: Option<NodeId>,
 }
 
 impl L2oProgram {
@@ -106,6 +120,12 @@ impl L2oProgram {
             train,
             objective,
             use_second_derivatives,
+            regularizer: RegularizerSpec {
+                option: RegOption::None,
+                num_probes: 1,
+                power_iterations: 1,
+                lanczos_steps: 1,
+            },
         })
     }
 
@@ -115,12 +135,37 @@ impl L2oProgram {
         let e = |e: String| anyhow::anyhow!("config key 'problem': {e}");
         let train = problem_by_name(&c.problem, c.batch_size).map_err(e)?;
         let objective = problem_by_name(&c.problem, c.objective_examples).map_err(e)?;
-        Self::new(
+        let mut p = Self::new(
             Hrnn::new(c.optimizer.hrnn_config()),
             train,
             objective,
             c.use_second_derivatives,
-        )
+        )?;
+        p.regularizer = c.regularizer.spec();
+        Ok(p)
+    }
+
+    /// The probe inputs of the step graphs (`reg.probe.<theta>`, `[P, *shape]`).
+    pub fn probe_inputs(&self) -> Vec<ProbeInput> {
+        let p = self.regularizer.probe_count();
+        if p == 0 {
+            return vec![];
+        }
+        self.train
+            .param_shapes()
+            .into_iter()
+            .map(|(n, s)| ProbeInput {
+                name: format!("reg.probe.theta.{n}"),
+                shape: std::iter::once(p).chain(s).collect(),
+            })
+            .collect()
+    }
+
+    fn declare_probes(&self, g: &mut Graph, prefix: &str) -> Vec<NodeId> {
+        self.probe_inputs()
+            .iter()
+            .map(|p| g.input(&format!("{prefix}{}", p.name), DType::F32, &p.shape))
+            .collect()
     }
 
     /// Shapes of the optimizee parameters.
@@ -210,27 +255,24 @@ impl L2oProgram {
         } else {
             vec![]
         };
+        let probes = self.declare_probes(g, "");
         StepInputs {
             phi,
             theta,
             state,
             batch,
             obj,
+            probes,
         }
     }
 
     /// One inner step on already-declared nodes (`obj`: the objective set,
     /// `None` for no objective).
-    fn step_core(
-        &self,
-        g: &mut Graph,
-        phi: &[NodeId],
-        theta: &[NodeId],
-        state: &[NodeId],
-        batch: &[NodeId],
-        obj: Option<&[NodeId]>,
-    ) -> StepOutputs {
-        self.step_core_with(g, phi, theta, state, batch, obj, None)
+    fn step_core(&self, g: &mut Graph, i: &StepInputs, with_objective: bool) -> StepOutputs {
+        let obj = with_objective.then_some(i.obj.as_slice());
+        self.step_core_with(
+            g, &i.phi, &i.theta, &i.state, &i.batch, obj, &i.probes, None,
+        )
     }
 
     /// [`Self::step_core`], with the optimizee gradients given instead of
@@ -244,19 +286,18 @@ impl L2oProgram {
         state: &[NodeId],
         batch: &[NodeId],
         obj: Option<&[NodeId]>,
+        probes: &[NodeId],
         given_grads: Option<&[NodeId]>,
     ) -> StepOutputs {
         let loss = self.train.loss(g, theta, batch);
+        // The true gradient: the regulariser differentiates through it even
+        // when the optimizer's input is cut or given.
+        let true_grads = grad(g, loss, theta);
+        let reg = self.regularizer.build(g, theta, &true_grads, probes);
         let grads = match given_grads {
             Some(gr) => gr.to_vec(),
-            None => {
-                let gr = grad(g, loss, theta);
-                if self.use_second_derivatives {
-                    gr
-                } else {
-                    gr.into_iter().map(|x| g.stop_gradient(x)).collect()
-                }
-            }
+            None if self.use_second_derivatives => true_grads,
+            None => true_grads.into_iter().map(|x| g.stop_gradient(x)).collect(),
         };
         let (nt, ns) = self.hrnn.step(g, phi, theta, &grads, state, loss);
         let objective = obj.map(|obj| self.objective.loss(g, &nt, obj));
@@ -265,6 +306,7 @@ impl L2oProgram {
             state: ns,
             objective,
             minibatch_loss: loss,
+            reg,
         }
     }
 
@@ -282,8 +324,11 @@ impl L2oProgram {
         let l = self.layout();
         let mut g = Graph::new();
         let i = self.declare_step_inputs(&mut g, true);
-        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, Some(&i.obj));
+        let o = self.step_core(&mut g, &i, true);
         self.add_step_outputs(&mut g, &l, &o);
+        if let Some(r) = o.reg {
+            g.output(REG, r);
+        }
         let objective = o.objective.expect("built with the objective set");
         g.output(OBJECTIVE, objective);
         let og = grad(&mut g, objective, &o.theta);
@@ -299,8 +344,12 @@ impl L2oProgram {
         let l = self.layout();
         let mut g = Graph::new();
         let i = self.declare_step_inputs(&mut g, false);
-        let o = self.step_core(&mut g, &i.phi, &i.theta, &i.state, &i.batch, None);
+        let o = self.step_core(&mut g, &i, false);
         let mut seeds = vec![];
+        if let Some(r) = o.reg {
+            let ct = g.input(&ct_name(REG), DType::F32, &[]);
+            seeds.push((r, ct));
+        }
         for (n, &y) in l.theta.iter().zip(&o.theta) {
             let s = g.shape(y).to_vec();
             let ct = g.input(&ct_name(&next_name(n)), DType::F32, &s);
@@ -395,6 +444,10 @@ impl L2oProgram {
     /// `mean_t log(obj_t / (initial_objective + 1e-6) + 1e-6)`. With `reset`
     /// the hidden states are first reset from `phi`. The reference for BPTT.
     ///
+    /// With a regulariser the graph also reads per step the probes
+    /// `t<i>.reg.probe.<theta>` and the scalar `reg_weight`, and the
+    /// meta-loss adds `reg_weight * sum_t reg_t`.
+    ///
     /// With `frozen_grads` the optimizee gradients are inputs
     /// `t<i>.grad.<theta>` instead of being derived; otherwise they are extra
     /// outputs of those names. Fed back at the same point, the frozen form has
@@ -413,8 +466,11 @@ impl L2oProgram {
         if reset {
             state = self.hrnn.reset_hidden(&mut g, &phi, &state);
         }
+        let reg_weight = (self.regularizer.option != RegOption::None)
+            .then(|| g.input(REG_WEIGHT, DType::F32, &[]));
         let c = g.add_scalar(init, LOG_OBJECTIVE_EPS);
         let mut total: Option<NodeId> = None;
+        let mut reg_total: Option<NodeId> = None;
         let mut grad_outputs = vec![];
         for t in 0..k {
             let batch = Self::declare_batch(self.train.as_ref(), &mut g, &format!("t{t}.batch."));
@@ -437,6 +493,7 @@ impl L2oProgram {
                 }
                 None
             };
+            let probes = self.declare_probes(&mut g, &format!("t{t}."));
             let o = self.step_core_with(
                 &mut g,
                 &phi,
@@ -444,8 +501,10 @@ impl L2oProgram {
                 &state,
                 &batch,
                 Some(&obj),
+                &probes,
                 grads.as_deref(),
             );
+            reg_total = g.add_opt(reg_total, o.reg);
             let objective = o.objective.expect("built with the objective set");
             let r = g.div(objective, c);
             let r = g.add_scalar(r, LOG_OBJECTIVE_EPS);
@@ -455,7 +514,11 @@ impl L2oProgram {
             state = o.state;
         }
         let kk = g.scalar(k as f32);
-        let m = g.div(total.expect("k > 0"), kk);
+        let mut m = g.div(total.expect("k > 0"), kk);
+        if let (Some(w), Some(r)) = (reg_weight, reg_total) {
+            let wr = g.mul(w, r);
+            m = g.add(m, wr);
+        }
         g.output(META_LOSS, m);
         for (n, x) in grad_outputs {
             g.output(&n, x);
@@ -483,12 +546,38 @@ impl L2oProgram {
         self.hrnn.initial_state(&self.param_shapes(), seed)
     }
 
+    /// The runtime's view of the regulariser (`None` without one).
+    fn regularizer_schedule(
+        &self,
+        c: &super::config::RegularizerConfig,
+    ) -> Option<RegularizerSchedule> {
+        if self.regularizer.option == RegOption::None {
+            return None;
+        }
+        let option = serde_json::to_value(self.regularizer.option)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        Some(RegularizerSchedule {
+            option,
+            alpha: c.alpha,
+            time: c
+                .regularize_time
+                .unwrap_or(metac_runtime::l2o::regularizer::RegularizeTime::None),
+            posterior_scale: c.posterior_scale,
+            probe_kind: self.regularizer.probe_kind(),
+            probes: self.probe_inputs(),
+        })
+    }
+
     /// Write the bundle (`kind = "l2o"`) into `dir`; `meta` goes under
-    /// `meta.l2o.config`.
+    /// `meta.l2o.config`, the regulariser's run-time settings
+    /// (`regularizer`) under `meta.l2o.regularizer`.
     pub fn write_bundle(
         &self,
         seed: u64,
         config_meta: serde_json::Value,
+        regularizer: &super::config::RegularizerConfig,
         dir: &Path,
     ) -> Result<Manifest> {
         let l = self.layout();
@@ -546,6 +635,7 @@ impl L2oProgram {
                 "layout": l,
                 "meta_objective": "mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)",
                 "reset": "run `reset` before the first step of a problem's first unroll",
+                "regularizer": self.regularizer_schedule(regularizer),
             }
         }));
         b.write(dir)
@@ -555,5 +645,10 @@ impl L2oProgram {
 /// Compile the L2O program of `config` into a bundle in `out_dir`.
 pub fn compile_l2o(config: &L2oConfig, out_dir: &Path) -> Result<Manifest> {
     let p = L2oProgram::from_config(config)?;
-    p.write_bundle(config.seed, config.compile_meta(), out_dir)
+    p.write_bundle(
+        config.seed,
+        config.compile_meta(),
+        &config.regularizer,
+        out_dir,
+    )
 }

@@ -30,6 +30,7 @@ use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::Graph;
 use ndarray::{ArrayD, IxDyn};
 
+use super::regularizer::REG;
 use super::{
     ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
 };
@@ -160,6 +161,11 @@ pub struct Unroll<'a, T> {
     pub objective_batch: &'a [(String, T)],
     /// The constant the objectives are measured against.
     pub initial_objective: f64,
+    /// The regulariser's probes (`reg.probe.*`), one set per step, or empty
+    /// (no regulariser, or one without probes).
+    pub probes: &'a [Named<T>],
+    /// Weight of the regulariser in this unroll's meta-loss (0: not counted).
+    pub reg_weight: f64,
 }
 
 /// What an unroll produced.
@@ -177,6 +183,8 @@ pub struct BpttResult<T> {
     pub objectives: Vec<f64>,
     /// Minibatch loss at the start of each step run.
     pub minibatch_losses: Vec<f64>,
+    /// The regulariser at the start of each step run (empty without one).
+    pub regs: Vec<f64>,
     /// The unroll stopped at a non-finite objective; only the steps before
     /// it count (the meta-loss is 0 and d_phi zero if none ran).
     pub diverged: bool,
@@ -239,7 +247,16 @@ pub fn truncated_bptt<R: StepRunner>(
     let mut objective_grads: Vec<Vec<T<R>>> = vec![];
     let mut objectives = vec![];
     let mut minibatch_losses = vec![];
+    let mut regs = vec![];
     let mut diverged = false;
+    ensure!(
+        u.probes.is_empty() || u.probes.len() == u.minibatches.len(),
+        "{} probe sets for an unroll of {} steps",
+        u.probes.len(),
+        u.minibatches.len()
+    );
+    let no_probes: Named<T<R>> = vec![];
+    let probes = |t: usize| u.probes.get(t).unwrap_or(&no_probes);
     for (t, mb) in u.minibatches.iter().enumerate() {
         let mut ins: Vec<(&str, &T<R>)> = vec![];
         for (n, x) in phi
@@ -248,16 +265,19 @@ pub fn truncated_bptt<R: StepRunner>(
             .chain(&states[t])
             .chain(mb)
             .chain(u.objective_batch)
+            .chain(probes(t))
         {
             ins.push((n.as_str(), x));
         }
         let out: HashMap<String, T<R>> = runner.step(&ins)?.into_iter().collect();
         let obj = lookup(&out, "step", OBJECTIVE)?.scalar_value()?;
-        if !obj.is_finite() {
+        let reg = out.get(REG).map(|r| r.scalar_value()).transpose()?;
+        if !obj.is_finite() || reg.is_some_and(|r| !r.is_finite()) {
             diverged = true;
             break;
         }
         objectives.push(obj);
+        regs.extend(reg);
         minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
         let next = |names: &[String]| -> Result<Named<T<R>>> {
             names
@@ -288,10 +308,13 @@ pub fn truncated_bptt<R: StepRunner>(
             state: states.pop().expect("S0"),
             objectives,
             minibatch_losses,
+            regs,
             diverged,
         });
     }
-    let mut meta_loss = 0.0;
+    // alpha * reg accumulates over the steps (a sum, as the fork's
+    // `regular += alpha * reg`), next to the mean log objective.
+    let mut meta_loss = u.reg_weight * regs.iter().sum::<f64>();
     let mut d_obj = vec![];
     for &o in &objectives {
         let (v, d) = meta_loss_term(o, u.initial_objective);
@@ -306,6 +329,8 @@ pub fn truncated_bptt<R: StepRunner>(
     let (ct_theta_names, ct_state_names) = (ct_names(&layout.theta), ct_names(&layout.state));
     let mut ct_theta: Vec<T<R>> = thetas[steps].iter().map(|(_, t)| t.zeros_like()).collect();
     let mut ct_state: Vec<T<R>> = states[steps].iter().map(|(_, t)| t.zeros_like()).collect();
+    let ct_reg = T::<R>::scalar(u.reg_weight);
+    let ct_reg_name = ct_name(REG);
     for t in (0..steps).rev() {
         // The objective after step t is a function of theta_t+1 only.
         for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
@@ -317,9 +342,11 @@ pub fn truncated_bptt<R: StepRunner>(
             .chain(&thetas[t])
             .chain(&states[t])
             .chain(&u.minibatches[t])
+            .chain(probes(t))
         {
             ins.push((n.as_str(), x));
         }
+        ins.push((ct_reg_name.as_str(), &ct_reg));
         for (n, x) in ct_theta_names.iter().zip(&ct_theta) {
             ins.push((n.as_str(), x));
         }
@@ -370,6 +397,7 @@ pub fn truncated_bptt<R: StepRunner>(
         state: states.swap_remove(steps),
         objectives,
         minibatch_losses,
+        regs,
         diverged,
     })
 }

@@ -10,6 +10,7 @@
 pub mod bptt;
 pub mod data;
 pub mod meta_opt;
+pub mod regularizer;
 pub mod run;
 pub mod train;
 

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::bptt::{Named, StepRunner};
 use super::data::{named_rows, xy_names, SplitMix64};
 use super::meta_opt::RmsProp;
-use super::train::{meta_iteration, UnrollData, UnrollSchedule};
+use super::regularizer::{ProbeGenerator, RegularizerSchedule};
+use super::train::{meta_iteration, Regularization, UnrollData, UnrollSchedule};
 use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
 use crate::backend::{Backend, Session};
 use crate::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
@@ -61,6 +62,9 @@ pub struct IterationLog {
     /// Objective on validation data after a validation run, when one ran.
     pub validation_objective: Option<f64>,
     pub best_validation: Option<f64>,
+    /// Mean of the regulariser over the meta-iteration's steps (with one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_reg: Option<f64>,
 }
 
 /// What is carried between meta-iterations, plus bookkeeping.
@@ -164,6 +168,8 @@ fn objective_value(
 pub struct MetaTrainer<'a> {
     pub bundle: &'a Bundle,
     pub layout: L2oLayout,
+    /// The bundle's regulariser, if it has one.
+    pub regularizer: Option<RegularizerSchedule>,
     pub settings: RunSettings,
     pub out: PathBuf,
     runner: SessionRunner,
@@ -194,6 +200,8 @@ impl<'a> MetaTrainer<'a> {
             bundle.manifest.kind
         );
         let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
+        let regularizer = RegularizerSchedule::from_meta(&bundle.manifest.meta)
+            .with_context(|| format!("{}", bundle.dir.display()))?;
         let manifest_sha256 = sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?);
         let runner = SessionRunner::from_bundle(bundle, backend)?;
         let objective = backend.load(&bundle.graph_bytes("objective")?, "objective")?;
@@ -211,6 +219,7 @@ impl<'a> MetaTrainer<'a> {
         let mut t = MetaTrainer {
             bundle,
             layout,
+            regularizer,
             settings,
             out: out.to_path_buf(),
             runner,
@@ -375,8 +384,15 @@ impl<'a> MetaTrainer<'a> {
         // The step graph also reports the objective on an objective set; one
         // set serves the whole validation run (its value is not used here).
         let step_obj = data.objective_batch(1)?;
+        // The step graph of a regularised bundle reads probes; their values
+        // do not affect the update.
+        let mut probes = ProbeGenerator::new(seed);
         for step in 0..steps {
             let mb = data.minibatch(step)?;
+            let pr = match &self.regularizer {
+                Some(r) => probes.draw(r),
+                None => vec![],
+            };
             let mut ins = phi_refs.clone();
             ins.extend(
                 theta
@@ -384,6 +400,7 @@ impl<'a> MetaTrainer<'a> {
                     .chain(state.iter())
                     .chain(mb.iter())
                     .chain(step_obj.iter())
+                    .chain(pr.iter())
                     .map(|(n, t)| (n.as_str(), t)),
             );
             let out = self.runner.step(&ins)?;
@@ -442,6 +459,11 @@ impl<'a> MetaTrainer<'a> {
                 bail!("meta-iteration {it}: the initial objective is not finite ({initial_objective})");
             }
             data.first_objective = Some(first);
+            let mut probes = ProbeGenerator::new(derive_seed(s.seed, 3, it as u64));
+            let reg = self.regularizer.as_ref().map(|schedule| Regularization {
+                schedule,
+                probes: &mut probes,
+            });
             let rep = meta_iteration(
                 &mut self.runner,
                 &self.layout,
@@ -452,6 +474,7 @@ impl<'a> MetaTrainer<'a> {
                 initial_objective,
                 schedule,
                 &mut data,
+                reg,
             )?;
             self.completed += 1;
             let mut validation_objective = None;
@@ -474,6 +497,8 @@ impl<'a> MetaTrainer<'a> {
                 seconds: t0.elapsed().as_secs_f64(),
                 validation_objective,
                 best_validation: self.best_validation,
+                mean_reg: (!rep.regs.is_empty())
+                    .then(|| rep.regs.iter().sum::<f64>() / rep.regs.len() as f64),
             };
             let mut f = std::fs::OpenOptions::new()
                 .append(true)

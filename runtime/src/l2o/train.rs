@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 
 use super::bptt::{truncated_bptt, Named, StepRunner, Unroll};
 use super::meta_opt::RmsProp;
+use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::L2oLayout;
 use crate::tensor::HostTensor;
 
@@ -37,6 +38,8 @@ pub struct MetaIterationReport {
     pub objectives: Vec<f64>,
     /// Minibatch loss at every inner step run.
     pub minibatch_losses: Vec<f64>,
+    /// The regulariser at every inner step run (empty without one).
+    pub regs: Vec<f64>,
     /// Stopped at a non-finite objective.
     pub diverged: bool,
     /// Optimizee parameters and optimizer state at the end.
@@ -44,9 +47,17 @@ pub struct MetaIterationReport {
     pub state: Named<HostTensor>,
 }
 
+/// A bundle's regulariser and the generator of its probes.
+pub struct Regularization<'a> {
+    pub schedule: &'a RegularizerSchedule,
+    pub probes: &'a mut ProbeGenerator,
+}
+
 /// Run one meta-iteration from `theta0`/`state0`, updating `phi` (in
 /// `layout.phi` order) in place with `opt`. `initial_objective` is the
-/// objective at `theta0` (the constant of the log meta-objective).
+/// objective at `theta0` (the constant of the log meta-objective). With a
+/// regulariser, each unroll's meta-loss adds its weight (per
+/// `regularize_time`) times the sum of the regulariser over the steps.
 #[allow(clippy::too_many_arguments)]
 pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     runner: &mut R,
@@ -58,6 +69,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     initial_objective: f64,
     schedule: UnrollSchedule,
     data: &mut dyn UnrollData,
+    mut reg: Option<Regularization<'_>>,
 ) -> Result<MetaIterationReport> {
     ensure!(
         schedule.unroll_length > 0 && schedule.num_unrolls > 0,
@@ -71,6 +83,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
         meta_losses: vec![],
         objectives: vec![],
         minibatch_losses: vec![],
+        regs: vec![],
         diverged: false,
         theta: theta0,
         state: state0,
@@ -80,6 +93,15 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
             .map(|i| data.minibatch(u * schedule.unroll_length + i))
             .collect::<Result<Vec<_>>>()?;
         let obj = data.objective_batch(u)?;
+        let (probes, reg_weight) = match reg.as_mut() {
+            Some(r) => (
+                (0..schedule.unroll_length)
+                    .map(|_| r.probes.draw(r.schedule))
+                    .collect(),
+                r.schedule.weight(u, schedule.num_unrolls),
+            ),
+            None => (vec![], 0.0),
+        };
         let res = truncated_bptt(
             runner,
             layout,
@@ -91,6 +113,8 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
                 minibatches: &minibatches,
                 objective_batch: &obj,
                 initial_objective,
+                probes: &probes,
+                reg_weight,
             },
         )?;
         if !res.objectives.is_empty() {
@@ -99,6 +123,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
         }
         rep.objectives.extend(&res.objectives);
         rep.minibatch_losses.extend(&res.minibatch_losses);
+        rep.regs.extend(&res.regs);
         rep.theta = res.theta;
         rep.state = res.state;
         if res.diverged {
