@@ -94,6 +94,13 @@ pub struct RunArgs {
     /// Validate every N meta-iterations (0 = never).
     #[arg(long)]
     pub evaluation_period: Option<usize>,
+    /// Curriculum learning: comma-separated inner steps per meta-iteration of
+    /// each stage (e.g. 100,200,500,1000); replaces --num-unrolls.
+    #[arg(long, value_delimiter = ',')]
+    pub curriculum: Option<Vec<usize>>,
+    /// Curriculum: validations at a stage before it may switch (default 3).
+    #[arg(long)]
+    pub min_num_eval: Option<usize>,
     /// MNIST directory (IDX files, gzip or raw); default: the shipped data/mnist.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -152,8 +159,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(v) = a.evaluation_period {
         rc.evaluation_period = v;
     }
+    if let Some(v) = &a.curriculum {
+        rc.curriculum = Some(v.clone());
+    }
+    if let Some(v) = a.min_num_eval {
+        rc.min_num_eval = v;
+    }
     ensure!(rc.unroll_length > 0, "--unroll-length must be at least 1");
     ensure!(rc.num_unrolls > 0, "--num-unrolls must be at least 1");
+    rc.validate()?;
     let program = L2oProgram::from_config(&cfg)?;
     ensure!(
         program.train.needs_data().is_some(),
@@ -171,6 +185,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         seed: cfg.seed,
         batch_size: cfg.batch_size,
         objective_examples: cfg.objective_examples,
+        curriculum: rc.curriculum(),
     };
     let mut trainer = MetaTrainer::open(
         &bundle,
@@ -181,13 +196,21 @@ pub fn run(a: RunArgs) -> Result<()> {
         a.resume,
     )?;
     if !a.quiet {
+        let horizon = match &settings.curriculum {
+            Some(c) => format!(
+                "curriculum {:?} steps (stage {}, switching after {} validations)",
+                c.steps,
+                trainer.curriculum_state().stage,
+                c.min_num_eval
+            ),
+            None => format!("{} unrolls", settings.num_unrolls),
+        };
         eprintln!(
-            "metac run: {} on {} ({}), {} meta-iterations x {} unrolls x {} steps, starting at {}",
+            "metac run: {} on {} ({}), {} meta-iterations x {horizon} x {} steps, starting at {}",
             cfg.problem,
             backend.name(),
             a.backend.device,
             settings.num_meta_iterations,
-            settings.num_unrolls,
             settings.unroll_length,
             trainer.completed()
         );
@@ -215,7 +238,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         let rate = t0.elapsed().as_secs_f64() / (done - start) as f64;
         let meta = l.meta_losses.iter().sum::<f64>() / l.meta_losses.len().max(1) as f64;
         let line = format!(
-            "[{done:>4}/{total}] meta-loss {meta:+.4}  objective {:.4} -> {}  {}{}  ({:.1}s/it, eta {:.0}s)",
+            "[{done:>4}/{total}] {}meta-loss {meta:+.4}  objective {:.4} -> {}  {}{}  ({:.1}s/it, eta {:.0}s)",
+            l.stage.map_or(String::new(), |s| format!("stage {s} ({} steps)  ", l.num_steps)),
             l.initial_objective,
             l.final_objective.map_or("n/a".into(), |v| format!("{v:.4}")),
             l.validation_objective.map_or(String::new(), |v| format!("val {v:.4}  ")),
@@ -237,9 +261,17 @@ pub fn run(a: RunArgs) -> Result<()> {
         &data.validation,
         &mut show,
     )?;
+    if trainer.curriculum_state().stopped {
+        println!(
+            "curriculum: stage {} brought no improvement in {} validations; meta-training stopped after {} meta-iterations",
+            trainer.curriculum_state().stage,
+            settings.curriculum.as_ref().map_or(0, |c| c.min_num_eval),
+            trainer.completed()
+        );
+    }
     println!(
         "meta-training done: {} meta-iterations in {}; metrics in {}",
-        total,
+        trainer.completed(),
         a.out.display(),
         a.out.join("metrics.jsonl").display()
     );

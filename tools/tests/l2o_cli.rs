@@ -192,3 +192,92 @@ fn malformed_configs_are_rejected_with_the_key_named() {
         );
     }
 }
+
+/// Curriculum learning: stages advance on improving validations (horizons
+/// 3, 6, 9 steps here), the stage lives in the checkpoint, and a resumed
+/// run follows the same curriculum as an uninterrupted one.
+#[test]
+fn a_curriculum_advances_and_resumes_where_it_was() {
+    let d = scratch("curriculum");
+    let bundle = d.join("bundle");
+    let cfg = root().join("configs/tiny.toml");
+    ok(&metac(&[
+        "compile",
+        "l2o",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+    ]));
+    let b = bundle.to_str().unwrap();
+    let common = [
+        "--backend",
+        "tract",
+        "--unroll-length",
+        "3",
+        "--curriculum",
+        "3,6,9",
+        "--min-num-eval",
+        "1",
+        "--evaluation-period",
+        "1",
+        "--quiet",
+    ];
+    let run = |out: &Path, iters: &str, resume: bool| {
+        let mut args = vec![
+            "run",
+            b,
+            "--out",
+            out.to_str().unwrap(),
+            "--meta-iterations",
+            iters,
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        args.extend(common);
+        ok(&metac(&args));
+    };
+    let full = d.join("full");
+    run(&full, "5", false);
+    let m = metrics(&full);
+    let stages: Vec<u64> = m.iter().map(|l| l["stage"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = m.iter().map(|l| l["num_steps"].as_u64().unwrap()).collect();
+    assert_eq!(stages[0], 0);
+    for (s, n) in stages.iter().zip(&steps) {
+        assert_eq!(*n, [3, 6, 9][*s as usize], "stage {s} ran {n} steps");
+    }
+    // With one validation per switch, a stage advances exactly when its
+    // validation set a new best, and the run stops at the first that did not.
+    for (i, l) in m.iter().enumerate() {
+        let improved = l["validation_objective"] == l["best_validation"];
+        match m.get(i + 1) {
+            Some(next) => {
+                assert!(
+                    improved,
+                    "meta-iteration {i} did not improve but the run went on"
+                );
+                assert_eq!(
+                    next["stage"].as_u64().unwrap(),
+                    (l["stage"].as_u64().unwrap() + 1).min(2)
+                );
+            }
+            None => assert!(m.len() == 5 || !improved),
+        }
+    }
+    let part = d.join("part");
+    run(&part, "2", false);
+    run(&part, "5", true);
+    assert_eq!(metrics(&full), metrics(&part));
+    for f in ["checkpoint.safetensors", "best.safetensors"] {
+        assert_eq!(
+            std::fs::read(full.join(f)).unwrap(),
+            std::fs::read(part.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert!(info["curriculum"]["stage"].is_u64(), "{info}");
+}

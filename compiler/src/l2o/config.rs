@@ -242,6 +242,65 @@ pub struct RunConfig {
     pub num_unrolls: usize,
     #[serde(default = "default_eval_period")]
     pub evaluation_period: usize,
+    /// Curriculum learning: inner steps per meta-iteration of each stage
+    /// (strictly increasing multiples of `unroll_length`; the seed's list is
+    /// `[100, 200, 500, 1000, 1500, ..., 5000]`). Replaces `num_unrolls`.
+    #[serde(default)]
+    pub curriculum: Option<Vec<usize>>,
+    /// Curriculum: validations at a stage before it may switch.
+    #[serde(default = "default_min_num_eval")]
+    pub min_num_eval: usize,
+}
+
+fn default_min_num_eval() -> usize {
+    3
+}
+
+impl RunConfig {
+    /// Check every value; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let r = self;
+        positive("run.num_meta_iterations", r.num_meta_iterations)?;
+        positive("run.unroll_length", r.unroll_length)?;
+        positive("run.num_unrolls", r.num_unrolls)?;
+        // evaluation_period 0 means never validate, which a curriculum cannot do without.
+        if r.curriculum.is_some() && r.evaluation_period == 0 {
+            bail!("config key 'run.evaluation_period' must be at least 1 with a run.curriculum (stages switch on validations)");
+        }
+        positive("run.min_num_eval", r.min_num_eval)?;
+        if let Some(c) = &r.curriculum {
+            if c.is_empty() {
+                bail!("config key 'run.curriculum' must list at least one stage");
+            }
+            if let Some(w) = c.windows(2).find(|w| w[1] <= w[0]) {
+                bail!(
+                    "config key 'run.curriculum' must be strictly increasing, got {} then {}",
+                    w[0],
+                    w[1]
+                );
+            }
+            if let Some(&x) = c
+                .iter()
+                .find(|&&x| x == 0 || !x.is_multiple_of(r.unroll_length))
+            {
+                bail!(
+                    "config key 'run.curriculum': {x} steps is not a positive multiple of run.unroll_length ({})",
+                    r.unroll_length
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The curriculum, if the config has one.
+    pub fn curriculum(&self) -> Option<metac_runtime::l2o::curriculum::Curriculum> {
+        self.curriculum
+            .clone()
+            .map(|steps| metac_runtime::l2o::curriculum::Curriculum {
+                steps,
+                min_num_eval: self.min_num_eval,
+            })
+    }
 }
 
 fn default_eval_period() -> usize {
@@ -255,6 +314,8 @@ impl Default for RunConfig {
             unroll_length: 20,
             num_unrolls: 5,
             evaluation_period: 1,
+            curriculum: None,
+            min_num_eval: default_min_num_eval(),
         }
     }
 }
@@ -344,12 +405,7 @@ impl L2oConfig {
             );
         }
         self.regularizer.validate()?;
-        let r = &self.run;
-        positive("run.num_meta_iterations", r.num_meta_iterations)?;
-        positive("run.unroll_length", r.unroll_length)?;
-        positive("run.num_unrolls", r.num_unrolls)?;
-        positive("run.evaluation_period", r.evaluation_period)?;
-        Ok(())
+        self.run.validate()
     }
 
     /// The part of the config that shapes the bundle, as JSON for the
@@ -441,6 +497,31 @@ mod tests {
             c.regularizer.regularize_time,
             Some(RegularizeTime::Posterior)
         );
+    }
+
+    #[test]
+    fn curriculum_is_checked() {
+        let run = |c: &str| {
+            L2oConfig::from_toml_str(&format!(
+                "{BASE}[run]\nnum_meta_iterations = 3\nunroll_length = 20\nnum_unrolls = 5\ncurriculum = {c}\n"
+            ))
+        };
+        assert_eq!(
+            run("[100, 200, 500]").unwrap().run.curriculum,
+            Some(vec![100, 200, 500])
+        );
+        for (bad, want) in [
+            ("[100, 100]", "strictly increasing"),
+            ("[200, 100]", "strictly increasing"),
+            ("[100, 210]", "multiple"),
+            ("[]", "at least one"),
+        ] {
+            let e = format!("{:#}", run(bad).unwrap_err());
+            assert!(
+                e.contains("run.curriculum") && e.contains(want),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! three prefixes below, which both sides share through this module.
 
 pub mod bptt;
+pub mod curriculum;
 pub mod data;
 pub mod meta_opt;
 pub mod regularizer;

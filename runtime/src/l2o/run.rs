@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bptt::{Named, StepRunner};
+use super::curriculum::{Curriculum, CurriculumState, Decision};
 use super::data::{named_rows, xy_names, SplitMix64};
 use super::meta_opt::RmsProp;
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
@@ -47,6 +48,9 @@ pub struct RunSettings {
     pub seed: u64,
     pub batch_size: usize,
     pub objective_examples: usize,
+    /// Curriculum learning: the horizon of each stage replaces `num_unrolls`.
+    #[serde(default)]
+    pub curriculum: Option<Curriculum>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -65,6 +69,11 @@ pub struct IterationLog {
     /// Mean of the regulariser over the meta-iteration's steps (with one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_reg: Option<f64>,
+    /// Curriculum stage (0-based) and its inner steps per meta-iteration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<usize>,
+    #[serde(default)]
+    pub num_steps: usize,
 }
 
 /// What is carried between meta-iterations, plus bookkeeping.
@@ -76,10 +85,15 @@ struct CheckpointInfo {
     manifest_sha256: String,
     weights_sha256: String,
     settings: RunSettings,
+    #[serde(default)]
+    curriculum: CurriculumState,
 }
 
 pub const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
 pub const CHECKPOINT_INFO: &str = "checkpoint.json";
+/// The best meta-parameters (and meta-optimizer moments) of the current
+/// curriculum stage, restored when the stage advances.
+pub const STAGE_BEST: &str = "stage-best.safetensors";
 pub const BEST_WEIGHTS: &str = "best.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
 
@@ -180,6 +194,7 @@ pub struct MetaTrainer<'a> {
     best_validation: Option<f64>,
     best_iteration: Option<usize>,
     manifest_sha256: String,
+    curriculum: CurriculumState,
 }
 
 impl<'a> MetaTrainer<'a> {
@@ -230,6 +245,7 @@ impl<'a> MetaTrainer<'a> {
             best_validation: None,
             best_iteration: None,
             manifest_sha256,
+            curriculum: CurriculumState::default(),
         };
         let info = out.join(CHECKPOINT_INFO);
         if resume {
@@ -255,6 +271,20 @@ impl<'a> MetaTrainer<'a> {
         self.completed
     }
 
+    /// Where the run is in its curriculum (default without one).
+    pub fn curriculum_state(&self) -> &CurriculumState {
+        &self.curriculum
+    }
+
+    /// Unrolls per meta-iteration: the curriculum stage's horizon, or the
+    /// settings' `num_unrolls`.
+    pub fn num_unrolls(&self) -> usize {
+        match &self.settings.curriculum {
+            Some(c) => self.curriculum.steps(c) / self.settings.unroll_length,
+            None => self.settings.num_unrolls,
+        }
+    }
+
     pub fn phi(&self) -> &Named<HostTensor> {
         &self.phi
     }
@@ -274,7 +304,8 @@ impl<'a> MetaTrainer<'a> {
             info.settings.seed == self.settings.seed
                 && info.settings.unroll_length == self.settings.unroll_length
                 && info.settings.num_unrolls == self.settings.num_unrolls
-                && info.settings.batch_size == self.settings.batch_size,
+                && info.settings.batch_size == self.settings.batch_size
+                && info.settings.curriculum == self.settings.curriculum,
             "{}: the run was started with other settings ({:?}); resume with the same ones",
             ip.display(),
             info.settings
@@ -286,27 +317,11 @@ impl<'a> MetaTrainer<'a> {
             "{}: does not match checkpoint.json (corrupt checkpoint)",
             wp.display()
         );
-        let tensors = read_safetensors(&bytes, &wp.display().to_string())?;
-        for (i, (name, t)) in self.phi.iter_mut().enumerate() {
-            let v = tensors
-                .get(&format!("phi/{name}"))
-                .with_context(|| format!("{}: no 'phi/{name}'", wp.display()))?;
-            ensure!(
-                v.shape == t.shape(),
-                "{}: 'phi/{name}' has shape {:?}, the bundle {:?}",
-                wp.display(),
-                v.shape,
-                t.shape()
-            );
-            *t = host_tensor(v);
-            let m = tensors
-                .get(&format!("ms/{name}"))
-                .with_context(|| format!("{}: no 'ms/{name}'", wp.display()))?;
-            self.opt.ms[i] = host_tensor(m).into_f32()?;
-        }
+        self.load_weights(&bytes, &wp)?;
         self.completed = info.completed_iterations;
         self.best_validation = info.best_validation;
         self.best_iteration = info.best_iteration;
+        self.curriculum = info.curriculum;
         // Keep the metrics of the completed meta-iterations only.
         let mp = self.out.join(METRICS);
         let text = std::fs::read_to_string(&mp).unwrap_or_default();
@@ -320,6 +335,30 @@ impl<'a> MetaTrainer<'a> {
             &mp,
             (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
         )?;
+        Ok(())
+    }
+
+    /// Set `phi` and the meta-optimizer's moments from safetensors bytes of
+    /// [`Self::weights_bytes`]`(true)` read from `path`.
+    fn load_weights(&mut self, bytes: &[u8], path: &Path) -> Result<()> {
+        let tensors = read_safetensors(bytes, &path.display().to_string())?;
+        for (i, (name, t)) in self.phi.iter_mut().enumerate() {
+            let v = tensors
+                .get(&format!("phi/{name}"))
+                .with_context(|| format!("{}: no 'phi/{name}'", path.display()))?;
+            ensure!(
+                v.shape == t.shape(),
+                "{}: 'phi/{name}' has shape {:?}, the bundle {:?}",
+                path.display(),
+                v.shape,
+                t.shape()
+            );
+            *t = host_tensor(v);
+            let m = tensors
+                .get(&format!("ms/{name}"))
+                .with_context(|| format!("{}: no 'ms/{name}'", path.display()))?;
+            self.opt.ms[i] = host_tensor(m).into_f32()?;
+        }
         Ok(())
     }
 
@@ -348,6 +387,7 @@ impl<'a> MetaTrainer<'a> {
             manifest_sha256: self.manifest_sha256.clone(),
             weights_sha256: sha256_hex(&bytes),
             settings: self.settings.clone(),
+            curriculum: self.curriculum.clone(),
         };
         // The info file is written last: it is what makes the checkpoint count.
         write_atomic(
@@ -380,7 +420,7 @@ impl<'a> MetaTrainer<'a> {
                 e.1 = t;
             }
         }
-        let steps = s.unroll_length * s.num_unrolls;
+        let steps = s.unroll_length * self.num_unrolls();
         // The step graph also reports the objective on an objective set; one
         // set serves the whole validation run (its value is not used here).
         let step_obj = data.objective_batch(1)?;
@@ -435,11 +475,12 @@ impl<'a> MetaTrainer<'a> {
         on_iteration: &mut dyn FnMut(&IterationLog),
     ) -> Result<()> {
         let s = self.settings.clone();
-        let schedule = UnrollSchedule {
-            unroll_length: s.unroll_length,
-            num_unrolls: s.num_unrolls,
-        };
-        while self.completed < s.num_meta_iterations {
+        while self.completed < s.num_meta_iterations && !self.curriculum.stopped {
+            let schedule = UnrollSchedule {
+                unroll_length: s.unroll_length,
+                num_unrolls: self.num_unrolls(),
+            };
+            let stage = s.curriculum.as_ref().map(|_| self.curriculum.stage);
             let it = self.completed;
             let t0 = Instant::now();
             let seed = derive_seed(s.seed, 1, it as u64);
@@ -481,10 +522,22 @@ impl<'a> MetaTrainer<'a> {
             if s.evaluation_period > 0 && self.completed.is_multiple_of(s.evaluation_period) {
                 let v = self.validate(sampler, validation)?;
                 validation_objective = Some(v);
-                if v.is_finite() && self.best_validation.is_none_or(|b| v < b) {
+                let improved = v.is_finite() && self.best_validation.is_none_or(|b| v < b);
+                if improved {
                     self.best_validation = Some(v);
                     self.best_iteration = Some(it);
                     write_atomic(&self.out.join(BEST_WEIGHTS), &self.weights_bytes(false)?)?;
+                }
+                if let Some(c) = &s.curriculum {
+                    if improved {
+                        write_atomic(&self.out.join(STAGE_BEST), &self.weights_bytes(true)?)?;
+                    }
+                    if self.curriculum.after_validation(c, improved) == Decision::Advance {
+                        let p = self.out.join(STAGE_BEST);
+                        let bytes = std::fs::read(&p)
+                            .with_context(|| format!("cannot read {}", p.display()))?;
+                        self.load_weights(&bytes, &p)?;
+                    }
                 }
             }
             let log = IterationLog {
@@ -499,6 +552,8 @@ impl<'a> MetaTrainer<'a> {
                 best_validation: self.best_validation,
                 mean_reg: (!rep.regs.is_empty())
                     .then(|| rep.regs.iter().sum::<f64>() / rep.regs.len() as f64),
+                stage,
+                num_steps: schedule.unroll_length * schedule.num_unrolls,
             };
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
