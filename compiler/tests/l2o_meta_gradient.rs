@@ -255,6 +255,7 @@ fn check(c: &Case, reset: bool) -> (f64, Vec<(String, Value)>) {
             initial_objective: c.initial,
             probes: &c.probes,
             reg_weight: c.reg_weight,
+            imitation: None,
         },
     )
     .unwrap();
@@ -470,6 +471,7 @@ fn divergence_stops_the_unroll() {
             initial_objective: c.initial,
             probes: &[],
             reg_weight: 0.0,
+            imitation: None,
         },
     )
     .unwrap();
@@ -515,7 +517,13 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
     let c = case(tiny_program(false));
     let bdir = dir.join("tiny-mlp");
     c.prog
-        .write_bundle(3, serde_json::Value::Null, &Default::default(), &bdir)
+        .write_bundle(
+            3,
+            serde_json::Value::Null,
+            &Default::default(),
+            &Default::default(),
+            &bdir,
+        )
         .unwrap();
     let bundle = Bundle::load(&bdir).unwrap();
     let (ml, d64) = check(&c, true);
@@ -554,6 +562,7 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
                 initial_objective: c.initial,
                 probes: &[],
                 reg_weight: 0.0,
+                imitation: None,
             },
         )
         .unwrap();
@@ -647,7 +656,13 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
     let dir = std::env::temp_dir().join(format!("metac-l2o-train-{}", std::process::id()));
     let c = case(tiny_program(false));
     c.prog
-        .write_bundle(3, serde_json::Value::Null, &Default::default(), &dir)
+        .write_bundle(
+            3,
+            serde_json::Value::Null,
+            &Default::default(),
+            &Default::default(),
+            &dir,
+        )
         .unwrap();
     let bundle = Bundle::load(&dir).unwrap();
     let backend = open_backend(&BackendOptions {
@@ -689,6 +704,7 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
             c.initial,
             schedule,
             &mut data,
+            None,
             None,
         )
         .unwrap();
@@ -779,6 +795,7 @@ fn tiny_config_meta_iteration_on_mnist() {
         },
         &mut data,
         None,
+        None,
     )
     .unwrap();
     println!(
@@ -795,4 +812,82 @@ fn tiny_config_meta_iteration_on_mnist() {
     );
     assert!(rep.meta_losses.iter().all(|m| m.is_finite()));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Imitation of Adam: the MSE against fixed labels enters the meta-loss, and
+/// its host-side adjoint (through theta_t+1 and theta_t of every step) gives
+/// the meta-gradient of the total, checked by central finite differences of
+/// the BPTT meta-loss (second derivatives on, so that the finite differences
+/// of the plain forward value are the reference).
+#[test]
+fn imitation_adjoint_matches_finite_differences() {
+    let c = case(tiny_program(true));
+    let layout = c.prog.layout();
+    let mut rng = SeededRng::new(5, 1);
+    let labels: Vec<Vec<(String, Value)>> = (0..STEPS)
+        .map(|_| {
+            c.theta
+                .iter()
+                .map(|(n, v)| {
+                    let s = v.shape().to_vec();
+                    let k: usize = s.iter().product();
+                    let t = Tensor::f32(&s, (0..k).map(|_| 0.05 * rng.normal() as f32).collect());
+                    (n.clone(), Value::from_tensor(&t))
+                })
+                .collect()
+        })
+        .collect();
+    let weight = 2.0;
+    let run = |phi: &[(String, Value)], imitate: bool| {
+        truncated_bptt(
+            &mut runner(&c.prog),
+            &layout,
+            &Unroll {
+                phi,
+                theta: &c.theta,
+                state: &c.state,
+                reset: true,
+                minibatches: &c.minibatches,
+                objective_batch: &c.obj,
+                initial_objective: c.initial,
+                probes: &[],
+                reg_weight: 0.0,
+                imitation: imitate.then_some((labels.as_slice(), weight)),
+            },
+        )
+        .unwrap()
+    };
+    let res = run(&c.phi, true);
+    let plain = run(&c.phi, false);
+    assert_eq!(res.imitation_mse.len(), STEPS);
+    let want = plain.meta_loss + weight * res.imitation_mse.iter().sum::<f64>() / STEPS as f64;
+    assert!((res.meta_loss - want).abs() < 1e-12 * want.abs().max(1.0));
+    let h = 1e-5;
+    let max_abs = res
+        .d_phi
+        .iter()
+        .flat_map(|(_, v)| flat(v))
+        .fold(0.0f64, |m, x| m.max(x.abs()));
+    for (name, i) in [
+        ("hrnn.update.w", 3),
+        ("hrnn.lr.w", 2),
+        ("hrnn.param_stepsize_offset", 0),
+        ("hrnn.l0.cand.w", 5),
+        ("hrnn.init.l0", 4),
+    ] {
+        let k = c.phi.iter().position(|(n, _)| n == name).unwrap();
+        let shift = |dx: f64| {
+            let mut p = c.phi.clone();
+            if let Value::F(a) = &mut p[k].1 {
+                *a.iter_mut().nth(i).unwrap() += dx;
+            }
+            run(&p, true).meta_loss
+        };
+        let fd = (shift(h) - shift(-h)) / (2.0 * h);
+        let bp = flat(&res.d_phi.iter().find(|(n, _)| n == name).unwrap().1)[i];
+        let bp_plain = flat(&plain.d_phi.iter().find(|(n, _)| n == name).unwrap().1)[i];
+        let err = (fd - bp).abs() / fd.abs().max(bp.abs()).max(1e-3 * max_abs);
+        println!("  {name}[{i}]: BPTT {bp:.9e} (without imitation {bp_plain:.3e}), FD {fd:.9e}, rel err {err:.1e}");
+        assert!(err < 1e-5, "{name}[{i}]: BPTT {bp} vs FD {fd}");
+    }
 }

@@ -154,6 +154,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
             initial_objective: 2.3,
             probes: &probes,
             reg_weight: reg.as_ref().map_or(0.0, |r| r.alpha),
+            imitation: None,
         };
         let mut fwd = vec![];
         let mut ins: Vec<(&str, &HostTensor)> = phi

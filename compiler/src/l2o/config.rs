@@ -29,6 +29,12 @@
 //! regularize_time = "all"        # all, posterior or none (required with a reg_option)
 //! num_probes = 10                # hessian: Rademacher probes per step
 //!
+//! [imitation]                   # imitation of Adam; omitted: off
+//! mt_ratio = 0.1                 # probability per meta-iteration
+//! lr = 0.01                      # Adam's learning rate
+//! mt_k = 1                       # Adam steps per label
+//! weight = 1.0                   # weight of the MSE in the meta-loss
+//!
 //! [run]
 //! num_meta_iterations = 100
 //! unroll_length = 20
@@ -233,6 +239,64 @@ impl RegularizerConfig {
     }
 }
 
+/// Imitation of Adam (seed section 5.2): with probability `mt_ratio` per
+/// meta-iteration the compiled Adam step labels every inner step with its
+/// update, and the MSE enters the meta-loss. `mt_ratio = 0` (the default)
+/// compiles no Adam step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImitationConfig {
+    #[serde(default)]
+    pub mt_ratio: f64,
+    #[serde(default = "default_mt_lr")]
+    pub lr: f64,
+    #[serde(default = "default_mt_k")]
+    pub mt_k: usize,
+    #[serde(default = "default_mt_weight")]
+    pub weight: f64,
+}
+
+fn default_mt_lr() -> f64 {
+    0.01
+}
+fn default_mt_k() -> usize {
+    1
+}
+fn default_mt_weight() -> f64 {
+    1.0
+}
+
+impl Default for ImitationConfig {
+    fn default() -> Self {
+        ImitationConfig {
+            mt_ratio: 0.0,
+            lr: default_mt_lr(),
+            mt_k: default_mt_k(),
+            weight: default_mt_weight(),
+        }
+    }
+}
+
+impl ImitationConfig {
+    fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.mt_ratio) {
+            bail!(
+                "config key 'imitation.mt_ratio' must be in [0, 1], got {}",
+                self.mt_ratio
+            );
+        }
+        finite_positive("imitation.lr", self.lr)?;
+        positive("imitation.mt_k", self.mt_k)?;
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            bail!(
+                "config key 'imitation.weight' must be a finite number >= 0, got {}",
+                self.weight
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Run-time settings: read by the runtime, never part of a compiled graph.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,6 +408,8 @@ pub struct L2oConfig {
     #[serde(default)]
     pub regularizer: RegularizerConfig,
     #[serde(default)]
+    pub imitation: ImitationConfig,
+    #[serde(default)]
     pub run: RunConfig,
 }
 
@@ -405,6 +471,7 @@ impl L2oConfig {
             );
         }
         self.regularizer.validate()?;
+        self.imitation.validate()?;
         self.run.validate()
     }
 
@@ -497,6 +564,22 @@ mod tests {
             c.regularizer.regularize_time,
             Some(RegularizeTime::Posterior)
         );
+    }
+
+    #[test]
+    fn imitation_is_checked() {
+        let err = |extra: &str| {
+            format!(
+                "{:#}",
+                L2oConfig::from_toml_str(&format!("{BASE}[imitation]\n{extra}")).unwrap_err()
+            )
+        };
+        assert!(err("mt_ratio = 1.5\n").contains("imitation.mt_ratio"));
+        assert!(err("mt_ratio = -0.1\n").contains("imitation.mt_ratio"));
+        assert!(err("mt_ratio = 0.1\nmt_k = 0\n").contains("imitation.mt_k"));
+        assert!(err("mt_ratio = 0.1\nlr = 0\n").contains("imitation.lr"));
+        let c = L2oConfig::from_toml_str(&format!("{BASE}[imitation]\nmt_ratio = 0.1\n")).unwrap();
+        assert_eq!(c.imitation.mt_k, 1);
     }
 
     #[test]

@@ -50,16 +50,21 @@ use metac_runtime::l2o::{
     ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
 };
 
-use super::config::L2oConfig;
+use super::config::{ImitationConfig, L2oConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
+use crate::metatest::{build_train_step, MetaOptimizer};
+use crate::models::baselines::{Adam, Baseline, StepOptimizer};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
+use metac_runtime::l2o::imitation::ImitationSpec;
 use metac_runtime::l2o::regularizer::{ProbeInput, RegularizerSchedule, REG};
 
 /// Name of the meta-loss output of the fused unroll graph.
 pub const META_LOSS: &str = "meta_loss";
 /// Name of the initial-objective input of the fused unroll graph.
 pub const INITIAL_OBJECTIVE: &str = "initial_objective";
+/// Name of the bundle graph of the compiled Adam step used for imitation.
+pub const IMITATION_STEP: &str = "imitation_step";
 /// Name of the regulariser-weight input of the fused unroll graph.
 pub const REG_WEIGHT: &str = "reg_weight";
 /// The epsilon of the log meta-objective.
@@ -570,17 +575,46 @@ impl L2oProgram {
         })
     }
 
+    /// The `imitation_step` graph (compiled Adam on the minibatch problem)
+    /// and the runtime's view of it.
+    fn imitation_graph(&self, c: &ImitationConfig) -> (Graph, ImitationSpec) {
+        let adam = Baseline::Adam(Adam {
+            lr: c.lr as f32,
+            ..Adam::default()
+        });
+        let ts = build_train_step(self.train.as_ref(), &MetaOptimizer::Baseline(adam));
+        let l = self.layout();
+        let shapes: Vec<Vec<usize>> = self.param_shapes();
+        let spec = ImitationSpec {
+            mt_ratio: c.mt_ratio,
+            mt_k: c.mt_k,
+            weight: c.weight,
+            lr: c.lr,
+            graph: IMITATION_STEP.into(),
+            params: ts.io.params.iter().cloned().zip(l.theta.clone()).collect(),
+            batch: ts.io.batch.iter().cloned().zip(l.batch.clone()).collect(),
+            state: adam.state_specs(&shapes),
+            new_params: ts.io.new_params.clone(),
+            new_state: ts.io.new_state.clone(),
+        };
+        (optimize(&ts.graph), spec)
+    }
+
     /// Write the bundle (`kind = "l2o"`) into `dir`; `meta` goes under
     /// `meta.l2o.config`, the regulariser's run-time settings
-    /// (`regularizer`) under `meta.l2o.regularizer`.
+    /// (`regularizer`) under `meta.l2o.regularizer`, and with imitation the
+    /// compiled Adam step as graph `imitation_step`, described under
+    /// `meta.l2o.imitation`.
     pub fn write_bundle(
         &self,
         seed: u64,
         config_meta: serde_json::Value,
         regularizer: &super::config::RegularizerConfig,
+        imitation: &ImitationConfig,
         dir: &Path,
     ) -> Result<Manifest> {
         let l = self.layout();
+        let imitation = (imitation.mt_ratio > 0.0).then(|| self.imitation_graph(imitation));
         let graphs = [
             ("step", self.step_graph()),
             ("step_vjp", self.step_vjp_graph()),
@@ -591,6 +625,9 @@ impl L2oProgram {
         let mut b = BundleBuilder::new("l2o");
         for (name, g) in &graphs {
             b.graph(name, g)?;
+        }
+        if let Some((g, _)) = &imitation {
+            b.graph(IMITATION_STEP, g)?;
         }
         let port = |graph: &str, tensor: &str| Port {
             graph: graph.into(),
@@ -636,6 +673,7 @@ impl L2oProgram {
                 "meta_objective": "mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)",
                 "reset": "run `reset` before the first step of a problem's first unroll",
                 "regularizer": self.regularizer_schedule(regularizer),
+                "imitation": imitation.as_ref().map(|(_, s)| s),
             }
         }));
         b.write(dir)
@@ -649,6 +687,7 @@ pub fn compile_l2o(config: &L2oConfig, out_dir: &Path) -> Result<Manifest> {
         config.seed,
         config.compile_meta(),
         &config.regularizer,
+        &config.imitation,
         out_dir,
     )
 }

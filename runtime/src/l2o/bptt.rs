@@ -53,6 +53,10 @@ pub trait StepTensor: Clone {
     fn add(&self, other: &Self) -> Result<Self>;
     /// `self + a * x`, elementwise, for float tensors of one shape.
     fn axpy(&self, a: f64, x: &Self) -> Result<Self>;
+    /// `sum(self * x)` of float tensors of one shape.
+    fn dot(&self, x: &Self) -> Result<f64>;
+    /// Number of elements.
+    fn num_elements(&self) -> usize;
 }
 
 impl StepTensor for HostTensor {
@@ -87,6 +91,22 @@ impl StepTensor for HostTensor {
         Ok(HostTensor::F32(
             ndarray::Zip::from(y).and(x).map_collect(|&y, &x| y + a * x),
         ))
+    }
+    fn dot(&self, x: &Self) -> Result<f64> {
+        let (y, x) = (self.as_f32()?, x.as_f32()?);
+        ensure!(
+            y.shape() == x.shape(),
+            "dot of f32 tensors of shapes {:?} and {:?}",
+            y.shape(),
+            x.shape()
+        );
+        Ok(y.iter()
+            .zip(x)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum())
+    }
+    fn num_elements(&self) -> usize {
+        self.shape().iter().product()
     }
 }
 
@@ -125,6 +145,21 @@ impl StepTensor for Value {
                 x.shape()
             ),
         }
+    }
+    fn dot(&self, x: &Self) -> Result<f64> {
+        match (self, x) {
+            (Value::F(y), Value::F(x)) if y.shape() == x.shape() => {
+                Ok(y.iter().zip(x).map(|(a, b)| a * b).sum())
+            }
+            _ => bail!(
+                "dot of values of shapes {:?} and {:?} (floats of one shape expected)",
+                self.shape(),
+                x.shape()
+            ),
+        }
+    }
+    fn num_elements(&self) -> usize {
+        self.shape().iter().product()
     }
 }
 
@@ -166,6 +201,9 @@ pub struct Unroll<'a, T> {
     pub probes: &'a [Named<T>],
     /// Weight of the regulariser in this unroll's meta-loss (0: not counted).
     pub reg_weight: f64,
+    /// Imitation labels (Adam's update per step, by theta name) and the
+    /// weight of the MSE term, on imitating meta-iterations.
+    pub imitation: Option<(&'a [Named<T>], f64)>,
 }
 
 /// What an unroll produced.
@@ -185,6 +223,8 @@ pub struct BpttResult<T> {
     pub minibatch_losses: Vec<f64>,
     /// The regulariser at the start of each step run (empty without one).
     pub regs: Vec<f64>,
+    /// The imitation MSE of each step run (empty without imitation).
+    pub imitation_mse: Vec<f64>,
     /// The unroll stopped at a non-finite objective; only the steps before
     /// it count (the meta-loss is 0 and d_phi zero if none ran).
     pub diverged: bool,
@@ -309,6 +349,7 @@ pub fn truncated_bptt<R: StepRunner>(
             objectives,
             minibatch_losses,
             regs,
+            imitation_mse: vec![],
             diverged,
         });
     }
@@ -320,6 +361,39 @@ pub fn truncated_bptt<R: StepRunner>(
         let (v, d) = meta_loss_term(o, u.initial_objective);
         meta_loss += v / steps as f64;
         d_obj.push(d / steps as f64);
+    }
+    // Imitation: weight * mean_t 0.5 |Delta_t - label_t|^2 / P; keep the
+    // residuals r_t = Delta_t - label_t for the adjoint
+    // d/d theta_t+1 = c r_t, d/d theta_t = -c r_t with c = weight / (steps P).
+    let mut imitation_mse = vec![];
+    let mut residuals: Vec<Vec<T<R>>> = vec![];
+    let mut c_imit = 0.0;
+    if let Some((labels, weight)) = u.imitation {
+        ensure!(
+            labels.len() >= steps,
+            "{} imitation labels for {steps} steps",
+            labels.len()
+        );
+        let p: usize = thetas[0].iter().map(|(_, x)| x.num_elements()).sum();
+        c_imit = weight / (steps * p) as f64;
+        for t in 0..steps {
+            let label: HashMap<&str, &T<R>> =
+                labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
+            let mut rs = vec![];
+            let mut ss = 0.0;
+            for ((n, next), (_, cur)) in thetas[t + 1].iter().zip(&thetas[t]) {
+                let l = label
+                    .get(n.as_str())
+                    .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
+                let r = next.axpy(-1.0, cur)?.axpy(-1.0, l)?;
+                ss += r.dot(&r)?;
+                rs.push(r);
+            }
+            let mse = 0.5 * ss / p as f64;
+            meta_loss += weight * mse / steps as f64;
+            imitation_mse.push(mse);
+            residuals.push(rs);
+        }
     }
 
     // ---- backward -----------------------------------------------------------
@@ -335,6 +409,11 @@ pub fn truncated_bptt<R: StepRunner>(
         // The objective after step t is a function of theta_t+1 only.
         for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
             *ct = ct.axpy(d_obj[t], g)?;
+        }
+        if let Some(rs) = residuals.get(t) {
+            for (ct, r) in ct_theta.iter_mut().zip(rs) {
+                *ct = ct.axpy(c_imit, r)?;
+            }
         }
         let mut ins: Vec<(&str, &T<R>)> = vec![];
         for (n, x) in phi
@@ -365,6 +444,11 @@ pub fn truncated_bptt<R: StepRunner>(
             .iter()
             .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
             .collect::<Result<_>>()?;
+        if let Some(rs) = residuals.get(t) {
+            for (ct, r) in ct_theta.iter_mut().zip(rs) {
+                *ct = ct.axpy(-c_imit, r)?;
+            }
+        }
         ct_state = layout
             .state
             .iter()
@@ -398,6 +482,7 @@ pub fn truncated_bptt<R: StepRunner>(
         objectives,
         minibatch_losses,
         regs,
+        imitation_mse,
         diverged,
     })
 }

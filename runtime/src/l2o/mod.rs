@@ -10,6 +10,7 @@
 pub mod bptt;
 pub mod curriculum;
 pub mod data;
+pub mod imitation;
 pub mod meta_opt;
 pub mod regularizer;
 pub mod run;

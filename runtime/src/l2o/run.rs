@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::bptt::{Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
 use super::data::{named_rows, xy_names, SplitMix64};
+use super::imitation::{AdamTeacher, ImitationSpec};
 use super::meta_opt::RmsProp;
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::train::{meta_iteration, Regularization, UnrollData, UnrollSchedule};
@@ -69,6 +70,9 @@ pub struct IterationLog {
     /// Mean of the regulariser over the meta-iteration's steps (with one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_reg: Option<f64>,
+    /// Whether the meta-iteration imitated Adam, and its mean imitation MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imitation_mse: Option<f64>,
     /// Curriculum stage (0-based) and its inner steps per meta-iteration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<usize>,
@@ -184,6 +188,8 @@ pub struct MetaTrainer<'a> {
     pub layout: L2oLayout,
     /// The bundle's regulariser, if it has one.
     pub regularizer: Option<RegularizerSchedule>,
+    /// The bundle's imitation settings and its compiled Adam step.
+    imitation: Option<(ImitationSpec, Box<dyn Session>)>,
     pub settings: RunSettings,
     pub out: PathBuf,
     runner: SessionRunner,
@@ -217,6 +223,15 @@ impl<'a> MetaTrainer<'a> {
         let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
         let regularizer = RegularizerSchedule::from_meta(&bundle.manifest.meta)
             .with_context(|| format!("{}", bundle.dir.display()))?;
+        let imitation = match ImitationSpec::from_meta(&bundle.manifest.meta)
+            .with_context(|| format!("{}", bundle.dir.display()))?
+        {
+            Some(spec) => {
+                let s = backend.load(&bundle.graph_bytes(&spec.graph)?, &spec.graph)?;
+                Some((spec, s))
+            }
+            None => None,
+        };
         let manifest_sha256 = sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?);
         let runner = SessionRunner::from_bundle(bundle, backend)?;
         let objective = backend.load(&bundle.graph_bytes("objective")?, "objective")?;
@@ -235,6 +250,7 @@ impl<'a> MetaTrainer<'a> {
             bundle,
             layout,
             regularizer,
+            imitation,
             settings,
             out: out.to_path_buf(),
             runner,
@@ -505,6 +521,15 @@ impl<'a> MetaTrainer<'a> {
                 schedule,
                 probes: &mut probes,
             });
+            // Imitate Adam in a share mt_ratio of the meta-iterations.
+            let mut teacher = match self.imitation.as_mut() {
+                Some((spec, session)) => {
+                    let mut r = SplitMix64::new(derive_seed(s.seed, 4, it as u64));
+                    let u = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                    (u < spec.mt_ratio).then(|| AdamTeacher::new(spec, session.as_mut(), &theta0))
+                }
+                None => None,
+            };
             let rep = meta_iteration(
                 &mut self.runner,
                 &self.layout,
@@ -516,6 +541,7 @@ impl<'a> MetaTrainer<'a> {
                 schedule,
                 &mut data,
                 reg,
+                teacher.as_mut(),
             )?;
             self.completed += 1;
             let mut validation_objective = None;
@@ -552,6 +578,9 @@ impl<'a> MetaTrainer<'a> {
                 best_validation: self.best_validation,
                 mean_reg: (!rep.regs.is_empty())
                     .then(|| rep.regs.iter().sum::<f64>() / rep.regs.len() as f64),
+                imitation_mse: (!rep.imitation_mse.is_empty()).then(|| {
+                    rep.imitation_mse.iter().sum::<f64>() / rep.imitation_mse.len() as f64
+                }),
                 stage,
                 num_steps: schedule.unroll_length * schedule.num_unrolls,
             };

@@ -9,6 +9,7 @@
 use anyhow::{ensure, Result};
 
 use super::bptt::{truncated_bptt, Named, StepRunner, Unroll};
+use super::imitation::AdamTeacher;
 use super::meta_opt::RmsProp;
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::L2oLayout;
@@ -40,6 +41,8 @@ pub struct MetaIterationReport {
     pub minibatch_losses: Vec<f64>,
     /// The regulariser at every inner step run (empty without one).
     pub regs: Vec<f64>,
+    /// The imitation MSE at every inner step run (empty unless imitating).
+    pub imitation_mse: Vec<f64>,
     /// Stopped at a non-finite objective.
     pub diverged: bool,
     /// Optimizee parameters and optimizer state at the end.
@@ -57,7 +60,9 @@ pub struct Regularization<'a> {
 /// `layout.phi` order) in place with `opt`. `initial_objective` is the
 /// objective at `theta0` (the constant of the log meta-objective). With a
 /// regulariser, each unroll's meta-loss adds its weight (per
-/// `regularize_time`) times the sum of the regulariser over the steps.
+/// `regularize_time`) times the sum of the regulariser over the steps. With
+/// a teacher (an imitating meta-iteration), each unroll's meta-loss adds the
+/// imitation MSE against the teacher's updates on the same minibatches.
 #[allow(clippy::too_many_arguments)]
 pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     runner: &mut R,
@@ -70,6 +75,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     schedule: UnrollSchedule,
     data: &mut dyn UnrollData,
     mut reg: Option<Regularization<'_>>,
+    mut teacher: Option<&mut AdamTeacher<'_>>,
 ) -> Result<MetaIterationReport> {
     ensure!(
         schedule.unroll_length > 0 && schedule.num_unrolls > 0,
@@ -84,6 +90,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
         objectives: vec![],
         minibatch_losses: vec![],
         regs: vec![],
+        imitation_mse: vec![],
         diverged: false,
         theta: theta0,
         state: state0,
@@ -102,6 +109,10 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
             ),
             None => (vec![], 0.0),
         };
+        let labels = match teacher.as_mut() {
+            Some(t) => Some((t.labels(&minibatches)?, t.weight())),
+            None => None,
+        };
         let res = truncated_bptt(
             runner,
             layout,
@@ -115,6 +126,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
                 initial_objective,
                 probes: &probes,
                 reg_weight,
+                imitation: labels.as_ref().map(|(l, w)| (l.as_slice(), *w)),
             },
         )?;
         if !res.objectives.is_empty() {
@@ -124,6 +136,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
         rep.objectives.extend(&res.objectives);
         rep.minibatch_losses.extend(&res.minibatch_losses);
         rep.regs.extend(&res.regs);
+        rep.imitation_mse.extend(&res.imitation_mse);
         rep.theta = res.theta;
         rep.state = res.state;
         if res.diverged {
