@@ -23,7 +23,23 @@ It follows metac's computation:
   ms = decay*ms + (1-decay)*g^2, phi -= lr*g/sqrt(ms+eps), no change where
   g == 0), settings of configs/seed.toml.
 
+Optionally (`--reg`), a Hessian regulariser of the L2O-Entropy fork, as in
+compiler/src/l2o/regularizer.rs and runtime/src/l2o/bptt.rs: at every inner
+step t, on the minibatch loss L_t at theta_t (before the step's update) with
+the true (not stop-gradient'ed) gradient,
+* hessian:     Hutchinson, mean over P Rademacher probes of v^T H v;
+* hessian-ev:  k steps of power iteration from a normal probe, the Rayleigh
+               quotient of the last normalised iterate;
+* hessian-esd: m Lanczos steps with full reorthogonalisation from a normal
+               probe, sum of the alphas (trace of the tridiagonal matrix);
+* jacob:       mean squared gradient;
+each H v an HVP (jax.jvp of jax.grad, forward-over-reverse). The meta-loss
+becomes mean_t log-term + alpha * sum_t reg_t, differentiated through the
+whole unroll (third-order terms through theta_t). Probes are drawn inside the
+jit from a jax.random key argument, split per step.
+
 Usage: python3 bench/l2o_jax.py --unroll 20 --repeats 5   (prints JSON)
+       python3 bench/l2o_jax.py --reg hessian --repeats 3 --no-unrolled-flops
 """
 
 import argparse
@@ -279,36 +295,124 @@ def mlp_loss(params, x, y):
     return -jnp.mean(picked)
 
 
+# ---- Hessian regularisers (compiler/src/l2o/regularizer.rs) ------------------------
+REG_OPTIONS = ("none", "hessian", "hessian-ev", "hessian-esd", "jacob")
+NORM_FLOOR = 1e-30  # squared norms below this normalise to zero instead of NaN
+
+
+def _dot(a, b):
+    return sum(jnp.sum(x * y) for x, y in zip(a, b))
+
+
+def _normalize_with_norm(v):
+    norm = jnp.sqrt(_dot(v, v) + NORM_FLOOR)
+    return [x / norm for x in v], norm
+
+
+def _sub_scaled(a, c, b):
+    return [x - c * y for x, y in zip(a, b)]
+
+
+def regularizer(reg, theta, x, y, key, probes, power_iters, lanczos_steps):
+    """The regulariser on the minibatch loss at `theta` (true gradient).
+    Returns a scalar; `key` draws this step's probes."""
+    grad_fn = lambda th: jax.grad(mlp_loss)(th, x, y)  # noqa: E731
+
+    if reg == "jacob":
+        g = grad_fn(theta)
+        count = sum(a.size for a in g)
+        return _dot(g, g) / count
+
+    def hvp(v):  # forward-over-reverse
+        return jax.jvp(grad_fn, (theta,), (v,))[1]
+
+    keys = jax.random.split(key, len(theta))
+    if reg == "hessian":
+        # [P, *shape] Rademacher probes, one stack per parameter tensor.
+        stacks = [jax.random.rademacher(k, (probes,) + a.shape, dtype=a.dtype)
+                  for k, a in zip(keys, theta)]
+        total = 0.0
+        for i in range(probes):
+            v = [s[i] for s in stacks]
+            total = total + _dot(v, hvp(v))
+        return total / probes
+    start = [jax.random.normal(k, a.shape, dtype=a.dtype) for k, a in zip(keys, theta)]
+    if reg == "hessian-ev":
+        v, _ = _normalize_with_norm(start)
+        rayleigh = None
+        for _ in range(power_iters):
+            w = hvp(v)
+            rayleigh = _dot(v, w)
+            v, _ = _normalize_with_norm(w)
+        return rayleigh
+    if reg == "hessian-esd":
+        basis = [_normalize_with_norm(start)[0]]
+        beta_prev, total = None, 0.0
+        for j in range(lanczos_steps):
+            q = basis[j]
+            w = hvp(q)
+            a = _dot(q, w)
+            total = total + a
+            if j + 1 == lanczos_steps:
+                break
+            w = _sub_scaled(w, a, q)
+            if beta_prev is not None:
+                w = _sub_scaled(w, beta_prev, basis[j - 1])
+            for qi in list(basis):  # full reorthogonalisation
+                w = _sub_scaled(w, _dot(qi, w), qi)
+            nxt, beta_prev = _normalize_with_norm(w)
+            basis.append(nxt)
+        return total
+    raise ValueError(f"unknown regulariser {reg!r}")
+
+
 # ---- one meta-iteration ---------------------------------------------------------------
-def meta_loss_fn(phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan=True):
+def meta_loss_fn(phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan=True,
+                 reg_key=None, reg=None):
+    """mean_t log-objective term (+ alpha * sum_t reg_t with a regulariser).
+    `reg`: None or (option, alpha, probes, power_iters, lanczos_steps)."""
     state = reset_hidden(phi, state0)
     c = init_obj + LOG_OBJ_EPS
+    unroll = xb.shape[0]
+    step_keys = jax.random.split(reg_key, unroll) if reg is not None else None
 
     def step(carry, batch):
         theta, st = carry
-        x, y = batch
+        if reg is not None:
+            x, y, k = batch
+            option, _, probes, power_iters, lanczos_steps = reg
+            r = regularizer(option, theta, x, y, k, probes, power_iters, lanczos_steps)
+        else:
+            x, y = batch
+            r = jnp.zeros((), jnp.float32)
         g = jax.grad(mlp_loss)(theta, x, y)
         g = [lax.stop_gradient(a) for a in g]  # use_second_derivatives = false
         theta, st = hrnn_step(phi, theta, g, st)
         obj = mlp_loss(theta, xo, yo)
-        return (theta, st), jnp.log(obj / c + LOG_OBJ_EPS)
+        return (theta, st), (jnp.log(obj / c + LOG_OBJ_EPS), r)
 
+    xs = (xb, yb) if reg is None else (xb, yb, step_keys)
     if use_scan:
-        _, terms = lax.scan(step, (theta0, state), (xb, yb))
+        _, (terms, regs) = lax.scan(step, (theta0, state), xs)
     else:
-        carry, ts = (theta0, state), []
-        for t in range(xb.shape[0]):
-            carry, term = step(carry, (xb[t], yb[t]))
+        carry, ts, rs = (theta0, state), [], []
+        for t in range(unroll):
+            carry, (term, r) = step(carry, tuple(a[t] for a in xs))
             ts.append(term)
-        terms = jnp.stack(ts)
-    return jnp.mean(terms)
+            rs.append(r)
+        terms, regs = jnp.stack(ts), jnp.stack(rs)
+    loss = jnp.mean(terms)
+    if reg is not None:
+        # alpha * reg summed over the steps (runtime/src/l2o/bptt.rs).
+        loss = loss + reg[1] * jnp.sum(regs)
+    return loss, jnp.mean(regs)
 
 
-def make_meta_iteration(use_scan):
-    def meta_iteration(phi, ms, theta0, state0, xb, yb, xo, yo):
+def make_meta_iteration(use_scan, reg=None):
+    def meta_iteration(phi, ms, theta0, state0, xb, yb, xo, yo, reg_key):
         init_obj = lax.stop_gradient(mlp_loss(theta0, xo, yo))
-        loss, d_phi = jax.value_and_grad(meta_loss_fn)(
-            phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan)
+        (loss, mean_reg), d_phi = jax.value_and_grad(meta_loss_fn, has_aux=True)(
+            phi, theta0, state0, xb, yb, xo, yo, init_obj, use_scan, reg_key, reg)
         new_phi, new_ms, sq = {}, {}, 0.0
         for k in phi:
             g = jnp.clip(jnp.nan_to_num(d_phi[k], nan=0.0, posinf=META_CLIP,
@@ -317,7 +421,7 @@ def make_meta_iteration(use_scan):
             upd = jnp.where(g == 0.0, 0.0, META_LR * g / jnp.sqrt(m + META_EPS))
             new_phi[k], new_ms[k] = phi[k] - upd, m
             sq = sq + jnp.sum(g * g)
-        return new_phi, new_ms, loss, init_obj, jnp.sqrt(sq)
+        return new_phi, new_ms, loss, init_obj, jnp.sqrt(sq), mean_reg
     return jax.jit(meta_iteration)
 
 
@@ -359,7 +463,17 @@ def main():
     ap.add_argument("--no-unrolled-flops", action="store_true",
                     help="skip compiling the 1- and 2-step Python-loop forms "
                          "(the FLOP count of the whole unroll is extrapolated from them)")
+    ap.add_argument("--reg", choices=REG_OPTIONS, default="none",
+                    help="Hessian regulariser of the L2O-Entropy fork, at every inner step")
+    ap.add_argument("--alpha", type=float, default=1e-4,
+                    help="weight of sum_t reg_t in the meta-loss")
+    ap.add_argument("--probes", type=int, default=10, help="Hutchinson probes (hessian)")
+    ap.add_argument("--power-iters", type=int, default=10,
+                    help="power-iteration steps (hessian-ev)")
+    ap.add_argument("--lanczos-steps", type=int, default=10, help="Lanczos steps (hessian-esd)")
     args = ap.parse_args()
+    reg = None if args.reg == "none" else (
+        args.reg, args.alpha, args.probes, args.power_iters, args.lanczos_steps)
 
     t_load = time.perf_counter()
     x, y = load_mnist_train(args.data)
@@ -369,15 +483,19 @@ def main():
     phi = init_phi(args.seed)
     ms = {k: jnp.full(v.shape, META_ACC_INIT, jnp.float32) for k, v in phi.items()}
 
+    reg_key = [jax.random.PRNGKey(args.seed + 1)]
+
     def sample():
         theta0 = init_theta(rng)
         state0 = init_state(rng)
         xb, yb, xo, yo = sample_data(rng, x, y, args.unroll)
+        # One key per meta-iteration; the jitted function splits it per step.
+        reg_key[0], k = jax.random.split(reg_key[0])
         return (theta0, state0, jnp.asarray(xb), jnp.asarray(yb),
-                jnp.asarray(xo), jnp.asarray(yo))
+                jnp.asarray(xo), jnp.asarray(yo), k)
 
     use_scan = not args.python_loop
-    fn = make_meta_iteration(use_scan)
+    fn = make_meta_iteration(use_scan, reg)
     inputs = sample()
     t0 = time.perf_counter()
     lowered = fn.lower(phi, ms, *inputs)
@@ -394,8 +512,9 @@ def main():
         t1 = time.perf_counter()
         counts = []
         for k in (1, 2):
-            th, st, xb, yb, xo, yo = inputs
-            c2 = make_meta_iteration(False).lower(phi, ms, th, st, xb[:k], yb[:k], xo, yo).compile()
+            th, st, xb, yb, xo, yo, key = inputs
+            c2 = make_meta_iteration(False, reg).lower(
+                phi, ms, th, st, xb[:k], yb[:k], xo, yo, key).compile()
             counts.append(flops_of(c2)[0])
             del c2
         unrolled_compile_s = time.perf_counter() - t1
@@ -412,7 +531,7 @@ def main():
     jax.block_until_ready(out)
     phi, ms = out[0], out[1]
 
-    times, times_with_data, meta_losses, init_objs, gnorms = [], [], [], [], []
+    times, times_with_data, meta_losses, init_objs, gnorms, regs = [], [], [], [], [], []
     for _ in range(args.repeats):
         t_data = time.perf_counter()
         inputs = sample()
@@ -427,6 +546,7 @@ def main():
         meta_losses.append(float(out[2]))
         init_objs.append(float(out[3]))
         gnorms.append(float(out[4]))
+        regs.append(float(out[5]))
 
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {
@@ -439,6 +559,10 @@ def main():
         "loop": "lax.scan" if use_scan else "python",
         "unroll": args.unroll,
         "repeats": args.repeats,
+        "reg": args.reg,
+        "reg_settings": None if reg is None else {
+            "alpha": args.alpha, "probes": args.probes, "power_iters": args.power_iters,
+            "lanczos_steps": args.lanczos_steps},
         "median_seconds": statistics.median(times),
         "seconds": times,
         "median_seconds_with_data_sampling": statistics.median(times_with_data),
@@ -449,10 +573,11 @@ def main():
         "flops_cost_analysis_unrolled": flops_unrolled,
         "flops_cost_analysis_unrolled_note": unrolled_note,
         "unrolled_compile_seconds": unrolled_compile_s,
-        "flops_analytic_matmul": analytic_flops(args.unroll),
+        "flops_analytic_matmul": analytic_flops(args.unroll) if reg is None else None,
         "meta_losses": meta_losses,
         "initial_objectives": init_objs,
         "meta_gradient_norms": gnorms,
+        "mean_regularizer_per_step": regs if reg is not None else None,
         "peak_rss_mib": rss_kib / 1024.0,
         "mnist_load_seconds": t_load,
         "loadavg": os.getloadavg(),
