@@ -142,6 +142,18 @@ impl Graph {
         Ok(())
     }
 
+    /// Turn any node into a named input of the same type, dropping its
+    /// operands (which may become dead; run DCE after).
+    pub fn replace_with_input(&mut self, id: NodeId, name: &str) -> Result<(), GraphError> {
+        if self.find_input(name).is_some() {
+            return Err(GraphError::DuplicateInput(name.into()));
+        }
+        let n = &mut self.nodes[id.index()];
+        n.op = Op::Input { name: name.into() };
+        n.inputs.clear();
+        Ok(())
+    }
+
     /// Turn a constant node into a named input of the same type.
     pub fn promote_to_input(&mut self, id: NodeId, name: &str) -> Result<(), GraphError> {
         if self.find_input(name).is_some() {

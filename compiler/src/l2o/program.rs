@@ -43,6 +43,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use metac_graphs::autodiff::{grad, vjp};
+use metac_graphs::ops::Op;
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
@@ -230,7 +231,37 @@ impl L2oProgram {
                 .into_iter()
                 .map(|(n, _, _)| format!("obj.{n}"))
                 .collect(),
+            objective_transposed: self
+                .objective
+                .batch_inputs()
+                .into_iter()
+                .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
+                .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
+                .collect(),
         }
+    }
+
+    /// Replace the transposes of 2-D objective-set inputs in `g` (the
+    /// objective's gradient `X^T dH`) by the transposed inputs of the layout,
+    /// which the runtime makes once per objective set: a plain MatMul is
+    /// about twice as fast as a transposed one on ONNX Runtime's CPU GEMM
+    /// for this shape (`[784, 10000] x [10000, 20]`), and the objective's
+    /// gradient is the largest GEMM of the step.
+    fn hoist_objective_transposes(g: &Graph, l: &L2oLayout) -> Graph {
+        let mut g = g.clone();
+        for (t_name, src) in &l.objective_transposed {
+            let Some(x) = g.find_input(src) else {
+                continue;
+            };
+            let hit = g.nodes().iter().position(|n| {
+                matches!(&n.op, Op::Transpose(p) if p.as_slice() == [1, 0]) && n.inputs == [x]
+            });
+            if let Some(i) = hit {
+                g.replace_with_input(NodeId(i as u32), t_name)
+                    .expect("a fresh input name");
+            }
+        }
+        optimize(&g)
     }
 
     fn declare_theta(&self, g: &mut Graph, prefix: &str) -> Vec<NodeId> {
@@ -341,7 +372,7 @@ impl L2oProgram {
             g.output(&objective_grad_name(n), x);
         }
         g.output(MINIBATCH_LOSS, o.minibatch_loss);
-        optimize(&g)
+        Self::hoist_objective_transposes(&optimize(&g), &l)
     }
 
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.

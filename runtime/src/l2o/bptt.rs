@@ -57,6 +57,26 @@ pub trait StepTensor: Clone {
     fn dot(&self, x: &Self) -> Result<f64>;
     /// Number of elements.
     fn num_elements(&self) -> usize;
+    /// The transpose of a 2-D float tensor (contiguous).
+    fn transposed(&self) -> Result<Self>;
+}
+
+/// The objective set as the step graph reads it: `obj` plus the transposed
+/// copies the layout asks for (made once per objective set, so that the
+/// objective's gradient `X^T dH` in every step is a plain MatMul).
+pub fn objective_inputs<T: StepTensor>(
+    layout: &L2oLayout,
+    obj: &[(String, T)],
+) -> Result<Named<T>> {
+    let mut out = obj.to_vec();
+    for (name, src) in &layout.objective_transposed {
+        let x = obj
+            .iter()
+            .find(|(n, _)| n == src)
+            .with_context(|| format!("objective set has no '{src}' to transpose"))?;
+        out.push((name.clone(), x.1.transposed()?));
+    }
+    Ok(out)
 }
 
 impl StepTensor for HostTensor {
@@ -107,6 +127,15 @@ impl StepTensor for HostTensor {
     }
     fn num_elements(&self) -> usize {
         self.shape().iter().product()
+    }
+    fn transposed(&self) -> Result<Self> {
+        let a = self.as_f32()?;
+        ensure!(
+            a.ndim() == 2,
+            "transposing a tensor of shape {:?}",
+            a.shape()
+        );
+        Ok(HostTensor::F32(a.t().as_standard_layout().into_owned()))
     }
 }
 
@@ -160,6 +189,12 @@ impl StepTensor for Value {
     }
     fn num_elements(&self) -> usize {
         self.shape().iter().product()
+    }
+    fn transposed(&self) -> Result<Self> {
+        match self {
+            Value::F(a) if a.ndim() == 2 => Ok(Value::F(a.t().as_standard_layout().into_owned())),
+            _ => bail!("transposing a value of shape {:?}", self.shape()),
+        }
     }
 }
 
@@ -268,6 +303,7 @@ pub fn truncated_bptt<R: StepRunner>(
 ) -> Result<BpttResult<R::Tensor>> {
     type T<R> = <R as StepRunner>::Tensor;
     let phi = pick(u.phi, &layout.phi, "phi")?;
+    let objective_batch = objective_inputs(layout, u.objective_batch)?;
     let theta0 = pick(u.theta, &layout.theta, "theta")?;
     let mut state0 = pick(u.state, &layout.state, "state")?;
 
@@ -304,7 +340,7 @@ pub fn truncated_bptt<R: StepRunner>(
             .chain(&thetas[t])
             .chain(&states[t])
             .chain(mb)
-            .chain(u.objective_batch)
+            .chain(&objective_batch)
             .chain(probes(t))
         {
             ins.push((n.as_str(), x));

@@ -74,6 +74,10 @@ pub struct L2oLayout {
     pub batch: Vec<String>,
     /// Objective-set inputs of `step` and `objective` (`obj.<input>`).
     pub objective_batch: Vec<String>,
+    /// Transposed copies of objective-set inputs that `step` reads:
+    /// `(input name, source name)`, the source being a 2-D `obj.*` input.
+    #[serde(default)]
+    pub objective_transposed: Vec<(String, String)>,
 }
 
 impl L2oLayout {

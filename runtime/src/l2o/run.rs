@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::bptt::objective_inputs;
 use super::bptt::{Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
 use super::data::{named_rows, xy_names, SplitMix64};
@@ -439,7 +440,7 @@ impl<'a> MetaTrainer<'a> {
         let steps = s.unroll_length * self.num_unrolls();
         // The step graph also reports the objective on an objective set; one
         // set serves the whole validation run (its value is not used here).
-        let step_obj = data.objective_batch(1)?;
+        let step_obj = objective_inputs(&self.layout, &data.objective_batch(1)?)?;
         // The step graph of a regularised bundle reads probes; their values
         // do not affect the update.
         let mut probes = ProbeGenerator::new(seed);
