@@ -180,7 +180,14 @@ pub fn plot_curves_with(
         if (x1 - x0) >= 10.0 {
             format!("{x:.0}")
         } else {
-            format!("{x}")
+            // At most 4 decimals, trailing zeros cut (no 0.6000000000000001).
+            let s = format!("{x:.4}");
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            if s == "-0" {
+                "0".into()
+            } else {
+                s.to_string()
+            }
         }
     };
     let y_fmt = |y: &f64| {
@@ -237,6 +244,44 @@ pub fn plot_curves_with(
     Ok(())
 }
 
+/// A spectral density plot: one line per series of `(eigenvalue, density)`
+/// points on a log-scale y axis, every value clipped from below at
+/// `floor_relative` times the largest density of all series (so the empty
+/// stretches between eigenvalue clusters show as a floor rather than as
+/// gaps).
+pub fn plot_density(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    floor_relative: f64,
+) -> Result<()> {
+    let peak = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
+        .filter(|y| y.is_finite())
+        .fold(0.0, f64::max);
+    if peak <= 0.0 {
+        bail!("plot '{title}': the density is zero everywhere");
+    }
+    let floor = peak * floor_relative;
+    let clipped: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                p.iter().map(|&(x, y)| (x, y.max(floor))).collect(),
+            )
+        })
+        .collect();
+    let opts = PlotOptions {
+        log_y: true,
+        x_label: "eigenvalue".into(),
+        y_label: "density".into(),
+        ..PlotOptions::default()
+    };
+    plot_curves_with(path, title, &clipped, &opts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +291,23 @@ mod tests {
         let p = vec![(1.0, 1.0), (2.0, 3.0), (3.0, 5.0)];
         assert_eq!(smooth(&p, 2), vec![(1.0, 1.0), (2.0, 2.0), (3.0, 4.0)]);
         assert_eq!(smooth(&p, 1), p);
+    }
+
+    #[test]
+    fn density_plot_is_written_and_rejects_zero() {
+        let dir = std::env::temp_dir().join(format!("metac-plot-density-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("d.png");
+        let pts: Vec<(f64, f64)> = (0..100)
+            .map(|i| {
+                let x = i as f64 / 10.0;
+                (x, (-(x - 3.0) * (x - 3.0)).exp())
+            })
+            .collect();
+        plot_density(&png, "density", &[("h".into(), pts)], 1e-6).unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 0);
+        let zero = vec![(0.0, 0.0), (1.0, 0.0)];
+        assert!(plot_density(&png, "z", &[("h".into(), zero)], 1e-6).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,0 +1,215 @@
+//! `metac hessian` as a user runs it: on parameters written like `metac
+//! eval` writes them (a data-free quadratic, whose Hessian `W^T W` is known,
+//! and the MNIST MLP on a few examples), on an eval directory, and bad
+//! inputs as one-line errors with exit status 2.
+
+mod common;
+
+use std::path::Path;
+
+use common::{err_line, metac, ok};
+use metac_compiler::models::problems::problem_by_name;
+use metac_compiler::models::synthetic::{Synthetic, DATA_SEED};
+use metac_runtime::hessian::symmetric_eigenvalues;
+use metac_runtime::metatest::{host_tensor, params_path, write_params};
+use serde_json::Value;
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("hessian-cli", name)
+}
+
+/// Writes the initial parameters of `problem` for `seed` as `metac eval` would.
+fn write_init(dir: &Path, problem: &str, label: &str, seed: u64) -> std::path::PathBuf {
+    let p = problem_by_name(problem, 1).unwrap();
+    let names: Vec<String> = p.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let vals: Vec<_> = p.init_params(seed).iter().map(host_tensor).collect();
+    let path = params_path(dir, label, seed);
+    write_params(&path, &names, &vals).unwrap();
+    path
+}
+
+fn json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn quadratic_matches_its_exact_spectrum() {
+    let d = scratch("quadratic");
+    let params = write_init(&d, "quadratic", "adam-1e-3", 6);
+    let out = d.join("out");
+    let o = metac(&[
+        "hessian",
+        "--problem",
+        "quadratic",
+        "--params",
+        s(&params),
+        "--out",
+        s(&out),
+        "--probes",
+        "50",
+        "--top",
+        "3",
+        "--slq-runs",
+        "3",
+        "--backend",
+        "tract",
+    ]);
+    ok(&o);
+    let Synthetic::Quadratic { w, .. } = Synthetic::quadratic(20, DATA_SEED) else {
+        unreachable!()
+    };
+    let wv = w.as_f32().unwrap();
+    let n = 20;
+    let mut wtw = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            wtw[i * n + j] = (0..n)
+                .map(|k| wv[k * n + i] as f64 * wv[k * n + j] as f64)
+                .sum();
+        }
+    }
+    let exact = symmetric_eigenvalues(&wtw, n);
+    let trace: f64 = exact.iter().sum();
+    let r = json(&out.join("hessian.json"));
+    assert_eq!(r["problem"], "quadratic");
+    assert_eq!(r["num_params"], 20);
+    assert!(r["data"].is_null());
+    assert_eq!(r["settings"]["probes"], 50);
+    assert_eq!(r["lanczos_steps_taken"], 20);
+    let mean = r["trace"]["mean"].as_f64().unwrap();
+    let se = r["trace"]["stderr"].as_f64().unwrap();
+    assert!((mean - trace).abs() < 4.0 * se, "{mean} vs {trace} ({se})");
+    let top = r["top_eigenvalues"]["values"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    for (i, v) in top.iter().enumerate() {
+        let want = exact[n - 1 - i];
+        assert!((v.as_f64().unwrap() - want).abs() < 1e-4 * want);
+    }
+    let slq = r["slq"].as_array().unwrap();
+    assert_eq!(slq.len(), 3);
+    for run in slq {
+        let w: f64 = run["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!((w - 1.0).abs() < 1e-6);
+    }
+    let grid = r["density"]["grid"].as_array().unwrap();
+    assert_eq!(grid.len(), 1000);
+    assert!(std::fs::metadata(out.join("density.png")).unwrap().len() > 0);
+}
+
+#[test]
+fn mnist_eval_directory_is_compared() {
+    let d = scratch("eval");
+    let eval = d.join("eval");
+    std::fs::create_dir_all(&eval).unwrap();
+    std::fs::write(
+        eval.join("summary.json"),
+        r#"{"problem": "mnist-mlp", "split": "test", "optimizers": []}"#,
+    )
+    .unwrap();
+    write_init(&eval, "mnist-mlp", "adam-1e-3", 1);
+    write_init(&eval, "mnist-mlp", "learned", 1);
+    let out = d.join("out");
+    let o = metac(&[
+        "hessian",
+        "--eval",
+        s(&eval),
+        "--out",
+        s(&out),
+        "--examples",
+        "30",
+        "--batch-size",
+        "20",
+        "--probes",
+        "3",
+        "--lanczos-steps",
+        "6",
+        "--slq-runs",
+        "2",
+        "--top",
+        "2",
+        "--backend",
+        "tract",
+    ]);
+    ok(&o);
+    let sum = json(&out.join("summary.json"));
+    assert_eq!(sum["problem"], "mnist-mlp");
+    assert_eq!(sum["data"]["examples"], 30);
+    assert_eq!(sum["data"]["chunks"], 2);
+    let files = sum["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    assert_eq!(files[0]["file"], "adam-1e-3-seed1");
+    // The same parameters, data and probes give the same numbers.
+    assert_eq!(files[0]["trace_mean"], files[1]["trace_mean"]);
+    assert!(files[0]["top_eigenvalue"].as_f64().unwrap() > 0.0);
+    for f in ["adam-1e-3-seed1", "learned-seed1"] {
+        let r = json(&out.join(f).join("hessian.json"));
+        assert_eq!(r["num_params"], 15910);
+        assert_eq!(r["data"]["split"], "test");
+        assert!(out.join(f).join("density.png").exists());
+    }
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors() {
+    let d = scratch("bad");
+    // A parameter file of another problem: wrong tensor name.
+    let rosen = write_init(&d, "rosenbrock", "x", 1);
+    let e = err_line(&metac(&[
+        "hessian",
+        "--problem",
+        "softmax-regression-random",
+        "--params",
+        s(&rosen),
+        "--out",
+        s(&d),
+    ]));
+    assert!(e.contains(s(&rosen)) && e.contains("'w'"), "{e}");
+    // Right name, wrong shape.
+    let e = err_line(&metac(&[
+        "hessian",
+        "--problem",
+        "styblinski-tang",
+        "--params",
+        s(&rosen),
+        "--out",
+        s(&d),
+    ]));
+    assert!(
+        e.contains(s(&rosen)) && e.contains("'x'") && e.contains("[2]"),
+        "{e}"
+    );
+    let e = err_line(&metac(&["hessian", "--problem", "nope", "--out", s(&d)]));
+    assert!(
+        e.contains("known problems") && e.contains("mnist-mlp"),
+        "{e}"
+    );
+    let e = err_line(&metac(&[
+        "hessian",
+        "--problem",
+        "quadratic",
+        "--split",
+        "test",
+        "--out",
+        s(&d),
+    ]));
+    assert!(e.contains("data-free"), "{e}");
+    let e = err_line(&metac(&["hessian", "--out", s(&d)]));
+    assert!(e.contains("--problem"), "{e}");
+    let e = err_line(&metac(&[
+        "hessian",
+        "--eval",
+        s(&d.join("none")),
+        "--out",
+        s(&d),
+    ]));
+    assert!(e.contains("summary.json"), "{e}");
+}
