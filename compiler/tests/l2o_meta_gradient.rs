@@ -522,6 +522,7 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
             serde_json::Value::Null,
             &Default::default(),
             &Default::default(),
+            &Default::default(),
             &bdir,
         )
         .unwrap();
@@ -659,6 +660,7 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
         .write_bundle(
             3,
             serde_json::Value::Null,
+            &Default::default(),
             &Default::default(),
             &Default::default(),
             &dir,
@@ -889,5 +891,78 @@ fn imitation_adjoint_matches_finite_differences() {
         let err = (fd - bp).abs() / fd.abs().max(bp.abs()).max(1e-3 * max_abs);
         println!("  {name}[{i}]: BPTT {bp:.9e} (without imitation {bp_plain:.3e}), FD {fd:.9e}, rel err {err:.1e}");
         assert!(err < 1e-5, "{name}[{i}]: BPTT {bp} vs FD {fd}");
+    }
+}
+
+/// The compiled meta-optimizer (`meta_update`) does what the host RMSProp
+/// does, NaN, infinite and zero meta-gradient entries included.
+#[test]
+fn compiled_meta_update_matches_host_rmsprop() {
+    use metac_compiler::l2o::config::MetaOptimizerConfig;
+    use metac_runtime::l2o::{d_name, ms_name, next_name};
+    let p = tiny_program(false);
+    let m = MetaOptimizerConfig {
+        lr: 0.1,
+        decay: 0.9,
+        eps: 1e-8,
+        clip: 10.0,
+        accumulator_init: 0.5,
+    };
+    let g = p.meta_update_graph(&m);
+    let mut rng = SeededRng::new(9, 0);
+    let phi: Vec<(String, Tensor)> = p.init_phi(1);
+    let mut feeds: HashMap<String, Value> = HashMap::new();
+    let mut host_phi = vec![];
+    let mut host_d = vec![];
+    for (k, (n, t)) in phi.iter().enumerate() {
+        let len = t.shape.iter().product::<usize>();
+        let d: Vec<f32> = (0..len)
+            .map(|i| match (k + i) % 7 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => 0.0,
+                3 => -1e3,
+                _ => rng.normal() as f32,
+            })
+            .collect();
+        let dt = Tensor::f32(&t.shape, d);
+        feeds.insert(n.clone(), Value::from_tensor(t));
+        feeds.insert(
+            ms_name(n),
+            Value::from_tensor(&Tensor::f32(&t.shape, vec![0.5; len])),
+        );
+        feeds.insert(d_name(n), Value::from_tensor(&dt));
+        host_phi.push((
+            n.clone(),
+            to_host(&[(n.clone(), Value::from_tensor(t))]).remove(0).1,
+        ));
+        host_d.push((
+            n.clone(),
+            to_host(&[(n.clone(), Value::from_tensor(&dt))]).remove(0).1,
+        ));
+    }
+    let out: HashMap<String, Value> = eval_graph(&g, &feeds).unwrap().into_iter().collect();
+    let mut host = RmsProp::new(
+        RmsPropConfig {
+            lr: m.lr,
+            decay: m.decay,
+            eps: m.eps,
+            clip: m.clip,
+            accumulator_init: m.accumulator_init,
+        },
+        &host_phi,
+    );
+    host.update(&mut host_phi, &host_d).unwrap();
+    for (k, (n, t)) in host_phi.iter().enumerate() {
+        let want: Vec<f64> = t.as_f32().unwrap().iter().map(|&x| f64::from(x)).collect();
+        let got = flat(&out[&next_name(n)]);
+        let ms_want: Vec<f64> = host.ms[k].iter().map(|&x| f64::from(x)).collect();
+        let ms_got = flat(&out[&next_name(&ms_name(n))]);
+        for (a, b) in got.iter().zip(&want).chain(ms_got.iter().zip(&ms_want)) {
+            assert!(
+                a.is_finite() && (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{n}: graph {a} vs host {b}"
+            );
+        }
     }
 }

@@ -191,7 +191,6 @@ pub fn run(a: RunArgs) -> Result<()> {
         &bundle,
         backend.as_ref(),
         settings.clone(),
-        cfg.meta_optimizer.rmsprop(),
         &a.out,
         a.resume,
     )?;

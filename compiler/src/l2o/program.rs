@@ -33,6 +33,9 @@
 //!   compiled once; the runtime feeds the reset's outputs as `S_0`, and after
 //!   the backward pass feeds `d S_0` (hidden entries only) into `reset_vjp`.
 //! * `reset_vjp`: `phi`, `ct.next.<hidden state>` -> `d.hrnn.init.l{0,1,2}`.
+//! * `meta_update`: the meta-optimizer, RMSProp on `phi` with the meta-
+//!   gradient made finite (NaN -> 0) and clipped elementwise:
+//!   `phi, ms.<phi>, d.<phi> -> next.<phi>, next.ms.<phi>`.
 //! * `objective`: `theta`, objective set -> `objective` (and `accuracy` for
 //!   classifiers): the initial objective and validation.
 //!
@@ -48,10 +51,11 @@ use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
-    ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
+    ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
+    MINIBATCH_LOSS, OBJECTIVE,
 };
 
-use super::config::{ImitationConfig, L2oConfig};
+use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
 use crate::metatest::{build_train_step, MetaOptimizer};
 use crate::models::baselines::{Adam, Baseline, StepOptimizer};
@@ -606,6 +610,40 @@ impl L2oProgram {
         })
     }
 
+    /// The `meta_update` graph: RMSProp on the meta-parameters, with the
+    /// meta-gradient's NaNs set to 0 and its entries clipped to
+    /// `[-clip, clip]`; an entry with a zero (sanitised) gradient is left
+    /// unchanged (so `eps = 0` never divides 0 by 0).
+    pub fn meta_update_graph(&self, m: &MetaOptimizerConfig) -> Graph {
+        let mut g = Graph::new();
+        for spec in self.hrnn.weights().specs {
+            let p = g.input(&spec.name, DType::F32, &spec.shape);
+            let ms = g.input(&ms_name(&spec.name), DType::F32, &spec.shape);
+            let d = g.input(&d_name(&spec.name), DType::F32, &spec.shape);
+            let zero = g.scalar(0.0);
+            let finite = g.equal(d, d);
+            let d = g.where_(finite, d, zero);
+            let lo = g.scalar(-m.clip as f32);
+            let hi = g.scalar(m.clip as f32);
+            let d = g.max(d, lo);
+            let d = g.min(d, hi);
+            let old = g.mul_scalar(ms, m.decay as f32);
+            let sq = g.square(d);
+            let new = g.mul_scalar(sq, (1.0 - m.decay) as f32);
+            let ms2 = g.add(old, new);
+            let den = g.add_scalar(ms2, m.eps as f32);
+            let den = g.sqrt(den);
+            let step = g.div(d, den);
+            let step = g.mul_scalar(step, m.lr as f32);
+            let is_zero = g.equal(d, zero);
+            let step = g.where_(is_zero, zero, step);
+            let p2 = g.sub(p, step);
+            g.output(&next_name(&spec.name), p2);
+            g.output(&next_name(&ms_name(&spec.name)), ms2);
+        }
+        optimize(&g)
+    }
+
     /// The `imitation_step` graph (compiled Adam on the minibatch problem)
     /// and the runtime's view of it.
     fn imitation_graph(&self, c: &ImitationConfig) -> (Graph, ImitationSpec) {
@@ -642,9 +680,11 @@ impl L2oProgram {
         config_meta: serde_json::Value,
         regularizer: &super::config::RegularizerConfig,
         imitation: &ImitationConfig,
+        meta_optimizer: &MetaOptimizerConfig,
         dir: &Path,
     ) -> Result<Manifest> {
         let l = self.layout();
+        let meta_update = self.meta_update_graph(meta_optimizer);
         let imitation = (imitation.mt_ratio > 0.0).then(|| self.imitation_graph(imitation));
         let graphs = [
             ("step", self.step_graph()),
@@ -657,6 +697,7 @@ impl L2oProgram {
         for (name, g) in &graphs {
             b.graph(name, g)?;
         }
+        b.graph(META_UPDATE, &meta_update)?;
         if let Some((g, _)) = &imitation {
             b.graph(IMITATION_STEP, g)?;
         }
@@ -667,13 +708,16 @@ impl L2oProgram {
         let has_input = |graph: &str, name: &str| {
             graphs
                 .iter()
+                .chain(std::iter::once(&(META_UPDATE, meta_update.clone())))
                 .any(|(n, g)| *n == graph && g.find_input(name).is_some())
         };
         let buffer = |b: &mut BundleBuilder, name: &str, t: Tensor, updated: Option<Port>| {
             let reads = graphs
                 .iter()
-                .filter(|(gn, _)| has_input(gn, name))
-                .map(|(gn, _)| port(gn, name))
+                .map(|(gn, _)| *gn)
+                .chain(std::iter::once(META_UPDATE))
+                .filter(|gn| has_input(gn, name))
+                .map(|gn| port(gn, name))
                 .collect();
             b.state(StateBuffer {
                 name: name.into(),
@@ -685,9 +729,15 @@ impl L2oProgram {
             });
             b.init_tensor(name, t);
         };
-        // phi is updated by the meta-optimizer on the host (no graph yet).
+        // phi and its accumulators are updated by the compiled meta-optimizer.
         for (n, t) in self.init_phi(seed) {
-            buffer(&mut b, &n, t, None);
+            let ms = Tensor::f32(
+                &t.shape,
+                vec![meta_optimizer.accumulator_init as f32; t.shape.iter().product()],
+            );
+            buffer(&mut b, &n, t, Some(port(META_UPDATE, &next_name(&n))));
+            let m = ms_name(&n);
+            buffer(&mut b, &m, ms, Some(port(META_UPDATE, &next_name(&m))));
         }
         for (n, t) in self
             .init_theta(seed)
@@ -719,6 +769,7 @@ pub fn compile_l2o(config: &L2oConfig, out_dir: &Path) -> Result<Manifest> {
         config.compile_meta(),
         &config.regularizer,
         &config.imitation,
+        &config.meta_optimizer,
         out_dir,
     )
 }

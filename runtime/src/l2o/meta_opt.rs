@@ -1,5 +1,8 @@
-//! The meta-optimizer: RMSProp on the learned optimizer's weights, on the
-//! host, as in `metaopt.py` (TF1 `RMSPropOptimizer`, no momentum).
+//! The meta-optimizer: RMSProp on the learned optimizer's weights, as in
+//! `metaopt.py` (TF1 `RMSPropOptimizer`, no momentum). Meta-training runs
+//! the bundle's compiled form ([`CompiledMetaUpdate`], the `meta_update`
+//! graph); [`RmsProp`] is the same update on the host, the reference the
+//! compiled graph is tested against and the one the f64 tests use.
 //!
 //! Per element, with `g` the meta-gradient made finite (NaN -> 0, +-inf ->
 //! +-clip) and clipped to `[-clip, clip]`:
@@ -91,6 +94,93 @@ impl RmsProp {
             });
         }
         Ok(())
+    }
+}
+
+/// An update of the meta-parameters from their meta-gradient, holding its
+/// per-parameter accumulators (checkpointed with the meta-parameters).
+pub trait MetaUpdate {
+    /// Update `params` in place from `grads` (same names and order).
+    fn update(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &[(String, HostTensor)],
+    ) -> Result<()>;
+    /// The accumulators, one per parameter.
+    fn accumulators(&mut self) -> &mut Vec<ArrayD<f32>>;
+}
+
+impl MetaUpdate for RmsProp {
+    fn update(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &[(String, HostTensor)],
+    ) -> Result<()> {
+        RmsProp::update(self, params, grads)
+    }
+    fn accumulators(&mut self) -> &mut Vec<ArrayD<f32>> {
+        &mut self.ms
+    }
+}
+
+/// The bundle's compiled meta-optimizer (`meta_update`: RMSProp with the
+/// same sanitising and clipping as [`RmsProp`]): inputs `<phi>`, `ms.<phi>`,
+/// `d.<phi>`; outputs `next.<phi>`, `next.ms.<phi>`.
+pub struct CompiledMetaUpdate {
+    session: Box<dyn crate::backend::Session>,
+    pub ms: Vec<ArrayD<f32>>,
+}
+
+impl CompiledMetaUpdate {
+    /// `ms`: the initial accumulators, in the parameters' order.
+    pub fn new(session: Box<dyn crate::backend::Session>, ms: Vec<ArrayD<f32>>) -> Self {
+        CompiledMetaUpdate { session, ms }
+    }
+}
+
+impl MetaUpdate for CompiledMetaUpdate {
+    fn update(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &[(String, HostTensor)],
+    ) -> Result<()> {
+        ensure!(
+            params.len() == grads.len() && params.len() == self.ms.len(),
+            "meta_update: {} parameters, {} gradients, {} accumulators",
+            params.len(),
+            grads.len(),
+            self.ms.len()
+        );
+        let ms: Vec<(String, HostTensor)> = params
+            .iter()
+            .zip(&self.ms)
+            .map(|((n, _), m)| (super::ms_name(n), HostTensor::F32(m.clone())))
+            .collect();
+        let d: Vec<(String, HostTensor)> = grads
+            .iter()
+            .map(|(n, g)| (super::d_name(n), g.clone()))
+            .collect();
+        let ins: Vec<(&str, &HostTensor)> = params
+            .iter()
+            .chain(&ms)
+            .chain(&d)
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        let out: std::collections::HashMap<String, HostTensor> =
+            self.session.run(&ins)?.into_iter().collect();
+        let get = |n: &str| {
+            out.get(n)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("graph 'meta_update' has no output '{n}'"))
+        };
+        for ((n, p), m) in params.iter_mut().zip(self.ms.iter_mut()) {
+            *p = get(&super::next_name(n))?;
+            *m = get(&super::next_name(&super::ms_name(n)))?.into_f32()?;
+        }
+        Ok(())
+    }
+    fn accumulators(&mut self) -> &mut Vec<ArrayD<f32>> {
+        &mut self.ms
     }
 }
 

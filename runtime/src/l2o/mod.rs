@@ -25,7 +25,7 @@ pub use bptt::{
     Unroll,
 };
 pub use data::MnistUnrollData;
-pub use meta_opt::{RmsProp, RmsPropConfig};
+pub use meta_opt::{CompiledMetaUpdate, MetaUpdate, RmsProp, RmsPropConfig};
 pub use train::{meta_iteration, MetaIterationReport, UnrollData, UnrollSchedule};
 
 /// Prefix of a step output that replaces an input (`next.theta.w0`).
@@ -54,6 +54,12 @@ pub fn ct_name(name: &str) -> String {
 pub fn d_name(name: &str) -> String {
     format!("{D}{name}")
 }
+/// `ms.<phi name>`: the meta-optimizer's accumulator of a meta-parameter.
+pub fn ms_name(phi: &str) -> String {
+    format!("ms.{phi}")
+}
+/// Name of the bundle graph of the compiled meta-optimizer.
+pub const META_UPDATE: &str = "meta_update";
 /// `objective_grad.<theta name>`.
 pub fn objective_grad_name(theta: &str) -> String {
     format!("{OBJECTIVE_GRAD}{theta}")

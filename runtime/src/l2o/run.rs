@@ -21,7 +21,7 @@ use super::bptt::{Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
 use super::data::{named_rows, xy_names, SplitMix64};
 use super::imitation::{AdamTeacher, ImitationSpec};
-use super::meta_opt::RmsProp;
+use super::meta_opt::{CompiledMetaUpdate, MetaUpdate};
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::train::{meta_iteration, Regularization, UnrollData, UnrollSchedule};
 use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
@@ -196,7 +196,7 @@ pub struct MetaTrainer<'a> {
     runner: SessionRunner,
     objective: Box<dyn Session>,
     phi: Named<HostTensor>,
-    opt: RmsProp,
+    opt: CompiledMetaUpdate,
     completed: usize,
     best_validation: Option<f64>,
     best_iteration: Option<usize>,
@@ -211,7 +211,6 @@ impl<'a> MetaTrainer<'a> {
         bundle: &'a Bundle,
         backend: &dyn Backend,
         settings: RunSettings,
-        meta_opt: super::RmsPropConfig,
         out: &Path,
         resume: bool,
     ) -> Result<Self> {
@@ -246,7 +245,20 @@ impl<'a> MetaTrainer<'a> {
             })?;
             phi.push((n.clone(), host_tensor(t)));
         }
-        let opt = RmsProp::new(meta_opt, &phi);
+        // The compiled meta-optimizer and its initial accumulators.
+        let mut ms = vec![];
+        for n in &layout.phi {
+            let m = super::ms_name(n);
+            let t = bundle
+                .init
+                .get(&m)
+                .with_context(|| format!("{}: no initial value for '{m}'", bundle.dir.display()))?;
+            ms.push(host_tensor(t).into_f32()?);
+        }
+        let opt = CompiledMetaUpdate::new(
+            backend.load(&bundle.graph_bytes(super::META_UPDATE)?, super::META_UPDATE)?,
+            ms,
+        );
         let mut t = MetaTrainer {
             bundle,
             layout,
@@ -374,7 +386,7 @@ impl<'a> MetaTrainer<'a> {
             let m = tensors
                 .get(&format!("ms/{name}"))
                 .with_context(|| format!("{}: no 'ms/{name}'", path.display()))?;
-            self.opt.ms[i] = host_tensor(m).into_f32()?;
+            self.opt.accumulators()[i] = host_tensor(m).into_f32()?;
         }
         Ok(())
     }

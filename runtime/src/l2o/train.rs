@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 
 use super::bptt::{truncated_bptt, Named, StepRunner, Unroll};
 use super::imitation::AdamTeacher;
-use super::meta_opt::RmsProp;
+use super::meta_opt::MetaUpdate;
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::L2oLayout;
 use crate::tensor::HostTensor;
@@ -68,7 +68,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     runner: &mut R,
     layout: &L2oLayout,
     phi: &mut Named<HostTensor>,
-    opt: &mut RmsProp,
+    opt: &mut dyn MetaUpdate,
     theta0: Named<HostTensor>,
     state0: Named<HostTensor>,
     initial_objective: f64,
