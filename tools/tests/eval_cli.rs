@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use common::{err_line, metac, ok, root};
+use common::{compile_l2o, err_line, metac, ok, root};
 use metac_compiler::models::problems::problem_by_name;
 use metac_runtime::bundle::read_safetensors;
 
@@ -25,14 +25,7 @@ fn bundle_and_run() -> &'static (String, String) {
         let bundle = d.join("bundle");
         let run = d.join("run");
         let cfg = root().join("configs/tiny.toml");
-        ok(&metac(&[
-            "compile",
-            "l2o",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            bundle.to_str().unwrap(),
-        ]));
+        compile_l2o(&cfg, &bundle);
         ok(&metac(&[
             "run",
             bundle.to_str().unwrap(),

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{err_line, metac, ok, root};
+use common::{compile_l2o, err_line, metac, ok, root};
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("l2o-cli", name)
@@ -31,14 +31,7 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
     let d = scratch("resume");
     let bundle = d.join("bundle");
     let cfg = root().join("configs/tiny.toml");
-    ok(&metac(&[
-        "compile",
-        "l2o",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        bundle.to_str().unwrap(),
-    ]));
+    compile_l2o(&cfg, &bundle);
     let b = bundle.to_str().unwrap();
     // Every graph of the bundle passes the reference ONNX checker.
     let graphs: Vec<PathBuf> = ["step", "step_vjp", "reset", "reset_vjp", "objective"]
@@ -121,14 +114,7 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
         .replace("seed = 0", "seed = 1");
     let other_cfg = d.join("other.toml");
     std::fs::write(&other_cfg, text).unwrap();
-    ok(&metac(&[
-        "compile",
-        "l2o",
-        "--config",
-        other_cfg.to_str().unwrap(),
-        "--out",
-        other.to_str().unwrap(),
-    ]));
+    compile_l2o(&other_cfg, &other);
     let mut args = vec![
         "run",
         other.to_str().unwrap(),
@@ -201,14 +187,7 @@ fn a_curriculum_advances_and_resumes_where_it_was() {
     let d = scratch("curriculum");
     let bundle = d.join("bundle");
     let cfg = root().join("configs/tiny.toml");
-    ok(&metac(&[
-        "compile",
-        "l2o",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        bundle.to_str().unwrap(),
-    ]));
+    compile_l2o(&cfg, &bundle);
     let b = bundle.to_str().unwrap();
     let common = [
         "--backend",
@@ -297,14 +276,7 @@ fn regulariser_and_imitation_run_end_to_end() {
     )
     .unwrap();
     let bundle = d.join("bundle");
-    ok(&metac(&[
-        "compile",
-        "l2o",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        bundle.to_str().unwrap(),
-    ]));
+    compile_l2o(&cfg, &bundle);
     assert!(bundle.join("imitation_step.onnx").is_file());
     let run = d.join("run");
     ok(&metac(&[

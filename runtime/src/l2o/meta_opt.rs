@@ -60,13 +60,7 @@ impl RmsProp {
         params: &mut [(String, HostTensor)],
         grads: &[(String, HostTensor)],
     ) -> Result<()> {
-        ensure!(
-            params.len() == grads.len() && params.len() == self.ms.len(),
-            "RMSProp: {} parameters, {} gradients, {} accumulators",
-            params.len(),
-            grads.len(),
-            self.ms.len()
-        );
+        check_counts("RMSProp", params, grads, &self.ms)?;
         let c = self.config;
         let (lr, decay, eps, clip) = (c.lr as f32, c.decay as f32, c.eps as f32, c.clip as f32);
         for (((pn, p), (gn, g)), ms) in params.iter_mut().zip(grads).zip(&mut self.ms) {
@@ -95,6 +89,23 @@ impl RmsProp {
         }
         Ok(())
     }
+}
+
+/// One gradient and one accumulator per parameter.
+fn check_counts(
+    what: &str,
+    params: &[(String, HostTensor)],
+    grads: &[(String, HostTensor)],
+    ms: &[ArrayD<f32>],
+) -> Result<()> {
+    ensure!(
+        params.len() == grads.len() && params.len() == ms.len(),
+        "{what}: {} parameters, {} gradients, {} accumulators",
+        params.len(),
+        grads.len(),
+        ms.len()
+    );
+    Ok(())
 }
 
 /// An update of the meta-parameters from their meta-gradient, holding its
@@ -144,13 +155,7 @@ impl MetaUpdate for CompiledMetaUpdate {
         params: &mut [(String, HostTensor)],
         grads: &[(String, HostTensor)],
     ) -> Result<()> {
-        ensure!(
-            params.len() == grads.len() && params.len() == self.ms.len(),
-            "meta_update: {} parameters, {} gradients, {} accumulators",
-            params.len(),
-            grads.len(),
-            self.ms.len()
-        );
+        check_counts("meta_update", params, grads, &self.ms)?;
         let ms: Vec<(String, HostTensor)> = params
             .iter()
             .zip(&self.ms)

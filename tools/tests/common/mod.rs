@@ -30,6 +30,18 @@ pub fn scratch(suite: &str, name: &str) -> PathBuf {
     d
 }
 
+/// `metac compile l2o --config CONFIG --out OUT`, which must succeed.
+pub fn compile_l2o(config: &Path, out: &Path) {
+    ok(&metac(&[
+        "compile",
+        "l2o",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+}
+
 /// The command succeeded (its output is shown if not).
 pub fn ok(o: &Output) {
     assert!(
