@@ -205,6 +205,20 @@ fn load_split(a: &Args, split: Split3) -> Result<Split> {
     })
 }
 
+/// The split and the number of its examples to use (`--examples`, default
+/// all up to 10,000).
+fn load_examples(a: &Args, choice: Split3) -> Result<(Split, usize)> {
+    let data = load_split(a, choice)?;
+    let n = a.examples.unwrap_or(data.len().min(DEFAULT_MAX_EXAMPLES));
+    ensure!(
+        n <= data.len(),
+        "--examples {n} is more than the {} examples of the MNIST {} split",
+        data.len(),
+        choice.name()
+    );
+    Ok((data, n))
+}
+
 fn reject_data_flags(a: &Args, what: &str) -> Result<()> {
     let given: Vec<&str> = [
         (a.split.is_some(), "--split"),
@@ -257,14 +271,7 @@ fn setup_problem(
         }
         Some(DataKind::Mnist) => {
             let choice = split.unwrap_or(Split3::Test);
-            let data = load_split(a, choice)?;
-            let n = a.examples.unwrap_or(data.len().min(DEFAULT_MAX_EXAMPLES));
-            ensure!(
-                n <= data.len(),
-                "--examples {n} is more than the {} examples of the MNIST {} split",
-                data.len(),
-                choice.name()
-            );
+            let (data, n) = load_examples(a, choice)?;
             let b = a.batch_size.unwrap_or(DEFAULT_BATCH_SIZE).min(n);
             let (full, rem) = (n / b, n % b);
             let problem = problem_by_name(name, b).map_err(anyhow::Error::msg)?;
@@ -379,14 +386,7 @@ are one f32 image tensor [B,784] or [B,1,28,28] and one i64 label tensor [B], an
         a.batch_size.unwrap_or(0)
     );
     let choice = a.split.unwrap_or(Split3::Test);
-    let data = load_split(a, choice)?;
-    let n = a.examples.unwrap_or(data.len().min(DEFAULT_MAX_EXAMPLES));
-    ensure!(
-        n <= data.len(),
-        "--examples {n} is more than the {} examples of the MNIST {} split",
-        data.len(),
-        choice.name()
-    );
+    let (data, n) = load_examples(a, choice)?;
     let full = n / b;
     ensure!(
         full >= 1,
