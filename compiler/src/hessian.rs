@@ -151,12 +151,9 @@ mod tests {
             batch,
         };
         let k = 5;
-        let mut images = vec![0.0f32; k * 784];
-        for (i, x) in images.iter_mut().enumerate() {
-            *x = ((i * 37) % 101) as f32 / 101.0;
-        }
+        let pixels = (0..k * 784).map(|i| ((i * 37) % 251) as u8).collect();
         let split = Split {
-            images,
+            pixels,
             labels: vec![3, 1, 4, 1, 5],
         };
         let params: Vec<_> = mlp(1).init_params(1).iter().map(host_tensor).collect();

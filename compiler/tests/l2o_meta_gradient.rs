@@ -256,6 +256,7 @@ fn check(c: &Case, reset: bool) -> (f64, Vec<(String, Value)>) {
             probes: &c.probes,
             reg_weight: c.reg_weight,
             imitation: None,
+            checkpoint_every: 0,
         },
     )
     .unwrap();
@@ -472,6 +473,7 @@ fn divergence_stops_the_unroll() {
             probes: &[],
             reg_weight: 0.0,
             imitation: None,
+            checkpoint_every: 0,
         },
     )
     .unwrap();
@@ -506,7 +508,14 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
     let names: Vec<&str> = m.graphs.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(
         names,
-        ["step", "step_vjp", "reset", "reset_vjp", "objective"]
+        [
+            "step",
+            "step_vjp",
+            "reset",
+            "reset_vjp",
+            "objective",
+            "meta_update"
+        ]
     );
     Bundle::load(&dir.join("tiny")).unwrap();
     let seed = L2oConfig::load(&config_path("seed.toml")).unwrap();
@@ -564,6 +573,7 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
                 probes: &[],
                 reg_weight: 0.0,
                 imitation: None,
+                checkpoint_every: 0,
             },
         )
         .unwrap();
@@ -610,11 +620,18 @@ fn compile_is_deterministic_and_ignores_the_run_table() {
     assert_eq!(a, b);
     let read = |d: &str| std::fs::read(dir.join(d).join("manifest.json")).unwrap();
     assert_eq!(read("a"), read("b"));
-    // Every theta and state buffer is fed back by the step; phi by the host.
+    // Every theta and state buffer is fed back by the step; phi and its
+    // accumulators by the meta-optimizer graph.
     let layout = metac_runtime::l2o::L2oLayout::from_meta(&a.meta).unwrap();
     for s in &a.state {
-        let is_phi = layout.phi.contains(&s.name);
-        assert_eq!(s.updated_by.is_none(), is_phi, "{}", s.name);
+        let by_meta_update = layout.phi.contains(&s.name) || s.name.starts_with("ms.");
+        let by = s.updated_by.as_ref().map(|p| p.graph.as_str());
+        let want = if by_meta_update {
+            "meta_update"
+        } else {
+            "step"
+        };
+        assert_eq!(by, Some(want), "{}", s.name);
         assert!(!s.reads.is_empty(), "{}", s.name);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -693,6 +710,7 @@ fn meta_training_on_tract_lowers_the_meta_loss() {
     let schedule = UnrollSchedule {
         unroll_length: 3,
         num_unrolls: 2,
+        checkpoint_every: 0,
     };
     let mut first = vec![];
     for _ in 0..6 {
@@ -794,6 +812,7 @@ fn tiny_config_meta_iteration_on_mnist() {
         UnrollSchedule {
             unroll_length: cfg.run.unroll_length,
             num_unrolls: cfg.run.num_unrolls,
+            checkpoint_every: 0,
         },
         &mut data,
         None,
@@ -855,6 +874,7 @@ fn imitation_adjoint_matches_finite_differences() {
                 probes: &[],
                 reg_weight: 0.0,
                 imitation: imitate.then_some((labels.as_slice(), weight)),
+                checkpoint_every: 0,
             },
         )
         .unwrap()
@@ -963,6 +983,55 @@ fn compiled_meta_update_matches_host_rmsprop() {
                 a.is_finite() && (a - b).abs() <= 1e-6 * b.abs().max(1.0),
                 "{n}: graph {a} vs host {b}"
             );
+        }
+    }
+}
+
+/// Recompute checkpointing changes what BPTT keeps, not what it computes:
+/// keeping every 2nd or 3rd state of a 5-step unroll (a regulariser and
+/// imitation included) gives the same meta-loss and meta-gradient as keeping
+/// all.
+#[test]
+fn checkpointed_bptt_equals_bptt_keeping_every_state() {
+    let mut prog = tiny_program(false);
+    prog.regularizer = RegularizerSpec {
+        option: RegOption::Hessian,
+        num_probes: 2,
+        power_iterations: 1,
+        lanczos_steps: 1,
+    };
+    let c = case(prog);
+    let labels: Vec<Vec<(String, Value)>> = (0..STEPS).map(|_| c.theta.clone()).collect();
+    let layout = c.prog.layout();
+    let run = |every: usize| {
+        truncated_bptt(
+            &mut runner(&c.prog),
+            &layout,
+            &Unroll {
+                phi: &c.phi,
+                theta: &c.theta,
+                state: &c.state,
+                reset: true,
+                minibatches: &c.minibatches,
+                objective_batch: &c.obj,
+                initial_objective: c.initial,
+                probes: &c.probes,
+                reg_weight: c.reg_weight,
+                imitation: Some((labels.as_slice(), 0.5)),
+                checkpoint_every: every,
+            },
+        )
+        .unwrap()
+    };
+    let all = run(1);
+    for every in [2, 3, 7] {
+        let r = run(every);
+        assert_eq!(r.meta_loss, all.meta_loss, "every {every}");
+        for ((n, a), (_, b)) in r.d_phi.iter().zip(&all.d_phi) {
+            assert_eq!(flat(a), flat(b), "{n}, every {every}");
+        }
+        for ((n, a), (_, b)) in r.theta.iter().zip(&all.theta) {
+            assert_eq!(flat(a), flat(b), "{n}, every {every}");
         }
     }
 }

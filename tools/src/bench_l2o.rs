@@ -43,6 +43,10 @@ pub struct L2oArgs {
     /// hessian-ev, hessian-esd, jacob), counted in every unroll.
     #[arg(long)]
     pub reg_option: Option<String>,
+    /// BPTT keeps the state of every N-th step and recomputes the rest
+    /// (0: keeps all): memory against time.
+    #[arg(long, default_value_t = 0)]
+    pub bptt_checkpoint_every: usize,
 }
 
 fn conv(v: Vec<(String, metac_graphs::Tensor)>) -> Named<HostTensor> {
@@ -158,6 +162,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
             probes: &probes,
             reg_weight: reg.as_ref().map_or(0.0, |r| r.alpha),
             imitation: None,
+            checkpoint_every: a.bptt_checkpoint_every,
         };
         let mut fwd = vec![];
         let mut ins: Vec<(&str, &HostTensor)> = phi

@@ -169,7 +169,7 @@ fn mlp(a: MlpArgs) -> Result<()> {
     let n = a.examples.min(data.train.len());
     let x = HostTensor::F32(ArrayD::from_shape_vec(
         IxDyn(&[n, 784]),
-        data.train.images[..n * 784].to_vec(),
+        data.train.images_f32(n),
     )?);
     let y = HostTensor::I64(ArrayD::from_shape_vec(
         IxDyn(&[n]),

@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// Curriculum: validations at a stage before it may switch (default 3).
     #[arg(long)]
     pub min_num_eval: Option<usize>,
+    /// BPTT keeps the state of every N-th step and recomputes the rest in the
+    /// backward pass (0: keeps all); less memory for long unrolls, one more
+    /// forward step per step.
+    #[arg(long)]
+    pub bptt_checkpoint_every: Option<usize>,
     /// MNIST directory (IDX files, gzip or raw); default: the shipped data/mnist.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -165,6 +170,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(v) = a.min_num_eval {
         rc.min_num_eval = v;
     }
+    if let Some(v) = a.bptt_checkpoint_every {
+        rc.bptt_checkpoint_every = v;
+    }
     ensure!(rc.unroll_length > 0, "--unroll-length must be at least 1");
     ensure!(rc.num_unrolls > 0, "--num-unrolls must be at least 1");
     rc.validate()?;
@@ -186,6 +194,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         batch_size: cfg.batch_size,
         objective_examples: cfg.objective_examples,
         curriculum: rc.curriculum(),
+        checkpoint_every: rc.bptt_checkpoint_every,
     };
     let mut trainer = MetaTrainer::open(
         &bundle,

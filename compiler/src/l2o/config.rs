@@ -314,6 +314,12 @@ pub struct RunConfig {
     /// Curriculum: validations at a stage before it may switch.
     #[serde(default = "default_min_num_eval")]
     pub min_num_eval: usize,
+    /// BPTT keeps the state of every this-many-th inner step and recomputes
+    /// the others in the backward pass (0: keeps all): for long unrolls,
+    /// memory of `steps / n + n` states at the cost of one more forward step
+    /// per step.
+    #[serde(default)]
+    pub bptt_checkpoint_every: usize,
 }
 
 fn default_min_num_eval() -> usize {
@@ -380,6 +386,7 @@ impl Default for RunConfig {
             evaluation_period: 1,
             curriculum: None,
             min_num_eval: default_min_num_eval(),
+            bptt_checkpoint_every: 0,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! MNIST from IDX files (gzip-compressed or raw), verified on load.
 //!
 //! The standard split: the first 55,000 training images for training, the
-//! last 5,000 for validation, and the 10,000 test images. Pixels are scaled
-//! to [0, 1].
+//! last 5,000 for validation, and the 10,000 test images. Pixels are kept
+//! as bytes (a quarter of the memory of floats: 55 MB instead of 220 MB for
+//! the whole set) and scaled to [0, 1] when rows are gathered.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,10 +15,10 @@ pub const LABEL_MAGIC: u32 = 2049;
 pub const PIXELS: usize = 28 * 28;
 pub const TRAIN_SIZE: usize = 55_000;
 
-/// Images (row-major `[n, 784]`, in [0, 1]) and labels (0..=9).
+/// Images (row-major `[n, 784]` bytes, 0..=255) and labels (0..=9).
 #[derive(Clone, Debug)]
 pub struct Split {
-    pub images: Vec<f32>,
+    pub pixels: Vec<u8>,
     pub labels: Vec<i64>,
 }
 
@@ -28,12 +29,25 @@ impl Split {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-    pub fn image(&self, i: usize) -> &[f32] {
-        &self.images[i * PIXELS..(i + 1) * PIXELS]
+    /// Append image `i`, scaled to [0, 1], to `out`.
+    pub fn push_image(&self, i: usize, out: &mut Vec<f32>) {
+        out.extend(
+            self.pixels[i * PIXELS..(i + 1) * PIXELS]
+                .iter()
+                .map(|&p| f32::from(p) / 255.0),
+        );
+    }
+    /// The first `n` images, scaled to [0, 1], row-major `[n, 784]`.
+    pub fn images_f32(&self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n * PIXELS);
+        for i in 0..n {
+            self.push_image(i, &mut out);
+        }
+        out
     }
     fn range(&self, a: usize, b: usize) -> Split {
         Split {
-            images: self.images[a * PIXELS..b * PIXELS].to_vec(),
+            pixels: self.pixels[a * PIXELS..b * PIXELS].to_vec(),
             labels: self.labels[a..b].to_vec(),
         }
     }
@@ -89,8 +103,8 @@ fn be_u32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
 }
 
-/// Parse an IDX3 image file into `[n, 784]` floats in [0, 1].
-pub fn parse_images(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
+/// Parse an IDX3 image file into `[n, 784]` pixel bytes.
+pub fn parse_images(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
     ensure!(
         bytes.len() >= 16,
         "{what}: too short for an IDX image header ({} bytes)",
@@ -116,7 +130,7 @@ pub fn parse_images(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
         "{what}: header says {n} images ({want} bytes) but the file has {} bytes",
         bytes.len()
     );
-    Ok(bytes[16..].iter().map(|&p| p as f32 / 255.0).collect())
+    Ok(bytes[16..].to_vec())
 }
 
 /// Parse an IDX1 label file.
@@ -160,7 +174,7 @@ fn load_pair(dir: &Path, images: &str, labels: &str) -> Result<Split> {
         lb.len()
     );
     Ok(Split {
-        images: im,
+        pixels: im,
         labels: lb,
     })
 }
@@ -200,7 +214,13 @@ mod tests {
     fn parses_and_scales_images() {
         let v = parse_images(&idx_images(2, 28), "x").unwrap();
         assert_eq!(v.len(), 2 * PIXELS);
-        assert!(v.iter().all(|&p| p == 1.0));
+        let s = Split {
+            pixels: v,
+            labels: vec![0, 1],
+        };
+        let x = s.images_f32(2);
+        assert_eq!(x.len(), 2 * PIXELS);
+        assert!(x.iter().all(|&p| p == 1.0));
     }
 
     #[test]

@@ -239,6 +239,11 @@ pub struct Unroll<'a, T> {
     /// Imitation labels (Adam's update per step, by theta name) and the
     /// weight of the MSE term, on imitating meta-iterations.
     pub imitation: Option<(&'a [Named<T>], f64)>,
+    /// Keep `(theta_t, S_t)` only for every this-many-th step and recompute
+    /// the others in the backward pass (one more forward step per step, for
+    /// memory that grows with `steps / every + every` states instead of
+    /// `steps`); 0 or 1 keeps every step.
+    pub checkpoint_every: usize,
 }
 
 /// What an unroll produced.
@@ -295,6 +300,40 @@ fn pick<T: Clone>(from: &[(String, T)], names: &[String], what: &str) -> Result<
         .collect()
 }
 
+/// `(theta_t, S_t)`.
+type ThetaState<T> = (Named<T>, Named<T>);
+
+/// One `step` run: its inputs from the pieces, its outputs by name.
+#[allow(clippy::too_many_arguments)]
+fn run_step<R: StepRunner>(
+    runner: &mut R,
+    phi: &Named<R::Tensor>,
+    theta: &Named<R::Tensor>,
+    state: &Named<R::Tensor>,
+    minibatch: &Named<R::Tensor>,
+    objective_batch: &Named<R::Tensor>,
+    probes: &Named<R::Tensor>,
+) -> Result<HashMap<String, R::Tensor>> {
+    let ins: Vec<(&str, &R::Tensor)> = phi
+        .iter()
+        .chain(theta)
+        .chain(state)
+        .chain(minibatch)
+        .chain(objective_batch)
+        .chain(probes)
+        .map(|(n, x)| (n.as_str(), x))
+        .collect();
+    Ok(runner.step(&ins)?.into_iter().collect())
+}
+
+/// `names` looked up as `next.<name>` in a step's outputs.
+fn next_of<T: Clone>(out: &HashMap<String, T>, names: &[String]) -> Result<Named<T>> {
+    names
+        .iter()
+        .map(|n| Ok((n.clone(), lookup(out, "step", &next_name(n))?.clone())))
+        .collect()
+}
+
 /// One unroll of truncated BPTT; see the module docs.
 pub fn truncated_bptt<R: StepRunner>(
     runner: &mut R,
@@ -316,36 +355,47 @@ pub fn truncated_bptt<R: StepRunner>(
             }
         }
     }
-
-    // ---- forward ------------------------------------------------------------
-    let mut thetas: Vec<Named<T<R>>> = vec![theta0];
-    let mut states: Vec<Named<T<R>>> = vec![state0];
-    let mut objective_grads: Vec<Vec<T<R>>> = vec![];
-    let mut objectives = vec![];
-    let mut minibatch_losses = vec![];
-    let mut regs = vec![];
-    let mut diverged = false;
     ensure!(
         u.probes.is_empty() || u.probes.len() == u.minibatches.len(),
         "{} probe sets for an unroll of {} steps",
         u.probes.len(),
         u.minibatches.len()
     );
+    if let Some((labels, _)) = u.imitation {
+        ensure!(
+            labels.len() >= u.minibatches.len(),
+            "{} imitation labels for {} steps",
+            labels.len(),
+            u.minibatches.len()
+        );
+    }
     let no_probes: Named<T<R>> = vec![];
     let probes = |t: usize| u.probes.get(t).unwrap_or(&no_probes);
+    // (theta_t, S_t) is kept for every `every`-th step; the backward pass
+    // recomputes the others segment by segment.
+    let every = u.checkpoint_every.max(1);
+
+    // ---- forward ------------------------------------------------------------
+    let mut checkpoints: Vec<ThetaState<T<R>>> = vec![];
+    let (mut theta, mut state) = (theta0, state0);
+    let mut objective_grads: Vec<Vec<T<R>>> = vec![];
+    let mut objectives = vec![];
+    let mut minibatch_losses = vec![];
+    let mut regs = vec![];
+    // Imitation: residuals r_t = Delta_t - label_t and 0.5 |r_t|^2.
+    let mut residuals: Vec<Vec<T<R>>> = vec![];
+    let mut squares = vec![];
+    let mut diverged = false;
     for (t, mb) in u.minibatches.iter().enumerate() {
-        let mut ins: Vec<(&str, &T<R>)> = vec![];
-        for (n, x) in phi
-            .iter()
-            .chain(&thetas[t])
-            .chain(&states[t])
-            .chain(mb)
-            .chain(&objective_batch)
-            .chain(probes(t))
-        {
-            ins.push((n.as_str(), x));
-        }
-        let out: HashMap<String, T<R>> = runner.step(&ins)?.into_iter().collect();
+        let out = run_step(
+            runner,
+            &phi,
+            &theta,
+            &state,
+            mb,
+            &objective_batch,
+            probes(t),
+        )?;
         let obj = lookup(&out, "step", OBJECTIVE)?.scalar_value()?;
         let reg = out.get(REG).map(|r| r.scalar_value()).transpose()?;
         if !obj.is_finite() || reg.is_some_and(|r| !r.is_finite()) {
@@ -355,14 +405,6 @@ pub fn truncated_bptt<R: StepRunner>(
         objectives.push(obj);
         regs.extend(reg);
         minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
-        let next = |names: &[String]| -> Result<Named<T<R>>> {
-            names
-                .iter()
-                .map(|n| Ok((n.clone(), lookup(&out, "step", &next_name(n))?.clone())))
-                .collect()
-        };
-        thetas.push(next(&layout.theta)?);
-        states.push(next(&layout.state)?);
         objective_grads.push(
             layout
                 .theta
@@ -370,6 +412,31 @@ pub fn truncated_bptt<R: StepRunner>(
                 .map(|n| lookup(&out, "step", &objective_grad_name(n)).cloned())
                 .collect::<Result<_>>()?,
         );
+        let next_theta = next_of(&out, &layout.theta)?;
+        let next_state = next_of(&out, &layout.state)?;
+        if let Some((labels, _)) = u.imitation {
+            let label: HashMap<&str, &T<R>> =
+                labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
+            let mut rs = vec![];
+            let mut ss = 0.0;
+            for ((n, next), (_, cur)) in next_theta.iter().zip(&theta) {
+                let l = label
+                    .get(n.as_str())
+                    .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
+                let r = next.axpy(-1.0, cur)?.axpy(-1.0, l)?;
+                ss += r.dot(&r)?;
+                rs.push(r);
+            }
+            residuals.push(rs);
+            squares.push(0.5 * ss);
+        }
+        let (old_theta, old_state) = (
+            std::mem::replace(&mut theta, next_theta),
+            std::mem::replace(&mut state, next_state),
+        );
+        if t % every == 0 {
+            checkpoints.push((old_theta, old_state));
+        }
     }
     let steps = objectives.len();
     let mut d_phi: Named<T<R>> = phi
@@ -380,8 +447,8 @@ pub fn truncated_bptt<R: StepRunner>(
         return Ok(BpttResult {
             meta_loss: 0.0,
             d_phi,
-            theta: thetas.pop().expect("theta0"),
-            state: states.pop().expect("S0"),
+            theta,
+            state,
             objectives,
             minibatch_losses,
             regs,
@@ -398,98 +465,97 @@ pub fn truncated_bptt<R: StepRunner>(
         meta_loss += v / steps as f64;
         d_obj.push(d / steps as f64);
     }
-    // Imitation: weight * mean_t 0.5 |Delta_t - label_t|^2 / P; keep the
-    // residuals r_t = Delta_t - label_t for the adjoint
+    // Imitation: weight * mean_t 0.5 |r_t|^2 / P, whose adjoint is
     // d/d theta_t+1 = c r_t, d/d theta_t = -c r_t with c = weight / (steps P).
-    let mut imitation_mse = vec![];
-    let mut residuals: Vec<Vec<T<R>>> = vec![];
-    let mut c_imit = 0.0;
-    if let Some((labels, weight)) = u.imitation {
-        ensure!(
-            labels.len() >= steps,
-            "{} imitation labels for {steps} steps",
-            labels.len()
-        );
-        let p: usize = thetas[0].iter().map(|(_, x)| x.num_elements()).sum();
-        c_imit = weight / (steps * p) as f64;
-        for t in 0..steps {
-            let label: HashMap<&str, &T<R>> =
-                labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
-            let mut rs = vec![];
-            let mut ss = 0.0;
-            for ((n, next), (_, cur)) in thetas[t + 1].iter().zip(&thetas[t]) {
-                let l = label
-                    .get(n.as_str())
-                    .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
-                let r = next.axpy(-1.0, cur)?.axpy(-1.0, l)?;
-                ss += r.dot(&r)?;
-                rs.push(r);
-            }
-            let mse = 0.5 * ss / p as f64;
-            meta_loss += weight * mse / steps as f64;
-            imitation_mse.push(mse);
-            residuals.push(rs);
+    let num_params: usize = theta.iter().map(|(_, x)| x.num_elements()).sum();
+    let imitation_mse: Vec<f64> = squares.iter().map(|s| s / num_params as f64).collect();
+    let c_imit = match u.imitation {
+        Some((_, weight)) => {
+            meta_loss += weight * imitation_mse.iter().sum::<f64>() / steps as f64;
+            weight / (steps * num_params) as f64
         }
-    }
+        None => 0.0,
+    };
 
     // ---- backward -----------------------------------------------------------
     let ct_names = |names: &[String]| -> Vec<String> {
         names.iter().map(|n| ct_name(&next_name(n))).collect()
     };
     let (ct_theta_names, ct_state_names) = (ct_names(&layout.theta), ct_names(&layout.state));
-    let mut ct_theta: Vec<T<R>> = thetas[steps].iter().map(|(_, t)| t.zeros_like()).collect();
-    let mut ct_state: Vec<T<R>> = states[steps].iter().map(|(_, t)| t.zeros_like()).collect();
+    let mut ct_theta: Vec<T<R>> = theta.iter().map(|(_, t)| t.zeros_like()).collect();
+    let mut ct_state: Vec<T<R>> = state.iter().map(|(_, t)| t.zeros_like()).collect();
     let ct_reg = T::<R>::scalar(u.reg_weight);
     let ct_reg_name = ct_name(REG);
-    for t in (0..steps).rev() {
-        // The objective after step t is a function of theta_t+1 only.
-        for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
-            *ct = ct.axpy(d_obj[t], g)?;
+    for (k, (ck_theta, ck_state)) in checkpoints.iter().enumerate().rev() {
+        // The segment [start, end): recompute its (theta_t, S_t) from the
+        // checkpoint (nothing to recompute with `every` = 1).
+        let start = k * every;
+        let end = (start + every).min(steps);
+        let mut seg: Vec<ThetaState<T<R>>> = vec![(ck_theta.clone(), ck_state.clone())];
+        for t in start..end - 1 {
+            let (th, st) = seg.last().expect("segment start");
+            let out = run_step(
+                runner,
+                &phi,
+                th,
+                st,
+                &u.minibatches[t],
+                &objective_batch,
+                probes(t),
+            )?;
+            seg.push((next_of(&out, &layout.theta)?, next_of(&out, &layout.state)?));
         }
-        if let Some(rs) = residuals.get(t) {
-            for (ct, r) in ct_theta.iter_mut().zip(rs) {
-                *ct = ct.axpy(c_imit, r)?;
+        for t in (start..end).rev() {
+            let (th, st) = &seg[t - start];
+            // The objective after step t is a function of theta_t+1 only.
+            for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
+                *ct = ct.axpy(d_obj[t], g)?;
             }
-        }
-        let mut ins: Vec<(&str, &T<R>)> = vec![];
-        for (n, x) in phi
-            .iter()
-            .chain(&thetas[t])
-            .chain(&states[t])
-            .chain(&u.minibatches[t])
-            .chain(probes(t))
-        {
-            ins.push((n.as_str(), x));
-        }
-        ins.push((ct_reg_name.as_str(), &ct_reg));
-        for (n, x) in ct_theta_names.iter().zip(&ct_theta) {
-            ins.push((n.as_str(), x));
-        }
-        for (n, x) in ct_state_names.iter().zip(&ct_state) {
-            ins.push((n.as_str(), x));
-        }
-        let out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
-        for (n, acc) in d_phi.iter_mut() {
-            *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;
-        }
-        // The cotangents of theta_0 and S_0 are not needed (truncation), and
-        // those of S_0 may be inf/NaN where a decay state starts at 0; the
-        // reset below reads only the hidden states.
-        ct_theta = layout
-            .theta
-            .iter()
-            .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
-            .collect::<Result<_>>()?;
-        if let Some(rs) = residuals.get(t) {
-            for (ct, r) in ct_theta.iter_mut().zip(rs) {
-                *ct = ct.axpy(-c_imit, r)?;
+            if let Some(rs) = residuals.get(t) {
+                for (ct, r) in ct_theta.iter_mut().zip(rs) {
+                    *ct = ct.axpy(c_imit, r)?;
+                }
             }
+            let mut ins: Vec<(&str, &T<R>)> = vec![];
+            for (n, x) in phi
+                .iter()
+                .chain(th)
+                .chain(st)
+                .chain(&u.minibatches[t])
+                .chain(probes(t))
+            {
+                ins.push((n.as_str(), x));
+            }
+            ins.push((ct_reg_name.as_str(), &ct_reg));
+            for (n, x) in ct_theta_names.iter().zip(&ct_theta) {
+                ins.push((n.as_str(), x));
+            }
+            for (n, x) in ct_state_names.iter().zip(&ct_state) {
+                ins.push((n.as_str(), x));
+            }
+            let out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
+            for (n, acc) in d_phi.iter_mut() {
+                *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;
+            }
+            // The cotangents of theta_0 and S_0 are not needed (truncation),
+            // and those of S_0 may be inf/NaN where a decay state starts at
+            // 0; the reset below reads only the hidden states.
+            ct_theta = layout
+                .theta
+                .iter()
+                .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+                .collect::<Result<_>>()?;
+            if let Some(rs) = residuals.get(t) {
+                for (ct, r) in ct_theta.iter_mut().zip(rs) {
+                    *ct = ct.axpy(-c_imit, r)?;
+                }
+            }
+            ct_state = layout
+                .state
+                .iter()
+                .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+                .collect::<Result<_>>()?;
         }
-        ct_state = layout
-            .state
-            .iter()
-            .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
-            .collect::<Result<_>>()?;
     }
     if u.reset {
         let hidden_ct: Vec<(String, T<R>)> = layout
@@ -513,8 +579,8 @@ pub fn truncated_bptt<R: StepRunner>(
     Ok(BpttResult {
         meta_loss,
         d_phi,
-        theta: thetas.swap_remove(steps),
-        state: states.swap_remove(steps),
+        theta,
+        state,
         objectives,
         minibatch_losses,
         regs,

@@ -109,7 +109,7 @@ mod tests {
     fn batches_have_the_layout_names_and_shapes() {
         let n = 10;
         let split = Split {
-            images: (0..n * PIXELS).map(|i| (i / PIXELS) as f32).collect(),
+            pixels: (0..n * PIXELS).map(|i| (i / PIXELS) as u8).collect(),
             labels: (0..n as i64).collect(),
         };
         let names = |p: &str| vec![format!("{p}.x"), format!("{p}.y")];
@@ -120,7 +120,7 @@ mod tests {
         // Image i is filled with i and has label i.
         let (x, y) = (b[0].1.as_f32().unwrap(), b[1].1.as_i64().unwrap());
         for r in 0..3 {
-            assert_eq!(x[[r, 5]] as i64, y[r]);
+            assert_eq!((x[[r, 5]] * 255.0).round() as i64, y[r]);
         }
         let o = d.objective_batch(0).unwrap();
         let mut labels: Vec<i64> = o[1].1.as_i64().unwrap().iter().copied().collect();

@@ -53,6 +53,10 @@ pub struct RunSettings {
     /// Curriculum learning: the horizon of each stage replaces `num_unrolls`.
     #[serde(default)]
     pub curriculum: Option<Curriculum>,
+    /// BPTT keeps the state of every this-many-th step and recomputes the
+    /// rest (0 or 1: keeps all).
+    #[serde(default)]
+    pub checkpoint_every: usize,
 }
 
 /// One line of `metrics.jsonl`.
@@ -508,6 +512,7 @@ impl<'a> MetaTrainer<'a> {
             let schedule = UnrollSchedule {
                 unroll_length: s.unroll_length,
                 num_unrolls: self.num_unrolls(),
+                checkpoint_every: s.checkpoint_every,
             };
             let stage = s.curriculum.as_ref().map(|_| self.curriculum.stage);
             let it = self.completed;

@@ -28,6 +28,8 @@ pub trait UnrollData {
 pub struct UnrollSchedule {
     pub unroll_length: usize,
     pub num_unrolls: usize,
+    /// BPTT recompute checkpointing (see [`Unroll::checkpoint_every`]).
+    pub checkpoint_every: usize,
 }
 
 /// What a meta-iteration did.
@@ -127,6 +129,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
                 probes: &probes,
                 reg_weight,
                 imitation: labels.as_ref().map(|(l, w)| (l.as_slice(), *w)),
+                checkpoint_every: schedule.checkpoint_every,
             },
         )?;
         if !res.objectives.is_empty() {

@@ -65,7 +65,7 @@ pub fn gather(split: &Split, rows: impl IntoIterator<Item = usize>) -> (HostTens
     let mut x = Vec::new();
     let mut y = Vec::new();
     for r in rows {
-        x.extend_from_slice(split.image(r));
+        split.push_image(r, &mut x);
         y.push(split.labels[r]);
     }
     let b = y.len();
@@ -82,13 +82,13 @@ mod tests {
     #[test]
     fn gather_picks_rows() {
         let mut s = Split {
-            images: vec![0.0; 4 * PIXELS],
+            pixels: vec![0; 4 * PIXELS],
             labels: vec![0, 1, 2, 3],
         };
-        s.images[2 * PIXELS] = 0.5;
+        s.pixels[2 * PIXELS] = 51;
         let (x, y) = gather(&s, [2, 0]);
         assert_eq!(x.shape(), &[2, PIXELS]);
-        assert_eq!(x.as_f32().unwrap()[[0, 0]], 0.5);
+        assert_eq!(x.as_f32().unwrap()[[0, 0]], 0.2);
         assert_eq!(y.as_i64().unwrap().as_slice().unwrap(), &[2, 0]);
     }
 }

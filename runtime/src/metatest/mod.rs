@@ -479,7 +479,7 @@ mod tests {
 
     fn split(n: usize) -> Split {
         Split {
-            images: vec![0.0; n * PIXELS],
+            pixels: vec![0; n * PIXELS],
             labels: (0..n as i64).map(|i| i % 10).collect(),
         }
     }
