@@ -660,7 +660,7 @@ struct FixedData {
     obj: Vec<(String, HostTensor)>,
 }
 
-impl UnrollData for FixedData {
+impl UnrollData<'_> for FixedData {
     fn minibatch(&mut self, step: usize) -> anyhow::Result<Vec<(String, HostTensor)>> {
         Ok(self.minibatches[step % self.minibatches.len()].clone())
     }

@@ -11,8 +11,10 @@ use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
 use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
-use metac_runtime::l2o::bptt::{objective_inputs, truncated_bptt, Named, StepRunner, Unroll};
-use metac_runtime::l2o::data::{named_rows, xy_names};
+use metac_runtime::l2o::bptt::{
+    objective_inputs, truncated_bptt, Minibatches, Named, StepRunner, Unroll,
+};
+use metac_runtime::l2o::data::{named_rows, xy_names, RowBatches};
 use metac_runtime::l2o::regularizer::{ProbeGenerator, RegularizeTime, RegularizerSchedule};
 use metac_runtime::l2o::{L2oLayout, SessionRunner};
 use metac_runtime::metatest::host_tensor;
@@ -105,15 +107,20 @@ pub fn run(a: L2oArgs) -> Result<()> {
     let phi = conv(program.init_phi(cfg.seed));
     let theta = conv(program.init_theta(cfg.seed));
     let state = conv(program.init_state(cfg.seed));
-    let minibatches: Vec<Named<HostTensor>> = (0..a.unroll_length)
-        .map(|t| {
-            xy(
-                &layout.batch,
-                &data.train,
-                t * cfg.batch_size..(t + 1) * cfg.batch_size,
-            )
-        })
-        .collect::<Result<_>>()?;
+    // Gathered when a step needs them, as `metac run` does.
+    let n_train = data.train.len();
+    let minibatches = RowBatches {
+        split: &data.train,
+        names: xy_names(&layout.batch, "bench inputs")?,
+        rows: (0..a.unroll_length)
+            .map(|t| {
+                (t * cfg.batch_size..(t + 1) * cfg.batch_size)
+                    .map(|i| i % n_train)
+                    .collect()
+            })
+            .collect(),
+    };
+    let first_minibatch = minibatches.get(0)?.into_owned();
     let obj = xy(
         &layout.objective_batch,
         &data.train,
@@ -169,7 +176,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
             .iter()
             .chain(&theta)
             .chain(&state)
-            .chain(&minibatches[0])
+            .chain(&first_minibatch)
             .chain(&obj_step)
             .chain(probes.first().into_iter().flatten())
             .map(|(n, t)| (n.as_str(), t))

@@ -226,7 +226,7 @@ pub struct Unroll<'a, T> {
     /// first unroll of a problem), so the initial-state vectors get gradients.
     pub reset: bool,
     /// One minibatch per step (`batch.*` names); the unroll length is its length.
-    pub minibatches: &'a [Named<T>],
+    pub minibatches: &'a dyn Minibatches<T>,
     /// The objective set (`obj.*` names), fixed for the unroll.
     pub objective_batch: &'a [(String, T)],
     /// The constant the objectives are measured against.
@@ -302,6 +302,30 @@ fn pick<T: Clone>(from: &[(String, T)], names: &[String], what: &str) -> Result<
 
 /// `(theta_t, S_t)`.
 type ThetaState<T> = (Named<T>, Named<T>);
+
+/// The minibatches of an unroll, one per step, made when a step needs them
+/// (a long unroll need not hold all of its minibatches at once).
+pub trait Minibatches<T: Clone> {
+    /// Number of steps.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The minibatch (`batch.*`) of step `t`.
+    fn get(&self, t: usize) -> Result<std::borrow::Cow<'_, Named<T>>>;
+}
+
+impl<T: Clone> Minibatches<T> for Vec<Named<T>> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn get(&self, t: usize) -> Result<std::borrow::Cow<'_, Named<T>>> {
+        self.as_slice()
+            .get(t)
+            .map(std::borrow::Cow::Borrowed)
+            .with_context(|| format!("no minibatch for step {t}"))
+    }
+}
 
 /// One `step` run: its inputs from the pieces, its outputs by name.
 #[allow(clippy::too_many_arguments)]
@@ -386,13 +410,14 @@ pub fn truncated_bptt<R: StepRunner>(
     let mut residuals: Vec<Vec<T<R>>> = vec![];
     let mut squares = vec![];
     let mut diverged = false;
-    for (t, mb) in u.minibatches.iter().enumerate() {
+    for t in 0..u.minibatches.len() {
+        let mb = u.minibatches.get(t)?;
         let out = run_step(
             runner,
             &phi,
             &theta,
             &state,
-            mb,
+            &mb,
             &objective_batch,
             probes(t),
         )?;
@@ -499,7 +524,7 @@ pub fn truncated_bptt<R: StepRunner>(
                 &phi,
                 th,
                 st,
-                &u.minibatches[t],
+                &*u.minibatches.get(t)?,
                 &objective_batch,
                 probes(t),
             )?;
@@ -516,12 +541,13 @@ pub fn truncated_bptt<R: StepRunner>(
                     *ct = ct.axpy(c_imit, r)?;
                 }
             }
+            let mb = u.minibatches.get(t)?;
             let mut ins: Vec<(&str, &T<R>)> = vec![];
             for (n, x) in phi
                 .iter()
                 .chain(th)
                 .chain(st)
-                .chain(&u.minibatches[t])
+                .chain(mb.iter())
                 .chain(probes(t))
             {
                 ins.push((n.as_str(), x));

@@ -8,7 +8,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::bptt::Named;
+use super::bptt::{Minibatches, Named};
 use super::train::UnrollData;
 use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
@@ -37,6 +37,31 @@ pub fn xy_names(names: &[String], what: &str) -> Result<(String, String)> {
             .with_context(|| format!("{what}: no input ending in '{suffix}' among {names:?}"))
     };
     Ok((find(".x")?, find(".y")?))
+}
+
+/// Minibatches as rows of a split, gathered when a step asks for them.
+pub struct RowBatches<'a> {
+    pub split: &'a Split,
+    pub names: (String, String),
+    /// The rows of each step's minibatch.
+    pub rows: Vec<Vec<usize>>,
+}
+
+impl Minibatches<HostTensor> for RowBatches<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn get(&self, t: usize) -> Result<std::borrow::Cow<'_, Named<HostTensor>>> {
+        let rows = self
+            .rows
+            .get(t)
+            .with_context(|| format!("no minibatch for step {t}"))?;
+        Ok(std::borrow::Cow::Owned(named_rows(
+            self.split,
+            rows.iter().copied(),
+            &self.names,
+        )))
+    }
 }
 
 /// Rows of a split as the named inputs `(names.0: images, names.1: labels)`.
@@ -81,7 +106,7 @@ impl<'a> MnistUnrollData<'a> {
     }
 }
 
-impl UnrollData for MnistUnrollData<'_> {
+impl<'a> UnrollData<'a> for MnistUnrollData<'a> {
     fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
         let n = self.split.len();
         let idx: Vec<usize> = (0..self.batch).map(|_| self.rng.below(n)).collect();

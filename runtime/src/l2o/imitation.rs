@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
-use super::bptt::Named;
+use super::bptt::{Minibatches, Named};
 use crate::backend::Session;
 use crate::tensor::HostTensor;
 
@@ -102,12 +102,16 @@ impl<'a> AdamTeacher<'a> {
 
     /// The labels of a run of minibatches (layout `batch.*` names): Adam's
     /// update per minibatch, by layout theta name.
-    pub fn labels(&mut self, minibatches: &[Named<HostTensor>]) -> Result<Vec<Named<HostTensor>>> {
+    pub fn labels(
+        &mut self,
+        minibatches: &dyn Minibatches<HostTensor>,
+    ) -> Result<Vec<Named<HostTensor>>> {
         let mut out = vec![];
-        for mb in minibatches {
+        for t in 0..minibatches.len() {
+            let mb = minibatches.get(t)?;
             let before = self.theta.clone();
             for _ in 0..self.spec.mt_k {
-                self.step(mb)?;
+                self.step(&mb)?;
             }
             let label = self
                 .theta

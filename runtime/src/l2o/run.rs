@@ -17,9 +17,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bptt::objective_inputs;
-use super::bptt::{Named, StepRunner};
+use super::bptt::{Minibatches, Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
-use super::data::{named_rows, xy_names, SplitMix64};
+use super::data::{named_rows, xy_names, RowBatches, SplitMix64};
 use super::imitation::{AdamTeacher, ImitationSpec};
 use super::meta_opt::{CompiledMetaUpdate, MetaUpdate};
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
@@ -150,10 +150,24 @@ impl<'a> SampledData<'a> {
     }
 }
 
-impl UnrollData for SampledData<'_> {
+impl<'a> UnrollData<'a> for SampledData<'a> {
     fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
         let idx = self.draw(self.batch.0);
         Ok(named_rows(self.split, idx, &self.batch.1))
+    }
+    fn minibatches(
+        &mut self,
+        _first: usize,
+        count: usize,
+    ) -> Result<Box<dyn Minibatches<HostTensor> + 'a>> {
+        // The same draws as `minibatch`, step by step; the rows are gathered
+        // when BPTT reaches the step.
+        let rows = (0..count).map(|_| self.draw(self.batch.0)).collect();
+        Ok(Box::new(RowBatches {
+            split: self.split,
+            names: self.batch.1.clone(),
+            rows,
+        }))
     }
     fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>> {
         if unroll == 0 {

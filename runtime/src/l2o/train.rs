@@ -8,19 +8,32 @@
 
 use anyhow::{ensure, Result};
 
-use super::bptt::{truncated_bptt, Named, StepRunner, Unroll};
+use super::bptt::{truncated_bptt, Minibatches, Named, StepRunner, Unroll};
 use super::imitation::AdamTeacher;
 use super::meta_opt::MetaUpdate;
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::L2oLayout;
 use crate::tensor::HostTensor;
 
-/// Where a meta-iteration's data come from.
-pub trait UnrollData {
+/// Where a meta-iteration's data come from (`'a`: the data they are made of).
+pub trait UnrollData<'a> {
     /// The minibatch (`batch.*`) of inner step `step` (counted over the meta-iteration).
     fn minibatch(&mut self, step: usize) -> Result<Named<HostTensor>>;
     /// The objective set (`obj.*`) of unroll `unroll`.
     fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>>;
+    /// The minibatches of steps `first..first + count`, drawn now (in step
+    /// order, as `minibatch` would draw them) and made when a step needs
+    /// them. The default makes them all at once.
+    fn minibatches(
+        &mut self,
+        first: usize,
+        count: usize,
+    ) -> Result<Box<dyn Minibatches<HostTensor> + 'a>> {
+        let v: Vec<Named<HostTensor>> = (first..first + count)
+            .map(|t| self.minibatch(t))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(v))
+    }
 }
 
 /// The `[run]` settings a meta-iteration uses.
@@ -66,7 +79,7 @@ pub struct Regularization<'a> {
 /// a teacher (an imitating meta-iteration), each unroll's meta-loss adds the
 /// imitation MSE against the teacher's updates on the same minibatches.
 #[allow(clippy::too_many_arguments)]
-pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
+pub fn meta_iteration<'a, R: StepRunner<Tensor = HostTensor>>(
     runner: &mut R,
     layout: &L2oLayout,
     phi: &mut Named<HostTensor>,
@@ -75,7 +88,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
     state0: Named<HostTensor>,
     initial_objective: f64,
     schedule: UnrollSchedule,
-    data: &mut dyn UnrollData,
+    data: &mut dyn UnrollData<'a>,
     mut reg: Option<Regularization<'_>>,
     mut teacher: Option<&mut AdamTeacher<'_>>,
 ) -> Result<MetaIterationReport> {
@@ -98,9 +111,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
         state: state0,
     };
     for u in 0..schedule.num_unrolls {
-        let minibatches = (0..schedule.unroll_length)
-            .map(|i| data.minibatch(u * schedule.unroll_length + i))
-            .collect::<Result<Vec<_>>>()?;
+        let minibatches = data.minibatches(u * schedule.unroll_length, schedule.unroll_length)?;
         let obj = data.objective_batch(u)?;
         let (probes, reg_weight) = match reg.as_mut() {
             Some(r) => (
@@ -112,7 +123,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
             None => (vec![], 0.0),
         };
         let labels = match teacher.as_mut() {
-            Some(t) => Some((t.labels(&minibatches)?, t.weight())),
+            Some(t) => Some((t.labels(minibatches.as_ref())?, t.weight())),
             None => None,
         };
         let res = truncated_bptt(
@@ -123,7 +134,7 @@ pub fn meta_iteration<R: StepRunner<Tensor = HostTensor>>(
                 theta: &rep.theta,
                 state: &rep.state,
                 reset: u == 0,
-                minibatches: &minibatches,
+                minibatches: minibatches.as_ref(),
                 objective_batch: &obj,
                 initial_objective,
                 probes: &probes,
