@@ -55,6 +55,11 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
     match op {
         Op::Binary(b) => {
             let (a, c) = (ins[0], ins[1]);
+            if *b == BinaryOp::Add {
+                if let Some(r) = merge_disjoint_concats(g, a, c, ty) {
+                    return r;
+                }
+            }
             match (b, u[0], u[1]) {
                 (BinaryOp::Add, Some(0.0), _) => return as_output(g, c, ty),
                 (BinaryOp::Add | BinaryOp::Sub, _, Some(0.0)) => return as_output(g, a, ty),
@@ -160,6 +165,68 @@ pub fn simplify(g: &mut Graph, op: &Op, ins: &[NodeId], ty: &TensorType) -> Simp
     Simplified::Keep
 }
 
+/// `Concat(.., x, ..) + Concat(.., y, ..)` along one axis where at every
+/// position at most one side is not a zero fill: one Concat of the non-zero
+/// parts, with zero fills in the gaps. This is what the adjoints of several
+/// slices of one tensor sum to (each slice's VJP pads its piece with zeros):
+/// one copy instead of full-size padded tensors added pairwise.
+fn merge_disjoint_concats(
+    g: &mut Graph,
+    a: NodeId,
+    b: NodeId,
+    ty: &TensorType,
+) -> Option<Simplified> {
+    let axis = match (&g.node(a).op, &g.node(b).op) {
+        (Op::Concat { axis: x }, Op::Concat { axis: y }) if x == y => *x,
+        _ => return None,
+    };
+    if g.ty(a) != ty || g.ty(b) != ty {
+        return None;
+    }
+    // (start, length, node) of the parts that are not zero fills.
+    let nonzero = |g: &Graph, n: NodeId| -> Vec<(usize, usize, NodeId)> {
+        let mut off = 0;
+        let mut v = vec![];
+        for &p in &g.node(n).inputs {
+            let len = g.shape(p)[axis];
+            let zero = matches!(g.node(p).op, Op::Fill { value, .. } if value == 0.0);
+            if !zero {
+                v.push((off, len, p));
+            }
+            off += len;
+        }
+        v
+    };
+    let mut parts = nonzero(g, a);
+    parts.extend(nonzero(g, b));
+    parts.sort_by_key(|p| p.0);
+    if parts.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return None;
+    }
+    let zeros = |g: &mut Graph, len: usize| {
+        let mut s = ty.shape.clone();
+        s[axis] = len;
+        g.fill(0.0, ty.dtype, &s)
+    };
+    let mut out = vec![];
+    let mut pos = 0;
+    for (start, len, p) in parts {
+        if start > pos {
+            out.push(zeros(g, start - pos));
+        }
+        out.push(p);
+        pos = start + len;
+    }
+    if pos < ty.shape[axis] {
+        out.push(zeros(g, ty.shape[axis] - pos));
+    }
+    Some(if out.len() == 1 {
+        Simplified::Alias(out[0])
+    } else {
+        Simplified::Replace(Op::Concat { axis }, out)
+    })
+}
+
 fn u_of(g: &Graph, i: NodeId) -> f64 {
     match g.node(i).op {
         Op::Fill { value, .. } => value,
@@ -175,4 +242,63 @@ fn is_finite_mul(g: &Graph, ins: &[NodeId]) -> bool {
         Op::Fill { value, .. } => value.is_finite(),
         _ => true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::autodiff::grad;
+    use crate::eval::{eval_graph, Value};
+    use crate::graph::Graph;
+    use crate::ops::{BinaryOp, Op};
+    use crate::passes::optimize;
+    use crate::types::{DType, Tensor};
+
+    /// The gradient of a function of three slices of one tensor is one
+    /// Concat of the slices' adjoints, not padded pieces summed by Add, and
+    /// has the right value.
+    #[test]
+    fn slice_adjoints_merge_into_one_concat() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[6, 3]);
+        let a = g.slice(x, 0, 0, 2);
+        let b = g.slice(x, 0, 2, 3);
+        let c = g.slice(x, 0, 4, 6);
+        let (a2, b2, c2) = (g.square(a), g.square(b), g.square(c));
+        let (b3, c4) = (g.mul_scalar(b2, 3.0), g.mul_scalar(c2, 4.0));
+        let s = [a2, b3, c4].map(|t| g.sum_all(t));
+        let l = g.add(s[0], s[1]);
+        let l = g.add(l, s[2]);
+        let dx = grad(&mut g, l, &[x])[0];
+        g.set_outputs(vec![("dx".into(), dx)]);
+        let o = optimize(&g);
+        let adds_of_concats = o
+            .nodes()
+            .iter()
+            .filter(|n| {
+                matches!(n.op, Op::Binary(BinaryOp::Add))
+                    && n.inputs
+                        .iter()
+                        .all(|&i| matches!(o.node(i).op, Op::Concat { .. }))
+            })
+            .count();
+        assert_eq!(adds_of_concats, 0);
+        let xv: Vec<f32> = (0..18).map(|i| i as f32).collect();
+        let feeds = [(
+            "x".to_string(),
+            Value::from_tensor(&Tensor::f32(&[6, 3], xv.clone())),
+        )]
+        .into_iter()
+        .collect();
+        let out = eval_graph(&o, &feeds).unwrap();
+        let got: Vec<f64> = out[0].1.f().iter().copied().collect();
+        let want: Vec<f64> = (0..18)
+            .map(|i| match i / 3 {
+                0 | 1 => 2.0 * xv[i] as f64,
+                2 => 6.0 * xv[i] as f64,
+                3 => 0.0,
+                _ => 8.0 * xv[i] as f64,
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
 }
