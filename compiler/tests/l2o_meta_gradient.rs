@@ -177,6 +177,26 @@ fn case(prog: L2oProgram) -> Case {
     }
 }
 
+impl Case {
+    /// The case's unroll at `phi`: from its start, with a reset, its
+    /// regulariser's probes and weight, no imitation, every state kept.
+    fn unroll<'a>(&'a self, phi: &'a [(String, Value)]) -> Unroll<'a, Value> {
+        Unroll {
+            phi,
+            theta: &self.theta,
+            state: &self.state,
+            reset: true,
+            minibatches: &self.minibatches,
+            objective_batch: &self.obj,
+            initial_objective: self.initial,
+            probes: &self.probes,
+            reg_weight: self.reg_weight,
+            imitation: None,
+            checkpoint_every: 0,
+        }
+    }
+}
+
 fn runner(p: &L2oProgram) -> GraphRunner {
     GraphRunner {
         step: p.step_graph(),
@@ -246,17 +266,8 @@ fn check(c: &Case, reset: bool) -> (f64, Vec<(String, Value)>) {
         &mut r,
         &layout,
         &Unroll {
-            phi: &c.phi,
-            theta: &c.theta,
-            state: &c.state,
             reset,
-            minibatches: &c.minibatches,
-            objective_batch: &c.obj,
-            initial_objective: c.initial,
-            probes: &c.probes,
-            reg_weight: c.reg_weight,
-            imitation: None,
-            checkpoint_every: 0,
+            ..c.unroll(&c.phi)
         },
     )
     .unwrap();
@@ -459,24 +470,7 @@ fn divergence_stops_the_unroll() {
         }
     }
     let layout = c.prog.layout();
-    let res = truncated_bptt(
-        &mut runner(&c.prog),
-        &layout,
-        &Unroll {
-            phi: &phi,
-            theta: &c.theta,
-            state: &c.state,
-            reset: true,
-            minibatches: &c.minibatches,
-            objective_batch: &c.obj,
-            initial_objective: c.initial,
-            probes: &[],
-            reg_weight: 0.0,
-            imitation: None,
-            checkpoint_every: 0,
-        },
-    )
-    .unwrap();
+    let res = truncated_bptt(&mut runner(&c.prog), &layout, &c.unroll(&phi)).unwrap();
     assert!(res.diverged);
     assert!(res.objectives.len() < STEPS);
     assert!(res.meta_loss.is_finite());
@@ -864,17 +858,8 @@ fn imitation_adjoint_matches_finite_differences() {
             &mut runner(&c.prog),
             &layout,
             &Unroll {
-                phi,
-                theta: &c.theta,
-                state: &c.state,
-                reset: true,
-                minibatches: &c.minibatches,
-                objective_batch: &c.obj,
-                initial_objective: c.initial,
-                probes: &[],
-                reg_weight: 0.0,
                 imitation: imitate.then_some((labels.as_slice(), weight)),
-                checkpoint_every: 0,
+                ..c.unroll(phi)
             },
         )
         .unwrap()
@@ -1008,17 +993,9 @@ fn checkpointed_bptt_equals_bptt_keeping_every_state() {
             &mut runner(&c.prog),
             &layout,
             &Unroll {
-                phi: &c.phi,
-                theta: &c.theta,
-                state: &c.state,
-                reset: true,
-                minibatches: &c.minibatches,
-                objective_batch: &c.obj,
-                initial_objective: c.initial,
-                probes: &c.probes,
-                reg_weight: c.reg_weight,
                 imitation: Some((labels.as_slice(), 0.5)),
                 checkpoint_every: every,
+                ..c.unroll(&c.phi)
             },
         )
         .unwrap()
