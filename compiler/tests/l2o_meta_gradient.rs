@@ -947,16 +947,7 @@ fn compiled_meta_update_matches_host_rmsprop() {
         ));
     }
     let out: HashMap<String, Value> = eval_graph(&g, &feeds).unwrap().into_iter().collect();
-    let mut host = RmsProp::new(
-        RmsPropConfig {
-            lr: m.lr,
-            decay: m.decay,
-            eps: m.eps,
-            clip: m.clip,
-            accumulator_init: m.accumulator_init,
-        },
-        &host_phi,
-    );
+    let mut host = RmsProp::new(m.rmsprop(), &host_phi);
     host.update(&mut host_phi, &host_d).unwrap();
     for (k, (n, t)) in host_phi.iter().enumerate() {
         let want: Vec<f64> = t.as_f32().unwrap().iter().map(|&x| f64::from(x)).collect();

@@ -497,7 +497,6 @@ struct Segments {
     basis: NodeId,
     basis_t: NodeId,
     counts: NodeId,
-    num_tensors: usize,
 }
 
 impl Segments {
@@ -516,7 +515,6 @@ impl Segments {
             basis: g.constant(Tensor::f32(&[t, n], basis)),
             basis_t: g.constant(Tensor::f32(&[n, t], basis_t)),
             counts: g.constant(Tensor::f32(&[1, t], counts)),
-            num_tensors: t,
         }
     }
 
@@ -592,8 +590,8 @@ impl Hrnn {
     /// **Choice:** packing and orientation are a layout, not a change of the
     /// math: every per-tensor quantity of the original (level-1 input,
     /// output RMS, relative lr) is still computed per tensor, over its own
-    /// columns. Packing keeps the graphs about a hundred nodes whatever the
-    /// number of tensors; feature-major rows make every broadcast a
+    /// columns. Packing keeps the number of nodes independent of the number
+    /// of tensors; feature-major rows make every broadcast a
     /// broadcast of a long contiguous row, the fast case of ONNX Runtime's
     /// CPU kernels (a `[N, 1] x [N, 4]` broadcast is ~10x slower there).
     pub fn state_specs(&self, param_shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
@@ -1075,7 +1073,6 @@ impl Hrnn {
             &CellWeights::of(&wi, 2),
             s2,
         );
-        debug_assert_eq!(seg.num_tensors, t);
         (new_params, new_state)
     }
 }
