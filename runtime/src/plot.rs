@@ -163,85 +163,106 @@ pub fn plot_curves_with(
     y1 += pad;
     let text = font_available();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
-    let root = BitMapBackend::new(path, (opts.width, opts.height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption(title, (FAMILY, 26))
-            .x_label_area_size(45)
-            .y_label_area_size(80);
-    } else {
-        b.x_label_area_size(10).y_label_area_size(10);
-    }
-    let mut chart = b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(&e))?;
-    let log_y = opts.log_y;
-    let x_fmt = |x: &f64| {
-        if (x1 - x0) >= 10.0 {
-            format!("{x:.0}")
+    // Drawn into an RGB buffer and encoded here: plotters' own encoder pulls
+    // in the whole `image` crate (JPEG, BMP, ...) for one PNG.
+    let mut rgb = vec![0u8; opts.width as usize * opts.height as usize * 3];
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut rgb, (opts.width, opts.height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut b = ChartBuilder::on(&root);
+        b.margin(15);
+        if text {
+            b.caption(title, (FAMILY, 26))
+                .x_label_area_size(45)
+                .y_label_area_size(80);
         } else {
-            // At most 4 decimals, trailing zeros cut (no 0.6000000000000001).
-            let s = format!("{x:.4}");
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            if s == "-0" {
-                "0".into()
+            b.x_label_area_size(10).y_label_area_size(10);
+        }
+        let mut chart = b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(&e))?;
+        let log_y = opts.log_y;
+        let x_fmt = |x: &f64| {
+            if (x1 - x0) >= 10.0 {
+                format!("{x:.0}")
             } else {
-                s.to_string()
+                // At most 4 decimals, trailing zeros cut (no 0.6000000000000001).
+                let s = format!("{x:.4}");
+                let s = s.trim_end_matches('0').trim_end_matches('.');
+                if s == "-0" {
+                    "0".into()
+                } else {
+                    s.to_string()
+                }
+            }
+        };
+        let y_fmt = |y: &f64| {
+            let v = if log_y { 10f64.powf(*y) } else { *y };
+            // Scientific notation outside [0.01, 1e4] keeps labels inside the margin.
+            if v != 0.0 && (v.abs() < 0.01 || v.abs() >= 1e4) {
+                format!("{v:.2e}")
+            } else {
+                format!("{v:.3}")
+            }
+        };
+        let mut mesh = chart.configure_mesh();
+        mesh.light_line_style(TRANSPARENT)
+            .bold_line_style(RGBColor(225, 225, 225));
+        if text {
+            mesh.x_labels(10)
+                .y_labels(10)
+                .x_label_formatter(&x_fmt)
+                .y_label_formatter(&y_fmt)
+                .x_desc(opts.x_label.as_str())
+                .y_desc(if log_y {
+                    format!("{} (log scale)", opts.y_label)
+                } else {
+                    opts.y_label.clone()
+                })
+                .label_style((FAMILY, 15))
+                .axis_desc_style((FAMILY, 17));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| err(&e))?;
+        for (i, (name, p)) in series.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            let s = chart
+                .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+            if text {
+                s.label(name.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
             }
         }
-    };
-    let y_fmt = |y: &f64| {
-        let v = if log_y { 10f64.powf(*y) } else { *y };
-        // Scientific notation outside [0.01, 1e4] keeps labels inside the margin.
-        if v != 0.0 && (v.abs() < 0.01 || v.abs() >= 1e4) {
-            format!("{v:.2e}")
-        } else {
-            format!("{v:.3}")
+        if text && !series.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font((FAMILY, 16))
+                .draw()
+                .map_err(|e| err(&e))?;
         }
-    };
-    let mut mesh = chart.configure_mesh();
-    mesh.light_line_style(TRANSPARENT)
-        .bold_line_style(RGBColor(225, 225, 225));
-    if text {
-        mesh.x_labels(10)
-            .y_labels(10)
-            .x_label_formatter(&x_fmt)
-            .y_label_formatter(&y_fmt)
-            .x_desc(opts.x_label.as_str())
-            .y_desc(if log_y {
-                format!("{} (log scale)", opts.y_label)
-            } else {
-                opts.y_label.clone()
-            })
-            .label_style((FAMILY, 15))
-            .axis_desc_style((FAMILY, 17));
-    } else {
-        mesh.x_labels(0).y_labels(0);
+        root.present().map_err(|e| err(&e))?;
     }
-    mesh.draw().map_err(|e| err(&e))?;
-    for (i, (name, p)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let s = chart
-            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| err(&e))?;
-        if text {
-            s.label(name.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-            });
-        }
+    write_png(path, opts.width, opts.height, &rgb)
+}
+
+/// Encodes an 8-bit RGB image as PNG and writes it atomically.
+fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| err(&e))?;
+        w.write_image_data(rgb).map_err(|e| err(&e))?;
+        w.finish().map_err(|e| err(&e))?;
     }
-    if text && !series.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FAMILY, 16))
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    crate::fsutil::write_atomic(path, &bytes)
 }
 
 /// A spectral density plot: one line per series of `(eigenvalue, density)`

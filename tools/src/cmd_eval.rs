@@ -12,7 +12,7 @@
 
 mod data;
 mod optimizers;
-mod table;
+pub(crate) mod table;
 
 pub use optimizers::PhiChoice;
 

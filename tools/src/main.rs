@@ -2,6 +2,7 @@
 
 mod bench_l2o;
 mod cmd_bench;
+mod cmd_compare;
 mod cmd_derive;
 mod cmd_eval;
 mod cmd_hessian;
@@ -24,7 +25,7 @@ ONNX Runtime (CPU or CUDA) or tract.",
     after_help = "Examples:\n  \
 metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --out evals/relu\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
-metac inspect model.onnx\n  metac hessian --eval evals/relu --out hessian/\n  metac bench mlp\n\n\
+metac inspect model.onnx\n  metac hessian --eval evals/relu --out hessian/\n  metac compare evals/relu=base evals/relu-hess=+hessian --out evals/ablation\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
 (pip install onnxruntime==1.31.1); without it metac falls back to tract."
 )]
@@ -45,6 +46,8 @@ enum Cmd {
     Run(cmd_l2o::RunArgs),
     /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic).
     Eval(cmd_eval::Args),
+    /// Several `metac eval` outputs side by side (e.g. an ablation): one table, one plot.
+    Compare(cmd_compare::Args),
     /// Hessian spectra (trace, top eigenvalues, density) of a problem's loss at given parameters.
     Hessian(cmd_hessian::Args),
 }
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cmd_l2o::run(a),
         Cmd::Eval(a) => cmd_eval::run(a),
         Cmd::Hessian(a) => cmd_hessian::run(a),
+        Cmd::Compare(a) => cmd_compare::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

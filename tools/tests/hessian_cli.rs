@@ -213,3 +213,92 @@ fn bad_inputs_are_one_line_errors() {
     ]));
     assert!(e.contains("summary.json"), "{e}");
 }
+
+/// `--model`: the ONNX fixture MLP (784-20-10 sigmoid, cross-entropy, batch
+/// 8, PyTorch layout) at the parameters of the built-in `mnist-mlp` (weights
+/// transposed) has the same loss, gradient norm and top eigenvalues as the
+/// built-in problem on the same examples: two independent routes to one
+/// Hessian (importer and builder).
+#[test]
+fn onnx_model_agrees_with_the_builtin_problem() {
+    let d = scratch("onnx-model");
+    let builtin = write_init(&d, "mnist-mlp", "builtin", 2);
+    let p = problem_by_name("mnist-mlp", 1).unwrap();
+    let vals: Vec<_> = p.init_params(2).iter().map(host_tensor).collect();
+    let t = |v: &metac_runtime::tensor::HostTensor| {
+        let a = v.as_f32().unwrap();
+        let a2 = a.clone().into_dimensionality::<ndarray::Ix2>().unwrap();
+        metac_runtime::tensor::HostTensor::F32(a2.t().as_standard_layout().into_owned().into_dyn())
+    };
+    let model_params = d.join("model.safetensors");
+    let names: Vec<String> = ["l1.weight", "l1.bias", "l2.weight", "l2.bias"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    write_params(
+        &model_params,
+        &names,
+        &[t(&vals[0]), vals[1].clone(), t(&vals[2]), vals[3].clone()],
+    )
+    .unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/onnx/mlp_ce_opset18.onnx");
+    let common_flags = [
+        "--examples",
+        "24",
+        "--batch-size",
+        "8",
+        "--probes",
+        "4",
+        "--lanczos-steps",
+        "40",
+        "--slq-runs",
+        "1",
+        "--top",
+        "2",
+        "--backend",
+        "tract",
+    ];
+    let run = |what: &[&str], out: &Path| {
+        let mut args = vec!["hessian"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["--out", s(out)]);
+        args.extend_from_slice(&common_flags);
+        ok(&metac(&args));
+        json(&out.join("hessian.json"))
+    };
+    let a = run(
+        &["--problem", "mnist-mlp", "--params", s(&builtin)],
+        &d.join("builtin"),
+    );
+    let b = run(
+        &[
+            "--model",
+            s(&fixture),
+            "--loss",
+            "loss",
+            "--params",
+            s(&model_params),
+        ],
+        &d.join("model"),
+    );
+    assert_eq!(b["num_params"], 15910);
+    assert_eq!(b["data"]["examples"], 24);
+    let close = |key: &str, x: &Value, y: &Value, tol: f64| {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= tol * x.abs().max(y.abs()),
+            "{key}: built-in {x} vs ONNX model {y}"
+        );
+    };
+    close("loss", &a["loss"], &b["loss"], 1e-5);
+    close("grad_norm", &a["grad_norm"], &b["grad_norm"], 1e-4);
+    for i in 0..2 {
+        close(
+            "top eigenvalue",
+            &a["top_eigenvalues"]["values"][i],
+            &b["top_eigenvalues"]["values"][i],
+            1e-3,
+        );
+    }
+}

@@ -1,10 +1,10 @@
 //! MNIST batches for L2O meta-training ([`UnrollData`] over a [`Split`]).
 //!
-//! **Choices:** minibatches are drawn uniformly *with* replacement (each
-//! step independent); the objective set of each unroll is a uniformly drawn
-//! subset *without* replacement (the fork draws a 10,000-example subset per
-//! unroll); the stream is a SplitMix64 generator seeded by the caller, so a
-//! run is reproducible.
+//! **Choices:** minibatches and the objective set of each unroll are drawn
+//! uniformly *with* replacement (the fork draws a 10,000-example subset per
+//! unroll; with replacement, validation on the 5,000-image split can use the
+//! compiled 10,000-example objective shape too); the stream is a SplitMix64
+//! generator seeded by the caller, so a run is reproducible.
 
 use anyhow::{ensure, Context, Result};
 
@@ -16,15 +16,15 @@ use crate::tensor::HostTensor;
 pub use crate::rng::SplitMix64;
 
 /// Minibatches and objective sets drawn from an MNIST split, under the
-/// `x`/`y` input names of an L2O layout.
+/// `x`/`y` input names of an L2O layout: the data of `metac run`'s
+/// meta-training and validation.
 pub struct MnistUnrollData<'a> {
     split: &'a Split,
-    batch: usize,
-    objective_examples: usize,
-    batch_names: (String, String),
-    obj_names: (String, String),
+    /// Size and (image, label) input names of minibatches and objective sets.
+    batch: (usize, (String, String)),
+    objective: (usize, (String, String)),
     rng: SplitMix64,
-    perm: Vec<usize>,
+    first_objective: Option<Named<HostTensor>>,
 }
 
 /// The image and label input names (`*.x`, `*.y`) among a layout's names.
@@ -84,44 +84,60 @@ impl<'a> MnistUnrollData<'a> {
         obj_names: &[String],
         seed: u64,
     ) -> Result<Self> {
-        ensure!(batch > 0 && !split.is_empty(), "empty batch or split");
         ensure!(
-            objective_examples <= split.len(),
-            "an objective set of {objective_examples} examples from a split of {}",
-            split.len()
+            batch > 0 && objective_examples > 0 && !split.is_empty(),
+            "empty minibatch, objective set or split"
         );
         Ok(MnistUnrollData {
             split,
-            batch,
-            objective_examples,
-            batch_names: xy_names(batch_names, "minibatch")?,
-            obj_names: xy_names(obj_names, "objective set")?,
+            batch: (batch, xy_names(batch_names, "minibatch")?),
+            objective: (objective_examples, xy_names(obj_names, "objective set")?),
             rng: SplitMix64::new(seed),
-            perm: (0..split.len()).collect(),
+            first_objective: None,
         })
     }
 
-    fn gather(&self, idx: &[usize], names: &(String, String)) -> Named<HostTensor> {
-        named_rows(self.split, idx.iter().copied(), names)
+    /// Hands `batch` out as the objective set of unroll 0 instead of a new
+    /// draw: the set the initial objective was measured on.
+    pub fn set_first_objective(&mut self, batch: Named<HostTensor>) {
+        self.first_objective = Some(batch);
+    }
+
+    fn draw(&mut self, n: usize) -> Vec<usize> {
+        let len = self.split.len();
+        (0..n).map(|_| self.rng.below(len)).collect()
     }
 }
 
 impl<'a> UnrollData<'a> for MnistUnrollData<'a> {
     fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
-        let n = self.split.len();
-        let idx: Vec<usize> = (0..self.batch).map(|_| self.rng.below(n)).collect();
-        Ok(self.gather(&idx, &self.batch_names))
+        let idx = self.draw(self.batch.0);
+        Ok(named_rows(self.split, idx, &self.batch.1))
     }
 
-    fn objective_batch(&mut self, _unroll: usize) -> Result<Named<HostTensor>> {
-        // Partial Fisher-Yates: the first k entries become a uniform subset.
-        let n = self.perm.len();
-        for i in 0..self.objective_examples {
-            let j = i + self.rng.below(n - i);
-            self.perm.swap(i, j);
+    fn minibatches(
+        &mut self,
+        _first: usize,
+        count: usize,
+    ) -> Result<Box<dyn Minibatches<HostTensor> + 'a>> {
+        // The same draws as `minibatch`, step by step; the rows are gathered
+        // when BPTT reaches the step.
+        let rows = (0..count).map(|_| self.draw(self.batch.0)).collect();
+        Ok(Box::new(RowBatches {
+            split: self.split,
+            names: self.batch.1.clone(),
+            rows,
+        }))
+    }
+
+    fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>> {
+        if unroll == 0 {
+            if let Some(b) = self.first_objective.take() {
+                return Ok(b);
+            }
         }
-        let idx = self.perm[..self.objective_examples].to_vec();
-        Ok(self.gather(&idx, &self.obj_names))
+        let idx = self.draw(self.objective.0);
+        Ok(named_rows(self.split, idx, &self.objective.1))
     }
 }
 
@@ -147,14 +163,19 @@ mod tests {
         for r in 0..3 {
             assert_eq!((x[[r, 5]] * 255.0).round() as i64, y[r]);
         }
-        let o = d.objective_batch(0).unwrap();
-        let mut labels: Vec<i64> = o[1].1.as_i64().unwrap().iter().copied().collect();
-        labels.sort_unstable();
+        // An objective set larger than the split (drawn with replacement).
+        let o = d.objective_batch(1).unwrap();
+        assert_eq!(o[0].0, "obj.x");
+        assert_eq!(o[0].1.shape(), &[10, PIXELS]);
+        // A set handed in for unroll 0 is returned once, then draws resume.
+        let mut d = MnistUnrollData::new(&split, 3, 20, &names("batch"), &names("obj"), 1).unwrap();
+        let first = d.objective_batch(0).unwrap();
+        d.set_first_objective(first.clone());
         assert_eq!(
-            labels,
-            (0..10).collect::<Vec<_>>(),
-            "a subset without replacement"
+            d.objective_batch(0).unwrap()[1].1.as_i64().unwrap(),
+            first[1].1.as_i64().unwrap()
         );
-        assert!(MnistUnrollData::new(&split, 3, 11, &names("batch"), &names("obj"), 1).is_err());
+        assert_eq!(d.objective_batch(0).unwrap()[0].1.shape(), &[20, PIXELS]);
+        assert!(MnistUnrollData::new(&split, 0, 11, &names("batch"), &names("obj"), 1).is_err());
     }
 }

@@ -17,9 +17,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bptt::objective_inputs;
-use super::bptt::{Minibatches, Named, StepRunner};
+use super::bptt::{Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
-use super::data::{named_rows, xy_names, RowBatches, SplitMix64};
+use super::data::{MnistUnrollData, SplitMix64};
 use super::imitation::{AdamTeacher, ImitationSpec};
 use super::meta_opt::{CompiledMetaUpdate, MetaUpdate};
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
@@ -112,72 +112,6 @@ fn derive_seed(seed: u64, stream: u64, i: u64) -> u64 {
         seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03),
     );
     r.next_u64()
-}
-
-/// An objective set is drawn with replacement (validation data may be
-/// smaller than the compiled objective set); minibatches too.
-struct SampledData<'a> {
-    split: &'a Split,
-    /// Size and (image, label) input names of minibatches and objective sets.
-    batch: (usize, (String, String)),
-    objective: (usize, (String, String)),
-    rng: SplitMix64,
-    first_objective: Option<Named<HostTensor>>,
-}
-
-impl<'a> SampledData<'a> {
-    fn new(
-        split: &'a Split,
-        layout: &L2oLayout,
-        batch: usize,
-        objective: usize,
-        seed: u64,
-    ) -> Result<Self> {
-        Ok(SampledData {
-            split,
-            batch: (batch, xy_names(&layout.batch, "minibatch")?),
-            objective: (
-                objective,
-                xy_names(&layout.objective_batch, "objective set")?,
-            ),
-            rng: SplitMix64::new(seed),
-            first_objective: None,
-        })
-    }
-    fn draw(&mut self, n: usize) -> Vec<usize> {
-        let len = self.split.len();
-        (0..n).map(|_| self.rng.below(len)).collect()
-    }
-}
-
-impl<'a> UnrollData<'a> for SampledData<'a> {
-    fn minibatch(&mut self, _step: usize) -> Result<Named<HostTensor>> {
-        let idx = self.draw(self.batch.0);
-        Ok(named_rows(self.split, idx, &self.batch.1))
-    }
-    fn minibatches(
-        &mut self,
-        _first: usize,
-        count: usize,
-    ) -> Result<Box<dyn Minibatches<HostTensor> + 'a>> {
-        // The same draws as `minibatch`, step by step; the rows are gathered
-        // when BPTT reaches the step.
-        let rows = (0..count).map(|_| self.draw(self.batch.0)).collect();
-        Ok(Box::new(RowBatches {
-            split: self.split,
-            names: self.batch.1.clone(),
-            rows,
-        }))
-    }
-    fn objective_batch(&mut self, unroll: usize) -> Result<Named<HostTensor>> {
-        if unroll == 0 {
-            if let Some(b) = self.first_objective.take() {
-                return Ok(b);
-            }
-        }
-        let idx = self.draw(self.objective.0);
-        Ok(named_rows(self.split, idx, &self.objective.1))
-    }
 }
 
 /// The objective graph's value at `theta` on an objective batch.
@@ -449,11 +383,12 @@ impl<'a> MetaTrainer<'a> {
         let s = &self.settings;
         let seed = derive_seed(s.seed, 2, 0);
         let (mut theta, mut state) = sampler.sample(seed)?;
-        let mut data = SampledData::new(
+        let mut data = MnistUnrollData::new(
             split,
-            &self.layout,
             s.batch_size,
             s.objective_examples,
+            &self.layout.batch,
+            &self.layout.objective_batch,
             seed,
         )?;
         let phi_refs: Vec<(&str, &HostTensor)> =
@@ -533,11 +468,12 @@ impl<'a> MetaTrainer<'a> {
             let t0 = Instant::now();
             let seed = derive_seed(s.seed, 1, it as u64);
             let (theta0, state0) = sampler.sample(seed)?;
-            let mut data = SampledData::new(
+            let mut data = MnistUnrollData::new(
                 train,
-                &self.layout,
                 s.batch_size,
                 s.objective_examples,
+                &self.layout.batch,
+                &self.layout.objective_batch,
                 seed,
             )?;
             // The log meta-objective's constant: the objective at the start,
@@ -547,7 +483,7 @@ impl<'a> MetaTrainer<'a> {
             if !initial_objective.is_finite() {
                 bail!("meta-iteration {it}: the initial objective is not finite ({initial_objective})");
             }
-            data.first_objective = Some(first);
+            data.set_first_objective(first);
             let mut probes = ProbeGenerator::new(derive_seed(s.seed, 3, it as u64));
             let reg = self.regularizer.as_ref().map(|schedule| Regularization {
                 schedule,
