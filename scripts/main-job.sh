@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
-cargo build --release -p metac
+# ONNX Runtime is installed above, so the tract fallback is left out of this
+# build: tract is most of a release build's time (`cargo build --release`
+# includes it).
+cargo build --release -p metac --no-default-features
 metac=./target/release/metac
 out=runs/main-job
 rm -rf "$out"

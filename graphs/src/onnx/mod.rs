@@ -5,8 +5,11 @@
 pub mod export;
 pub mod import;
 
-/// The ONNX protobuf types (prost), from tract-onnx.
-pub use tract_onnx::pb;
+/// The ONNX protobuf types (prost-generated; see the file's header).
+#[allow(clippy::all)]
+pub mod pb {
+    include!("pb.rs");
+}
 
 /// The opset every exported graph declares.
 pub const OPSET: i64 = 17;

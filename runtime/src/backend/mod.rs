@@ -1,4 +1,5 @@
-//! Inference backends: ONNX Runtime (fast, optional, loaded at run time) and tract (pure Rust, always there).
+//! Inference backends: ONNX Runtime (fast, optional, loaded at run time) and tract (pure Rust, built in
+//! with the default cargo feature `tract`).
 //!
 //! metac compiles meta-learning programs to ONNX graphs ahead of time; at run time something has to execute
 //! them. ONNX Runtime is much faster and can use CUDA, but it is a large native library that users install
@@ -11,6 +12,7 @@
 
 mod discovery;
 mod ort_backend;
+#[cfg(feature = "tract")]
 mod tract_backend;
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ pub use self::discovery::{
     find_library_in_dir, resolve_dylib_path, INSTALL_HINT, PINNED_ORT_VERSION,
 };
 pub use self::ort_backend::OrtBackend;
+#[cfg(feature = "tract")]
 pub use self::tract_backend::TractBackend;
 use crate::tensor::{DType, HostTensor};
 
@@ -141,7 +144,7 @@ pub struct BackendOptions {
 /// so this is cheap to call per graph or per bundle.
 pub fn open_backend(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
     match opts.choice {
-        BackendChoice::Tract => Ok(Box::new(TractBackend::new(opts.device)?)),
+        BackendChoice::Tract => tract(opts.device),
         BackendChoice::Ort => {
             let rt = discovery::ort_runtime().map_err(|e| {
                 anyhow!("backend 'ort' was requested, but ONNX Runtime is not available: {}. {INSTALL_HINT}", one_line(&format!("{e:#}")))
@@ -159,11 +162,27 @@ pub fn open_backend(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
                         one_line(&format!("{e:#}"))
                     );
                 }
+                if !cfg!(feature = "tract") {
+                    bail!(
+                        "ONNX Runtime is not available ({}), and this metac was built without the tract backend (cargo feature `tract`). {INSTALL_HINT}",
+                        one_line(&format!("{e:#}"))
+                    );
+                }
                 print_fallback_notice(&e);
-                Ok(Box::new(TractBackend::new(opts.device)?))
+                tract(opts.device)
             }
         },
     }
+}
+
+#[cfg(feature = "tract")]
+fn tract(device: Device) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(TractBackend::new(device)?))
+}
+
+#[cfg(not(feature = "tract"))]
+fn tract(_device: Device) -> Result<Box<dyn Backend>> {
+    bail!("backend 'tract' was requested, but this metac was built without it (cargo feature `tract`, on by default: rebuild without --no-default-features)")
 }
 
 /// Tells the user once per process that they are on the slow path and how to get off it. Once, because
@@ -269,5 +288,6 @@ fn quote_list<'s>(names: impl Iterator<Item = &'s str>) -> String {
         .join(", ")
 }
 
-#[cfg(test)]
+// The tests use tract as the reference backend.
+#[cfg(all(test, feature = "tract"))]
 mod tests;

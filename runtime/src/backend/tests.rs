@@ -1,15 +1,15 @@
-//! Backend tests. The ONNX model is built in Rust with tract's protobuf types so the tests need no Python
+//! Backend tests. The ONNX model is built in Rust with the ONNX protobuf types so the tests need no Python
 //! and no checked-in binaries.
 
 use std::process::Command;
 use std::str::FromStr;
 
-use ndarray::{arr1, arr2, ArrayD, IxDyn};
-use prost::Message;
-use tract_onnx::pb::{
+use metac_graphs::onnx::pb::{
     tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto,
     NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use ndarray::{arr1, arr2, ArrayD, IxDyn};
+use prost::Message;
 
 use super::*;
 
