@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Validate every N meta-iterations (0 = never).
     #[arg(long)]
     pub evaluation_period: Option<usize>,
+    /// Fresh problems per validation; the validation objective is their mean
+    /// (default 1).
+    #[arg(long)]
+    pub validation_problems: Option<usize>,
     /// Curriculum learning: comma-separated inner steps per meta-iteration of
     /// each stage (e.g. 100,200,500,1000); replaces --num-unrolls.
     #[arg(long, value_delimiter = ',')]
@@ -170,6 +174,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(v) = a.min_num_eval {
         rc.min_num_eval = v;
     }
+    if let Some(v) = a.validation_problems {
+        rc.validation_problems = v;
+    }
     if let Some(v) = a.bptt_checkpoint_every {
         rc.bptt_checkpoint_every = v;
     }
@@ -190,6 +197,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         unroll_length: rc.unroll_length,
         num_unrolls: rc.num_unrolls,
         evaluation_period: rc.evaluation_period,
+        validation_problems: rc.validation_problems,
         seed: cfg.seed,
         batch_size: cfg.batch_size,
         objective_examples: cfg.objective_examples,

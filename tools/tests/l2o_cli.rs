@@ -147,6 +147,10 @@ fn malformed_configs_are_rejected_with_the_key_named() {
             "run.unroll_length",
         ),
         (
+            base.replace("unroll_length = 5", "unroll_length = 5\nvalidation_problems = 0"),
+            "run.validation_problems",
+        ),
+        (
             base.replace("problem = \"mnist-mlp\"", "problem = \"mnist-resnet\""),
             "problem",
         ),
@@ -295,4 +299,66 @@ fn regulariser_and_imitation_run_end_to_end() {
         let mse = l["imitation_mse"].as_f64().unwrap();
         assert!(reg.is_finite() && mse.is_finite() && mse > 0.0, "{l}");
     }
+}
+
+/// `--validation-problems K`: the validation objective is the mean over K
+/// fresh problems, the first of them the one a single validation uses; a
+/// resume with another K is refused.
+#[test]
+fn validation_averages_several_problems() {
+    let d = scratch("validation-problems");
+    let bundle = d.join("bundle");
+    compile_l2o(&root().join("configs/tiny.toml"), &bundle);
+    let run = |k: &str| {
+        let out = d.join(format!("k{k}"));
+        ok(&metac(&[
+            "run",
+            bundle.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--meta-iterations",
+            "1",
+            "--unroll-length",
+            "3",
+            "--num-unrolls",
+            "1",
+            "--validation-problems",
+            k,
+            "--backend",
+            "tract",
+            "--quiet",
+        ]));
+        let m = metrics(&out);
+        (out, m[0]["validation_objective"].as_f64().unwrap())
+    };
+    let (_, v1) = run("1");
+    let (out2, v2) = run("2");
+    let (_, v3) = run("3");
+    // v2 = (p0 + p1) / 2 and v3 = (p0 + p1 + p2) / 3 with p0 = v1: the
+    // implied objectives of problems 1 and 2 are positive and differ from p0.
+    let p1 = 2.0 * v2 - v1;
+    let p2 = 3.0 * v3 - 2.0 * v2;
+    assert!(p1 > 0.0 && p2 > 0.0, "{v1} {v2} {v3}");
+    assert!(
+        (p1 - v1).abs() > 1e-6 && (p2 - p1).abs() > 1e-6,
+        "{v1} {v2} {v3}"
+    );
+    let e = err_line(&metac(&[
+        "run",
+        bundle.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--meta-iterations",
+        "2",
+        "--unroll-length",
+        "3",
+        "--num-unrolls",
+        "1",
+        "--validation-problems",
+        "1",
+        "--backend",
+        "tract",
+        "--resume",
+    ]));
+    assert!(e.contains("other settings"), "{e}");
 }

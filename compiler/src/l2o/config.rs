@@ -306,6 +306,11 @@ pub struct RunConfig {
     pub num_unrolls: usize,
     #[serde(default = "default_eval_period")]
     pub evaluation_period: usize,
+    /// Fresh problems per validation (the validation objective is their
+    /// mean): one problem is a noisy basis for best checkpoints and
+    /// curriculum switches.
+    #[serde(default = "default_validation_problems")]
+    pub validation_problems: usize,
     /// Curriculum learning: inner steps per meta-iteration of each stage
     /// (strictly increasing multiples of `unroll_length`; the seed's list is
     /// `[100, 200, 500, 1000, 1500, ..., 5000]`). Replaces `num_unrolls`.
@@ -326,6 +331,10 @@ fn default_min_num_eval() -> usize {
     3
 }
 
+fn default_validation_problems() -> usize {
+    1
+}
+
 impl RunConfig {
     /// Check every value; errors name the key.
     pub fn validate(&self) -> Result<()> {
@@ -338,6 +347,7 @@ impl RunConfig {
             bail!("config key 'run.evaluation_period' must be at least 1 with a run.curriculum (stages switch on validations)");
         }
         positive("run.min_num_eval", r.min_num_eval)?;
+        positive("run.validation_problems", r.validation_problems)?;
         if let Some(c) = &r.curriculum {
             if c.is_empty() {
                 bail!("config key 'run.curriculum' must list at least one stage");
@@ -384,6 +394,7 @@ impl Default for RunConfig {
             unroll_length: 20,
             num_unrolls: 5,
             evaluation_period: 1,
+            validation_problems: default_validation_problems(),
             curriculum: None,
             min_num_eval: default_min_num_eval(),
             bptt_checkpoint_every: 0,

@@ -47,6 +47,9 @@ pub struct RunSettings {
     pub num_unrolls: usize,
     /// Validate every this many meta-iterations (0 = never).
     pub evaluation_period: usize,
+    /// Fresh problems per validation; the validation objective is their mean.
+    #[serde(default = "one")]
+    pub validation_problems: usize,
     pub seed: u64,
     pub batch_size: usize,
     pub objective_examples: usize,
@@ -57,6 +60,10 @@ pub struct RunSettings {
     /// rest (0 or 1: keeps all).
     #[serde(default)]
     pub checkpoint_every: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One line of `metrics.jsonl`.
@@ -286,7 +293,8 @@ impl<'a> MetaTrainer<'a> {
                 && info.settings.unroll_length == self.settings.unroll_length
                 && info.settings.num_unrolls == self.settings.num_unrolls
                 && info.settings.batch_size == self.settings.batch_size
-                && info.settings.curriculum == self.settings.curriculum,
+                && info.settings.curriculum == self.settings.curriculum
+                && info.settings.validation_problems == self.settings.validation_problems,
             "{}: the run was started with other settings ({:?}); resume with the same ones",
             ip.display(),
             info.settings
@@ -379,9 +387,21 @@ impl<'a> MetaTrainer<'a> {
 
     /// Run the learned optimizer (no learning) on a fresh problem on
     /// `split` for the training horizon; the objective at the end.
+    /// With `validation_problems` > 1, the mean over that many problems
+    /// (each its own initialisation and batches; infinite if one diverges).
     pub fn validate(&mut self, sampler: &dyn InitSampler, split: &Split) -> Result<f64> {
+        let n = self.settings.validation_problems.max(1);
+        let mut sum = 0.0;
+        for k in 0..n {
+            sum +=
+                self.validate_one(sampler, split, derive_seed(self.settings.seed, 2, k as u64))?;
+        }
+        Ok(sum / n as f64)
+    }
+
+    /// One validation problem drawn from `seed`.
+    fn validate_one(&mut self, sampler: &dyn InitSampler, split: &Split, seed: u64) -> Result<f64> {
         let s = &self.settings;
-        let seed = derive_seed(s.seed, 2, 0);
         let (mut theta, mut state) = sampler.sample(seed)?;
         let mut data = MnistUnrollData::new(
             split,
