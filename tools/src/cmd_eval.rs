@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use metac_compiler::l2o::program::baseline_graph_name;
 use metac_compiler::metatest::{
     build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
 };
@@ -224,6 +225,13 @@ pub fn run(a: Args) -> Result<()> {
         runs: vec![],
     };
     let no_phi: Vec<(String, metac_graphs::Tensor)> = vec![];
+    let bundle_problem = match &bundle {
+        Some(b) => {
+            let c = crate::cmd_l2o::bundle_config(b)?;
+            Some((b, c.problem, c.batch_size))
+        }
+        None => None,
+    };
     for spec in &specs {
         let (opt, phi) = match spec {
             OptSpec::Learned => {
@@ -235,14 +243,31 @@ pub fn run(a: Args) -> Result<()> {
         let label = spec.label();
         let t0 = Instant::now();
         let ts = build_train_step(problem.as_ref(), &opt);
-        let onnx = to_onnx(&ts.graph, "train_step").map_err(anyhow::Error::msg)?;
+        // A baseline on the bundle's own problem and batch size runs the
+        // step compiled into the bundle; anything else is compiled here.
+        let from_bundle = match (spec, &bundle_problem) {
+            (OptSpec::Baseline(..), Some((b, p, batch)))
+                if *p == problem_name && Some(*batch) == data.as_ref().map(|d| d.batch_size) =>
+            {
+                let name = baseline_graph_name(label);
+                b.manifest.graph(&name).is_some().then_some((b, name))
+            }
+            _ => None,
+        };
+        let (onnx, how) = match from_bundle {
+            Some((b, name)) => (
+                b.graph_bytes(&name)?,
+                format!("loaded {name} from the bundle"),
+            ),
+            None => (
+                to_onnx(&ts.graph, "train_step").map_err(anyhow::Error::msg)?,
+                "built train_step".to_string(),
+            ),
+        };
         let mut train = backend
             .load(&onnx, &format!("train_step ({label})"))
             .with_context(|| format!("loading train_step for {label}"))?;
-        eprintln!(
-            "[{label}] built train_step in {:.1}s",
-            t0.elapsed().as_secs_f64()
-        );
+        eprintln!("[{label}] {how} in {:.1}s", t0.elapsed().as_secs_f64());
         for (i, &seed) in seeds.iter().enumerate() {
             let t0 = Instant::now();
             let init = run_init(label, problem.as_ref(), &opt, phi, seed);

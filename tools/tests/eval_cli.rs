@@ -331,3 +331,51 @@ fn the_learned_optimizer_runs_on_a_data_free_problem() {
         .iter()
         .all(|r| r[3].parse::<f32>().unwrap().is_finite()));
 }
+
+/// A baseline on the bundle's own problem and batch size runs the step
+/// compiled into the bundle; its curves equal those of the step `eval`
+/// compiles itself (another batch size, or no bundle).
+#[test]
+fn baselines_run_from_the_bundle_on_its_problem() {
+    let (bundle, _) = bundle_and_run();
+    let run = |with_bundle: bool, batch: &str, name: &str| {
+        let out = scratch(name);
+        let mut v = strings(&[
+            "eval",
+            "--problem",
+            "mnist-mlp",
+            "--steps",
+            "20",
+            "--seeds",
+            "3",
+            "--optimizers",
+            "adam-1e-3,sgd-1e-3",
+            "--batch-size",
+            batch,
+            "--eval-batch-size",
+            "500",
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            "tract",
+        ]);
+        if with_bundle {
+            v.extend(strings(&["--bundle", bundle]));
+        }
+        let o = call(&v);
+        ok(&o);
+        (curves(&out), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (from_bundle, log) = run(true, "8", "from-bundle");
+    assert!(
+        log.contains("[adam-1e-3] loaded baseline.adam-1e-3 from the bundle")
+            && log.contains("[sgd-1e-3] loaded baseline.sgd-1e-3 from the bundle"),
+        "{log}"
+    );
+    let (built, log) = run(false, "8", "built");
+    assert!(log.contains("[adam-1e-3] built train_step"), "{log}");
+    assert_eq!(from_bundle, built);
+    // Another batch size: the bundle's step does not fit, eval builds one.
+    let (_, log) = run(true, "16", "other-batch");
+    assert!(log.contains("[adam-1e-3] built train_step"), "{log}");
+}

@@ -58,7 +58,7 @@ use metac_runtime::l2o::{
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
 use crate::metatest::{build_train_step, MetaOptimizer};
-use crate::models::baselines::{Adam, Baseline, StepOptimizer};
+use crate::models::baselines::{parse_baseline, Adam, Baseline, StepOptimizer, BUNDLE_BASELINES};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
 use metac_runtime::l2o::imitation::ImitationSpec;
@@ -70,6 +70,12 @@ pub const META_LOSS: &str = "meta_loss";
 pub const INITIAL_OBJECTIVE: &str = "initial_objective";
 /// Name of the bundle graph of the compiled Adam step used for imitation.
 pub const IMITATION_STEP: &str = "imitation_step";
+
+/// The bundle graph holding baseline `label`'s `train_step` (e.g.
+/// `baseline.adam-1e-3`) for the training problem.
+pub fn baseline_graph_name(label: &str) -> String {
+    format!("baseline.{label}")
+}
 /// Name of the regulariser-weight input of the fused unroll graph.
 pub const REG_WEIGHT: &str = "reg_weight";
 /// The epsilon of the log meta-objective.
@@ -700,6 +706,13 @@ impl L2oProgram {
         b.graph(META_UPDATE, &meta_update)?;
         if let Some((g, _)) = &imitation {
             b.graph(IMITATION_STEP, g)?;
+        }
+        // The baselines' steps on the training problem, as `metac eval`
+        // builds them (it runs these when problem and batch size match).
+        for label in BUNDLE_BASELINES {
+            let opt = parse_baseline(label).map_err(anyhow::Error::msg)?;
+            let ts = build_train_step(self.train.as_ref(), &MetaOptimizer::Baseline(opt));
+            b.graph(&baseline_graph_name(label), &optimize(&ts.graph))?;
         }
         let port = |graph: &str, tensor: &str| Port {
             graph: graph.into(),

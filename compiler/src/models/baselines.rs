@@ -393,6 +393,49 @@ impl StepOptimizer for Adagrad {
     }
 }
 
+/// The baselines every L2O bundle holds a compiled step of, for its
+/// training problem (`metac eval`'s default comparison).
+pub const BUNDLE_BASELINES: [&str; 5] = [
+    "adam-1e-3",
+    "adam-1e-4",
+    "sgd-1e-3",
+    "rmsprop-1e-3",
+    "adagrad-1e-2",
+];
+
+/// Parses a baseline label `NAME-LR` (e.g. `adam-1e-3`) with NAME one of
+/// adam, sgd, rmsprop, adagrad; the other hyperparameters are the defaults.
+pub fn parse_baseline(s: &str) -> Result<Baseline, String> {
+    let bad = || {
+        format!(
+            "unknown optimizer '{s}' (expected learned or NAME-LR with NAME one of adam, sgd, rmsprop, adagrad, e.g. adam-1e-3)"
+        )
+    };
+    let (name, lr) = s.split_once('-').ok_or_else(bad)?;
+    let lr: f32 = lr.parse().map_err(|_| bad())?;
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(format!(
+            "optimizer '{s}': the learning rate must be a finite number > 0"
+        ));
+    }
+    Ok(match name {
+        "adam" => Baseline::Adam(Adam::with_lr(lr)),
+        "sgd" => Baseline::Sgd(Sgd {
+            lr,
+            ..Sgd::default()
+        }),
+        "rmsprop" => Baseline::RmsProp(RmsProp {
+            lr,
+            ..RmsProp::default()
+        }),
+        "adagrad" => Baseline::Adagrad(Adagrad {
+            lr,
+            ..Adagrad::default()
+        }),
+        _ => return Err(bad()),
+    })
+}
+
 /// Any of the baselines, for choosing one at run time.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Baseline {

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use metac_compiler::models::baselines::{Adagrad, Adam, Baseline, RmsProp, Sgd};
+use metac_compiler::models::baselines::{parse_baseline, Baseline};
 use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
 use metac_runtime::bundle::Bundle;
 use metac_runtime::l2o::run::load_run_phi;
@@ -44,32 +44,7 @@ pub fn parse_optimizer(s: &str) -> Result<OptSpec> {
     if s == "learned" {
         return Ok(OptSpec::Learned);
     }
-    let bad = || {
-        anyhow::anyhow!(
-            "unknown optimizer '{s}' (expected learned or NAME-LR with NAME one of adam, sgd, rmsprop, adagrad, e.g. adam-1e-3)"
-        )
-    };
-    let (name, lr) = s.split_once('-').ok_or_else(bad)?;
-    let lr: f32 = lr.parse().map_err(|_| bad())?;
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("optimizer '{s}': the learning rate must be a finite number > 0");
-    }
-    let b = match name {
-        "adam" => Baseline::Adam(Adam::with_lr(lr)),
-        "sgd" => Baseline::Sgd(Sgd {
-            lr,
-            ..Sgd::default()
-        }),
-        "rmsprop" => Baseline::RmsProp(RmsProp {
-            lr,
-            ..RmsProp::default()
-        }),
-        "adagrad" => Baseline::Adagrad(Adagrad {
-            lr,
-            ..Adagrad::default()
-        }),
-        _ => return Err(bad()),
-    };
+    let b = parse_baseline(s).map_err(anyhow::Error::msg)?;
     Ok(OptSpec::Baseline(s.to_string(), b))
 }
 
