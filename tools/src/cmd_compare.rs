@@ -23,8 +23,8 @@ use crate::cmd_eval::table::table;
 #[command(after_help = "Examples:\n  \
 metac compare evals/base=base evals/hessian=+hessian evals/jacob=+jacob --optimizers learned --out evals/ablation\n  \
 metac compare evals/relu evals/relu-long --out evals/relu-both\n\n\
-Writes into OUT: curves.png (the mean curve over seeds of every compared optimizer, log scale \
-when every loss is positive), summary.json (per row: label, eval directory, optimizer, and its \
+Writes into OUT: curves.png (the mean curve over seeds of every compared optimizer, or with \
+--curve median the median, log scale when every loss is positive), summary.json (per row: label, eval directory, optimizer, and its \
 statistics as in the eval's summary.json) and prints the table.")]
 pub struct Args {
     /// Eval directories of `metac eval`, each as DIR or DIR=LABEL (default
@@ -34,9 +34,36 @@ pub struct Args {
     /// Comma-separated optimizers to take from each eval (default: all).
     #[arg(long)]
     pub optimizers: Option<String>,
+    /// The curve plotted per optimizer: the mean over seeds, or the median
+    /// (robust to a seed that blows up).
+    #[arg(long, value_enum, default_value_t = Statistic::Mean)]
+    pub curve: Statistic,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Statistic {
+    Mean,
+    Median,
+}
+
+impl Statistic {
+    fn of(self, mut v: Vec<f64>) -> f64 {
+        match self {
+            Statistic::Mean => v.iter().sum::<f64>() / v.len() as f64,
+            Statistic::Median => {
+                v.sort_by(f64::total_cmp);
+                let n = v.len();
+                if n % 2 == 1 {
+                    v[n / 2]
+                } else {
+                    0.5 * (v[n / 2 - 1] + v[n / 2])
+                }
+            }
+        }
+    }
 }
 
 /// One row of the comparison.
@@ -86,10 +113,14 @@ fn read_summary(dir: &Path) -> Result<Summary> {
     serde_json::from_str(&text).with_context(|| format!("{}: not an eval summary", p.display()))
 }
 
-/// Mean curve over seeds per optimizer, from an eval's `curves.csv`
-/// (`optimizer,seed,step,loss`), for the optimizers in `keep`, up to the
-/// shortest seed's length.
-fn mean_curves(dir: &Path, keep: &[String]) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+/// Curve over seeds (`stat` per step) per optimizer, from an eval's
+/// `curves.csv` (`optimizer,seed,step,loss`), for the optimizers in `keep`,
+/// up to the shortest seed's length.
+fn seed_curves(
+    dir: &Path,
+    keep: &[String],
+    stat: Statistic,
+) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
     let p = dir.join("curves.csv");
     let text =
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -126,12 +157,11 @@ fn mean_curves(dir: &Path, keep: &[String]) -> Result<BTreeMap<String, Vec<(f64,
         .into_iter()
         .map(|(opt, seeds)| {
             let len = seeds.values().map(Vec::len).min().unwrap_or(0);
-            let n = seeds.len() as f64;
             let pts = (0..len)
                 .map(|t| {
                     (
                         (t + 1) as f64,
-                        seeds.values().map(|l| l[t]).sum::<f64>() / n,
+                        stat.of(seeds.values().map(|l| l[t]).collect()),
                     )
                 })
                 .collect();
@@ -192,7 +222,7 @@ pub fn run(a: Args) -> Result<()> {
                 .collect::<Vec<_>>()
         );
         let names: Vec<String> = take.iter().map(|o| o.optimizer.clone()).collect();
-        let mut mc = mean_curves(&dir, &names)?;
+        let mut mc = seed_curves(&dir, &names, a.curve)?;
         for o in take {
             // One optimizer per eval: the label alone names the row.
             let row_label = if names.len() == 1 {
@@ -237,7 +267,14 @@ pub fn run(a: Args) -> Result<()> {
         .into(),
         ..PlotOptions::default()
     };
-    let title = format!("{}: mean loss over seeds", s0.problem);
+    let title = format!(
+        "{}: {} loss over seeds",
+        s0.problem,
+        match a.curve {
+            Statistic::Mean => "mean",
+            Statistic::Median => "median",
+        }
+    );
     let plotted = match plot_curves_with(&png, &title, &curves, &opts) {
         Ok(()) => format!(", {}", png.display()),
         Err(e) => {
@@ -273,5 +310,12 @@ mod tests {
             (PathBuf::from("evals/jacob"), "jacob".to_string())
         );
         assert!(parse_eval("evals/x=").is_err());
+    }
+
+    #[test]
+    fn curve_statistics() {
+        assert_eq!(Statistic::Mean.of(vec![1.0, 2.0, 9.0]), 4.0);
+        assert_eq!(Statistic::Median.of(vec![9.0, 1.0, 2.0]), 2.0);
+        assert_eq!(Statistic::Median.of(vec![4.0, 1.0, 2.0, 1e9]), 3.0);
     }
 }
