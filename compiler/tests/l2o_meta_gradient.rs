@@ -508,7 +508,12 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
             "reset",
             "reset_vjp",
             "objective",
-            "meta_update"
+            "meta_update",
+            "baseline.adam-1e-3",
+            "baseline.adam-1e-4",
+            "baseline.sgd-1e-3",
+            "baseline.rmsprop-1e-3",
+            "baseline.adagrad-1e-2"
         ]
     );
     Bundle::load(&dir.join("tiny")).unwrap();
