@@ -17,6 +17,7 @@ use metac_runtime::metatest::{OptimizerSummary, Summary};
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 use serde::Serialize;
 
+use crate::cmd_eval::read_summary_json;
 use crate::cmd_eval::table::table;
 
 #[derive(Parser, Debug)]
@@ -102,15 +103,12 @@ fn parse_eval(s: &str) -> Result<(PathBuf, String)> {
 }
 
 fn read_summary(dir: &Path) -> Result<Summary> {
-    let p = dir.join("summary.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
+    serde_json::from_value(read_summary_json(dir)?).with_context(|| {
         format!(
-            "cannot read {} (is {} a `metac eval` output?)",
-            p.display(),
-            dir.display()
+            "{}: not an eval summary",
+            dir.join("summary.json").display()
         )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not an eval summary", p.display()))
+    })
 }
 
 /// Curve over seeds (`stat` per step) per optimizer, from an eval's

@@ -157,6 +157,20 @@ fn save_params(
     }
 }
 
+/// `DIR/summary.json` of an eval output, parsed as JSON; the error says
+/// when DIR does not look like one.
+pub(crate) fn read_summary_json(dir: &Path) -> Result<serde_json::Value> {
+    let p = dir.join("summary.json");
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "cannot read {} (is {} a `metac eval` output?)",
+            p.display(),
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
 pub fn run(a: Args) -> Result<()> {
     // Validate every input before loading anything.
     let specs = parse_optimizers(&a.optimizers)?;
@@ -242,6 +256,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         let label = spec.label();
         let t0 = Instant::now();
+        // Built in any case: its `io` names the graph's inputs and outputs.
         let ts = build_train_step(problem.as_ref(), &opt);
         // A baseline on the bundle's own problem and batch size runs the
         // step compiled into the bundle; anything else is compiled here.

@@ -76,6 +76,7 @@ pub const IMITATION_STEP: &str = "imitation_step";
 pub fn baseline_graph_name(label: &str) -> String {
     format!("baseline.{label}")
 }
+
 /// Name of the regulariser-weight input of the fused unroll graph.
 pub const REG_WEIGHT: &str = "reg_weight";
 /// The epsilon of the log meta-objective.

@@ -13,22 +13,19 @@ use serde_json::{json, Value};
 use super::report::analyse_one;
 use super::setup::{read_params, setup_problem};
 use super::{Args, Split3};
+use crate::cmd_eval::read_summary_json;
 
 /// Problem name and split of a `metac eval` directory.
 fn eval_info(dir: &Path) -> Result<(String, Option<String>)> {
-    let p = dir.join("summary.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "reading {} (is {} a `metac eval` output?)",
-            p.display(),
-            dir.display()
-        )
-    })?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    let v = read_summary_json(dir)?;
     let problem = v["problem"]
         .as_str()
-        .with_context(|| format!("{}: no string key \"problem\"", p.display()))?
+        .with_context(|| {
+            format!(
+                "{}: no string key \"problem\"",
+                dir.join("summary.json").display()
+            )
+        })?
         .to_string();
     Ok((problem, v["split"].as_str().map(str::to_string)))
 }
