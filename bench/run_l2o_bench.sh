@@ -9,7 +9,8 @@
 #        and `pip install -r bench/requirements.txt`)
 # Environment: METAC_ITERS (default 3; the first includes session warm-up and
 # is dropped), JAX_REPEATS (default 5), UNROLL (default 20), BACKENDS
-# (default "ort tract"), BENCH_TMP (default /tmp).
+# (default "ort tract"; "ort-unfused" is ONNX Runtime without metac's fused
+# elementwise kernel, `--unfused`), BENCH_TMP (default /tmp).
 # REG (default none): a Hessian regulariser (hessian, hessian-ev, hessian-esd,
 # jacob; weight 1e-4, 10 probes / power iterations / Lanczos steps) at every
 # inner step. With REG set, metac is timed by
@@ -53,8 +54,12 @@ if [ "$REG" = none ]; then
         rm -rf "$run"
         echo "# metac run --backend $backend ($ITERS meta-iterations)" >&2
         start=$(date +%s.%N)
+        case "$backend" in
+            ort-unfused) engine=(--backend ort --unfused) ;;
+            *) engine=(--backend "$backend") ;;
+        esac
         "$METAC" run "$BUNDLE" --out "$run" --meta-iterations "$ITERS" --num-unrolls 1 \
-            --unroll-length "$UNROLL" --evaluation-period 0 --quiet --backend "$backend" >&2
+            --unroll-length "$UNROLL" --evaluation-period 0 --quiet "${engine[@]}" >&2
         end=$(date +%s.%N)
         python3 - "$run/metrics.jsonl" "$backend" "$start" "$end" >> "$RESULTS" <<'EOF'
 import json, statistics, sys

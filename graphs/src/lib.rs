@@ -7,6 +7,7 @@
 pub mod autodiff;
 pub mod cost;
 pub mod eval;
+pub mod fusion;
 pub mod graph;
 pub mod onnx;
 pub mod ops;

@@ -77,6 +77,53 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A [`StepRunner`] that adds up the time spent inside each graph, so the
+/// bench can say how much of a meta-iteration is the engine and how much is
+/// the host (data, copies, BPTT bookkeeping).
+struct Timed<R> {
+    inner: R,
+    step: f64,
+    step_vjp: f64,
+    reset: f64,
+}
+
+impl<R: StepRunner> Timed<R> {
+    fn new(inner: R) -> Self {
+        Timed {
+            inner,
+            step: 0.0,
+            step_vjp: 0.0,
+            reset: 0.0,
+        }
+    }
+    fn clear(&mut self) {
+        (self.step, self.step_vjp, self.reset) = (0.0, 0.0, 0.0);
+    }
+}
+
+fn timed<T>(acc: &mut f64, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let out = f();
+    *acc += t0.elapsed().as_secs_f64();
+    out
+}
+
+impl<R: StepRunner> StepRunner for Timed<R> {
+    type Tensor = R::Tensor;
+    fn step(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        timed(&mut self.step, || self.inner.step(inputs))
+    }
+    fn step_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        timed(&mut self.step_vjp, || self.inner.step_vjp(inputs))
+    }
+    fn reset(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        timed(&mut self.reset, || self.inner.reset(inputs))
+    }
+    fn reset_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        timed(&mut self.reset, || self.inner.reset_vjp(inputs))
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -144,8 +191,8 @@ pub fn run(a: L2oArgs) -> Result<()> {
         per_iter / 1e9,
         a.repeats
     );
-    println!("| backend | step forward (ms) | meta-iteration (s) | per inner step (ms) | GFLOP/s | peak RSS (MB) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| backend | step forward (ms) | meta-iteration (s) | per inner step (ms) | in step (ms) | in step_vjp (ms) | GFLOP/s | peak RSS (MB) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for choice in &a.backends {
         let backend = match open_backend(&BackendOptions {
             choice: *choice,
@@ -153,11 +200,11 @@ pub fn run(a: L2oArgs) -> Result<()> {
         }) {
             Ok(b) => b,
             Err(e) => {
-                println!("| {choice} | unavailable: {e:#} | | | | |");
+                println!("| {choice} | unavailable: {e:#} | | | | | | |");
                 continue;
             }
         };
-        let mut runner = SessionRunner::from_bundle(&bundle, backend.as_ref())?;
+        let mut runner = Timed::new(SessionRunner::from_bundle(&bundle, backend.as_ref())?);
         let unroll = Unroll {
             phi: &phi,
             theta: &theta,
@@ -189,19 +236,25 @@ pub fn run(a: L2oArgs) -> Result<()> {
             fwd.push(t0.elapsed().as_secs_f64());
         }
         truncated_bptt(&mut runner, &layout, &unroll)?;
-        let mut times = vec![];
+        let (mut times, mut in_step, mut in_vjp) = (vec![], vec![], vec![]);
         for _ in 0..a.repeats {
+            runner.clear();
             let t0 = Instant::now();
             truncated_bptt(&mut runner, &layout, &unroll)?;
             times.push(t0.elapsed().as_secs_f64());
+            in_step.push(runner.step);
+            in_vjp.push(runner.step_vjp);
         }
         let t = median(times);
+        let per_step = |v: Vec<f64>| median(v) / a.unroll_length as f64 * 1e3;
         println!(
-            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {} |",
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             backend.name(),
             median(fwd) * 1e3,
             t,
             t / a.unroll_length as f64 * 1e3,
+            per_step(in_step),
+            per_step(in_vjp),
             per_iter / t / 1e9,
             peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0}"))
         );

@@ -13,6 +13,10 @@ pub struct BackendArgs {
     /// ONNX Runtime intra-op threads (default: all available cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run every op as ONNX Runtime's own kernel: no fused elementwise
+    /// chains (on CPU they are fused by default).
+    #[arg(long)]
+    pub unfused: bool,
 }
 
 impl BackendArgs {
@@ -21,6 +25,7 @@ impl BackendArgs {
             choice: self.backend,
             device: self.device,
             threads: self.threads,
+            unfused: self.unfused,
         }
     }
 }

@@ -52,7 +52,7 @@ use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
     ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
-    MINIBATCH_LOSS, OBJECTIVE,
+    MINIBATCH_LOSS, OBJECTIVE, APPLY,
 };
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
@@ -386,6 +386,20 @@ impl L2oProgram {
         Self::hoist_objective_transposes(&optimize(&g), &l)
     }
 
+    /// The `apply` graph (optimized): the step without the objective set,
+    /// `phi, theta, S, minibatch -> next.*, minibatch_loss`. Validation runs
+    /// it, since it needs only the trajectory (the objective over the set
+    /// costs as much as the rest of the step).
+    pub fn apply_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let i = self.declare_step_inputs(&mut g, false);
+        let o = self.step_core(&mut g, &i, false);
+        self.add_step_outputs(&mut g, &l, &o);
+        g.output(MINIBATCH_LOSS, o.minibatch_loss);
+        optimize(&g)
+    }
+
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.
     pub fn step_vjp_graph(&self) -> Graph {
         let l = self.layout();
@@ -699,6 +713,7 @@ impl L2oProgram {
             ("reset", self.reset_graph()),
             ("reset_vjp", self.reset_vjp_graph()),
             ("objective", self.objective_graph()),
+            (APPLY, self.apply_graph()),
         ];
         let mut b = BundleBuilder::new("l2o");
         for (name, g) in &graphs {

@@ -13,6 +13,7 @@ use super::pb::{
     ValueInfoProto,
 };
 use super::{IR_VERSION, OPSET};
+use crate::fusion::{Cluster, FUSED_DOMAIN, FUSED_OP};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{ConvParams, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Tensor, TensorData, TensorType};
@@ -180,6 +181,24 @@ impl Lowering<'_> {
         self.emit("Where", vec![t("near0"), t("small"), t("big")], out, vec![]);
     }
 
+    fn lower_cluster(&mut self, c: &Cluster) {
+        let out: Vec<String> = c.outputs.iter().map(|&o| self.name(o)).collect();
+        self.nodes.push(NodeProto {
+            input: c.inputs.iter().map(|&i| self.name(i)).collect(),
+            name: format!("{}_fused", out[0]),
+            output: out,
+            op_type: FUSED_OP.into(),
+            domain: FUSED_DOMAIN.into(),
+            attribute: vec![AttributeProto {
+                name: "program".into(),
+                r#type: AttributeType::String as i32,
+                s: c.program.encode().into_bytes(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+
     fn shape_operand(&mut self, s: &[usize]) -> String {
         let v: Vec<i64> = s.iter().map(|&d| d as i64).collect();
         self.i64_const(&v)
@@ -329,6 +348,90 @@ impl Lowering<'_> {
 /// Lower a graph to an ONNX model. Only the nodes its outputs need are
 /// emitted; every `Input` node becomes a graph input, in creation order.
 pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportError> {
+    export_with_clusters(g, graph_name, &[])
+}
+
+/// [`export_model`], with each cluster written as one `ai.metac`
+/// `FusedElementwise` node (see [`crate::fusion`]). Not standard ONNX: only
+/// an engine with metac's kernel registered can run it.
+pub fn export_fused_model(
+    g: &Graph,
+    graph_name: &str,
+    clusters: &[Cluster],
+) -> Result<ModelProto, ExportError> {
+    export_with_clusters(g, graph_name, clusters)
+}
+
+/// The order in which to emit the live nodes, each cluster as one unit at
+/// the place of its last member: a topological order of the units (the
+/// clusters are convex, so one exists), otherwise node order.
+fn emission_order(g: &Graph, live: &[bool], clusters: &[Cluster]) -> Vec<Unit> {
+    let mut unit_of: Vec<Option<usize>> = vec![None; g.len()];
+    let mut units: Vec<Unit> = vec![];
+    for (c, cl) in clusters.iter().enumerate() {
+        for m in &cl.members {
+            unit_of[m.index()] = Some(units.len());
+        }
+        units.push(Unit::Cluster(c));
+    }
+    for (i, &l) in live.iter().enumerate() {
+        if l && unit_of[i].is_none() {
+            unit_of[i] = Some(units.len());
+            units.push(Unit::Node(NodeId(i as u32)));
+        }
+    }
+    // Kahn's algorithm, smallest first node first, so that the output is
+    // node order wherever the clusters allow it.
+    let first = |u: &Unit| match u {
+        Unit::Node(n) => *n,
+        Unit::Cluster(c) => clusters[*c].members[0],
+    };
+    let mut deps: Vec<Vec<usize>> = vec![vec![]; units.len()];
+    let mut pending = vec![0usize; units.len()];
+    for (i, &l) in live.iter().enumerate() {
+        if !l {
+            continue;
+        }
+        let u = unit_of[i].expect("live node has a unit");
+        for x in &g.node(NodeId(i as u32)).inputs {
+            let p = unit_of[x.index()].expect("inputs of live nodes are live");
+            if p != u && !deps[p].contains(&u) {
+                deps[p].push(u);
+                pending[u] += 1;
+            }
+        }
+    }
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<(NodeId, usize)>> = units
+        .iter()
+        .enumerate()
+        .filter(|(u, _)| pending[*u] == 0)
+        .map(|(u, x)| std::cmp::Reverse((first(x), u)))
+        .collect();
+    let mut order = vec![];
+    while let Some(std::cmp::Reverse((_, u))) = ready.pop() {
+        order.push(units[u]);
+        for &v in &deps[u] {
+            pending[v] -= 1;
+            if pending[v] == 0 {
+                ready.push(std::cmp::Reverse((first(&units[v]), v)));
+            }
+        }
+    }
+    assert_eq!(order.len(), units.len(), "fused clusters must be convex");
+    order
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Node(NodeId),
+    Cluster(usize),
+}
+
+fn export_with_clusters(
+    g: &Graph,
+    graph_name: &str,
+    clusters: &[Cluster],
+) -> Result<ModelProto, ExportError> {
     if g.outputs().is_empty() {
         return Err(ExportError::NoOutputs);
     }
@@ -376,8 +479,11 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
     };
     let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
     let live = crate::passes::dce::live_nodes(g, &roots);
-    for (i, _) in live.iter().enumerate().filter(|(_, &l)| l) {
-        l.lower(NodeId(i as u32));
+    for unit in emission_order(g, &live, clusters) {
+        match unit {
+            Unit::Node(id) => l.lower(id),
+            Unit::Cluster(c) => l.lower_cluster(&clusters[c]),
+        }
     }
     for (name, id) in g.outputs() {
         if direct.get(id) != Some(name) {
@@ -400,12 +506,19 @@ pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportErr
             .collect(),
         ..Default::default()
     };
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: OPSET,
+    }];
+    if !clusters.is_empty() {
+        opset_import.push(OperatorSetIdProto {
+            domain: FUSED_DOMAIN.into(),
+            version: 1,
+        });
+    }
     Ok(ModelProto {
         ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
+        opset_import,
         producer_name: "metac".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),

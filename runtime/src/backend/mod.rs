@@ -11,6 +11,7 @@
 //! traits are shaped to keep per-run work to input validation and value conversion.
 
 mod discovery;
+mod fused_kernel;
 mod ort_backend;
 #[cfg(feature = "tract")]
 mod tract_backend;
@@ -136,6 +137,9 @@ pub struct BackendOptions {
     /// ONNX Runtime intra-op threads; `None` = `std::thread::available_parallelism()`. Ignored by tract,
     /// which runs single-threaded.
     pub threads: Option<usize>,
+    /// Run every op as ONNX Runtime's own kernel instead of fusing
+    /// elementwise chains into metac's kernel (the default on CPU).
+    pub unfused: bool,
 }
 
 /// Opens the backend described by `opts`. See [`BackendChoice`] for the fallback rules.
@@ -149,10 +153,10 @@ pub fn open_backend(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
             let rt = discovery::ort_runtime().map_err(|e| {
                 anyhow!("backend 'ort' was requested, but ONNX Runtime is not available: {}. {INSTALL_HINT}", one_line(&format!("{e:#}")))
             })?;
-            Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads)?))
+            Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads, !opts.unfused)?))
         }
         BackendChoice::Auto => match discovery::ort_runtime() {
-            Ok(rt) => Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads)?)),
+            Ok(rt) => Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads, !opts.unfused)?)),
             Err(e) => {
                 if let Device::Cuda(_) = opts.device {
                     // tract cannot use a GPU, so falling back would only turn this into a less helpful error.

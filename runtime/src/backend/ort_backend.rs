@@ -9,7 +9,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session as OrtSession, SessionInputValue};
 use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef, ValueType};
 
+use metac_graphs::fusion::fuse_onnx;
+
 use super::discovery::OrtRuntime;
+use super::fused_kernel::fused_domain;
 use super::{order_inputs, Backend, Device, InputSpec, Session};
 use crate::tensor::{DType, HostTensor};
 
@@ -18,6 +21,9 @@ pub struct OrtBackend {
     rt: &'static OrtRuntime,
     device: Device,
     intra_threads: usize,
+    /// Graphs are loaded with their elementwise chains fused into metac's
+    /// kernel (CPU only).
+    fuse: bool,
 }
 
 impl OrtBackend {
@@ -27,6 +33,7 @@ impl OrtBackend {
         rt: &'static OrtRuntime,
         device: Device,
         threads: Option<usize>,
+        fuse: bool,
     ) -> Result<Self> {
         if let Device::Cuda(_) = device {
             check_cuda_compiled_in(rt)?;
@@ -37,10 +44,13 @@ impl OrtBackend {
         let intra_threads = threads
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // The kernel is a CPU kernel: on a GPU it would move every fused
+        // chain's data to the host and back.
         Ok(OrtBackend {
             rt,
             device,
             intra_threads,
+            fuse: fuse && device == Device::Cpu,
         })
     }
 
@@ -56,6 +66,11 @@ impl OrtBackend {
 
     pub fn intra_threads(&self) -> usize {
         self.intra_threads
+    }
+
+    /// Whether graphs are loaded with their elementwise chains fused.
+    pub fn fuses(&self) -> bool {
+        self.fuse
     }
 }
 
@@ -73,7 +88,27 @@ impl Backend for OrtBackend {
         if let Device::Cuda(id) = self.device {
             builder = register_cuda(builder, id)?;
         }
-        let session = builder.commit_from_memory(onnx).map_err(|e| match self.device {
+        // METAC_ORT_PROFILE=DIR writes ONNX Runtime's per-node profile of
+        // every session (JSON, one file per graph) when the session ends.
+        if let Some(dir) = std::env::var_os("METAC_ORT_PROFILE") {
+            builder = builder
+                .with_profiling(std::path::Path::new(&dir).join(label))
+                .map_err(ort::Error::<()>::from)?;
+        }
+        // A graph the importer cannot read runs as it is: fusion is only an
+        // optimisation.
+        let fused = match self.fuse {
+            true => fuse_onnx(onnx, label).ok().flatten(),
+            false => None,
+        };
+        if fused.is_some() {
+            let domain =
+                fused_domain().map_err(|e| anyhow!("registering metac's fused kernel: {e}"))?;
+            builder = builder
+                .with_operators(domain)
+                .map_err(ort::Error::<()>::from)?;
+        }
+        let session = builder.commit_from_memory(fused.as_deref().unwrap_or(onnx)).map_err(|e| match self.device {
             // With CUDA registered, a failure here is most often the GPU itself (no device, driver or
             // cuDNN mismatch), which ORT reports only at session creation.
             Device::Cuda(id) => anyhow!(
@@ -107,6 +142,7 @@ impl Backend for OrtBackend {
 
         Ok(Box::new(OrtBackendSession {
             label: label.to_string(),
+            profiling: std::env::var_os("METAC_ORT_PROFILE").is_some(),
             session,
             inputs,
             outputs,
@@ -148,6 +184,15 @@ fn check_cuda_compiled_in(rt: &OrtRuntime) -> Result<()> {
 }
 
 /// Element type and static dimensions of a tensor-typed graph value; errors for types metac does not use.
+impl Drop for OrtBackendSession {
+    fn drop(&mut self) {
+        if self.profiling {
+            // Writes the profile; a failure only loses the profile.
+            let _ = self.session.end_profiling();
+        }
+    }
+}
+
 fn tensor_info(t: &ValueType) -> Result<(DType, Vec<Option<usize>>)> {
     let ValueType::Tensor { ty, shape, .. } = t else {
         bail!("has type {t:?}; metac only supports tensors");
@@ -164,6 +209,7 @@ fn tensor_info(t: &ValueType) -> Result<(DType, Vec<Option<usize>>)> {
 
 struct OrtBackendSession {
     label: String,
+    profiling: bool,
     session: OrtSession,
     inputs: Vec<InputSpec>,
     outputs: Vec<String>,

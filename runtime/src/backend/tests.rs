@@ -375,6 +375,7 @@ fn cuda_with_ort_is_an_error_not_a_panic() {
         choice: BackendChoice::Ort,
         device: Device::Cuda(0),
         threads: None,
+        unfused: false,
     };
     // Either opening or loading must fail on a machine without a usable CUDA provider; on a real GPU
     // machine with onnxruntime-gpu both succeed, which is also fine.
@@ -418,6 +419,7 @@ fn cuda_with_tract_is_an_error() {
         choice: BackendChoice::Tract,
         device: Device::Cuda(0),
         threads: None,
+        unfused: false,
     };
     let err = open_backend(&opts).err().expect("tract + cuda must fail");
     assert!(err.to_string().contains("tract runs on CPU only"), "{err}");

@@ -61,21 +61,35 @@ pub trait StepTensor: Clone {
     fn transposed(&self) -> Result<Self>;
 }
 
-/// The objective set as the step graph reads it: `obj` plus the transposed
-/// copies the layout asks for (made once per objective set, so that the
-/// objective's gradient `X^T dH` in every step is a plain MatMul).
+/// The transposed copies of the objective set that the layout asks for
+/// (`obj.x.T`, made once per objective set, so that the objective's gradient
+/// `X^T dH` in every step is a plain MatMul). The step graph reads them next
+/// to the objective set itself.
+pub fn objective_transposes<T: StepTensor>(
+    layout: &L2oLayout,
+    obj: &[(String, T)],
+) -> Result<Named<T>> {
+    layout
+        .objective_transposed
+        .iter()
+        .map(|(name, src)| {
+            let x = obj
+                .iter()
+                .find(|(n, _)| n == src)
+                .with_context(|| format!("objective set has no '{src}' to transpose"))?;
+            Ok((name.clone(), x.1.transposed()?))
+        })
+        .collect()
+}
+
+/// The objective set as the step graph reads it: `obj` plus
+/// [`objective_transposes`].
 pub fn objective_inputs<T: StepTensor>(
     layout: &L2oLayout,
     obj: &[(String, T)],
 ) -> Result<Named<T>> {
     let mut out = obj.to_vec();
-    for (name, src) in &layout.objective_transposed {
-        let x = obj
-            .iter()
-            .find(|(n, _)| n == src)
-            .with_context(|| format!("objective set has no '{src}' to transpose"))?;
-        out.push((name.clone(), x.1.transposed()?));
-    }
+    out.extend(objective_transposes(layout, obj)?);
     Ok(out)
 }
 
@@ -135,7 +149,14 @@ impl StepTensor for HostTensor {
             "transposing a tensor of shape {:?}",
             a.shape()
         );
-        Ok(HostTensor::F32(a.t().as_standard_layout().into_owned()))
+        let (rows, cols) = (a.shape()[0], a.shape()[1]);
+        let t = match a.as_slice() {
+            Some(src) => crate::tensor::transpose_2d(src, rows, cols),
+            None => a.t().iter().copied().collect(),
+        };
+        Ok(HostTensor::F32(
+            ArrayD::from_shape_vec(IxDyn(&[cols, rows]), t).expect("transposed shape"),
+        ))
     }
 }
 
@@ -288,6 +309,12 @@ fn lookup<'o, T>(out: &'o HashMap<String, T>, graph: &str, name: &str) -> Result
         .with_context(|| format!("graph '{graph}' has no output '{name}'"))
 }
 
+/// An output taken out of a graph's outputs (no copy).
+fn take<T>(out: &mut HashMap<String, T>, graph: &str, name: &str) -> Result<T> {
+    out.remove(name)
+        .with_context(|| format!("graph '{graph}' has no output '{name}'"))
+}
+
 fn pick<T: Clone>(from: &[(String, T)], names: &[String], what: &str) -> Result<Named<T>> {
     let map: HashMap<&str, &T> = from.iter().map(|(n, t)| (n.as_str(), t)).collect();
     names
@@ -335,7 +362,7 @@ fn run_step<R: StepRunner>(
     theta: &Named<R::Tensor>,
     state: &Named<R::Tensor>,
     minibatch: &Named<R::Tensor>,
-    objective_batch: &Named<R::Tensor>,
+    objective_batch: (&[(String, R::Tensor)], &[(String, R::Tensor)]),
     probes: &Named<R::Tensor>,
 ) -> Result<HashMap<String, R::Tensor>> {
     let ins: Vec<(&str, &R::Tensor)> = phi
@@ -343,18 +370,22 @@ fn run_step<R: StepRunner>(
         .chain(theta)
         .chain(state)
         .chain(minibatch)
-        .chain(objective_batch)
+        .chain(objective_batch.0)
+        .chain(objective_batch.1)
         .chain(probes)
         .map(|(n, x)| (n.as_str(), x))
         .collect();
     Ok(runner.step(&ins)?.into_iter().collect())
 }
 
-/// `names` looked up as `next.<name>` in a step's outputs.
-fn next_of<T: Clone>(out: &HashMap<String, T>, names: &[String]) -> Result<Named<T>> {
+/// `names` looked up as `next.<name>` in a step's outputs, taken out of them
+/// (no copy).
+fn next_of<T>(out: &mut HashMap<String, T>, names: &[String]) -> Result<Named<T>> {
     names
         .iter()
-        .map(|n| Ok((n.clone(), lookup(out, "step", &next_name(n))?.clone())))
+        .map(|n| {
+            Ok((n.clone(), take(out, "step", &next_name(n))?))
+        })
         .collect()
 }
 
@@ -366,7 +397,9 @@ pub fn truncated_bptt<R: StepRunner>(
 ) -> Result<BpttResult<R::Tensor>> {
     type T<R> = <R as StepRunner>::Tensor;
     let phi = pick(u.phi, &layout.phi, "phi")?;
-    let objective_batch = objective_inputs(layout, u.objective_batch)?;
+    // The set itself is borrowed; only its transposes are made here.
+    let transposes = objective_transposes(layout, u.objective_batch)?;
+    let objective_batch = (u.objective_batch, transposes.as_slice());
     let theta0 = pick(u.theta, &layout.theta, "theta")?;
     let mut state0 = pick(u.state, &layout.state, "state")?;
 
@@ -412,13 +445,13 @@ pub fn truncated_bptt<R: StepRunner>(
     let mut diverged = false;
     for t in 0..u.minibatches.len() {
         let mb = u.minibatches.get(t)?;
-        let out = run_step(
+        let mut out = run_step(
             runner,
             &phi,
             &theta,
             &state,
             &mb,
-            &objective_batch,
+            objective_batch,
             probes(t),
         )?;
         let obj = lookup(&out, "step", OBJECTIVE)?.scalar_value()?;
@@ -434,11 +467,11 @@ pub fn truncated_bptt<R: StepRunner>(
             layout
                 .theta
                 .iter()
-                .map(|n| lookup(&out, "step", &objective_grad_name(n)).cloned())
+                .map(|n| take(&mut out, "step", &objective_grad_name(n)))
                 .collect::<Result<_>>()?,
         );
-        let next_theta = next_of(&out, &layout.theta)?;
-        let next_state = next_of(&out, &layout.state)?;
+        let next_theta = next_of(&mut out, &layout.theta)?;
+        let next_state = next_of(&mut out, &layout.state)?;
         if let Some((labels, _)) = u.imitation {
             let label: HashMap<&str, &T<R>> =
                 labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
@@ -511,24 +544,27 @@ pub fn truncated_bptt<R: StepRunner>(
     let mut ct_state: Vec<T<R>> = state.iter().map(|(_, t)| t.zeros_like()).collect();
     let ct_reg = T::<R>::scalar(u.reg_weight);
     let ct_reg_name = ct_name(REG);
-    for (k, (ck_theta, ck_state)) in checkpoints.iter().enumerate().rev() {
+    for (k, (ck_theta, ck_state)) in checkpoints.into_iter().enumerate().rev() {
         // The segment [start, end): recompute its (theta_t, S_t) from the
         // checkpoint (nothing to recompute with `every` = 1).
         let start = k * every;
         let end = (start + every).min(steps);
-        let mut seg: Vec<ThetaState<T<R>>> = vec![(ck_theta.clone(), ck_state.clone())];
+        let mut seg: Vec<ThetaState<T<R>>> = vec![(ck_theta, ck_state)];
         for t in start..end - 1 {
             let (th, st) = seg.last().expect("segment start");
-            let out = run_step(
+            let mut out = run_step(
                 runner,
                 &phi,
                 th,
                 st,
                 &*u.minibatches.get(t)?,
-                &objective_batch,
+                objective_batch,
                 probes(t),
             )?;
-            seg.push((next_of(&out, &layout.theta)?, next_of(&out, &layout.state)?));
+            seg.push((
+                next_of(&mut out, &layout.theta)?,
+                next_of(&mut out, &layout.state)?,
+            ));
         }
         for t in (start..end).rev() {
             let (th, st) = &seg[t - start];
@@ -559,7 +595,7 @@ pub fn truncated_bptt<R: StepRunner>(
             for (n, x) in ct_state_names.iter().zip(&ct_state) {
                 ins.push((n.as_str(), x));
             }
-            let out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
+            let mut out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
             for (n, acc) in d_phi.iter_mut() {
                 *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;
             }
@@ -569,7 +605,7 @@ pub fn truncated_bptt<R: StepRunner>(
             ct_theta = layout
                 .theta
                 .iter()
-                .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+                .map(|n| take(&mut out, "step_vjp", &d_name(n)))
                 .collect::<Result<_>>()?;
             if let Some(rs) = residuals.get(t) {
                 for (ct, r) in ct_theta.iter_mut().zip(rs) {
@@ -579,7 +615,7 @@ pub fn truncated_bptt<R: StepRunner>(
             ct_state = layout
                 .state
                 .iter()
-                .map(|n| lookup(&out, "step_vjp", &d_name(n)).cloned())
+                .map(|n| take(&mut out, "step_vjp", &d_name(n)))
                 .collect::<Result<_>>()?;
         }
     }

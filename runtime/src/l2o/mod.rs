@@ -36,6 +36,8 @@ pub const CT: &str = "ct.";
 pub const D: &str = "d.";
 /// Name of the step's objective output (and, with [`CT`], of its cotangent).
 pub const OBJECTIVE: &str = "objective";
+/// The graph of one inner step without the objective set (validation).
+pub const APPLY: &str = "apply";
 /// Name of the step's minibatch-loss output.
 pub const MINIBATCH_LOSS: &str = "minibatch_loss";
 /// Prefix of the step's outputs holding the gradient of the objective in the

@@ -1,0 +1,137 @@
+//! ONNX Runtime with metac's fused elementwise kernel (the CPU default)
+//! computes what ONNX Runtime computes op by op: the L2O graphs of the
+//! HierarchicalRNN on the MNIST MLP, without and with the Hutchinson
+//! regulariser, on the same inputs.
+
+use metac_compiler::l2o::config::L2oConfig;
+use metac_compiler::l2o::program::L2oProgram;
+use metac_graphs::fusion::fuse_onnx;
+use metac_graphs::onnx::export::export_bytes;
+use metac_graphs::{DType, Graph};
+use metac_runtime::backend::{open_backend, Backend, BackendChoice, BackendOptions};
+use metac_runtime::metatest::host_tensor;
+use metac_runtime::tensor::HostTensor;
+use ndarray::{ArrayD, IxDyn};
+
+fn config(name: &str) -> L2oConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs")
+        .join(name);
+    let mut cfg = L2oConfig::load(&path).unwrap();
+    cfg.batch_size = 8;
+    cfg.objective_examples = 64;
+    cfg
+}
+
+/// Deterministic values in [lo, hi).
+fn filled(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// The graph's inputs: the program's initial meta-parameters, parameters
+/// and state, pixels in [0, 1), labels, and small cotangents and probes.
+fn inputs(prog: &L2oProgram, g: &Graph) -> Vec<(String, HostTensor)> {
+    let init: Vec<(String, metac_graphs::Tensor)> = prog
+        .init_phi(1)
+        .into_iter()
+        .chain(prog.init_theta(1))
+        .chain(prog.init_state(1))
+        .collect();
+    g.inputs()
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, id))| {
+            let ty = g.ty(id);
+            if let Some((_, t)) = init.iter().find(|(n, _)| *n == name) {
+                return (name, host_tensor(t));
+            }
+            let t = match ty.dtype {
+                DType::I64 => HostTensor::I64(
+                    ArrayD::from_shape_vec(
+                        IxDyn(&ty.shape),
+                        filled(&ty.shape, k as u64, 0.0, 10.0)
+                            .into_iter()
+                            .map(|v| v as i64)
+                            .collect(),
+                    )
+                    .unwrap(),
+                ),
+                _ => {
+                    let (lo, hi) = if name.ends_with(".x") { (0.0, 1.0) } else { (-0.1, 0.1) };
+                    HostTensor::F32(
+                        ArrayD::from_shape_vec(IxDyn(&ty.shape), filled(&ty.shape, k as u64, lo, hi))
+                            .unwrap(),
+                    )
+                }
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+fn ort(unfused: bool) -> Option<Box<dyn Backend>> {
+    match open_backend(&BackendOptions {
+        choice: BackendChoice::Ort,
+        unfused,
+        ..Default::default()
+    }) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipping: {e:#}");
+            None
+        }
+    }
+}
+
+#[test]
+fn fused_and_op_by_op_onnx_runtime_agree() {
+    let (Some(fused), Some(plain)) = (ort(false), ort(true)) else {
+        return;
+    };
+    for cfg_name in ["tiny.toml", "hessian.toml"] {
+        let prog = L2oProgram::from_config(&config(cfg_name)).unwrap();
+        for (name, g) in [
+            ("step", prog.step_graph()),
+            ("step_vjp", prog.step_vjp_graph()),
+            ("apply", prog.apply_graph()),
+        ] {
+            let what = format!("{cfg_name} {name}");
+            let bytes = export_bytes(&g, name).unwrap();
+            assert!(
+                fuse_onnx(&bytes, name).unwrap().is_some(),
+                "{what}: nothing was fused"
+            );
+            let ins = inputs(&prog, &g);
+            let refs: Vec<(&str, &HostTensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let a = fused.load(&bytes, name).unwrap().run(&refs).unwrap();
+            let b = plain.load(&bytes, name).unwrap().run(&refs).unwrap();
+            assert_eq!(a.len(), b.len());
+            for ((n, x), (m, y)) in a.iter().zip(&b) {
+                assert_eq!(n, m);
+                let (x, y) = (x.as_f32().unwrap(), y.as_f32().unwrap());
+                // Non-finite values (the cotangent of a decay state that
+                // starts at 0) must be non-finite in both.
+                let same_kind = x.iter().zip(y).all(|(p, q)| {
+                    p.is_finite() == q.is_finite() && (p.is_finite() || p.is_nan() == q.is_nan())
+                });
+                assert!(same_kind, "{what}: output '{n}' is finite in one engine only");
+                let finite = || x.iter().zip(y).filter(|(_, q)| q.is_finite());
+                let scale = finite().fold(1.0f32, |s, (_, q)| s.max(q.abs()));
+                let worst = finite().fold(0.0f32, |w, (p, q)| w.max((p - q).abs()));
+                assert!(
+                    worst <= 1e-4 * scale,
+                    "{what}: output '{n}' differs by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Finding fusable clusters and compiling them to [`FusedProgram`]s.
+//!
+//! A cluster is a set of elementwise f32 nodes of one output shape that is
+//! convex (no path leaves it and comes back), so it can run as one node.
+//! Nodes join greedily in topological order: a node joins the cluster of one
+//! of its producers when its other inputs do not depend on that cluster.
+//! Comparisons (bool results) may only feed `Where` nodes of their own
+//! cluster, since the kernel's registers are f32.
+
+use std::collections::HashMap;
+
+use super::program::{Fn1, Fn2, FusedProgram, Instr};
+use crate::graph::{Graph, NodeId};
+use crate::ops::{BinaryOp, CompareOp, Op, UnaryOp};
+use crate::types::{DType, TensorData};
+
+/// Nodes that run as one fused kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    /// In topological order.
+    pub members: Vec<NodeId>,
+    /// Values from outside the cluster it reads (tensors; scalar constants
+    /// are folded into the program instead).
+    pub inputs: Vec<NodeId>,
+    /// Members read outside the cluster or by the graph's outputs.
+    pub outputs: Vec<NodeId>,
+    pub program: FusedProgram,
+}
+
+/// How a fusable node computes.
+enum Kind {
+    Unary(Fn1),
+    Binary(Fn2),
+    Where,
+    /// StopGradient and f32 -> f32 casts: the value itself.
+    Alias,
+}
+
+fn kind(g: &Graph, id: NodeId) -> Option<Kind> {
+    let n = g.node(id);
+    let f32_in = n.inputs.iter().all(|&i| g.dtype(i) == DType::F32);
+    let k = match &n.op {
+        Op::Unary(u) if f32_in => Kind::Unary(match u {
+            UnaryOp::Neg => Fn1::Neg,
+            UnaryOp::Exp => Fn1::Exp,
+            UnaryOp::Log => Fn1::Log,
+            UnaryOp::Sqrt => Fn1::Sqrt,
+            UnaryOp::Sigmoid => Fn1::Sigmoid,
+            UnaryOp::Tanh => Fn1::Tanh,
+            UnaryOp::Relu => Fn1::Relu,
+            UnaryOp::Abs => Fn1::Abs,
+            UnaryOp::Sign => Fn1::Sign,
+            UnaryOp::Asinh => Fn1::Asinh,
+            UnaryOp::Erf | UnaryOp::Not => return None,
+        }),
+        Op::Binary(b) if f32_in => Kind::Binary(match b {
+            BinaryOp::Add => Fn2::Add,
+            BinaryOp::Sub => Fn2::Sub,
+            BinaryOp::Mul => Fn2::Mul,
+            BinaryOp::Div => Fn2::Div,
+            BinaryOp::Min => Fn2::Min,
+            BinaryOp::Max => Fn2::Max,
+            BinaryOp::Pow => return None,
+        }),
+        Op::Compare(c) if f32_in => Kind::Binary(match c {
+            CompareOp::Less => Fn2::Less,
+            CompareOp::Greater => Fn2::Greater,
+            CompareOp::Equal => Fn2::Equal,
+        }),
+        Op::Where
+            if n.ty.dtype == DType::F32
+                && g.dtype(n.inputs[0]) == DType::Bool
+                && g.dtype(n.inputs[1]) == DType::F32
+                && g.dtype(n.inputs[2]) == DType::F32 =>
+        {
+            Kind::Where
+        }
+        Op::StopGradient if f32_in && n.ty.dtype == DType::F32 => Kind::Alias,
+        // Masks are 1.0/0.0 in registers already.
+        Op::Cast(DType::F32) if matches!(g.dtype(n.inputs[0]), DType::F32 | DType::Bool) => {
+            Kind::Alias
+        }
+        _ => return None,
+    };
+    Some(k)
+}
+
+/// A scalar f32 constant, folded into a program as an immediate.
+fn immediate(g: &Graph, id: NodeId) -> Option<f32> {
+    match &g.node(id).op {
+        Op::Const(t) if t.shape.iter().product::<usize>() == 1 => match &t.data {
+            TensorData::F32(v) => Some(v[0]),
+            _ => None,
+        },
+        Op::Fill { value, ty } if ty.dtype == DType::F32 => Some(*value as f32),
+        _ => None,
+    }
+}
+
+/// Does `from` depend on cluster `c` once every cluster is one node? A
+/// path may enter another cluster at one member and leave it at another, so
+/// reaching any member of a cluster continues from the inputs of all of them
+/// (otherwise two convex clusters could still depend on each other).
+fn reaches(
+    g: &Graph,
+    from: NodeId,
+    c: usize,
+    cluster_of: &[Option<usize>],
+    members: &[Vec<NodeId>],
+) -> bool {
+    let mut stack = vec![from];
+    let mut seen = vec![false; g.len()];
+    while let Some(n) = stack.pop() {
+        if seen[n.index()] {
+            continue;
+        }
+        match cluster_of[n.index()] {
+            Some(k) if k == c => return true,
+            Some(k) => {
+                for &m in &members[k] {
+                    seen[m.index()] = true;
+                    stack.extend(&g.node(m).inputs);
+                }
+            }
+            None => {
+                seen[n.index()] = true;
+                stack.extend(&g.node(n).inputs);
+            }
+        }
+    }
+    false
+}
+
+/// Can clusters `a` and `b` merge: does no input of one, from outside both,
+/// depend on the other?
+fn independent(
+    g: &Graph,
+    a: usize,
+    b: usize,
+    cluster_of: &[Option<usize>],
+    members: &[Vec<NodeId>],
+) -> bool {
+    let outside = |x: NodeId| !matches!(cluster_of[x.index()], Some(k) if k == a || k == b);
+    let feeds = |from: usize, to: usize| {
+        members[from].iter().any(|&m| {
+            g.node(m)
+                .inputs
+                .iter()
+                .any(|&q| outside(q) && reaches(g, q, to, cluster_of, members))
+        })
+    };
+    !feeds(a, b) && !feeds(b, a)
+}
+
+/// The clusters of two or more live nodes, each compiled to a program.
+pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
+    let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
+    let live = crate::passes::dce::live_nodes(g, &roots);
+    let mut consumers: Vec<Vec<NodeId>> = vec![vec![]; g.len()];
+    for (i, n) in g.nodes().iter().enumerate() {
+        if live[i] {
+            for &x in &n.inputs {
+                consumers[x.index()].push(NodeId(i as u32));
+            }
+        }
+    }
+    let mut is_output = vec![false; g.len()];
+    for r in &roots {
+        is_output[r.index()] = true;
+    }
+    // A comparison fuses only if every reader can take its mask in a
+    // register: a fusable node of its shape, not a graph output.
+    let fusable = |id: NodeId| {
+        kind(g, id).is_some()
+            && (g.dtype(id) == DType::F32
+                || (!is_output[id.index()]
+                    && consumers[id.index()]
+                        .iter()
+                        .all(|&u| kind(g, u).is_some() && g.shape(u) == g.shape(id))))
+    };
+    let mut cluster_of: Vec<Option<usize>> = vec![None; g.len()];
+    let mut members: Vec<Vec<NodeId>> = vec![];
+    for i in 0..g.len() {
+        let id = NodeId(i as u32);
+        if !live[i] || !fusable(id) {
+            continue;
+        }
+        let shape = g.shape(id);
+        let ins = &g.node(id).inputs;
+        // The clusters of its producers that have its shape.
+        let mut cands: Vec<usize> = vec![];
+        for &p in ins {
+            if let Some(c) = cluster_of[p.index()] {
+                if g.shape(members[c][0]) == shape && !cands.contains(&c) {
+                    cands.push(c);
+                }
+            }
+        }
+        let joinable = |c: usize, cluster_of: &[Option<usize>], members: &[Vec<NodeId>]| {
+            !ins.iter()
+                .filter(|&&q| cluster_of[q.index()] != Some(c))
+                .any(|&q| reaches(g, q, c, cluster_of, members))
+        };
+        let Some(pos) = cands
+            .iter()
+            .position(|&c| joinable(c, &cluster_of, &members))
+        else {
+            cluster_of[i] = Some(members.len());
+            members.push(vec![id]);
+            continue;
+        };
+        let c = cands[pos];
+        members[c].push(id);
+        cluster_of[i] = Some(c);
+        // Its other producer clusters merge in where no path leaves one and
+        // enters the other.
+        for &c2 in &cands[pos + 1..] {
+            if independent(g, c, c2, &cluster_of, &members) {
+                for m in std::mem::take(&mut members[c2]) {
+                    cluster_of[m.index()] = Some(c);
+                    members[c].push(m);
+                }
+                members[c].sort();
+            }
+        }
+    }
+
+    members
+        .into_iter()
+        .enumerate()
+        .filter(|(_, m)| m.len() >= 2)
+        .filter_map(|(c, m)| {
+            let inside = |x: NodeId| cluster_of[x.index()] == Some(c);
+            let outputs: Vec<NodeId> = m
+                .iter()
+                .copied()
+                .filter(|&x| is_output[x.index()] || consumers[x.index()].iter().any(|&u| !inside(u)))
+                .collect();
+            let mut inputs: Vec<NodeId> = vec![];
+            for &x in &m {
+                for &p in &g.node(x).inputs {
+                    if !inside(p) && immediate(g, p).is_none() && !inputs.contains(&p) {
+                        inputs.push(p);
+                    }
+                }
+            }
+            // Bool values never cross the boundary: registers are f32.
+            let bool_edge = outputs.iter().chain(&inputs).any(|&x| g.dtype(x) != DType::F32);
+            if bool_edge || outputs.is_empty() {
+                return None;
+            }
+            let program = compile(g, &m, &inputs, &outputs);
+            Some(Cluster {
+                members: m,
+                inputs,
+                outputs,
+                program,
+            })
+        })
+        .collect()
+}
+
+/// The register program of a cluster: SSA values first, then registers
+/// reused once a value's last reader has run.
+fn compile(g: &Graph, members: &[NodeId], inputs: &[NodeId], outputs: &[NodeId]) -> FusedProgram {
+    // Values: node -> SSA index; instructions over SSA indices.
+    let mut value: HashMap<NodeId, usize> = HashMap::new();
+    let mut ssa: Vec<Instr> = vec![];
+    let operand = |g: &Graph, x: NodeId, value: &mut HashMap<NodeId, usize>, ssa: &mut Vec<Instr>| {
+        if let Some(&v) = value.get(&x) {
+            return v as u16;
+        }
+        let instr = match immediate(g, x) {
+            Some(c) => Instr::Const { dst: 0, value: c },
+            None => Instr::Load {
+                dst: 0,
+                input: inputs.iter().position(|&i| i == x).expect("cluster input") as u16,
+            },
+        };
+        ssa.push(instr);
+        value.insert(x, ssa.len() - 1);
+        (ssa.len() - 1) as u16
+    };
+    for &m in members {
+        let ins: Vec<u16> = g
+            .node(m)
+            .inputs
+            .iter()
+            .map(|&x| operand(g, x, &mut value, &mut ssa))
+            .collect();
+        let instr = match kind(g, m).expect("fusable member") {
+            Kind::Alias => {
+                value.insert(m, ins[0] as usize);
+                continue;
+            }
+            Kind::Unary(f) => Instr::Unary { f, dst: 0, a: ins[0] },
+            Kind::Binary(f) => Instr::Binary {
+                f,
+                dst: 0,
+                a: ins[0],
+                b: ins[1],
+            },
+            Kind::Where => Instr::Where {
+                dst: 0,
+                c: ins[0],
+                a: ins[1],
+                b: ins[2],
+            },
+        };
+        ssa.push(instr);
+        value.insert(m, ssa.len() - 1);
+    }
+    let out_values: Vec<usize> = outputs.iter().map(|o| value[o]).collect();
+    allocate(
+        ssa,
+        &out_values,
+        g.shape(members[0]).to_vec(),
+        inputs.iter().map(|&i| g.shape(i).to_vec()).collect(),
+    )
+}
+
+fn operands(i: &Instr) -> Vec<u16> {
+    match *i {
+        Instr::Load { .. } | Instr::Const { .. } => vec![],
+        Instr::Unary { a, .. } => vec![a],
+        Instr::Binary { a, b, .. } => vec![a, b],
+        Instr::Where { c, a, b, .. } => vec![c, a, b],
+    }
+}
+
+fn with_registers(i: &Instr, dst: u16, map: &dyn Fn(u16) -> u16) -> Instr {
+    match *i {
+        Instr::Load { input, .. } => Instr::Load { dst, input },
+        Instr::Const { value, .. } => Instr::Const { dst, value },
+        Instr::Unary { f, a, .. } => Instr::Unary { f, dst, a: map(a) },
+        Instr::Binary { f, a, b, .. } => Instr::Binary {
+            f,
+            dst,
+            a: map(a),
+            b: map(b),
+        },
+        Instr::Where { c, a, b, .. } => Instr::Where {
+            dst,
+            c: map(c),
+            a: map(a),
+            b: map(b),
+        },
+    }
+}
+
+/// Linear-scan register allocation of SSA instructions (operands are SSA
+/// indices). A destination is taken before the operands are freed, so it
+/// never aliases them; outputs stay live to the end.
+fn allocate(
+    ssa: Vec<Instr>,
+    outputs: &[usize],
+    shape: Vec<usize>,
+    input_shapes: Vec<Vec<usize>>,
+) -> FusedProgram {
+    let mut last_use = vec![0usize; ssa.len()];
+    for (k, i) in ssa.iter().enumerate() {
+        for a in operands(i) {
+            last_use[a as usize] = k;
+        }
+    }
+    for &o in outputs {
+        last_use[o] = usize::MAX;
+    }
+    let mut reg_of = vec![0u16; ssa.len()];
+    let mut free: Vec<u16> = vec![];
+    let mut registers = 0u16;
+    let mut instrs = Vec::with_capacity(ssa.len());
+    for (k, i) in ssa.iter().enumerate() {
+        let dst = free.pop().unwrap_or_else(|| {
+            registers += 1;
+            registers - 1
+        });
+        reg_of[k] = dst;
+        instrs.push(with_registers(i, dst, &|a| reg_of[a as usize]));
+        let mut ops = operands(i);
+        ops.dedup();
+        for a in ops {
+            if last_use[a as usize] == k && !free.contains(&reg_of[a as usize]) {
+                free.push(reg_of[a as usize]);
+            }
+        }
+        // A value nobody reads (cannot happen for members, which are live)
+        // frees its register at once.
+        if last_use[k] == 0 && !outputs.contains(&k) {
+            free.push(dst);
+        }
+    }
+    FusedProgram {
+        shape,
+        inputs: input_shapes,
+        instrs,
+        outputs: outputs.iter().map(|&o| reg_of[o]).collect(),
+        registers: registers as usize,
+    }
+}

@@ -1,0 +1,55 @@
+//! Elementwise fusion: chains of elementwise ops over tensors of one shape
+//! become one kernel that reads its inputs and writes its outputs once.
+//!
+//! The HierarchicalRNN's step and its VJP are hundreds of small elementwise
+//! ops over `[k, N]` tensors (N = the optimizee's parameter count). An engine
+//! that runs each as its own pass over memory spends its time moving data;
+//! fused, a chain costs one pass. [`cluster`] finds the chains on the IR,
+//! [`program`] compiles each to a small register program and runs it, and
+//! `onnx::export::export_fused_model` writes them as `ai.metac`
+//! `FusedElementwise` nodes for the runtime's ONNX Runtime custom kernel.
+//! Bundles stay standard ONNX: fusion happens when a backend loads a graph.
+
+pub mod cluster;
+pub mod math;
+pub mod program;
+
+pub use cluster::{find_clusters, Cluster};
+pub use program::{FusedProgram, FUSED_DOMAIN, FUSED_OP};
+
+use crate::onnx::export::export_fused_model;
+use crate::onnx::import::{import_bytes, ImportError};
+
+/// An ONNX model with its elementwise chains fused, or `None` when nothing
+/// fuses. The model is read with metac's importer (its float initializers
+/// become constants again), so it must use ops the importer knows.
+pub fn fuse_onnx(bytes: &[u8], source: &str) -> Result<Option<Vec<u8>>, ImportError> {
+    use prost::Message;
+    let imported = import_bytes(bytes, source)?;
+    let mut g = imported.graph;
+    for (name, value) in imported.initializers {
+        if let Some(id) = g.find_input(&name) {
+            g.freeze_input(id, value)
+                .map_err(|msg| ImportError::Model {
+                    file: source.into(),
+                    msg: format!("initializer '{name}': {msg}"),
+                })?;
+        }
+    }
+    let clusters = find_clusters(&g);
+    if clusters.is_empty() {
+        return Ok(None);
+    }
+    let name = import_graph_name(bytes).unwrap_or_else(|| "fused".into());
+    let model = export_fused_model(&g, &name, &clusters).map_err(|e| ImportError::Model {
+        file: source.into(),
+        msg: format!("re-export after fusion: {e}"),
+    })?;
+    Ok(Some(model.encode_to_vec()))
+}
+
+fn import_graph_name(bytes: &[u8]) -> Option<String> {
+    use prost::Message;
+    let m = crate::onnx::pb::ModelProto::decode(bytes).ok()?;
+    m.graph.map(|g| g.name)
+}

@@ -1,0 +1,741 @@
+//! A fused elementwise kernel as a register program, its text encoding (the
+//! `program` attribute of an `ai.metac` `FusedElementwise` ONNX node) and its
+//! interpreter.
+//!
+//! The interpreter walks the output in chunks of [`CHUNK`] elements. For
+//! each chunk every instruction runs over whole register rows, so the inner
+//! loops are plain slices the compiler vectorises, and every intermediate
+//! stays in a few kilobytes of cache instead of a tensor-sized buffer.
+//! Inputs broadcast to the output shape with numpy rules; after merging
+//! adjacent dimensions that broadcast alike, a chunk of an input is either a
+//! contiguous run or one repeated element.
+
+use std::fmt::Write as _;
+
+use super::math;
+
+/// The ONNX domain and op type of fused nodes.
+pub const FUSED_DOMAIN: &str = "ai.metac";
+pub const FUSED_OP: &str = "FusedElementwise";
+
+/// Elements per register row.
+pub const CHUNK: usize = 256;
+
+/// Functions of one register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fn1 {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Sigmoid,
+    Tanh,
+    Relu,
+    Abs,
+    Sign,
+    Asinh,
+}
+
+/// Functions of two registers; comparisons give 1.0 or 0.0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fn2 {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Min,
+    Max,
+    Less,
+    Greater,
+    Equal,
+}
+
+const FN1: [(Fn1, &str); 10] = [
+    (Fn1::Neg, "neg"),
+    (Fn1::Exp, "exp"),
+    (Fn1::Log, "log"),
+    (Fn1::Sqrt, "sqrt"),
+    (Fn1::Sigmoid, "sigmoid"),
+    (Fn1::Tanh, "tanh"),
+    (Fn1::Relu, "relu"),
+    (Fn1::Abs, "abs"),
+    (Fn1::Sign, "sign"),
+    (Fn1::Asinh, "asinh"),
+];
+const FN2: [(Fn2, &str); 9] = [
+    (Fn2::Add, "add"),
+    (Fn2::Sub, "sub"),
+    (Fn2::Mul, "mul"),
+    (Fn2::Div, "div"),
+    (Fn2::Min, "min"),
+    (Fn2::Max, "max"),
+    (Fn2::Less, "less"),
+    (Fn2::Greater, "greater"),
+    (Fn2::Equal, "equal"),
+];
+
+/// One instruction; `dst` never equals an operand register.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Instr {
+    /// The chunk of input `input`, broadcast.
+    Load { dst: u16, input: u16 },
+    Const { dst: u16, value: f32 },
+    Unary { f: Fn1, dst: u16, a: u16 },
+    Binary { f: Fn2, dst: u16, a: u16, b: u16 },
+    /// `c != 0 ? a : b`.
+    Where { dst: u16, c: u16, a: u16, b: u16 },
+}
+
+/// A fused kernel: output shape, input shapes, instructions, and the
+/// registers that hold the outputs at the end of a chunk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedProgram {
+    pub shape: Vec<usize>,
+    pub inputs: Vec<Vec<usize>>,
+    pub instrs: Vec<Instr>,
+    pub outputs: Vec<u16>,
+    pub registers: usize,
+}
+
+/// A program whose text does not parse or whose registers are inconsistent.
+#[derive(Debug, thiserror::Error)]
+#[error("fused program: {0}")]
+pub struct ProgramError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ProgramError> {
+    Err(ProgramError(msg.into()))
+}
+
+impl FusedProgram {
+    /// The text form: `;`-separated statements, f32 constants as bit
+    /// patterns so that they round-trip exactly.
+    pub fn encode(&self) -> String {
+        let dims = |s: &[usize]| s.iter().map(|d| format!(" {d}")).collect::<String>();
+        let mut out = format!("shape{};regs {}", dims(&self.shape), self.registers);
+        for s in &self.inputs {
+            let _ = write!(out, ";in{}", dims(s));
+        }
+        for i in &self.instrs {
+            let _ = match *i {
+                Instr::Load { dst, input } => write!(out, ";ld {dst} {input}"),
+                Instr::Const { dst, value } => write!(out, ";c {dst} {:08x}", value.to_bits()),
+                Instr::Unary { f, dst, a } => write!(out, ";{} {dst} {a}", name1(f)),
+                Instr::Binary { f, dst, a, b } => write!(out, ";{} {dst} {a} {b}", name2(f)),
+                Instr::Where { dst, c, a, b } => write!(out, ";where {dst} {c} {a} {b}"),
+            };
+        }
+        let _ = write!(
+            out,
+            ";out{}",
+            self.outputs.iter().map(|r| format!(" {r}")).collect::<String>()
+        );
+        out
+    }
+
+    pub fn decode(text: &str) -> Result<FusedProgram, ProgramError> {
+        let mut p = FusedProgram {
+            shape: vec![],
+            inputs: vec![],
+            instrs: vec![],
+            outputs: vec![],
+            registers: 0,
+        };
+        let mut seen_shape = false;
+        for stmt in text.split(';') {
+            let mut words = stmt.split_whitespace();
+            let Some(head) = words.next() else {
+                return err("empty statement");
+            };
+            let rest: Vec<&str> = words.collect();
+            let nums = |what: &str| -> Result<Vec<usize>, ProgramError> {
+                rest.iter()
+                    .map(|w| {
+                        w.parse::<usize>()
+                            .map_err(|_| ProgramError(format!("'{what}': bad number '{w}'")))
+                    })
+                    .collect()
+            };
+            let regs = |n: usize| -> Result<Vec<u16>, ProgramError> {
+                if rest.len() != n {
+                    return err(format!("'{stmt}': expected {n} operands"));
+                }
+                rest.iter()
+                    .map(|w| {
+                        w.parse::<u16>()
+                            .map_err(|_| ProgramError(format!("'{stmt}': bad register '{w}'")))
+                    })
+                    .collect()
+            };
+            match head {
+                "shape" => {
+                    p.shape = nums("shape")?;
+                    seen_shape = true;
+                }
+                "regs" => {
+                    p.registers = *nums("regs")?.first().ok_or(ProgramError("regs".into()))?
+                }
+                "in" => p.inputs.push(nums("in")?),
+                "out" => p.outputs = regs(rest.len())?,
+                "ld" => {
+                    let r = regs(2)?;
+                    p.instrs.push(Instr::Load {
+                        dst: r[0],
+                        input: r[1],
+                    });
+                }
+                "c" => {
+                    if rest.len() != 2 {
+                        return err(format!("'{stmt}': expected 2 operands"));
+                    }
+                    let dst = rest[0]
+                        .parse()
+                        .map_err(|_| ProgramError(format!("'{stmt}': bad register")))?;
+                    let bits = u32::from_str_radix(rest[1], 16)
+                        .map_err(|_| ProgramError(format!("'{stmt}': bad constant")))?;
+                    p.instrs.push(Instr::Const {
+                        dst,
+                        value: f32::from_bits(bits),
+                    });
+                }
+                "where" => {
+                    let r = regs(4)?;
+                    p.instrs.push(Instr::Where {
+                        dst: r[0],
+                        c: r[1],
+                        a: r[2],
+                        b: r[3],
+                    });
+                }
+                other => {
+                    if let Some(&(f, _)) = FN1.iter().find(|(_, n)| *n == other) {
+                        let r = regs(2)?;
+                        p.instrs.push(Instr::Unary {
+                            f,
+                            dst: r[0],
+                            a: r[1],
+                        });
+                    } else if let Some(&(f, _)) = FN2.iter().find(|(_, n)| *n == other) {
+                        let r = regs(3)?;
+                        p.instrs.push(Instr::Binary {
+                            f,
+                            dst: r[0],
+                            a: r[1],
+                            b: r[2],
+                        });
+                    } else {
+                        return err(format!("unknown instruction '{other}'"));
+                    }
+                }
+            }
+        }
+        if !seen_shape {
+            return err("no shape");
+        }
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Registers in range, operands distinct from the destination, inputs
+    /// broadcastable to the output shape.
+    fn validate(&self) -> Result<(), ProgramError> {
+        let n = self.registers;
+        let ok = |r: u16| (r as usize) < n;
+        for i in &self.instrs {
+            let (dst, ops): (u16, Vec<u16>) = match *i {
+                Instr::Load { dst, input } => {
+                    if input as usize >= self.inputs.len() {
+                        return err(format!("load of input {input} of {}", self.inputs.len()));
+                    }
+                    (dst, vec![])
+                }
+                Instr::Const { dst, .. } => (dst, vec![]),
+                Instr::Unary { dst, a, .. } => (dst, vec![a]),
+                Instr::Binary { dst, a, b, .. } => (dst, vec![a, b]),
+                Instr::Where { dst, c, a, b } => (dst, vec![c, a, b]),
+            };
+            if !ok(dst) || ops.iter().any(|&r| !ok(r) || r == dst) {
+                return err(format!("bad registers in {i:?} ({n} registers)"));
+            }
+        }
+        if self.outputs.is_empty() || self.outputs.iter().any(|&r| !ok(r)) {
+            return err("bad output registers");
+        }
+        for s in &self.inputs {
+            if broadcast_strides(s, &self.shape).is_none() {
+                return err(format!(
+                    "input shape {s:?} does not broadcast to {:?}",
+                    self.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of output elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How the output is walked: see [`Walk`].
+    pub fn walk(&self) -> Walk {
+        Walk::new(&self.shape, &self.inputs)
+    }
+
+    /// Runs the whole program on one thread.
+    pub fn run(&self, inputs: &[&[f32]], outputs: &mut [&mut [f32]]) {
+        let walk = self.walk();
+        let ptrs: Vec<*mut f32> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        assert_eq!(inputs.len(), self.inputs.len(), "fused program: input count");
+        assert!(
+            outputs.iter().all(|o| o.len() == self.len()),
+            "fused program: output length"
+        );
+        for (x, s) in inputs.iter().zip(&self.inputs) {
+            assert_eq!(x.len(), s.iter().product::<usize>(), "fused program: input length");
+        }
+        let mut regs = vec![0.0f32; self.registers * CHUNK];
+        // SAFETY: lengths checked above; one thread writes every unit.
+        unsafe { self.run_units(&walk, inputs, &ptrs, 0..walk.units(), &mut regs) };
+    }
+
+    /// Runs the units `units` of `walk` (a chunk of one row each), with the
+    /// widest vector instructions the CPU has (the body is compiled once per
+    /// instruction set; the crate itself targets baseline x86-64).
+    ///
+    /// # Safety
+    /// `inputs` must have the program's input lengths and every pointer in
+    /// `outputs` must address `self.len()` writable floats; units run
+    /// concurrently must be disjoint. `regs` holds `registers * CHUNK` floats.
+    pub unsafe fn run_units(
+        &self,
+        walk: &Walk,
+        inputs: &[&[f32]],
+        outputs: &[*mut f32],
+        units: std::ops::Range<usize>,
+        regs: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return self.run_units_avx512(walk, inputs, outputs, units, regs);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return self.run_units_avx2(walk, inputs, outputs, units, regs);
+            }
+        }
+        self.run_units_generic(walk, inputs, outputs, units, regs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_units_avx512(
+        &self,
+        walk: &Walk,
+        inputs: &[&[f32]],
+        outputs: &[*mut f32],
+        units: std::ops::Range<usize>,
+        regs: &mut [f32],
+    ) {
+        self.run_units_generic(walk, inputs, outputs, units, regs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_units_avx2(
+        &self,
+        walk: &Walk,
+        inputs: &[&[f32]],
+        outputs: &[*mut f32],
+        units: std::ops::Range<usize>,
+        regs: &mut [f32],
+    ) {
+        self.run_units_generic(walk, inputs, outputs, units, regs)
+    }
+
+    #[inline(always)]
+    unsafe fn run_units_generic(
+        &self,
+        walk: &Walk,
+        inputs: &[&[f32]],
+        outputs: &[*mut f32],
+        units: std::ops::Range<usize>,
+        regs: &mut [f32],
+    ) {
+        let base = regs.as_mut_ptr();
+        let scratch = |r: u16| base.add(r as usize * CHUNK);
+        // Where each register's row is: its scratch row, or (for a load of a
+        // contiguous run) the input itself, read in place.
+        let mut at: Vec<*const f32> = (0..self.registers as u16).map(|r| scratch(r) as *const f32).collect();
+        let mut offs = vec![0usize; inputs.len()];
+        for u in units {
+            let rows = walk.rows(u);
+            let (out_off, len) = match rows {
+                Some((first, count)) => (first * walk.inner, count * walk.inner),
+                None => walk.unit(u, &mut offs),
+            };
+            for i in &self.instrs {
+                match *i {
+                    Instr::Load { dst, input } if rows.is_some() => {
+                        let (first, count) = rows.expect("multi-row unit");
+                        let k = input as usize;
+                        let (x, n) = (inputs[k], walk.inner);
+                        let (so, si) = (walk.outer_strides[k][0], walk.inner_stride[k]);
+                        if si == 1 && so == n {
+                            at[dst as usize] = x[first * n..first * n + len].as_ptr();
+                        } else {
+                            at[dst as usize] = scratch(dst);
+                            let d = std::slice::from_raw_parts_mut(scratch(dst), len);
+                            for (j, row) in d.chunks_exact_mut(n).enumerate().take(count) {
+                                let off = (first + j) * so;
+                                if si == 1 {
+                                    row.copy_from_slice(&x[off..off + n]);
+                                } else {
+                                    row.fill(x[off]);
+                                }
+                            }
+                        }
+                    }
+                    Instr::Load { dst, input } => {
+                        let x = inputs[input as usize];
+                        let off = offs[input as usize];
+                        if walk.inner_stride[input as usize] == 0 {
+                            at[dst as usize] = scratch(dst);
+                            std::slice::from_raw_parts_mut(scratch(dst), len).fill(x[off]);
+                        } else {
+                            at[dst as usize] = x[off..off + len].as_ptr();
+                        }
+                    }
+                    Instr::Const { dst, value } => {
+                        at[dst as usize] = scratch(dst);
+                        std::slice::from_raw_parts_mut(scratch(dst), len).fill(value)
+                    }
+                    Instr::Unary { f, dst, a } => {
+                        at[dst as usize] = scratch(dst);
+                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
+                        let a = std::slice::from_raw_parts(at[a as usize], len);
+                        unary(f, d, a);
+                    }
+                    Instr::Binary { f, dst, a, b } => {
+                        at[dst as usize] = scratch(dst);
+                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
+                        let a = std::slice::from_raw_parts(at[a as usize], len);
+                        let b = std::slice::from_raw_parts(at[b as usize], len);
+                        binary(f, d, a, b);
+                    }
+                    Instr::Where { dst, c, a, b } => {
+                        at[dst as usize] = scratch(dst);
+                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
+                        let c = std::slice::from_raw_parts(at[c as usize], len);
+                        let a = std::slice::from_raw_parts(at[a as usize], len);
+                        let b = std::slice::from_raw_parts(at[b as usize], len);
+                        for (((d, &c), &a), &b) in d.iter_mut().zip(c).zip(a).zip(b) {
+                            *d = if c != 0.0 { a } else { b };
+                        }
+                    }
+                }
+            }
+            for (&r, &o) in self.outputs.iter().zip(outputs) {
+                std::ptr::copy_nonoverlapping(at[r as usize], o.add(out_off), len);
+            }
+        }
+    }
+}
+
+fn name1(f: Fn1) -> &'static str {
+    FN1.iter().find(|(g, _)| *g == f).expect("every Fn1 has a name").1
+}
+
+fn name2(f: Fn2) -> &'static str {
+    FN2.iter().find(|(g, _)| *g == f).expect("every Fn2 has a name").1
+}
+
+#[inline(always)]
+fn map1(d: &mut [f32], a: &[f32], f: impl Fn(f32) -> f32) {
+    for (d, &a) in d.iter_mut().zip(a) {
+        *d = f(a);
+    }
+}
+
+#[inline(always)]
+fn map2(d: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+        *d = f(a, b);
+    }
+}
+
+/// `asinh` as the ONNX export lowers it (a series near 0, the log form
+/// elsewhere), so fused and unfused graphs agree.
+#[inline(always)]
+fn asinh(x: f32) -> f32 {
+    let x2 = x * x;
+    let small = x * (x2 * (x2 * (3.0 / 40.0) + (-1.0 / 6.0)) + 1.0);
+    let big = sign(x) * math::ln(x.abs() + (x2 + 1.0).sqrt());
+    if x.abs() < 0.1 {
+        small
+    } else {
+        big
+    }
+}
+
+#[inline(always)]
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x
+    }
+}
+
+#[inline(always)]
+fn unary(f: Fn1, d: &mut [f32], a: &[f32]) {
+    match f {
+        Fn1::Neg => map1(d, a, |x| -x),
+        Fn1::Exp => map1(d, a, math::exp),
+        Fn1::Log => map1(d, a, math::ln),
+        Fn1::Sqrt => map1(d, a, f32::sqrt),
+        Fn1::Sigmoid => map1(d, a, math::sigmoid),
+        Fn1::Tanh => map1(d, a, math::tanh),
+        // NaN stays NaN, like Min and Max below.
+        Fn1::Relu => map1(d, a, |x| if x > 0.0 || x != x { x } else { 0.0 }),
+        Fn1::Abs => map1(d, a, f32::abs),
+        Fn1::Sign => map1(d, a, sign),
+        Fn1::Asinh => map1(d, a, asinh),
+    }
+}
+
+#[inline(always)]
+fn binary(f: Fn2, d: &mut [f32], a: &[f32], b: &[f32]) {
+    let bool01 = |c: bool| if c { 1.0 } else { 0.0 };
+    match f {
+        Fn2::Add => map2(d, a, b, |x, y| x + y),
+        Fn2::Sub => map2(d, a, b, |x, y| x - y),
+        Fn2::Mul => map2(d, a, b, |x, y| x * y),
+        Fn2::Div => map2(d, a, b, |x, y| x / y),
+        // NaN in either operand gives NaN.
+        Fn2::Min => map2(d, a, b, |x, y| if x < y || x != x { x } else { y }),
+        Fn2::Max => map2(d, a, b, |x, y| if x > y || x != x { x } else { y }),
+        Fn2::Less => map2(d, a, b, |x, y| bool01(x < y)),
+        Fn2::Greater => map2(d, a, b, |x, y| bool01(x > y)),
+        Fn2::Equal => map2(d, a, b, |x, y| bool01(x == y)),
+    }
+}
+
+/// Strides of an input of shape `input` read at the coordinates of `shape`
+/// (numpy broadcasting: 0 along broadcast dimensions), or `None` if it does
+/// not broadcast.
+fn broadcast_strides(input: &[usize], shape: &[usize]) -> Option<Vec<usize>> {
+    if input.len() > shape.len() {
+        return None;
+    }
+    let lead = shape.len() - input.len();
+    let mut strides = vec![0; shape.len()];
+    let mut acc = 1;
+    for (k, &d) in input.iter().enumerate().rev() {
+        let s = shape[lead + k];
+        if d == s && d != 1 {
+            strides[lead + k] = acc;
+        } else if d != 1 {
+            return None;
+        }
+        acc *= d;
+    }
+    Some(strides)
+}
+
+/// The output walked as rows of `inner` contiguous elements, each cut into
+/// units of at most [`CHUNK`]; per input, its strides over the outer
+/// (row) dimensions and along a row (0 or 1).
+#[derive(Clone, Debug)]
+pub struct Walk {
+    outer: Vec<usize>,
+    inner: usize,
+    chunks_per_row: usize,
+    /// Rows per unit: short rows (a `[10000, 20]` tensor with a bias) are
+    /// walked several at a time so a unit still holds about a chunk.
+    rows_per_unit: usize,
+    outer_strides: Vec<Vec<usize>>,
+    pub inner_stride: Vec<usize>,
+}
+
+impl Walk {
+    fn new(shape: &[usize], inputs: &[Vec<usize>]) -> Walk {
+        let strides: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|s| broadcast_strides(s, shape).expect("validated input shape"))
+            .collect();
+        // Drop size-1 dimensions, then merge neighbours every input walks
+        // alike (both contiguous with each other, or both broadcast).
+        let mut dims: Vec<(usize, Vec<usize>)> = vec![];
+        for (d, &n) in shape.iter().enumerate() {
+            if n == 1 {
+                continue;
+            }
+            let st: Vec<usize> = strides.iter().map(|s| s[d]).collect();
+            if let Some((pn, pst)) = dims.last_mut() {
+                if pst.iter().zip(&st).all(|(&p, &c)| p == c * n) {
+                    *pn *= n;
+                    *pst = st;
+                    continue;
+                }
+            }
+            dims.push((n, st));
+        }
+        let (inner, inner_stride) = dims.pop().unwrap_or((1, vec![0; inputs.len()]));
+        let outer: Vec<usize> = dims.iter().map(|(n, _)| *n).collect();
+        let outer_strides = (0..inputs.len())
+            .map(|k| dims.iter().map(|(_, st)| st[k]).collect())
+            .collect();
+        // Several rows per unit only over one outer dimension, where a row's
+        // input offsets are a multiple of its index.
+        let rows_per_unit = if outer.len() == 1 && inner < CHUNK / 2 {
+            CHUNK / inner
+        } else {
+            1
+        };
+        Walk {
+            outer,
+            inner,
+            chunks_per_row: inner.div_ceil(CHUNK).max(1),
+            rows_per_unit,
+            outer_strides,
+            inner_stride,
+        }
+    }
+
+    /// Number of units.
+    pub fn units(&self) -> usize {
+        if self.rows_per_unit > 1 {
+            return self.outer[0].div_ceil(self.rows_per_unit);
+        }
+        self.outer.iter().product::<usize>() * self.chunks_per_row
+    }
+
+    /// The rows `(first, count)` of unit `u` when units span several rows.
+    #[inline(always)]
+    fn rows(&self, u: usize) -> Option<(usize, usize)> {
+        (self.rows_per_unit > 1).then(|| {
+            let first = u * self.rows_per_unit;
+            (first, self.rows_per_unit.min(self.outer[0] - first))
+        })
+    }
+
+    /// Output offset and length of unit `u`; its per-input offsets go to
+    /// `offs`.
+    #[inline(always)]
+    fn unit(&self, u: usize, offs: &mut [usize]) -> (usize, usize) {
+        let (row, chunk) = (u / self.chunks_per_row, u % self.chunks_per_row);
+        let start = chunk * CHUNK;
+        let len = (self.inner - start).min(CHUNK);
+        for (k, off) in offs.iter_mut().enumerate() {
+            *off = start * self.inner_stride[k];
+        }
+        let mut r = row;
+        for d in (0..self.outer.len()).rev() {
+            let c = r % self.outer[d];
+            r /= self.outer[d];
+            for (k, off) in offs.iter_mut().enumerate() {
+                *off += c * self.outer_strides[k][d];
+            }
+        }
+        (row * self.inner + start, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_and_decodes() {
+        let p = FusedProgram {
+            shape: vec![3, 5],
+            inputs: vec![vec![3, 1], vec![5], vec![3, 5]],
+            instrs: vec![
+                Instr::Load { dst: 0, input: 0 },
+                Instr::Load { dst: 1, input: 1 },
+                Instr::Binary {
+                    f: Fn2::Add,
+                    dst: 2,
+                    a: 0,
+                    b: 1,
+                },
+                Instr::Const { dst: 0, value: 0.1 },
+                Instr::Binary {
+                    f: Fn2::Less,
+                    dst: 1,
+                    a: 2,
+                    b: 0,
+                },
+                Instr::Load { dst: 0, input: 2 },
+                Instr::Unary {
+                    f: Fn1::Tanh,
+                    dst: 3,
+                    a: 0,
+                },
+                Instr::Where {
+                    dst: 0,
+                    c: 1,
+                    a: 2,
+                    b: 3,
+                },
+            ],
+            outputs: vec![0, 2],
+            registers: 4,
+        };
+        let q = FusedProgram::decode(&p.encode()).unwrap();
+        assert_eq!(p, q);
+        let x0 = [1.0, -2.0, 0.0];
+        let x1 = [0.0, -0.5, 0.05, -3.0, 1.0];
+        let x2: Vec<f32> = (0..15).map(|i| i as f32 * 0.1 - 0.7).collect();
+        let (mut o0, mut o1) = (vec![0.0; 15], vec![0.0; 15]);
+        q.run(&[&x0, &x1, &x2], &mut [&mut o0, &mut o1]);
+        for i in 0..3 {
+            for j in 0..5 {
+                let s = x0[i] + x1[j];
+                assert_eq!(o1[i * 5 + j], s);
+                let want = if s < 0.1 { s } else { x2[i * 5 + j].tanh() };
+                assert!((o0[i * 5 + j] - want).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_programs() {
+        for bad in [
+            "regs 2;ld 0 0;out 0",
+            "shape 4;regs 2;in 3;ld 0 0;out 0",
+            "shape 4;regs 1;in 4;ld 0 0;exp 0 0;out 0",
+            "shape 4;regs 2;in 4;ld 0 0;frob 1 0;out 1",
+            "shape 4;regs 2;in 4;ld 0 1;out 0",
+            "shape 4;regs 2;in 4;ld 0 0;out 5",
+        ] {
+            assert!(FusedProgram::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn walks_broadcasts_in_units() {
+        // [2, 3, 600] with a per-row input [2, 3, 1]: 6 rows of 3 chunks.
+        let w = Walk::new(&[2, 3, 600], &[vec![2, 3, 1], vec![600], vec![2, 3, 600]]);
+        assert_eq!(w.units(), 6 * 3);
+        let mut ins = vec![0; 3];
+        let (off, len) = w.unit(4, &mut ins);
+        assert_eq!((off, len), (600 + 256, 256));
+        assert_eq!(ins, vec![1, 256, 600 + 256]);
+        let (_, len) = w.unit(5, &mut ins);
+        assert_eq!(len, 600 - 512);
+        // Short rows: several per unit.
+        let w = Walk::new(&[1000, 20], &[vec![20], vec![1000, 1], vec![1000, 20]]);
+        assert_eq!((w.rows_per_unit, w.units()), (12, 84));
+        assert_eq!(w.rows(83), Some((996, 4)));
+        // Inputs of the full shape merge every dimension into one row.
+        let w = Walk::new(&[4, 5, 6], &[vec![4, 5, 6], vec![]]);
+        assert_eq!((w.outer.len(), w.inner), (0, 120));
+    }
+}

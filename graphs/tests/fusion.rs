@@ -1,0 +1,147 @@
+//! Fused clusters compute what the ops they replace compute: each cluster's
+//! program, run on the reference values of its inputs, matches the reference
+//! values of its outputs.
+
+use std::collections::HashMap;
+
+use metac_graphs::eval::{eval_nodes, Value};
+use metac_graphs::fusion::find_clusters;
+use metac_graphs::{DType, Graph, NodeId};
+use ndarray::{ArrayD, IxDyn};
+
+fn values(shape: &[usize], seed: usize) -> Value {
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2001) as f64 / 1000.0 - 1.0) * 2.5)
+        .collect();
+    Value::F(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+}
+
+/// Elementwise chains with every broadcast pattern, comparisons feeding
+/// `Where` and a mask cast, split by a MatMul and a reduction.
+fn graph() -> Graph {
+    let mut g = Graph::new();
+    let a = g.input("a", DType::F32, &[4, 300]);
+    let b = g.input("b", DType::F32, &[1, 300]);
+    let c = g.input("c", DType::F32, &[4, 1]);
+    let s = g.input("s", DType::F32, &[]);
+    let w = g.input("w", DType::F32, &[300, 4]);
+    let ab = g.mul(a, b);
+    let x = g.add(ab, c);
+    let y = g.tanh(x);
+    let z0 = g.sigmoid(y);
+    let na = g.abs(a);
+    let na = g.neg(na);
+    let ea = g.exp(na);
+    let z = g.mul(z0, ea);
+    let cut = g.scalar(0.1);
+    let near = g.less(x, cut);
+    let ay = g.abs(y);
+    let ay1 = g.add_scalar(ay, 1.0);
+    let ly = g.log(ay1);
+    let wv = g.node_with(metac_graphs::Op::Where, &[near, z, ly]);
+    let m = g.max(wv, a);
+    let bb = g.abs(b);
+    let bb = g.add(bb, s);
+    let rb = g.sqrt(bb);
+    let out1 = g.div(m, rb);
+    let mask = g.greater(a, cut);
+    let maskf = g.node_with(metac_graphs::Op::Cast(DType::F32), &[mask]);
+    let masked = g.mul(maskf, out1);
+    let mm = g.matmul(masked, w);
+    let q0 = g.asinh(mm);
+    let q1 = g.relu(mm);
+    let q = g.sub(q0, q1);
+    let sq = g.sign(q);
+    let q = g.min(q, sq);
+    let r = g.sum(x, &[1], false);
+    g.output("out1", out1);
+    g.output("x", x);
+    g.output("q", q);
+    g.output("r", r);
+    g
+}
+
+#[test]
+fn clusters_match_the_reference() {
+    let g = graph();
+    let clusters = find_clusters(&g);
+    // The [4, 300] chain before the MatMul, the [1, 300] chain of `b` and
+    // the [4, 4] chain after it.
+    let mut shapes: Vec<&[usize]> = clusters.iter().map(|c| c.program.shape.as_slice()).collect();
+    shapes.sort();
+    assert_eq!(shapes, [&[1, 300][..], &[4, 4], &[4, 300]], "{clusters:#?}");
+    assert!(clusters.iter().any(|c| c.members.len() > 15));
+    let inputs: HashMap<String, Value> = [
+        ("a", &[4usize, 300][..]),
+        ("b", &[1, 300]),
+        ("c", &[4, 1]),
+        ("s", &[]),
+        ("w", &[300, 4]),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(k, (n, s))| {
+        let mut v = values(s, k);
+        if *n == "s" {
+            v = Value::F(ArrayD::from_elem(IxDyn(&[]), 0.5));
+        }
+        (n.to_string(), v)
+    })
+    .collect();
+    let roots: Vec<NodeId> = (0..g.len() as u32).map(NodeId).collect();
+    let all = eval_nodes(&g, &inputs, &roots).unwrap();
+    let f32s = |id: NodeId| -> Vec<f32> {
+        all[id.index()].as_ref().unwrap().f().iter().map(|&x| x as f32).collect()
+    };
+    for c in &clusters {
+        let ins: Vec<Vec<f32>> = c.inputs.iter().map(|&i| f32s(i)).collect();
+        let in_refs: Vec<&[f32]> = ins.iter().map(|v| v.as_slice()).collect();
+        let n = c.program.len();
+        let mut outs: Vec<Vec<f32>> = c.outputs.iter().map(|_| vec![0.0; n]).collect();
+        let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        c.program.run(&in_refs, &mut out_refs);
+        for (o, got) in c.outputs.iter().zip(&outs) {
+            let want = f32s(*o);
+            for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "output {o} element {k}: fused {g}, reference {w}"
+                );
+            }
+        }
+    }
+}
+
+/// Short rows with a bias and a per-row input (units of several rows),
+/// including a last unit of fewer rows.
+#[test]
+fn short_rows_match_the_reference() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[1001, 20]);
+    let b = g.input("b", DType::F32, &[20]);
+    let r = g.input("r", DType::F32, &[1001, 1]);
+    let h = g.add(x, b);
+    let h = g.sigmoid(h);
+    let h = g.mul(h, r);
+    let h = g.exp(h);
+    g.output("h", h);
+    let c = find_clusters(&g);
+    assert_eq!(c.len(), 1);
+    let vals = [values(&[1001, 20], 1), values(&[20], 2), values(&[1001, 1], 3)];
+    let ins: Vec<Vec<f32>> = vals.iter().map(|v| v.f().iter().map(|&x| x as f32).collect()).collect();
+    let refs: Vec<&[f32]> = c[0].inputs.iter().map(|&i| {
+        let k = ["x", "b", "r"].iter().position(|n| g.find_input(n) == Some(i)).unwrap();
+        ins[k].as_slice()
+    }).collect();
+    let mut out = vec![0.0; 1001 * 20];
+    c[0].program.run(&refs, &mut [&mut out]);
+    for i in 0..1001 {
+        for j in 0..20 {
+            let s = 1.0 / (1.0 + (-(ins[0][i * 20 + j] + ins[1][j])).exp());
+            let want = (s * ins[2][i]).exp();
+            let got = out[i * 20 + j];
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "({i}, {j}): {got} vs {want}");
+        }
+    }
+}
