@@ -102,7 +102,7 @@ fn fused_and_op_by_op_onnx_runtime_agree() {
         for (name, g) in [
             ("step", prog.step_graph()),
             ("step_vjp", prog.step_vjp_graph()),
-            ("apply", prog.apply_graph()),
+            ("objective_chunk", prog.objective_chunk_graph()),
         ] {
             let what = format!("{cfg_name} {name}");
             let bytes = export_bytes(&g, name).unwrap();

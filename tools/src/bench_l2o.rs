@@ -84,6 +84,7 @@ struct Timed<R> {
     inner: R,
     step: f64,
     step_vjp: f64,
+    objective: f64,
     reset: f64,
 }
 
@@ -93,11 +94,12 @@ impl<R: StepRunner> Timed<R> {
             inner,
             step: 0.0,
             step_vjp: 0.0,
+            objective: 0.0,
             reset: 0.0,
         }
     }
     fn clear(&mut self) {
-        (self.step, self.step_vjp, self.reset) = (0.0, 0.0, 0.0);
+        (self.step, self.step_vjp, self.objective, self.reset) = (0.0, 0.0, 0.0, 0.0);
     }
 }
 
@@ -115,6 +117,9 @@ impl<R: StepRunner> StepRunner for Timed<R> {
     }
     fn step_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
         timed(&mut self.step_vjp, || self.inner.step_vjp(inputs))
+    }
+    fn objective(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        timed(&mut self.objective, || self.inner.objective(inputs))
     }
     fn reset(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
         timed(&mut self.reset, || self.inner.reset(inputs))
@@ -139,7 +144,10 @@ pub fn run(a: L2oArgs) -> Result<()> {
     let program = L2oProgram::from_config(&cfg)?;
     let flops_step = metac_graphs::cost::flops(&program.step_graph()) as f64;
     let flops_vjp = metac_graphs::cost::flops(&program.step_vjp_graph()) as f64;
-    let per_iter = a.unroll_length as f64 * (flops_step + flops_vjp);
+    // The objective of each step, measured `objective_chunk` steps per run.
+    let flops_obj = metac_graphs::cost::flops(&program.objective_chunk_graph()) as f64
+        / program.objective_chunk as f64;
+    let per_iter = a.unroll_length as f64 * (flops_step + flops_obj + flops_vjp);
     let dir = std::env::temp_dir().join(format!("metac-bench-l2o-{}", std::process::id()));
     compile_l2o(&cfg, &dir)?;
     let bundle = Bundle::load(&dir)?;
@@ -185,14 +193,15 @@ pub fn run(a: L2oArgs) -> Result<()> {
         a.unroll_length
     );
     println!(
-        "# FLOPs: step {:.3} GFLOP, step_vjp {:.3} GFLOP, meta-iteration {:.2} GFLOP; median of {} after one warm-up\n",
+        "# FLOPs per inner step: step {:.3} GFLOP, objective {:.3} GFLOP, step_vjp {:.3} GFLOP; meta-iteration {:.2} GFLOP; median of {} after one warm-up\n",
         flops_step / 1e9,
+        flops_obj / 1e9,
         flops_vjp / 1e9,
         per_iter / 1e9,
         a.repeats
     );
-    println!("| backend | step forward (ms) | meta-iteration (s) | per inner step (ms) | in step (ms) | in step_vjp (ms) | GFLOP/s | peak RSS (MB) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| backend | step forward (ms) | meta-iteration (s) | per inner step (ms) | in step (ms) | in objective (ms) | in step_vjp (ms) | GFLOP/s | peak RSS (MB) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for choice in &a.backends {
         let backend = match open_backend(&BackendOptions {
             choice: *choice,
@@ -200,7 +209,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
         }) {
             Ok(b) => b,
             Err(e) => {
-                println!("| {choice} | unavailable: {e:#} | | | | | | |");
+                println!("| {choice} | unavailable: {e:#} | | | | | | | |");
                 continue;
             }
         };
@@ -236,7 +245,7 @@ pub fn run(a: L2oArgs) -> Result<()> {
             fwd.push(t0.elapsed().as_secs_f64());
         }
         truncated_bptt(&mut runner, &layout, &unroll)?;
-        let (mut times, mut in_step, mut in_vjp) = (vec![], vec![], vec![]);
+        let (mut times, mut in_step, mut in_vjp, mut in_obj) = (vec![], vec![], vec![], vec![]);
         for _ in 0..a.repeats {
             runner.clear();
             let t0 = Instant::now();
@@ -244,16 +253,18 @@ pub fn run(a: L2oArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
             in_step.push(runner.step);
             in_vjp.push(runner.step_vjp);
+            in_obj.push(runner.objective);
         }
         let t = median(times);
         let per_step = |v: Vec<f64>| median(v) / a.unroll_length as f64 * 1e3;
         println!(
-            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             backend.name(),
             median(fwd) * 1e3,
             t,
             t / a.unroll_length as f64 * 1e3,
             per_step(in_step),
+            per_step(in_obj),
             per_step(in_vjp),
             per_iter / t / 1e9,
             peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0}"))

@@ -34,7 +34,7 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
     compile_l2o(&cfg, &bundle);
     let b = bundle.to_str().unwrap();
     // Every graph of the bundle passes the reference ONNX checker.
-    let graphs: Vec<PathBuf> = ["step", "step_vjp", "reset", "reset_vjp", "objective"]
+    let graphs: Vec<PathBuf> = ["step", "step_vjp", "objective_chunk", "reset", "reset_vjp", "objective"]
         .iter()
         .map(|g| bundle.join(format!("{g}.onnx")))
         .collect();
@@ -45,7 +45,7 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
         .expect("python3 (pip install -r requirements.txt)");
     let text = String::from_utf8_lossy(&py.stdout);
     assert!(
-        py.status.success() && text.contains("5 passed, 0 failed"),
+        py.status.success() && text.contains("6 passed, 0 failed"),
         "{text}{}",
         String::from_utf8_lossy(&py.stderr)
     );

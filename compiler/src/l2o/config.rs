@@ -10,6 +10,7 @@
 //! problem = "mnist-mlp"
 //! batch_size = 128
 //! objective_examples = 10000
+//! objective_chunk = 10            # objectives evaluated together (see below)
 //! use_second_derivatives = false
 //! seed = 0
 //!
@@ -413,6 +414,13 @@ pub struct L2oConfig {
     /// Size of the large objective set the meta-loss is measured on (ignored
     /// by data-free problems).
     pub objective_examples: usize,
+    /// The objective (value and gradient over the objective set) is measured
+    /// for this many inner steps in one graph run: their products with the
+    /// objective set become one wide product that reads the set once
+    /// (`objective_chunk` graph). A compile-time setting; any unroll length
+    /// works (a last, shorter chunk is padded).
+    #[serde(default = "default_objective_chunk")]
+    pub objective_chunk: usize,
     /// Differentiate through the optimizee gradient (second derivatives);
     /// when false the gradient fed to the optimizer is a stop-gradient.
     pub use_second_derivatives: bool,
@@ -429,6 +437,10 @@ pub struct L2oConfig {
     pub imitation: ImitationConfig,
     #[serde(default)]
     pub run: RunConfig,
+}
+
+fn default_objective_chunk() -> usize {
+    10
 }
 
 fn positive(key: &str, v: usize) -> Result<()> {
@@ -464,6 +476,7 @@ impl L2oConfig {
     pub fn validate(&self) -> Result<()> {
         positive("batch_size", self.batch_size)?;
         positive("objective_examples", self.objective_examples)?;
+        positive("objective_chunk", self.objective_chunk)?;
         if let Err(e) = problem_by_name(&self.problem, self.batch_size) {
             bail!("config key 'problem': {e}");
         }

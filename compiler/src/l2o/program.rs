@@ -47,12 +47,12 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::ops::Op;
-use metac_graphs::passes::optimize;
+use metac_graphs::passes::{merge_shared_lhs_matmuls, optimize};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
     ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
-    MINIBATCH_LOSS, OBJECTIVE, APPLY,
+    chunk_name, MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK,
 };
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
@@ -92,6 +92,8 @@ pub struct L2oProgram {
     pub use_second_derivatives: bool,
     /// The regulariser's graph shape (option `None`: no regulariser).
     pub regularizer: RegularizerSpec,
+    /// Inner steps whose objectives one `objective_chunk` run measures.
+    pub objective_chunk: usize,
 }
 
 /// The input nodes of one step.
@@ -143,6 +145,7 @@ impl L2oProgram {
                 power_iterations: 1,
                 lanczos_steps: 1,
             },
+            objective_chunk: 1,
         })
     }
 
@@ -159,6 +162,7 @@ impl L2oProgram {
             c.use_second_derivatives,
         )?;
         p.regularizer = c.regularizer.spec();
+        p.objective_chunk = c.objective_chunk;
         Ok(p)
     }
 
@@ -249,6 +253,7 @@ impl L2oProgram {
                 .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
                 .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
                 .collect(),
+            objective_chunk: self.objective_chunk,
         }
     }
 
@@ -366,38 +371,45 @@ impl L2oProgram {
         }
     }
 
-    /// The `step` graph (optimized).
+    /// The `step` graph (optimized): `phi, theta, S, minibatch (, probes)
+    /// -> next.*, minibatch_loss (, reg)`. The objective after the step is
+    /// measured separately, several steps at a time
+    /// ([`Self::objective_chunk_graph`]).
     pub fn step_graph(&self) -> Graph {
-        let l = self.layout();
-        let mut g = Graph::new();
-        let i = self.declare_step_inputs(&mut g, true);
-        let o = self.step_core(&mut g, &i, true);
-        self.add_step_outputs(&mut g, &l, &o);
-        if let Some(r) = o.reg {
-            g.output(REG, r);
-        }
-        let objective = o.objective.expect("built with the objective set");
-        g.output(OBJECTIVE, objective);
-        let og = grad(&mut g, objective, &o.theta);
-        for (n, x) in l.theta.iter().zip(og) {
-            g.output(&objective_grad_name(n), x);
-        }
-        g.output(MINIBATCH_LOSS, o.minibatch_loss);
-        Self::hoist_objective_transposes(&optimize(&g), &l)
-    }
-
-    /// The `apply` graph (optimized): the step without the objective set,
-    /// `phi, theta, S, minibatch -> next.*, minibatch_loss`. Validation runs
-    /// it, since it needs only the trajectory (the objective over the set
-    /// costs as much as the rest of the step).
-    pub fn apply_graph(&self) -> Graph {
         let l = self.layout();
         let mut g = Graph::new();
         let i = self.declare_step_inputs(&mut g, false);
         let o = self.step_core(&mut g, &i, false);
         self.add_step_outputs(&mut g, &l, &o);
+        if let Some(r) = o.reg {
+            g.output(REG, r);
+        }
         g.output(MINIBATCH_LOSS, o.minibatch_loss);
         optimize(&g)
+    }
+
+    /// The `objective_chunk` graph (optimized): the objective and its
+    /// gradient at `objective_chunk` parameter sets on one objective set,
+    /// `t<i>.theta.*, obj.* -> t<i>.objective, t<i>.objective_grad.theta.*`.
+    /// The products of the objective set (and of its transpose, an input
+    /// made once per set) with the parameter sets are merged into one wide
+    /// product each, so the set is read once per chunk instead of once per
+    /// step.
+    pub fn objective_chunk_graph(&self) -> Graph {
+        let l = self.layout();
+        let mut g = Graph::new();
+        let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
+        for k in 0..self.objective_chunk {
+            let theta = self.declare_theta(&mut g, &chunk_name(k, "theta."));
+            let o = self.objective.loss(&mut g, &theta, &obj);
+            g.output(&chunk_name(k, OBJECTIVE), o);
+            let og = grad(&mut g, o, &theta);
+            for (n, x) in l.theta.iter().zip(og) {
+                g.output(&chunk_name(k, &objective_grad_name(n)), x);
+            }
+        }
+        let g = Self::hoist_objective_transposes(&optimize(&g), &l);
+        optimize(&merge_shared_lhs_matmuls(&g))
     }
 
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.
@@ -713,7 +725,7 @@ impl L2oProgram {
             ("reset", self.reset_graph()),
             ("reset_vjp", self.reset_vjp_graph()),
             ("objective", self.objective_graph()),
-            (APPLY, self.apply_graph()),
+            (OBJECTIVE_CHUNK, self.objective_chunk_graph()),
         ];
         let mut b = BundleBuilder::new("l2o");
         for (name, g) in &graphs {

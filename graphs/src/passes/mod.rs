@@ -3,10 +3,12 @@
 //! shares common subexpressions, followed by dead-code elimination.
 
 pub mod dce;
+pub mod merge_matmuls;
 mod rebuild;
 mod simplify;
 
 pub use dce::dce;
+pub use merge_matmuls::merge_shared_lhs_matmuls;
 pub use rebuild::{cse_fold_simplify, RebuildOptions};
 
 use crate::graph::Graph;

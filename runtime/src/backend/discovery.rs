@@ -72,6 +72,18 @@ fn init_ort(env_value: Option<&OsStr>) -> Result<OrtRuntime> {
     })
 }
 
+/// Threads of the process-wide intra-op pool: the cores this process may use
+/// (the standard library's figure honours CPU affinity and cgroup quotas).
+///
+/// One pool serves every session. L2O alternates between several graphs
+/// many times a second; with a pool per session, the threads of the graph
+/// that just finished spin-wait for more work while the next graph's threads
+/// need the same cores (a separate objective graph ran at half speed that
+/// way). Sessions asking for another thread count get a pool of their own.
+pub fn global_pool_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Hands the library to ort and creates the one environment ort allows per process.
 fn build_environment(dylib: &Path) -> Result<ort::environment::Environment> {
     // `init_from` returns `Err` for load failures in rc.15, but the API getter behind it still has
@@ -80,8 +92,17 @@ fn build_environment(dylib: &Path) -> Result<ort::environment::Environment> {
         let builder = ort::init_from(dylib)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("ort could not load {}", dylib.display()))?;
+        // One intra-op thread pool for every session (see `GLOBAL_POOL_THREADS`).
+        let pool = ort::environment::GlobalThreadPoolOptions::default()
+            .with_intra_threads(global_pool_threads())
+            .and_then(|p| p.with_inter_threads(1))
+            .map_err(|e| anyhow!("{e}"))?;
         // Telemetry off: a research tool should not phone home from users' training runs.
-        let env = builder.with_name("metac").with_telemetry(false).build()?;
+        let env = builder
+            .with_name("metac")
+            .with_telemetry(false)
+            .with_global_thread_pool(pool)
+            .build()?;
         Ok(env)
     });
     match built {

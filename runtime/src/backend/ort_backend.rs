@@ -11,7 +11,7 @@ use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRe
 
 use metac_graphs::fusion::fuse_onnx;
 
-use super::discovery::OrtRuntime;
+use super::discovery::{global_pool_threads, OrtRuntime};
 use super::fused_kernel::fused_domain;
 use super::{order_inputs, Backend, Device, InputSpec, Session};
 use crate::tensor::{DType, HostTensor};
@@ -82,9 +82,15 @@ impl Backend for OrtBackend {
     fn load(&self, onnx: &[u8], label: &str) -> Result<Box<dyn Session>> {
         let mut builder = OrtSession::builder(&self.rt.env)?
             .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(ort::Error::<()>::from)?
-            .with_intra_threads(self.intra_threads)
             .map_err(ort::Error::<()>::from)?;
+        // The environment's shared pool has `global_pool_threads()`; another
+        // count needs a pool of the session's own.
+        if self.intra_threads != global_pool_threads() {
+            builder = builder
+                .with_independent_thread_pool()
+                .and_then(|b| b.with_intra_threads(self.intra_threads))
+                .map_err(ort::Error::<()>::from)?;
+        }
         if let Device::Cuda(id) = self.device {
             builder = register_cuda(builder, id)?;
         }

@@ -32,7 +32,8 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::regularizer::REG;
 use super::{
-    ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS, OBJECTIVE,
+    chunk_name, ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS,
+    OBJECTIVE, OBJECTIVE_CHUNK,
 };
 use crate::backend::{Backend, Session};
 use crate::bundle::Bundle;
@@ -229,6 +230,9 @@ pub trait StepRunner {
     fn step(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// `step_vjp`: phi, theta, S, minibatch, `ct.next.*` -> `d.*`.
     fn step_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    /// `objective_chunk`: `t<k>.theta.*`, the objective set ->
+    /// `t<k>.objective`, `t<k>.objective_grad.*`.
+    fn objective(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// `reset`: phi -> `next.<hidden state>`.
     fn reset(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// `reset_vjp`: phi, `ct.next.<hidden state>` -> `d.<phi>` (the init vectors).
@@ -362,7 +366,6 @@ fn run_step<R: StepRunner>(
     theta: &Named<R::Tensor>,
     state: &Named<R::Tensor>,
     minibatch: &Named<R::Tensor>,
-    objective_batch: (&[(String, R::Tensor)], &[(String, R::Tensor)]),
     probes: &Named<R::Tensor>,
 ) -> Result<HashMap<String, R::Tensor>> {
     let ins: Vec<(&str, &R::Tensor)> = phi
@@ -370,8 +373,6 @@ fn run_step<R: StepRunner>(
         .chain(theta)
         .chain(state)
         .chain(minibatch)
-        .chain(objective_batch.0)
-        .chain(objective_batch.1)
         .chain(probes)
         .map(|(n, x)| (n.as_str(), x))
         .collect();
@@ -433,6 +434,19 @@ pub fn truncated_bptt<R: StepRunner>(
     let every = u.checkpoint_every.max(1);
 
     // ---- forward ------------------------------------------------------------
+    // Steps run in chunks of `objective_chunk`; after each chunk one
+    // `objective_chunk` run measures the objective after every step of it.
+    // A non-finite objective (or regulariser) ends the unroll at that step:
+    // the steps before it count, and the unroll's result is the parameters
+    // and state that step started from.
+    let chunk = layout.objective_chunk;
+    ensure!(
+        chunk > 0,
+        "the bundle has no 'objective_chunk' graph (compiled by an older metac): recompile it with `metac compile l2o`"
+    );
+    let chunk_inputs: Vec<Vec<String>> = (0..chunk)
+        .map(|k| layout.theta.iter().map(|n| chunk_name(k, n)).collect())
+        .collect();
     let mut checkpoints: Vec<ThetaState<T<R>>> = vec![];
     let (mut theta, mut state) = (theta0, state0);
     let mut objective_grads: Vec<Vec<T<R>>> = vec![];
@@ -443,60 +457,91 @@ pub fn truncated_bptt<R: StepRunner>(
     let mut residuals: Vec<Vec<T<R>>> = vec![];
     let mut squares = vec![];
     let mut diverged = false;
-    for t in 0..u.minibatches.len() {
-        let mb = u.minibatches.get(t)?;
-        let mut out = run_step(
-            runner,
-            &phi,
-            &theta,
-            &state,
-            &mb,
-            objective_batch,
-            probes(t),
-        )?;
-        let obj = lookup(&out, "step", OBJECTIVE)?.scalar_value()?;
-        let reg = out.get(REG).map(|r| r.scalar_value()).transpose()?;
-        if !obj.is_finite() || reg.is_some_and(|r| !r.is_finite()) {
-            diverged = true;
+    let n = u.minibatches.len();
+    let mut t = 0;
+    while t < n && !diverged {
+        // (theta_t, S_t) and theta_t+1 of each step of the chunk.
+        let mut starts: Vec<ThetaState<T<R>>> = vec![];
+        let mut after: Vec<Named<T<R>>> = vec![];
+        while t < n && starts.len() < chunk {
+            let mb = u.minibatches.get(t)?;
+            let mut out = run_step(runner, &phi, &theta, &state, &mb, probes(t))?;
+            let reg = out.get(REG).map(|r| r.scalar_value()).transpose()?;
+            if reg.is_some_and(|r| !r.is_finite()) {
+                diverged = true;
+                break;
+            }
+            regs.extend(reg);
+            minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
+            let next_theta = next_of(&mut out, &layout.theta)?;
+            let next_state = next_of(&mut out, &layout.state)?;
+            if let Some((labels, _)) = u.imitation {
+                let label: HashMap<&str, &T<R>> =
+                    labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
+                let mut rs = vec![];
+                let mut ss = 0.0;
+                for ((n, next), (_, cur)) in next_theta.iter().zip(&theta) {
+                    let l = label
+                        .get(n.as_str())
+                        .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
+                    let r = next.axpy(-1.0, cur)?.axpy(-1.0, l)?;
+                    ss += r.dot(&r)?;
+                    rs.push(r);
+                }
+                residuals.push(rs);
+                squares.push(0.5 * ss);
+            }
+            after.push(next_theta.clone());
+            starts.push((
+                std::mem::replace(&mut theta, next_theta),
+                std::mem::replace(&mut state, next_state),
+            ));
+            t += 1;
+        }
+        if starts.is_empty() {
             break;
         }
-        objectives.push(obj);
-        regs.extend(reg);
-        minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
-        objective_grads.push(
-            layout
-                .theta
-                .iter()
-                .map(|n| take(&mut out, "step", &objective_grad_name(n)))
-                .collect::<Result<_>>()?,
-        );
-        let next_theta = next_of(&mut out, &layout.theta)?;
-        let next_state = next_of(&mut out, &layout.state)?;
-        if let Some((labels, _)) = u.imitation {
-            let label: HashMap<&str, &T<R>> =
-                labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
-            let mut rs = vec![];
-            let mut ss = 0.0;
-            for ((n, next), (_, cur)) in next_theta.iter().zip(&theta) {
-                let l = label
-                    .get(n.as_str())
-                    .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
-                let r = next.axpy(-1.0, cur)?.axpy(-1.0, l)?;
-                ss += r.dot(&r)?;
-                rs.push(r);
-            }
-            residuals.push(rs);
-            squares.push(0.5 * ss);
+        // The objective after each step; a short last chunk repeats its last
+        // parameters.
+        let mut ins: Vec<(&str, &T<R>)> = objective_batch
+            .0
+            .iter()
+            .chain(objective_batch.1)
+            .map(|(n, x)| (n.as_str(), x))
+            .collect();
+        for (k, names) in chunk_inputs.iter().enumerate() {
+            let th = &after[k.min(after.len() - 1)];
+            ins.extend(names.iter().map(|n| n.as_str()).zip(th.iter().map(|(_, x)| x)));
         }
-        let (old_theta, old_state) = (
-            std::mem::replace(&mut theta, next_theta),
-            std::mem::replace(&mut state, next_state),
-        );
-        if t % every == 0 {
-            checkpoints.push((old_theta, old_state));
+        let mut out: HashMap<String, T<R>> = runner.objective(&ins)?.into_iter().collect();
+        let first = t - starts.len();
+        for (k, start) in starts.into_iter().enumerate() {
+            let obj = lookup(&out, OBJECTIVE_CHUNK, &chunk_name(k, OBJECTIVE))?.scalar_value()?;
+            if !obj.is_finite() {
+                // Back to where this step started; later steps do not count.
+                diverged = true;
+                (theta, state) = start;
+                break;
+            }
+            objectives.push(obj);
+            objective_grads.push(
+                layout
+                    .theta
+                    .iter()
+                    .map(|n| take(&mut out, OBJECTIVE_CHUNK, &chunk_name(k, &objective_grad_name(n))))
+                    .collect::<Result<_>>()?,
+            );
+            if (first + k) % every == 0 {
+                checkpoints.push(start);
+            }
         }
     }
+    // Only the steps whose objective was finite count.
     let steps = objectives.len();
+    minibatch_losses.truncate(steps);
+    regs.truncate(steps);
+    residuals.truncate(steps);
+    squares.truncate(steps);
     let mut d_phi: Named<T<R>> = phi
         .iter()
         .map(|(n, t)| (n.clone(), t.zeros_like()))
@@ -558,7 +603,6 @@ pub fn truncated_bptt<R: StepRunner>(
                 th,
                 st,
                 &*u.minibatches.get(t)?,
-                objective_batch,
                 probes(t),
             )?;
             seg.push((
@@ -656,6 +700,7 @@ pub fn truncated_bptt<R: StepRunner>(
 pub struct GraphRunner {
     pub step: Graph,
     pub step_vjp: Graph,
+    pub objective: Graph,
     pub reset: Graph,
     pub reset_vjp: Graph,
 }
@@ -678,6 +723,9 @@ impl StepRunner for GraphRunner {
     fn step_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
         eval_named(&self.step_vjp, "step_vjp", inputs)
     }
+    fn objective(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        eval_named(&self.objective, OBJECTIVE_CHUNK, inputs)
+    }
     fn reset(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
         eval_named(&self.reset, "reset", inputs)
     }
@@ -690,12 +738,14 @@ impl StepRunner for GraphRunner {
 pub struct SessionRunner {
     pub step: Box<dyn Session>,
     pub step_vjp: Box<dyn Session>,
+    pub objective: Box<dyn Session>,
     pub reset: Box<dyn Session>,
     pub reset_vjp: Box<dyn Session>,
 }
 
 impl SessionRunner {
-    /// Load the `step`, `step_vjp`, `reset` and `reset_vjp` graphs of an L2O bundle.
+    /// Load the `step`, `step_vjp`, `objective_chunk`, `reset` and
+    /// `reset_vjp` graphs of an L2O bundle.
     pub fn from_bundle(bundle: &Bundle, backend: &dyn Backend) -> Result<Self> {
         let load = |name: &str| -> Result<Box<dyn Session>> {
             backend.load(&bundle.graph_bytes(name)?, name)
@@ -703,6 +753,9 @@ impl SessionRunner {
         Ok(SessionRunner {
             step: load("step")?,
             step_vjp: load("step_vjp")?,
+            objective: load(OBJECTIVE_CHUNK).context(
+                "compiled by an older metac? recompile the bundle with `metac compile l2o`",
+            )?,
             reset: load("reset")?,
             reset_vjp: load("reset_vjp")?,
         })
@@ -726,6 +779,9 @@ impl StepRunner for SessionRunner {
     }
     fn step_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
         run_session(self.step_vjp.as_mut(), inputs)
+    }
+    fn objective(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        run_session(self.objective.as_mut(), inputs)
     }
     fn reset(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
         run_session(self.reset.as_mut(), inputs)

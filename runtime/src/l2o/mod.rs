@@ -36,8 +36,13 @@ pub const CT: &str = "ct.";
 pub const D: &str = "d.";
 /// Name of the step's objective output (and, with [`CT`], of its cotangent).
 pub const OBJECTIVE: &str = "objective";
-/// The graph of one inner step without the objective set (validation).
-pub const APPLY: &str = "apply";
+/// The graph measuring the objective at several inner steps at once.
+pub const OBJECTIVE_CHUNK: &str = "objective_chunk";
+/// `t<k>.<name>`: the `k`-th parameter set of an `objective_chunk` graph and
+/// its outputs.
+pub fn chunk_name(k: usize, name: &str) -> String {
+    format!("t{k}.{name}")
+}
 /// Name of the step's minibatch-loss output.
 pub const MINIBATCH_LOSS: &str = "minibatch_loss";
 /// Prefix of the step's outputs holding the gradient of the objective in the
@@ -86,6 +91,10 @@ pub struct L2oLayout {
     /// `(input name, source name)`, the source being a 2-D `obj.*` input.
     #[serde(default)]
     pub objective_transposed: Vec<(String, String)>,
+    /// Parameter sets per `objective_chunk` run (0: a bundle from before
+    /// that graph, which this runtime cannot run).
+    #[serde(default)]
+    pub objective_chunk: usize,
 }
 
 impl L2oLayout {

@@ -16,7 +16,6 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::bptt::objective_inputs;
 use super::bptt::{Named, StepRunner};
 use super::curriculum::{Curriculum, CurriculumState, Decision};
 use super::data::{MnistUnrollData, SplitMix64};
@@ -24,7 +23,7 @@ use super::imitation::{AdamTeacher, ImitationSpec};
 use super::meta_opt::{CompiledMetaUpdate, MetaUpdate};
 use super::regularizer::{ProbeGenerator, RegularizerSchedule};
 use super::train::{meta_iteration, Regularization, UnrollData, UnrollSchedule};
-use super::{L2oLayout, SessionRunner, APPLY, MINIBATCH_LOSS, OBJECTIVE};
+use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
 use crate::backend::{Backend, Session};
 use crate::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
 use crate::data::mnist::Split;
@@ -154,9 +153,6 @@ pub struct MetaTrainer<'a> {
     pub out: PathBuf,
     runner: SessionRunner,
     objective: Box<dyn Session>,
-    /// The step without the objective set (`apply`), which validation runs;
-    /// bundles compiled before it existed validate through `step`.
-    apply: Option<Box<dyn Session>>,
     phi: Named<HostTensor>,
     opt: CompiledMetaUpdate,
     completed: usize,
@@ -197,10 +193,6 @@ impl<'a> MetaTrainer<'a> {
         let manifest_sha256 = sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?);
         let runner = SessionRunner::from_bundle(bundle, backend)?;
         let objective = backend.load(&bundle.graph_bytes("objective")?, "objective")?;
-        let apply = match bundle.manifest.graph(APPLY) {
-            Some(_) => Some(backend.load(&bundle.graph_bytes(APPLY)?, APPLY)?),
-            None => None,
-        };
         let mut phi: Named<HostTensor> = Vec::new();
         for n in &layout.phi {
             let t = bundle.init.get(n).with_context(|| {
@@ -234,7 +226,6 @@ impl<'a> MetaTrainer<'a> {
             out: out.to_path_buf(),
             runner,
             objective,
-            apply,
             phi,
             opt,
             completed: 0,
@@ -431,13 +422,6 @@ impl<'a> MetaTrainer<'a> {
             }
         }
         let steps = s.unroll_length * self.num_unrolls();
-        // `apply` is the step without the objective set. An older bundle's
-        // step also reports the objective on an objective set; then one set
-        // serves the whole validation run (its value is not used here).
-        let step_obj = match self.apply {
-            Some(_) => vec![],
-            None => objective_inputs(&self.layout, &data.objective_batch(1)?)?,
-        };
         // The step graph of a regularised bundle reads probes; their values
         // do not affect the update.
         let mut probes = ProbeGenerator::new(seed);
@@ -453,18 +437,10 @@ impl<'a> MetaTrainer<'a> {
                     .iter()
                     .chain(state.iter())
                     .chain(mb.iter())
-                    .chain(step_obj.iter())
                     .chain(pr.iter())
                     .map(|(n, t)| (n.as_str(), t)),
             );
-            let out = match self.apply.as_mut() {
-                Some(apply) => {
-                    let names = apply.input_names();
-                    ins.retain(|(n, _)| names.iter().any(|m| m == n));
-                    apply.run(&ins)?
-                }
-                None => self.runner.step(&ins)?,
-            };
+            let out = self.runner.step(&ins)?;
             let get = |name: &str| {
                 out.iter()
                     .find(|(n, _)| n == &super::next_name(name))
