@@ -66,10 +66,17 @@ fn inputs(prog: &L2oProgram, g: &Graph) -> Vec<(String, HostTensor)> {
                     .unwrap(),
                 ),
                 _ => {
-                    let (lo, hi) = if name.ends_with(".x") { (0.0, 1.0) } else { (-0.1, 0.1) };
+                    let (lo, hi) = if name.ends_with(".x") {
+                        (0.0, 1.0)
+                    } else {
+                        (-0.1, 0.1)
+                    };
                     HostTensor::F32(
-                        ArrayD::from_shape_vec(IxDyn(&ty.shape), filled(&ty.shape, k as u64, lo, hi))
-                            .unwrap(),
+                        ArrayD::from_shape_vec(
+                            IxDyn(&ty.shape),
+                            filled(&ty.shape, k as u64, lo, hi),
+                        )
+                        .unwrap(),
                     )
                 }
             };
@@ -123,7 +130,10 @@ fn fused_and_op_by_op_onnx_runtime_agree() {
                 let same_kind = x.iter().zip(y).all(|(p, q)| {
                     p.is_finite() == q.is_finite() && (p.is_finite() || p.is_nan() == q.is_nan())
                 });
-                assert!(same_kind, "{what}: output '{n}' is finite in one engine only");
+                assert!(
+                    same_kind,
+                    "{what}: output '{n}' is finite in one engine only"
+                );
                 let finite = || x.iter().zip(y).filter(|(_, q)| q.is_finite());
                 let scale = finite().fold(1.0f32, |s, (_, q)| s.max(q.abs()));
                 let worst = finite().fold(0.0f32, |w, (p, q)| w.max((p - q).abs()));

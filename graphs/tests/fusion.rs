@@ -68,7 +68,10 @@ fn clusters_match_the_reference() {
     let clusters = find_clusters(&g);
     // The [4, 300] chain before the MatMul, the [1, 300] chain of `b` and
     // the [4, 4] chain after it.
-    let mut shapes: Vec<&[usize]> = clusters.iter().map(|c| c.program.shape.as_slice()).collect();
+    let mut shapes: Vec<&[usize]> = clusters
+        .iter()
+        .map(|c| c.program.shape.as_slice())
+        .collect();
     shapes.sort();
     assert_eq!(shapes, [&[1, 300][..], &[4, 4], &[4, 300]], "{clusters:#?}");
     assert!(clusters.iter().any(|c| c.members.len() > 15));
@@ -92,7 +95,13 @@ fn clusters_match_the_reference() {
     let roots: Vec<NodeId> = (0..g.len() as u32).map(NodeId).collect();
     let all = eval_nodes(&g, &inputs, &roots).unwrap();
     let f32s = |id: NodeId| -> Vec<f32> {
-        all[id.index()].as_ref().unwrap().f().iter().map(|&x| x as f32).collect()
+        all[id.index()]
+            .as_ref()
+            .unwrap()
+            .f()
+            .iter()
+            .map(|&x| x as f32)
+            .collect()
     };
     for c in &clusters {
         let ins: Vec<Vec<f32>> = c.inputs.iter().map(|&i| f32s(i)).collect();
@@ -128,12 +137,26 @@ fn short_rows_match_the_reference() {
     g.output("h", h);
     let c = find_clusters(&g);
     assert_eq!(c.len(), 1);
-    let vals = [values(&[1001, 20], 1), values(&[20], 2), values(&[1001, 1], 3)];
-    let ins: Vec<Vec<f32>> = vals.iter().map(|v| v.f().iter().map(|&x| x as f32).collect()).collect();
-    let refs: Vec<&[f32]> = c[0].inputs.iter().map(|&i| {
-        let k = ["x", "b", "r"].iter().position(|n| g.find_input(n) == Some(i)).unwrap();
-        ins[k].as_slice()
-    }).collect();
+    let vals = [
+        values(&[1001, 20], 1),
+        values(&[20], 2),
+        values(&[1001, 1], 3),
+    ];
+    let ins: Vec<Vec<f32>> = vals
+        .iter()
+        .map(|v| v.f().iter().map(|&x| x as f32).collect())
+        .collect();
+    let refs: Vec<&[f32]> = c[0]
+        .inputs
+        .iter()
+        .map(|&i| {
+            let k = ["x", "b", "r"]
+                .iter()
+                .position(|n| g.find_input(n) == Some(i))
+                .unwrap();
+            ins[k].as_slice()
+        })
+        .collect();
     let mut out = vec![0.0; 1001 * 20];
     c[0].program.run(&refs, &mut [&mut out]);
     for i in 0..1001 {
@@ -141,7 +164,67 @@ fn short_rows_match_the_reference() {
             let s = 1.0 / (1.0 + (-(ins[0][i * 20 + j] + ins[1][j])).exp());
             let want = (s * ins[2][i]).exp();
             let got = out[i * 20 + j];
-            assert!((got - want).abs() <= 1e-5 * want.abs(), "({i}, {j}): {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "({i}, {j}): {got} vs {want}"
+            );
+        }
+    }
+}
+
+/// Slices read in place: blocks of rows and of columns, and a slice of a
+/// value the cluster itself computes (which must stay a slice).
+#[test]
+fn sliced_inputs_match_the_reference() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[6, 40]);
+    let y = g.input("y", DType::F32, &[30, 8]);
+    let rows = g.slice(x, 0, 2, 5); // [3, 40]
+    let cols = g.slice(y, 1, 3, 5); // [30, 2]
+    let cols = g.reshape(cols, &[3, 20]);
+    let cols = g.node_with(metac_graphs::Op::Concat { axis: 1 }, &[cols, cols]);
+    let a = g.mul(rows, cols);
+    let b = g.exp(a);
+    let c = g.add(b, rows);
+    let own = g.slice(c, 1, 0, 40);
+    let d = g.tanh(c);
+    let e = g.add(d, own);
+    g.output("e", e);
+    g.output("b", b);
+    let xv = values(&[6, 40], 1);
+    let yv = values(&[30, 8], 2);
+    let inputs: HashMap<String, Value> = [("x".to_string(), xv), ("y".to_string(), yv)]
+        .into_iter()
+        .collect();
+    let roots: Vec<NodeId> = (0..g.len() as u32).map(NodeId).collect();
+    let all = eval_nodes(&g, &inputs, &roots).unwrap();
+    let f32s = |id: NodeId| -> Vec<f32> {
+        all[id.index()]
+            .as_ref()
+            .unwrap()
+            .f()
+            .iter()
+            .map(|&x| x as f32)
+            .collect()
+    };
+    let clusters = find_clusters(&g);
+    assert!(clusters
+        .iter()
+        .any(|c| c.program.views.iter().any(|v| v.is_some())));
+    for c in &clusters {
+        let ins: Vec<Vec<f32>> = c.inputs.iter().map(|&i| f32s(i)).collect();
+        let refs: Vec<&[f32]> = ins.iter().map(|v| v.as_slice()).collect();
+        let n = c.program.len();
+        let mut outs: Vec<Vec<f32>> = c.outputs.iter().map(|_| vec![0.0; n]).collect();
+        let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        c.program.run(&refs, &mut out_refs);
+        for (o, got) in c.outputs.iter().zip(&outs) {
+            for (k, (&p, &q)) in got.iter().zip(&f32s(*o)).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * q.abs().max(1.0),
+                    "output {o} [{k}]: {p} vs {q}"
+                );
+            }
         }
     }
 }

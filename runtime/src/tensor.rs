@@ -179,7 +179,12 @@ impl From<ArrayD<bool>> for HostTensor {
 /// that reads and writes both stay within a few cache lines (a strided copy of
 /// the 10,000 x 784 objective set takes several times longer).
 pub fn transpose_2d<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
-    assert_eq!(src.len(), rows * cols, "transpose_2d: {rows} x {cols} from {} elements", src.len());
+    assert_eq!(
+        src.len(),
+        rows * cols,
+        "transpose_2d: {rows} x {cols} from {} elements",
+        src.len()
+    );
     const TILE: usize = 32;
     let mut out = vec![T::default(); src.len()];
     for r0 in (0..rows).step_by(TILE) {
@@ -232,20 +237,5 @@ mod tests {
         assert_eq!(HostTensor::scalar_bool(true).dtype_name(), "bool");
         assert_eq!(HostTensor::zeros(DType::Bool, &[4]).shape(), &[4]);
         assert!(HostTensor::scalar_i64(1).to_scalar_f32().is_err());
-    }
-}
-#[cfg(test)]
-mod tmp_timing {
-    #[test]
-    fn time_transpose() {
-        let a: Vec<f32> = (0..10000 * 784).map(|i| i as f32).collect();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let b = super::transpose_2d(&a, 10000, 784);
-            eprintln!("transpose {:?} {}", t.elapsed(), b[5]);
-            let t = std::time::Instant::now();
-            let c = a.clone();
-            eprintln!("clone {:?} {}", t.elapsed(), c[5]);
-        }
     }
 }

@@ -34,10 +34,17 @@ fn a_resumed_run_reaches_the_same_result_as_an_uninterrupted_one() {
     compile_l2o(&cfg, &bundle);
     let b = bundle.to_str().unwrap();
     // Every graph of the bundle passes the reference ONNX checker.
-    let graphs: Vec<PathBuf> = ["step", "step_vjp", "objective_chunk", "reset", "reset_vjp", "objective"]
-        .iter()
-        .map(|g| bundle.join(format!("{g}.onnx")))
-        .collect();
+    let graphs: Vec<PathBuf> = [
+        "step",
+        "step_vjp",
+        "objective_chunk",
+        "reset",
+        "reset_vjp",
+        "objective",
+    ]
+    .iter()
+    .map(|g| bundle.join(format!("{g}.onnx")))
+    .collect();
     let py = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
         .arg(root().join("tests/python/check_onnx.py"))
         .args(&graphs)

@@ -51,8 +51,8 @@ use metac_graphs::passes::{merge_shared_lhs_matmuls, optimize};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
-    ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
-    chunk_name, MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK,
+    chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
+    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK,
 };
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};

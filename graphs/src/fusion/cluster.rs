@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::program::{Fn1, Fn2, FusedProgram, Instr};
+use super::program::{Fn1, Fn2, FusedProgram, Instr, View};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{BinaryOp, CompareOp, Op, UnaryOp};
 use crate::types::{DType, TensorData};
@@ -19,8 +19,9 @@ use crate::types::{DType, TensorData};
 pub struct Cluster {
     /// In topological order.
     pub members: Vec<NodeId>,
-    /// Values from outside the cluster it reads (tensors; scalar constants
-    /// are folded into the program instead).
+    /// The tensors the fused node receives: values from outside the cluster
+    /// (scalar constants are folded into the program instead; for a slice,
+    /// the tensor it slices, read in place through the program's view).
     pub inputs: Vec<NodeId>,
     /// Members read outside the cluster or by the graph's outputs.
     pub outputs: Vec<NodeId>,
@@ -234,22 +235,37 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
             let outputs: Vec<NodeId> = m
                 .iter()
                 .copied()
-                .filter(|&x| is_output[x.index()] || consumers[x.index()].iter().any(|&u| !inside(u)))
+                .filter(|&x| {
+                    is_output[x.index()] || consumers[x.index()].iter().any(|&u| !inside(u))
+                })
                 .collect();
-            let mut inputs: Vec<NodeId> = vec![];
+            // What the members read from outside, and what the node receives
+            // for it: a slice is read in place from the tensor it slices.
+            let mut reads: Vec<NodeId> = vec![];
             for &x in &m {
                 for &p in &g.node(x).inputs {
-                    if !inside(p) && immediate(g, p).is_none() && !inputs.contains(&p) {
-                        inputs.push(p);
+                    if !inside(p) && immediate(g, p).is_none() && !reads.contains(&p) {
+                        reads.push(p);
                     }
                 }
             }
+            let (inputs, views): (Vec<NodeId>, Vec<Option<View>>) = reads
+                .iter()
+                .map(|&p| match slice_view(g, p) {
+                    // A slice of the cluster's own value stays a slice node.
+                    (src, _) if inside(src) => (p, None),
+                    view => view,
+                })
+                .unzip();
             // Bool values never cross the boundary: registers are f32.
-            let bool_edge = outputs.iter().chain(&inputs).any(|&x| g.dtype(x) != DType::F32);
+            let bool_edge = outputs
+                .iter()
+                .chain(&inputs)
+                .any(|&x| g.dtype(x) != DType::F32);
             if bool_edge || outputs.is_empty() {
                 return None;
             }
-            let program = compile(g, &m, &inputs, &outputs);
+            let program = compile(g, &m, &reads, &inputs, views, &outputs);
             Some(Cluster {
                 members: m,
                 inputs,
@@ -260,27 +276,54 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
         .collect()
 }
 
+/// What a fused node receives for a value its members read: the value, or,
+/// for a slice of an f32 tensor, the tensor it slices and the block.
+fn slice_view(g: &Graph, p: NodeId) -> (NodeId, Option<View>) {
+    let n = g.node(p);
+    match n.op {
+        Op::Slice { axis, start, .. } if n.ty.dtype == DType::F32 => {
+            let src = n.inputs[0];
+            let stride: usize = g.shape(src)[axis + 1..].iter().product();
+            let view = View {
+                shape: n.ty.shape.clone(),
+                offset: start * stride,
+            };
+            (src, Some(view))
+        }
+        _ => (p, None),
+    }
+}
+
 /// The register program of a cluster: SSA values first, then registers
-/// reused once a value's last reader has run.
-fn compile(g: &Graph, members: &[NodeId], inputs: &[NodeId], outputs: &[NodeId]) -> FusedProgram {
+/// reused once a value's last reader has run. `reads[k]` is what the members
+/// read for input `k`, `inputs[k]` the tensor the node receives for it.
+fn compile(
+    g: &Graph,
+    members: &[NodeId],
+    reads: &[NodeId],
+    inputs: &[NodeId],
+    views: Vec<Option<View>>,
+    outputs: &[NodeId],
+) -> FusedProgram {
     // Values: node -> SSA index; instructions over SSA indices.
     let mut value: HashMap<NodeId, usize> = HashMap::new();
     let mut ssa: Vec<Instr> = vec![];
-    let operand = |g: &Graph, x: NodeId, value: &mut HashMap<NodeId, usize>, ssa: &mut Vec<Instr>| {
-        if let Some(&v) = value.get(&x) {
-            return v as u16;
-        }
-        let instr = match immediate(g, x) {
-            Some(c) => Instr::Const { dst: 0, value: c },
-            None => Instr::Load {
-                dst: 0,
-                input: inputs.iter().position(|&i| i == x).expect("cluster input") as u16,
-            },
+    let operand =
+        |g: &Graph, x: NodeId, value: &mut HashMap<NodeId, usize>, ssa: &mut Vec<Instr>| {
+            if let Some(&v) = value.get(&x) {
+                return v as u16;
+            }
+            let instr = match immediate(g, x) {
+                Some(c) => Instr::Const { dst: 0, value: c },
+                None => Instr::Load {
+                    dst: 0,
+                    input: reads.iter().position(|&i| i == x).expect("cluster input") as u16,
+                },
+            };
+            ssa.push(instr);
+            value.insert(x, ssa.len() - 1);
+            (ssa.len() - 1) as u16
         };
-        ssa.push(instr);
-        value.insert(x, ssa.len() - 1);
-        (ssa.len() - 1) as u16
-    };
     for &m in members {
         let ins: Vec<u16> = g
             .node(m)
@@ -293,7 +336,11 @@ fn compile(g: &Graph, members: &[NodeId], inputs: &[NodeId], outputs: &[NodeId])
                 value.insert(m, ins[0] as usize);
                 continue;
             }
-            Kind::Unary(f) => Instr::Unary { f, dst: 0, a: ins[0] },
+            Kind::Unary(f) => Instr::Unary {
+                f,
+                dst: 0,
+                a: ins[0],
+            },
             Kind::Binary(f) => Instr::Binary {
                 f,
                 dst: 0,
@@ -311,12 +358,14 @@ fn compile(g: &Graph, members: &[NodeId], inputs: &[NodeId], outputs: &[NodeId])
         value.insert(m, ssa.len() - 1);
     }
     let out_values: Vec<usize> = outputs.iter().map(|o| value[o]).collect();
-    allocate(
+    let mut p = allocate(
         ssa,
         &out_values,
         g.shape(members[0]).to_vec(),
         inputs.iter().map(|&i| g.shape(i).to_vec()).collect(),
-    )
+    );
+    p.views = views;
+    p
 }
 
 fn operands(i: &Instr) -> Vec<u16> {
@@ -392,6 +441,7 @@ fn allocate(
     }
     FusedProgram {
         shape,
+        views: vec![None; input_shapes.len()],
         inputs: input_shapes,
         instrs,
         outputs: outputs.iter().map(|&o| reg_of[o]).collect(),

@@ -78,12 +78,32 @@ const FN2: [(Fn2, &str); 9] = [
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Instr {
     /// The chunk of input `input`, broadcast.
-    Load { dst: u16, input: u16 },
-    Const { dst: u16, value: f32 },
-    Unary { f: Fn1, dst: u16, a: u16 },
-    Binary { f: Fn2, dst: u16, a: u16, b: u16 },
+    Load {
+        dst: u16,
+        input: u16,
+    },
+    Const {
+        dst: u16,
+        value: f32,
+    },
+    Unary {
+        f: Fn1,
+        dst: u16,
+        a: u16,
+    },
+    Binary {
+        f: Fn2,
+        dst: u16,
+        a: u16,
+        b: u16,
+    },
     /// `c != 0 ? a : b`.
-    Where { dst: u16, c: u16, a: u16, b: u16 },
+    Where {
+        dst: u16,
+        c: u16,
+        a: u16,
+        b: u16,
+    },
 }
 
 /// A fused kernel: output shape, input shapes, instructions, and the
@@ -91,10 +111,32 @@ pub enum Instr {
 #[derive(Clone, Debug, PartialEq)]
 pub struct FusedProgram {
     pub shape: Vec<usize>,
+    /// The shapes of the tensors the node receives.
     pub inputs: Vec<Vec<usize>>,
+    /// Per input, the block of it the program reads, when not all of it:
+    /// a slice (the node reads the sliced tensor in place, so the slice is
+    /// never copied out).
+    pub views: Vec<Option<View>>,
     pub instrs: Vec<Instr>,
     pub outputs: Vec<u16>,
     pub registers: usize,
+}
+
+/// A block of an input: `shape`, with the input's own (row-major) strides,
+/// starting at element `offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+/// Row-major strides of a shape.
+fn strides_of(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
 }
 
 /// A program whose text does not parse or whose registers are inconsistent.
@@ -115,6 +157,11 @@ impl FusedProgram {
         for s in &self.inputs {
             let _ = write!(out, ";in{}", dims(s));
         }
+        for (k, v) in self.views.iter().enumerate() {
+            if let Some(v) = v {
+                let _ = write!(out, ";view {k} {}{}", v.offset, dims(&v.shape));
+            }
+        }
         for i in &self.instrs {
             let _ = match *i {
                 Instr::Load { dst, input } => write!(out, ";ld {dst} {input}"),
@@ -127,7 +174,10 @@ impl FusedProgram {
         let _ = write!(
             out,
             ";out{}",
-            self.outputs.iter().map(|r| format!(" {r}")).collect::<String>()
+            self.outputs
+                .iter()
+                .map(|r| format!(" {r}"))
+                .collect::<String>()
         );
         out
     }
@@ -136,11 +186,13 @@ impl FusedProgram {
         let mut p = FusedProgram {
             shape: vec![],
             inputs: vec![],
+            views: vec![],
             instrs: vec![],
             outputs: vec![],
             registers: 0,
         };
         let mut seen_shape = false;
+        let mut views = vec![];
         for stmt in text.split(';') {
             let mut words = stmt.split_whitespace();
             let Some(head) = words.next() else {
@@ -175,6 +227,21 @@ impl FusedProgram {
                     p.registers = *nums("regs")?.first().ok_or(ProgramError("regs".into()))?
                 }
                 "in" => p.inputs.push(nums("in")?),
+                "view" => {
+                    let v = nums("view")?;
+                    if v.len() < 2 {
+                        return err(format!(
+                            "'{stmt}': expected an input, an offset and a shape"
+                        ));
+                    }
+                    views.push((
+                        v[0],
+                        View {
+                            offset: v[1],
+                            shape: v[2..].to_vec(),
+                        },
+                    ));
+                }
                 "out" => p.outputs = regs(rest.len())?,
                 "ld" => {
                     let r = regs(2)?;
@@ -231,6 +298,13 @@ impl FusedProgram {
         if !seen_shape {
             return err("no shape");
         }
+        p.views = vec![None; p.inputs.len()];
+        for (k, v) in views {
+            if k >= p.inputs.len() {
+                return err(format!("view of input {k} of {}", p.inputs.len()));
+            }
+            p.views[k] = Some(v);
+        }
         p.validate()?;
         Ok(p)
     }
@@ -260,10 +334,36 @@ impl FusedProgram {
         if self.outputs.is_empty() || self.outputs.iter().any(|&r| !ok(r)) {
             return err("bad output registers");
         }
-        for s in &self.inputs {
-            if broadcast_strides(s, &self.shape).is_none() {
+        if self.views.len() != self.inputs.len() {
+            return err("one view entry per input expected");
+        }
+        for (s, v) in self.inputs.iter().zip(&self.views) {
+            let read = match v {
+                None => s,
+                Some(v) => {
+                    let st = strides_of(s);
+                    let last = v.offset
+                        + v.shape
+                            .iter()
+                            .zip(&st)
+                            .map(|(d, t)| d.saturating_sub(1) * t)
+                            .sum::<usize>();
+                    let len: usize = s.iter().product();
+                    if v.shape.len() != s.len()
+                        || v.shape.iter().zip(s).any(|(a, b)| a > b)
+                        || v.shape.contains(&0)
+                        || last >= len
+                    {
+                        return err(format!(
+                            "view {v:?} does not fit in an input of shape {s:?}"
+                        ));
+                    }
+                    &v.shape
+                }
+            };
+            if broadcast_strides(read, &strides_of(s), &self.shape).is_none() {
                 return err(format!(
-                    "input shape {s:?} does not broadcast to {:?}",
+                    "input shape {read:?} does not broadcast to {:?}",
                     self.shape
                 ));
             }
@@ -282,20 +382,28 @@ impl FusedProgram {
 
     /// How the output is walked: see [`Walk`].
     pub fn walk(&self) -> Walk {
-        Walk::new(&self.shape, &self.inputs)
+        Walk::new(&self.shape, &self.inputs, &self.views)
     }
 
     /// Runs the whole program on one thread.
     pub fn run(&self, inputs: &[&[f32]], outputs: &mut [&mut [f32]]) {
         let walk = self.walk();
         let ptrs: Vec<*mut f32> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
-        assert_eq!(inputs.len(), self.inputs.len(), "fused program: input count");
+        assert_eq!(
+            inputs.len(),
+            self.inputs.len(),
+            "fused program: input count"
+        );
         assert!(
             outputs.iter().all(|o| o.len() == self.len()),
             "fused program: output length"
         );
         for (x, s) in inputs.iter().zip(&self.inputs) {
-            assert_eq!(x.len(), s.iter().product::<usize>(), "fused program: input length");
+            assert_eq!(
+                x.len(),
+                s.iter().product::<usize>(),
+                "fused program: input length"
+            );
         }
         let mut regs = vec![0.0f32; self.registers * CHUNK];
         // SAFETY: lengths checked above; one thread writes every unit.
@@ -369,7 +477,9 @@ impl FusedProgram {
         let scratch = |r: u16| base.add(r as usize * CHUNK);
         // Where each register's row is: its scratch row, or (for a load of a
         // contiguous run) the input itself, read in place.
-        let mut at: Vec<*const f32> = (0..self.registers as u16).map(|r| scratch(r) as *const f32).collect();
+        let mut at: Vec<*const f32> = (0..self.registers as u16)
+            .map(|r| scratch(r) as *const f32)
+            .collect();
         let mut offs = vec![0usize; inputs.len()];
         for u in units {
             let rows = walk.rows(u);
@@ -384,13 +494,14 @@ impl FusedProgram {
                         let k = input as usize;
                         let (x, n) = (inputs[k], walk.inner);
                         let (so, si) = (walk.outer_strides[k][0], walk.inner_stride[k]);
+                        let base = walk.base[k];
                         if si == 1 && so == n {
-                            at[dst as usize] = x[first * n..first * n + len].as_ptr();
+                            at[dst as usize] = x[base + first * n..base + first * n + len].as_ptr();
                         } else {
                             at[dst as usize] = scratch(dst);
                             let d = std::slice::from_raw_parts_mut(scratch(dst), len);
                             for (j, row) in d.chunks_exact_mut(n).enumerate().take(count) {
-                                let off = (first + j) * so;
+                                let off = base + (first + j) * so;
                                 if si == 1 {
                                     row.copy_from_slice(&x[off..off + n]);
                                 } else {
@@ -446,11 +557,17 @@ impl FusedProgram {
 }
 
 fn name1(f: Fn1) -> &'static str {
-    FN1.iter().find(|(g, _)| *g == f).expect("every Fn1 has a name").1
+    FN1.iter()
+        .find(|(g, _)| *g == f)
+        .expect("every Fn1 has a name")
+        .1
 }
 
 fn name2(f: Fn2) -> &'static str {
-    FN2.iter().find(|(g, _)| *g == f).expect("every Fn2 has a name").1
+    FN2.iter()
+        .find(|(g, _)| *g == f)
+        .expect("every Fn2 has a name")
+        .1
 }
 
 #[inline(always)]
@@ -502,7 +619,7 @@ fn unary(f: Fn1, d: &mut [f32], a: &[f32]) {
         Fn1::Sigmoid => map1(d, a, math::sigmoid),
         Fn1::Tanh => map1(d, a, math::tanh),
         // NaN stays NaN, like Min and Max below.
-        Fn1::Relu => map1(d, a, |x| if x > 0.0 || x != x { x } else { 0.0 }),
+        Fn1::Relu => map1(d, a, |x| if x > 0.0 || x.is_nan() { x } else { 0.0 }),
         Fn1::Abs => map1(d, a, f32::abs),
         Fn1::Sign => map1(d, a, sign),
         Fn1::Asinh => map1(d, a, asinh),
@@ -518,34 +635,32 @@ fn binary(f: Fn2, d: &mut [f32], a: &[f32], b: &[f32]) {
         Fn2::Mul => map2(d, a, b, |x, y| x * y),
         Fn2::Div => map2(d, a, b, |x, y| x / y),
         // NaN in either operand gives NaN.
-        Fn2::Min => map2(d, a, b, |x, y| if x < y || x != x { x } else { y }),
-        Fn2::Max => map2(d, a, b, |x, y| if x > y || x != x { x } else { y }),
+        Fn2::Min => map2(d, a, b, |x, y| if x < y || x.is_nan() { x } else { y }),
+        Fn2::Max => map2(d, a, b, |x, y| if x > y || x.is_nan() { x } else { y }),
         Fn2::Less => map2(d, a, b, |x, y| bool01(x < y)),
         Fn2::Greater => map2(d, a, b, |x, y| bool01(x > y)),
         Fn2::Equal => map2(d, a, b, |x, y| bool01(x == y)),
     }
 }
 
-/// Strides of an input of shape `input` read at the coordinates of `shape`
-/// (numpy broadcasting: 0 along broadcast dimensions), or `None` if it does
-/// not broadcast.
-fn broadcast_strides(input: &[usize], shape: &[usize]) -> Option<Vec<usize>> {
+/// Strides of an input of shape `input` (with element strides `strides`)
+/// read at the coordinates of `shape` (numpy broadcasting: 0 along broadcast
+/// dimensions), or `None` if it does not broadcast.
+fn broadcast_strides(input: &[usize], strides: &[usize], shape: &[usize]) -> Option<Vec<usize>> {
     if input.len() > shape.len() {
         return None;
     }
     let lead = shape.len() - input.len();
-    let mut strides = vec![0; shape.len()];
-    let mut acc = 1;
-    for (k, &d) in input.iter().enumerate().rev() {
+    let mut out = vec![0; shape.len()];
+    for (k, &d) in input.iter().enumerate() {
         let s = shape[lead + k];
         if d == s && d != 1 {
-            strides[lead + k] = acc;
+            out[lead + k] = strides[k];
         } else if d != 1 {
             return None;
         }
-        acc *= d;
     }
-    Some(strides)
+    Some(out)
 }
 
 /// The output walked as rows of `inner` contiguous elements, each cut into
@@ -561,13 +676,23 @@ pub struct Walk {
     rows_per_unit: usize,
     outer_strides: Vec<Vec<usize>>,
     pub inner_stride: Vec<usize>,
+    /// Per input, the element its view starts at.
+    base: Vec<usize>,
 }
 
 impl Walk {
-    fn new(shape: &[usize], inputs: &[Vec<usize>]) -> Walk {
+    fn new(shape: &[usize], inputs: &[Vec<usize>], views: &[Option<View>]) -> Walk {
         let strides: Vec<Vec<usize>> = inputs
             .iter()
-            .map(|s| broadcast_strides(s, shape).expect("validated input shape"))
+            .zip(views)
+            .map(|(s, v)| {
+                let read = v.as_ref().map_or(s, |v| &v.shape);
+                broadcast_strides(read, &strides_of(s), shape).expect("validated input shape")
+            })
+            .collect();
+        let base = views
+            .iter()
+            .map(|v| v.as_ref().map_or(0, |v| v.offset))
             .collect();
         // Drop size-1 dimensions, then merge neighbours every input walks
         // alike (both contiguous with each other, or both broadcast).
@@ -605,6 +730,7 @@ impl Walk {
             rows_per_unit,
             outer_strides,
             inner_stride,
+            base,
         }
     }
 
@@ -633,7 +759,7 @@ impl Walk {
         let start = chunk * CHUNK;
         let len = (self.inner - start).min(CHUNK);
         for (k, off) in offs.iter_mut().enumerate() {
-            *off = start * self.inner_stride[k];
+            *off = self.base[k] + start * self.inner_stride[k];
         }
         let mut r = row;
         for d in (0..self.outer.len()).rev() {
@@ -655,7 +781,16 @@ mod tests {
     fn encodes_and_decodes() {
         let p = FusedProgram {
             shape: vec![3, 5],
-            inputs: vec![vec![3, 1], vec![5], vec![3, 5]],
+            inputs: vec![vec![3, 1], vec![5], vec![3, 7]],
+            // Columns 1..6 of the third input.
+            views: vec![
+                None,
+                None,
+                Some(View {
+                    shape: vec![3, 5],
+                    offset: 1,
+                }),
+            ],
             instrs: vec![
                 Instr::Load { dst: 0, input: 0 },
                 Instr::Load { dst: 1, input: 1 },
@@ -692,14 +827,14 @@ mod tests {
         assert_eq!(p, q);
         let x0 = [1.0, -2.0, 0.0];
         let x1 = [0.0, -0.5, 0.05, -3.0, 1.0];
-        let x2: Vec<f32> = (0..15).map(|i| i as f32 * 0.1 - 0.7).collect();
+        let x2: Vec<f32> = (0..21).map(|i| i as f32 * 0.1 - 0.7).collect();
         let (mut o0, mut o1) = (vec![0.0; 15], vec![0.0; 15]);
         q.run(&[&x0, &x1, &x2], &mut [&mut o0, &mut o1]);
         for i in 0..3 {
             for j in 0..5 {
                 let s = x0[i] + x1[j];
                 assert_eq!(o1[i * 5 + j], s);
-                let want = if s < 0.1 { s } else { x2[i * 5 + j].tanh() };
+                let want = if s < 0.1 { s } else { x2[i * 7 + j + 1].tanh() };
                 assert!((o0[i * 5 + j] - want).abs() < 1e-6);
             }
         }
@@ -714,6 +849,8 @@ mod tests {
             "shape 4;regs 2;in 4;ld 0 0;frob 1 0;out 1",
             "shape 4;regs 2;in 4;ld 0 1;out 0",
             "shape 4;regs 2;in 4;ld 0 0;out 5",
+            "shape 4;regs 2;in 6;view 0 3 4;ld 0 0;out 0",
+            "shape 4;regs 2;in 6;view 1 0 4;ld 0 0;out 0",
         ] {
             assert!(FusedProgram::decode(bad).is_err(), "{bad}");
         }
@@ -722,7 +859,11 @@ mod tests {
     #[test]
     fn walks_broadcasts_in_units() {
         // [2, 3, 600] with a per-row input [2, 3, 1]: 6 rows of 3 chunks.
-        let w = Walk::new(&[2, 3, 600], &[vec![2, 3, 1], vec![600], vec![2, 3, 600]]);
+        let w = Walk::new(
+            &[2, 3, 600],
+            &[vec![2, 3, 1], vec![600], vec![2, 3, 600]],
+            &[None, None, None],
+        );
         assert_eq!(w.units(), 6 * 3);
         let mut ins = vec![0; 3];
         let (off, len) = w.unit(4, &mut ins);
@@ -731,11 +872,15 @@ mod tests {
         let (_, len) = w.unit(5, &mut ins);
         assert_eq!(len, 600 - 512);
         // Short rows: several per unit.
-        let w = Walk::new(&[1000, 20], &[vec![20], vec![1000, 1], vec![1000, 20]]);
+        let w = Walk::new(
+            &[1000, 20],
+            &[vec![20], vec![1000, 1], vec![1000, 20]],
+            &[None, None, None],
+        );
         assert_eq!((w.rows_per_unit, w.units()), (12, 84));
         assert_eq!(w.rows(83), Some((996, 4)));
         // Inputs of the full shape merge every dimension into one row.
-        let w = Walk::new(&[4, 5, 6], &[vec![4, 5, 6], vec![]]);
+        let w = Walk::new(&[4, 5, 6], &[vec![4, 5, 6], vec![]], &[None, None]);
         assert_eq!((w.outer.len(), w.inner), (0, 120));
     }
 }

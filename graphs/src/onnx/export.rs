@@ -362,9 +362,40 @@ pub fn export_fused_model(
     export_with_clusters(g, graph_name, clusters)
 }
 
-/// The order in which to emit the live nodes, each cluster as one unit at
-/// the place of its last member: a topological order of the units (the
-/// clusters are convex, so one exists), otherwise node order.
+/// Which nodes the outputs need, each cluster reading its own inputs (a
+/// slice that a cluster reads in place is not needed for it).
+fn live_units(g: &Graph, clusters: &[Cluster]) -> Vec<bool> {
+    let mut cluster_of: Vec<Option<usize>> = vec![None; g.len()];
+    for (c, cl) in clusters.iter().enumerate() {
+        for m in &cl.members {
+            cluster_of[m.index()] = Some(c);
+        }
+    }
+    let mut live = vec![false; g.len()];
+    let mut stack: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
+    while let Some(x) = stack.pop() {
+        if live[x.index()] {
+            continue;
+        }
+        match cluster_of[x.index()] {
+            Some(c) => {
+                for m in &clusters[c].members {
+                    live[m.index()] = true;
+                }
+                stack.extend(&clusters[c].inputs);
+            }
+            None => {
+                live[x.index()] = true;
+                stack.extend(&g.node(x).inputs);
+            }
+        }
+    }
+    live
+}
+
+/// The order in which to emit the live nodes, each cluster as one unit: a
+/// topological order of the units (the clusters stay acyclic when each is
+/// one node, so one exists), otherwise node order.
 fn emission_order(g: &Graph, live: &[bool], clusters: &[Cluster]) -> Vec<Unit> {
     let mut unit_of: Vec<Option<usize>> = vec![None; g.len()];
     let mut units: Vec<Unit> = vec![];
@@ -388,13 +419,13 @@ fn emission_order(g: &Graph, live: &[bool], clusters: &[Cluster]) -> Vec<Unit> {
     };
     let mut deps: Vec<Vec<usize>> = vec![vec![]; units.len()];
     let mut pending = vec![0usize; units.len()];
-    for (i, &l) in live.iter().enumerate() {
-        if !l {
-            continue;
-        }
-        let u = unit_of[i].expect("live node has a unit");
-        for x in &g.node(NodeId(i as u32)).inputs {
-            let p = unit_of[x.index()].expect("inputs of live nodes are live");
+    for (u, unit) in units.iter().enumerate() {
+        let reads: &[NodeId] = match unit {
+            Unit::Node(n) => &g.node(*n).inputs,
+            Unit::Cluster(c) => &clusters[*c].inputs,
+        };
+        for x in reads {
+            let p = unit_of[x.index()].expect("inputs of live units are live");
             if p != u && !deps[p].contains(&u) {
                 deps[p].push(u);
                 pending[u] += 1;
@@ -478,7 +509,11 @@ fn export_with_clusters(
         consts: HashMap::new(),
     };
     let roots: Vec<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
-    let live = crate::passes::dce::live_nodes(g, &roots);
+    let live = if clusters.is_empty() {
+        crate::passes::dce::live_nodes(g, &roots)
+    } else {
+        live_units(g, clusters)
+    };
     for unit in emission_order(g, &live, clusters) {
         match unit {
             Unit::Node(id) => l.lower(id),

@@ -183,12 +183,18 @@ mod tests {
         g2.output("p2", p2);
         let m = merge_shared_lhs_matmuls(&g2);
         assert_eq!(
-            m.nodes().iter().filter(|n| matches!(n.op, Op::MatMul)).count(),
+            m.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, Op::MatMul))
+                .count(),
             1
         );
         let val = |s: &[usize], k: f64| {
             let n: usize = s.iter().product();
-            Value::F(ArrayD::from_shape_vec(IxDyn(s), (0..n).map(|i| (i as f64 * k).sin()).collect()).unwrap())
+            Value::F(
+                ArrayD::from_shape_vec(IxDyn(s), (0..n).map(|i| (i as f64 * k).sin()).collect())
+                    .unwrap(),
+            )
         };
         let ins: HashMap<String, Value> = [
             ("a".to_string(), val(&[6, 5], 0.7)),
@@ -197,6 +203,9 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        assert_eq!(eval_graph(&g2, &ins).unwrap(), eval_graph(&m, &ins).unwrap());
+        assert_eq!(
+            eval_graph(&g2, &ins).unwrap(),
+            eval_graph(&m, &ins).unwrap()
+        );
     }
 }

@@ -2,13 +2,10 @@
 //! [`FusedProgram`] (see `metac_graphs::fusion`) over ONNX Runtime's
 //! intra-op thread pool.
 
-use std::sync::Arc;
-
 use metac_graphs::fusion::program::{Walk, CHUNK};
 use metac_graphs::fusion::{FusedProgram, FUSED_DOMAIN, FUSED_OP};
 use ort::operator::{
-    ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
-    OperatorOutput,
+    ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
 };
 use ort::value::TensorElementType;
 
@@ -124,7 +121,8 @@ impl Kernel for FusedKernel {
     }
 }
 
-/// The `ai.metac` operator domain, for sessions that load fused graphs.
-pub fn fused_domain() -> ort::Result<Arc<OperatorDomain>> {
-    Ok(Arc::new(OperatorDomain::new(FUSED_DOMAIN)?.add(FusedElementwise)?))
+/// The `ai.metac` operator domain, for sessions that load fused graphs (one
+/// per session: the domain is neither `Send` nor `Sync`).
+pub fn fused_domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(FUSED_DOMAIN)?.add(FusedElementwise)
 }

@@ -153,10 +153,20 @@ pub fn open_backend(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
             let rt = discovery::ort_runtime().map_err(|e| {
                 anyhow!("backend 'ort' was requested, but ONNX Runtime is not available: {}. {INSTALL_HINT}", one_line(&format!("{e:#}")))
             })?;
-            Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads, !opts.unfused)?))
+            Ok(Box::new(OrtBackend::new(
+                rt,
+                opts.device,
+                opts.threads,
+                !opts.unfused,
+            )?))
         }
         BackendChoice::Auto => match discovery::ort_runtime() {
-            Ok(rt) => Ok(Box::new(OrtBackend::new(rt, opts.device, opts.threads, !opts.unfused)?)),
+            Ok(rt) => Ok(Box::new(OrtBackend::new(
+                rt,
+                opts.device,
+                opts.threads,
+                !opts.unfused,
+            )?)),
             Err(e) => {
                 if let Device::Cuda(_) = opts.device {
                     // tract cannot use a GPU, so falling back would only turn this into a less helpful error.

@@ -88,7 +88,8 @@ impl Backend for OrtBackend {
         if self.intra_threads != global_pool_threads() {
             builder = builder
                 .with_independent_thread_pool()
-                .and_then(|b| b.with_intra_threads(self.intra_threads))
+                .map_err(ort::Error::<()>::from)?
+                .with_intra_threads(self.intra_threads)
                 .map_err(ort::Error::<()>::from)?;
         }
         if let Device::Cuda(id) = self.device {

@@ -384,9 +384,7 @@ fn run_step<R: StepRunner>(
 fn next_of<T>(out: &mut HashMap<String, T>, names: &[String]) -> Result<Named<T>> {
     names
         .iter()
-        .map(|n| {
-            Ok((n.clone(), take(out, "step", &next_name(n))?))
-        })
+        .map(|n| Ok((n.clone(), take(out, "step", &next_name(n))?)))
         .collect()
 }
 
@@ -511,7 +509,12 @@ pub fn truncated_bptt<R: StepRunner>(
             .collect();
         for (k, names) in chunk_inputs.iter().enumerate() {
             let th = &after[k.min(after.len() - 1)];
-            ins.extend(names.iter().map(|n| n.as_str()).zip(th.iter().map(|(_, x)| x)));
+            ins.extend(
+                names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .zip(th.iter().map(|(_, x)| x)),
+            );
         }
         let mut out: HashMap<String, T<R>> = runner.objective(&ins)?.into_iter().collect();
         let first = t - starts.len();
@@ -528,10 +531,16 @@ pub fn truncated_bptt<R: StepRunner>(
                 layout
                     .theta
                     .iter()
-                    .map(|n| take(&mut out, OBJECTIVE_CHUNK, &chunk_name(k, &objective_grad_name(n))))
+                    .map(|n| {
+                        take(
+                            &mut out,
+                            OBJECTIVE_CHUNK,
+                            &chunk_name(k, &objective_grad_name(n)),
+                        )
+                    })
                     .collect::<Result<_>>()?,
             );
-            if (first + k) % every == 0 {
+            if (first + k).is_multiple_of(every) {
                 checkpoints.push(start);
             }
         }
@@ -597,14 +606,7 @@ pub fn truncated_bptt<R: StepRunner>(
         let mut seg: Vec<ThetaState<T<R>>> = vec![(ck_theta, ck_state)];
         for t in start..end - 1 {
             let (th, st) = seg.last().expect("segment start");
-            let mut out = run_step(
-                runner,
-                &phi,
-                th,
-                st,
-                &*u.minibatches.get(t)?,
-                probes(t),
-            )?;
+            let mut out = run_step(runner, &phi, th, st, &*u.minibatches.get(t)?, probes(t))?;
             seg.push((
                 next_of(&mut out, &layout.theta)?,
                 next_of(&mut out, &layout.state)?,
