@@ -171,8 +171,26 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
     }
     // A comparison fuses only if every reader can take its mask in a
     // register: a fusable node of its shape, not a graph output.
+    // `MatMul` + bias `Add` is left to ONNX Runtime, which runs the pair as
+    // one GEMM with the bias folded in.
+    let gemm_bias = |id: NodeId| {
+        let n = g.node(id);
+        matches!(n.op, Op::Binary(BinaryOp::Add))
+            && n.ty.shape.len() == 2
+            && n.inputs.iter().any(|&p| {
+                matches!(g.node(p).op, Op::MatMul)
+                    && g.shape(g.node(p).inputs[0]).len() == 2
+                    && g.shape(g.node(p).inputs[1]).len() == 2
+                    && consumers[p.index()].len() == 1
+            })
+            && n.inputs.iter().any(|&p| {
+                let s = g.shape(p);
+                s.len() == 1 || (s.len() == 2 && s[0] == 1)
+            })
+    };
     let fusable = |id: NodeId| {
-        kind(g, id).is_some()
+        !gemm_bias(id)
+            && kind(g, id).is_some()
             && (g.dtype(id) == DType::F32
                 || (!is_output[id.index()]
                     && consumers[id.index()]

@@ -34,7 +34,8 @@ fn select(c: bool, a: f32, b: f32) -> f32 {
 pub fn exp(x: f32) -> f32 {
     // Comparisons with NaN are false, so NaN passes the clamps unchanged.
     let xc = select(x > EXP_HI, EXP_HI, select(x < EXP_LO, EXP_LO, x));
-    let n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let t = xc * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let z = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -44,7 +45,9 @@ pub fn exp(x: f32) -> f32 {
     let p = p * z + r + 1.0;
     // 2^n as two factors 2^(n/2) (n is in [-126, 128] after the clamp,
     // which one exponent field cannot hold at both ends).
-    let ni = n as i32;
+    // n as an integer, read from the bits of `t` (an `as i32` conversion
+    // saturates, which the compiler does not vectorise).
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let n1 = ni >> 1;
     let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
     let y = p * scale(n1) * scale(ni - n1);
