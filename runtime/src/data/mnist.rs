@@ -37,6 +37,25 @@ impl Split {
                 .map(|&p| f32::from(p) / 255.0),
         );
     }
+    /// Images `rows`, scaled to [0, 1], transposed: `[784, rows.len()]`
+    /// (pixel-major), made straight from the bytes a block of images at a
+    /// time, so that neither the images nor their transpose is copied again.
+    pub fn images_transposed(&self, rows: &[usize]) -> Vec<f32> {
+        const BLOCK: usize = 64;
+        let n = rows.len();
+        let mut out = vec![0.0f32; n * PIXELS];
+        for (b, block) in rows.chunks(BLOCK).enumerate() {
+            let i0 = b * BLOCK;
+            for p in 0..PIXELS {
+                let dst = &mut out[p * n + i0..p * n + i0 + block.len()];
+                for (d, &r) in dst.iter_mut().zip(block) {
+                    *d = f32::from(self.pixels[r * PIXELS + p]) / 255.0;
+                }
+            }
+        }
+        out
+    }
+
     /// The first `n` images, scaled to [0, 1], row-major `[n, 784]`.
     pub fn images_f32(&self, n: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(n * PIXELS);

@@ -64,8 +64,9 @@ pub trait StepTensor: Clone {
 
 /// The transposed copies of the objective set that the layout asks for
 /// (`obj.x.T`, made once per objective set, so that the objective's gradient
-/// `X^T dH` in every step is a plain MatMul). The step graph reads them next
-/// to the objective set itself.
+/// `X^T dH` is a plain MatMul) and that `obj` does not hold already (a data
+/// source may make them more cheaply itself). The objective graph reads them
+/// next to the objective set.
 pub fn objective_transposes<T: StepTensor>(
     layout: &L2oLayout,
     obj: &[(String, T)],
@@ -73,6 +74,7 @@ pub fn objective_transposes<T: StepTensor>(
     layout
         .objective_transposed
         .iter()
+        .filter(|(name, _)| !obj.iter().any(|(n, _)| n == name))
         .map(|(name, src)| {
             let x = obj
                 .iter()

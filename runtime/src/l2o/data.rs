@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 
 use super::bptt::{Minibatches, Named};
 use super::train::UnrollData;
-use crate::data::mnist::Split;
+use crate::data::mnist::{Split, PIXELS};
 use crate::tensor::HostTensor;
 
 pub use crate::rng::SplitMix64;
@@ -137,7 +137,18 @@ impl<'a> UnrollData<'a> for MnistUnrollData<'a> {
             }
         }
         let idx = self.draw(self.objective.0);
-        Ok(named_rows(self.split, idx, &self.objective.1))
+        let mut set = named_rows(self.split, idx.iter().copied(), &self.objective.1);
+        // The transposed images too (`<x name>.T`), which the objective graph
+        // reads: made from the bytes, not by transposing `set`.
+        let xt = HostTensor::F32(
+            ndarray::ArrayD::from_shape_vec(
+                ndarray::IxDyn(&[PIXELS, idx.len()]),
+                self.split.images_transposed(&idx),
+            )
+            .expect("transposed shape"),
+        );
+        set.push((format!("{}.T", self.objective.1 .0), xt));
+        Ok(set)
     }
 }
 

@@ -62,8 +62,9 @@ impl Batches {
 
 /// Gathers rows of `split` into `x f32[B,784]`, `y i64[B]`.
 pub fn gather(split: &Split, rows: impl IntoIterator<Item = usize>) -> (HostTensor, HostTensor) {
-    let mut x = Vec::new();
-    let mut y = Vec::new();
+    let rows = rows.into_iter();
+    let mut x = Vec::with_capacity(rows.size_hint().0 * PIXELS);
+    let mut y = Vec::with_capacity(rows.size_hint().0);
     for r in rows {
         split.push_image(r, &mut x);
         y.push(split.labels[r]);
