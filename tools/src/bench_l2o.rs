@@ -11,9 +11,7 @@ use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
 use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
-use metac_runtime::l2o::bptt::{
-    objective_inputs, truncated_bptt, Minibatches, Named, StepRunner, Unroll,
-};
+use metac_runtime::l2o::bptt::{truncated_bptt, Minibatches, Named, StepRunner, Unroll};
 use metac_runtime::l2o::data::{named_rows, xy_names, RowBatches};
 use metac_runtime::l2o::regularizer::{ProbeGenerator, RegularizeTime, RegularizerSchedule};
 use metac_runtime::l2o::{L2oLayout, SessionRunner};
@@ -181,9 +179,8 @@ pub fn run(a: L2oArgs) -> Result<()> {
         &data.train,
         0..cfg.objective_examples,
     )?;
-    // The step graph also reads the transposed copies the runtime makes once
-    // per objective set (counted in neither time: made before timing).
-    let obj_step = objective_inputs(&layout, &obj)?;
+    // Its transpose (`obj.x.T`) is made by each timed BPTT call, once per
+    // unroll, as for an objective set handed over without it.
     println!(
         "# metac bench l2o: {} (batch {}, objective set {}), regulariser {}, one meta-iteration = {}-step unroll + BPTT + meta-gradient",
         cfg.problem,
@@ -233,7 +230,6 @@ pub fn run(a: L2oArgs) -> Result<()> {
             .chain(&theta)
             .chain(&state)
             .chain(&first_minibatch)
-            .chain(&obj_step)
             .chain(probes.first().into_iter().flatten())
             .map(|(n, t)| (n.as_str(), t))
             .collect();

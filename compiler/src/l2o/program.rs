@@ -262,7 +262,7 @@ impl L2oProgram {
     /// which the runtime makes once per objective set: a plain MatMul is
     /// about twice as fast as a transposed one on ONNX Runtime's CPU GEMM
     /// for this shape (`[784, 10000] x [10000, 20]`), and the objective's
-    /// gradient is the largest GEMM of the step.
+    /// gradient is the largest GEMM of the `objective_chunk` graph.
     fn hoist_objective_transposes(g: &Graph, l: &L2oLayout) -> Graph {
         let mut g = g.clone();
         for (t_name, src) in &l.objective_transposed {

@@ -85,17 +85,6 @@ pub fn objective_transposes<T: StepTensor>(
         .collect()
 }
 
-/// The objective set as the step graph reads it: `obj` plus
-/// [`objective_transposes`].
-pub fn objective_inputs<T: StepTensor>(
-    layout: &L2oLayout,
-    obj: &[(String, T)],
-) -> Result<Named<T>> {
-    let mut out = obj.to_vec();
-    out.extend(objective_transposes(layout, obj)?);
-    Ok(out)
-}
-
 impl StepTensor for HostTensor {
     fn scalar(v: f64) -> Self {
         HostTensor::scalar_f32(v as f32)
