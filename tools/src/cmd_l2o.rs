@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// (default 1).
     #[arg(long)]
     pub validation_problems: Option<usize>,
+    /// Inner steps of a validation run (default: the meta-training horizon,
+    /// unroll length x unrolls; 0 means that too).
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
     /// Curriculum learning: comma-separated inner steps per meta-iteration of
     /// each stage (e.g. 100,200,500,1000); replaces --num-unrolls.
     #[arg(long, value_delimiter = ',')]
@@ -177,6 +181,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(v) = a.validation_problems {
         rc.validation_problems = v;
     }
+    if let Some(v) = a.validation_steps {
+        rc.validation_steps = v;
+    }
     if let Some(v) = a.bptt_checkpoint_every {
         rc.bptt_checkpoint_every = v;
     }
@@ -198,6 +205,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         num_unrolls: rc.num_unrolls,
         evaluation_period: rc.evaluation_period,
         validation_problems: rc.validation_problems,
+        validation_steps: rc.validation_steps,
         seed: cfg.seed,
         batch_size: cfg.batch_size,
         objective_examples: cfg.objective_examples,

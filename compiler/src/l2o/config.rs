@@ -312,6 +312,11 @@ pub struct RunConfig {
     /// curriculum switches.
     #[serde(default = "default_validation_problems")]
     pub validation_problems: usize,
+    /// Inner steps of a validation run; 0 (the default) is the meta-training
+    /// horizon, `unroll_length * num_unrolls`. Checkpoints chosen on a longer
+    /// horizon are the ones that stay stable beyond the training horizon.
+    #[serde(default)]
+    pub validation_steps: usize,
     /// Curriculum learning: inner steps per meta-iteration of each stage
     /// (strictly increasing multiples of `unroll_length`; the seed's list is
     /// `[100, 200, 500, 1000, 1500, ..., 5000]`). Replaces `num_unrolls`.
@@ -396,6 +401,7 @@ impl Default for RunConfig {
             num_unrolls: 5,
             evaluation_period: 1,
             validation_problems: default_validation_problems(),
+            validation_steps: 0,
             curriculum: None,
             min_num_eval: default_min_num_eval(),
             bptt_checkpoint_every: 0,
@@ -537,6 +543,18 @@ mod tests {
             Level2Input::MeanOverTensors
         );
         assert_eq!(c.run.unroll_length, 5);
+        assert_eq!(c.run.validation_steps, 0);
+        let c = L2oConfig::from_toml_str(&format!(
+            "{BASE}[run]\nnum_meta_iterations = 3\nunroll_length = 5\nnum_unrolls = 2\nvalidation_steps = 1000\nobjective_chunk = 1\n"
+        ));
+        // objective_chunk is a compile-time key: not in [run].
+        assert!(c.is_err());
+        let c = L2oConfig::from_toml_str(&format!(
+            "objective_chunk = 4\n{BASE}[run]\nnum_meta_iterations = 3\nunroll_length = 5\nnum_unrolls = 2\nvalidation_steps = 1000\n"
+        ))
+        .unwrap();
+        assert_eq!((c.run.validation_steps, c.objective_chunk), (1000, 4));
+        assert_eq!(L2oConfig::from_toml_str(BASE).unwrap().objective_chunk, 10);
     }
 
     #[test]

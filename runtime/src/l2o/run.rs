@@ -49,6 +49,11 @@ pub struct RunSettings {
     /// Fresh problems per validation; the validation objective is their mean.
     #[serde(default = "one")]
     pub validation_problems: usize,
+    /// Inner steps of a validation run (0: the meta-training horizon,
+    /// `unroll_length * num_unrolls`). A longer one picks best checkpoints
+    /// that stay stable beyond the horizon they were trained on.
+    #[serde(default)]
+    pub validation_steps: usize,
     pub seed: u64,
     pub batch_size: usize,
     pub objective_examples: usize,
@@ -293,7 +298,8 @@ impl<'a> MetaTrainer<'a> {
                 && info.settings.num_unrolls == self.settings.num_unrolls
                 && info.settings.batch_size == self.settings.batch_size
                 && info.settings.curriculum == self.settings.curriculum
-                && info.settings.validation_problems == self.settings.validation_problems,
+                && info.settings.validation_problems == self.settings.validation_problems
+                && info.settings.validation_steps == self.settings.validation_steps,
             "{}: the run was started with other settings ({:?}); resume with the same ones",
             ip.display(),
             info.settings
@@ -421,7 +427,10 @@ impl<'a> MetaTrainer<'a> {
                 e.1 = t;
             }
         }
-        let steps = s.unroll_length * self.num_unrolls();
+        let steps = match s.validation_steps {
+            0 => s.unroll_length * self.num_unrolls(),
+            n => n,
+        };
         // The step graph of a regularised bundle reads probes; their values
         // do not affect the update.
         let mut probes = ProbeGenerator::new(seed);
