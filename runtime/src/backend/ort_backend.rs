@@ -97,7 +97,8 @@ impl Backend for OrtBackend {
         }
         // METAC_ORT_PROFILE=DIR writes ONNX Runtime's per-node profile of
         // every session (JSON, one file per graph) when the session ends.
-        if let Some(dir) = std::env::var_os("METAC_ORT_PROFILE") {
+        let profile_dir = std::env::var_os("METAC_ORT_PROFILE");
+        if let Some(dir) = &profile_dir {
             builder = builder
                 .with_profiling(std::path::Path::new(&dir).join(label))
                 .map_err(ort::Error::<()>::from)?;
@@ -149,7 +150,7 @@ impl Backend for OrtBackend {
 
         Ok(Box::new(OrtBackendSession {
             label: label.to_string(),
-            profiling: std::env::var_os("METAC_ORT_PROFILE").is_some(),
+            profiling: profile_dir.is_some(),
             session,
             inputs,
             outputs,
