@@ -47,7 +47,7 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::ops::Op;
-use metac_graphs::passes::{merge_shared_lhs_matmuls, optimize};
+use metac_graphs::passes::{column_sums_as_products, merge_shared_lhs_matmuls, optimize};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
@@ -409,7 +409,10 @@ impl L2oProgram {
             }
         }
         let g = Self::hoist_objective_transposes(&optimize(&g), &l);
-        optimize(&merge_shared_lhs_matmuls(&g))
+        // Bias gradients (sums over the set's rows) as products with a row of
+        // ones, which the merge then makes one product for the whole chunk.
+        let g = column_sums_as_products(&g);
+        optimize(&merge_shared_lhs_matmuls(&optimize(&g)))
     }
 
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.

@@ -13,7 +13,7 @@ use crate::ops::Op;
 
 /// 2-D products grouped by left operand, in node order; groups of two or more
 /// whose right operands do not depend on the group's own products.
-fn groups(g: &Graph) -> Vec<Vec<NodeId>> {
+pub(crate) fn groups(g: &Graph) -> Vec<Vec<NodeId>> {
     let mut by_lhs: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
     let mut order = vec![];
     for (i, n) in g.nodes().iter().enumerate() {
@@ -147,10 +147,10 @@ fn emit(
 
 #[cfg(test)]
 mod tests {
+    use super::super::sine_values;
     use super::*;
     use crate::eval::{eval_graph, Value};
     use crate::types::DType;
-    use ndarray::{ArrayD, IxDyn};
 
     #[test]
     fn merged_products_compute_the_same() {
@@ -189,17 +189,10 @@ mod tests {
                 .count(),
             1
         );
-        let val = |s: &[usize], k: f64| {
-            let n: usize = s.iter().product();
-            Value::F(
-                ArrayD::from_shape_vec(IxDyn(s), (0..n).map(|i| (i as f64 * k).sin()).collect())
-                    .unwrap(),
-            )
-        };
         let ins: HashMap<String, Value> = [
-            ("a".to_string(), val(&[6, 5], 0.7)),
-            ("b1".to_string(), val(&[5, 2], 1.3)),
-            ("b2".to_string(), val(&[5, 3], 0.4)),
+            ("a".to_string(), sine_values(&[6, 5], 0.7)),
+            ("b1".to_string(), sine_values(&[5, 2], 1.3)),
+            ("b2".to_string(), sine_values(&[5, 3], 0.4)),
         ]
         .into_iter()
         .collect();

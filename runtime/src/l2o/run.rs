@@ -9,6 +9,7 @@
 //! meta-optimizer's accumulators), so a resumed run computes exactly what
 //! the uninterrupted run would have (same backend, same thread count).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -449,20 +450,17 @@ impl<'a> MetaTrainer<'a> {
                     .chain(pr.iter())
                     .map(|(n, t)| (n.as_str(), t)),
             );
-            let out = self.runner.step(&ins)?;
-            let get = |name: &str| {
-                out.iter()
-                    .find(|(n, _)| n == &super::next_name(name))
-                    .map(|(_, t)| t.clone())
-            };
+            // Outputs are moved into the next step's inputs, not copied.
+            let mut out: HashMap<String, HostTensor> =
+                self.runner.step(&ins)?.into_iter().collect();
             for e in theta.iter_mut().chain(state.iter_mut()) {
-                e.1 =
-                    get(&e.0).with_context(|| format!("step graph has no output for '{}'", e.0))?;
+                e.1 = out
+                    .remove(&super::next_name(&e.0))
+                    .with_context(|| format!("step graph has no output for '{}'", e.0))?;
             }
             let finite = out
-                .iter()
-                .find(|(n, _)| n == MINIBATCH_LOSS)
-                .is_none_or(|(_, t)| t.to_scalar_f32().is_ok_and(f32::is_finite));
+                .get(MINIBATCH_LOSS)
+                .is_none_or(|t| t.to_scalar_f32().is_ok_and(f32::is_finite));
             if !finite {
                 return Ok(f64::INFINITY);
             }
