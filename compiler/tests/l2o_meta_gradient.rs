@@ -208,6 +208,8 @@ fn runner(p: &L2oProgram) -> GraphRunner {
         objective: p.objective_chunk_graph(),
         reset: p.reset_graph(),
         reset_vjp: p.reset_vjp_graph(),
+        unregularized: p.unregularized_step_graphs(),
+        regularized: (true, true),
     }
 }
 
@@ -485,6 +487,86 @@ fn divergence_stops_the_unroll() {
         .all(|(_, d)| d.f().iter().all(|x| x.is_finite())));
 }
 
+/// The tiny program with the Hutchinson regulariser (2 probes).
+fn hutchinson_program() -> L2oProgram {
+    let mut prog = tiny_program(false);
+    prog.regularizer = RegularizerSpec {
+        option: RegOption::Hessian,
+        num_probes: 2,
+        power_iterations: 1,
+        lanczos_steps: 1,
+    };
+    prog
+}
+
+/// `prog`'s bundle in `dir` (seed 3, default meta-optimizer and settings).
+fn write_test_bundle(prog: &L2oProgram, dir: &std::path::Path) -> metac_runtime::bundle::Manifest {
+    prog.write_bundle(
+        3,
+        serde_json::Value::Null,
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+        dir,
+    )
+    .unwrap()
+}
+
+/// Named f32 tensors, flattened in order, as f64.
+fn flat_f32(v: &[(String, HostTensor)]) -> Vec<f64> {
+    v.iter()
+        .flat_map(|(_, t)| {
+            t.as_f32()
+                .unwrap()
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A case's data as f32 host tensors, for bundles run by a backend.
+struct HostCase {
+    phi: Vec<(String, HostTensor)>,
+    theta: Vec<(String, HostTensor)>,
+    state: Vec<(String, HostTensor)>,
+    obj: Vec<(String, HostTensor)>,
+    minibatches: Vec<Vec<(String, HostTensor)>>,
+    probes: Vec<Vec<(String, HostTensor)>>,
+    initial: f64,
+}
+
+impl HostCase {
+    fn of(c: &Case) -> Self {
+        HostCase {
+            phi: to_host(&c.phi),
+            theta: to_host(&c.theta),
+            state: to_host(&c.state),
+            obj: to_host(&c.obj),
+            minibatches: c.minibatches.iter().map(|m| to_host(m)).collect(),
+            probes: c.probes.iter().map(|p| to_host(p)).collect(),
+            initial: c.initial,
+        }
+    }
+
+    /// The unroll from the start, with a reset and every state kept.
+    fn unroll(&self, reg_weight: f64) -> Unroll<'_, HostTensor> {
+        Unroll {
+            phi: &self.phi,
+            theta: &self.theta,
+            state: &self.state,
+            reset: true,
+            minibatches: &self.minibatches,
+            objective_batch: &self.obj,
+            initial_objective: self.initial,
+            probes: &self.probes,
+            reg_weight,
+            imitation: None,
+            checkpoint_every: 0,
+        }
+    }
+}
+
 fn to_host(v: &[(String, Value)]) -> Vec<(String, HostTensor)> {
     v.iter()
         .map(|(n, x)| {
@@ -530,27 +612,12 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
     // (f32) vs the f64 interpreter.
     let c = case(tiny_program(false));
     let bdir = dir.join("tiny-mlp");
-    c.prog
-        .write_bundle(
-            3,
-            serde_json::Value::Null,
-            &Default::default(),
-            &Default::default(),
-            &Default::default(),
-            &bdir,
-        )
-        .unwrap();
+    write_test_bundle(&c.prog, &bdir);
     let bundle = Bundle::load(&bdir).unwrap();
     let (ml, d64) = check(&c, true);
     let b: Vec<f64> = d64.iter().flat_map(|(_, v)| flat(v)).collect();
     let layout = c.prog.layout();
-    let (phi, theta, state, obj) = (
-        to_host(&c.phi),
-        to_host(&c.theta),
-        to_host(&c.state),
-        to_host(&c.obj),
-    );
-    let mbs: Vec<_> = c.minibatches.iter().map(|m| to_host(m)).collect();
+    let host = HostCase::of(&c);
     for choice in [BackendChoice::Tract, BackendChoice::Ort] {
         let backend = match open_backend(&BackendOptions {
             choice,
@@ -564,35 +631,8 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
             }
         };
         let mut sr = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
-        let res = truncated_bptt(
-            &mut sr,
-            &layout,
-            &Unroll {
-                phi: &phi,
-                theta: &theta,
-                state: &state,
-                reset: true,
-                minibatches: &mbs,
-                objective_batch: &obj,
-                initial_objective: c.initial,
-                probes: &[],
-                reg_weight: 0.0,
-                imitation: None,
-                checkpoint_every: 0,
-            },
-        )
-        .unwrap();
-        let a: Vec<f64> = res
-            .d_phi
-            .iter()
-            .flat_map(|(_, t)| {
-                t.as_f32()
-                    .unwrap()
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let res = truncated_bptt(&mut sr, &layout, &host.unroll(0.0)).unwrap();
+        let a = flat_f32(&res.d_phi);
         let e = rel_err(&a, &b);
         let le = (res.meta_loss - ml).abs() / ml.abs();
         println!(
@@ -678,16 +718,7 @@ impl UnrollData<'_> for FixedData {
 fn meta_training_on_tract_lowers_the_meta_loss() {
     let dir = std::env::temp_dir().join(format!("metac-l2o-train-{}", std::process::id()));
     let c = case(tiny_program(false));
-    c.prog
-        .write_bundle(
-            3,
-            serde_json::Value::Null,
-            &Default::default(),
-            &Default::default(),
-            &Default::default(),
-            &dir,
-        )
-        .unwrap();
+    write_test_bundle(&c.prog, &dir);
     let bundle = Bundle::load(&dir).unwrap();
     let backend = open_backend(&BackendOptions {
         choice: BackendChoice::Tract,
@@ -983,14 +1014,7 @@ fn compiled_meta_update_matches_host_rmsprop() {
 /// all.
 #[test]
 fn checkpointed_bptt_equals_bptt_keeping_every_state() {
-    let mut prog = tiny_program(false);
-    prog.regularizer = RegularizerSpec {
-        option: RegOption::Hessian,
-        num_probes: 2,
-        power_iterations: 1,
-        lanczos_steps: 1,
-    };
-    let c = case(prog);
+    let c = case(hutchinson_program());
     let labels: Vec<Vec<(String, Value)>> = (0..STEPS).map(|_| c.theta.clone()).collect();
     let layout = c.prog.layout();
     let run = |every: usize| {
@@ -1016,4 +1040,63 @@ fn checkpointed_bptt_equals_bptt_keeping_every_state() {
             assert_eq!(flat(a), flat(b), "{n}, every {every}");
         }
     }
+}
+
+/// An unroll whose regulariser weight is 0 measures the regulariser but runs
+/// the VJP compiled without it (in the f64 interpreter and in a loaded
+/// bundle), and gets the meta-loss and meta-gradient of the regularised VJP
+/// with a zero cotangent.
+#[test]
+fn an_uncounted_regulariser_is_measured_but_not_differentiated() {
+    let c = case(hutchinson_program());
+    let layout = c.prog.layout();
+    let uncounted = Unroll {
+        reg_weight: 0.0,
+        ..c.unroll(&c.phi)
+    };
+    let mut plain = runner(&c.prog);
+    // This runner must not reach its regularised VJP (an empty graph fails).
+    plain.step_vjp = Graph::new();
+    let mut full = runner(&c.prog);
+    full.unregularized = None;
+    let a = truncated_bptt(&mut plain, &layout, &uncounted).unwrap();
+    let b = truncated_bptt(&mut full, &layout, &uncounted).unwrap();
+    // Both measured the regulariser.
+    assert_eq!(a.regs, b.regs);
+    assert_eq!(a.regs.len(), STEPS);
+    assert!((a.meta_loss - b.meta_loss).abs() <= 1e-12 * b.meta_loss.abs());
+    let (x, y): (Vec<f64>, Vec<f64>) = (
+        a.d_phi.iter().flat_map(|(_, v)| flat(v)).collect(),
+        b.d_phi.iter().flat_map(|(_, v)| flat(v)).collect(),
+    );
+    assert!(rel_err(&x, &y) < 1e-12, "f64: {}", rel_err(&x, &y));
+    // A counted regulariser needs the regularised VJP.
+    assert!(truncated_bptt(&mut plain, &layout, &c.unroll(&c.phi)).is_err());
+
+    // The bundle carries both pairs; its runner switches the same way.
+    let dir = std::env::temp_dir().join(format!("metac-l2o-unreg-{}", std::process::id()));
+    let m = write_test_bundle(&c.prog, &dir);
+    assert!(m.graph("step_unregularized").is_some() && m.graph("step_vjp_unregularized").is_some());
+    let bundle = Bundle::load(&dir).unwrap();
+    let backend = open_backend(&BackendOptions {
+        choice: BackendChoice::Tract,
+        ..Default::default()
+    })
+    .unwrap();
+    let host = HostCase::of(&c);
+    let unroll = host.unroll(0.0);
+    let mut plain = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
+    // Not the VJP: running it would fail.
+    plain.step_vjp = backend
+        .load(&bundle.graph_bytes("reset").unwrap(), "reset")
+        .unwrap();
+    let mut full = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
+    full.unregularized = None;
+    let a = truncated_bptt(&mut plain, &layout, &unroll).unwrap();
+    let b = truncated_bptt(&mut full, &layout, &unroll).unwrap();
+    assert_eq!(a.regs, b.regs);
+    let e = rel_err(&flat_f32(&a.d_phi), &flat_f32(&b.d_phi));
+    assert!(e < 1e-5, "bundle: meta-gradient rel err {e}");
+    assert!((a.meta_loss - b.meta_loss).abs() <= 1e-6 * b.meta_loss.abs());
+    let _ = std::fs::remove_dir_all(&dir);
 }

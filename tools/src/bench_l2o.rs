@@ -125,6 +125,9 @@ impl<R: StepRunner> StepRunner for Timed<R> {
     fn reset_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
         timed(&mut self.reset, || self.inner.reset_vjp(inputs))
     }
+    fn set_regularized(&mut self, measure: bool, differentiate: bool) {
+        self.inner.set_regularized(measure, differentiate)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

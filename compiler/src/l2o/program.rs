@@ -52,7 +52,7 @@ use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
     chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
-    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK,
+    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
 };
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
@@ -105,6 +105,8 @@ struct StepInputs {
     obj: Vec<NodeId>,
     /// The regulariser's probes, one per parameter (empty without).
     probes: Vec<NodeId>,
+    /// Whether the step computes the regulariser (when there is one).
+    regularized: bool,
 }
 
 /// The output nodes of one step.
@@ -296,8 +298,14 @@ impl L2oProgram {
             .collect()
     }
 
-    /// The step's inputs; the objective set only `with_objective`.
-    fn declare_step_inputs(&self, g: &mut Graph, with_objective: bool) -> StepInputs {
+    /// The step's inputs; the objective set only `with_objective`, the
+    /// regulariser's probes only when `regularized`.
+    fn declare_step_inputs(
+        &self,
+        g: &mut Graph,
+        with_objective: bool,
+        regularized: bool,
+    ) -> StepInputs {
         let phi = self.hrnn.weights().inputs(g);
         let theta = self.declare_theta(g, "theta.");
         let state = self.hrnn.state_inputs(g, &self.param_shapes());
@@ -307,7 +315,10 @@ impl L2oProgram {
         } else {
             vec![]
         };
-        let probes = self.declare_probes(g, "");
+        let probes = match regularized {
+            true => self.declare_probes(g, ""),
+            false => vec![],
+        };
         StepInputs {
             phi,
             theta,
@@ -315,6 +326,7 @@ impl L2oProgram {
             batch,
             obj,
             probes,
+            regularized,
         }
     }
 
@@ -322,13 +334,13 @@ impl L2oProgram {
     /// `None` for no objective).
     fn step_core(&self, g: &mut Graph, i: &StepInputs, with_objective: bool) -> StepOutputs {
         let obj = with_objective.then_some(i.obj.as_slice());
-        self.step_core_with(
-            g, &i.phi, &i.theta, &i.state, &i.batch, obj, &i.probes, None,
-        )
+        let probes = i.regularized.then_some(i.probes.as_slice());
+        self.step_core_with(g, &i.phi, &i.theta, &i.state, &i.batch, obj, probes, None)
     }
 
     /// [`Self::step_core`], with the optimizee gradients given instead of
-    /// derived when `given_grads` is set.
+    /// derived when `given_grads` is set; the regulariser only with
+    /// `probes` (empty for one that reads none).
     #[allow(clippy::too_many_arguments)]
     fn step_core_with(
         &self,
@@ -338,14 +350,14 @@ impl L2oProgram {
         state: &[NodeId],
         batch: &[NodeId],
         obj: Option<&[NodeId]>,
-        probes: &[NodeId],
+        probes: Option<&[NodeId]>,
         given_grads: Option<&[NodeId]>,
     ) -> StepOutputs {
         let loss = self.train.loss(g, theta, batch);
         // The true gradient: the regulariser differentiates through it even
         // when the optimizer's input is cut or given.
         let true_grads = grad(g, loss, theta);
-        let reg = self.regularizer.build(g, theta, &true_grads, probes);
+        let reg = probes.and_then(|p| self.regularizer.build(g, theta, &true_grads, p));
         let grads = match given_grads {
             Some(gr) => gr.to_vec(),
             None if self.use_second_derivatives => true_grads,
@@ -376,9 +388,20 @@ impl L2oProgram {
     /// measured separately, several steps at a time
     /// ([`Self::objective_chunk_graph`]).
     pub fn step_graph(&self) -> Graph {
+        self.step_graph_with(true)
+    }
+
+    /// `step` and `step_vjp` without the regulariser, for unrolls that do
+    /// not count it (`None` without a regulariser).
+    pub fn unregularized_step_graphs(&self) -> Option<(Graph, Graph)> {
+        (self.regularizer.option != RegOption::None)
+            .then(|| (self.step_graph_with(false), self.step_vjp_graph_with(false)))
+    }
+
+    fn step_graph_with(&self, regularized: bool) -> Graph {
         let l = self.layout();
         let mut g = Graph::new();
-        let i = self.declare_step_inputs(&mut g, false);
+        let i = self.declare_step_inputs(&mut g, false, regularized);
         let o = self.step_core(&mut g, &i, false);
         self.add_step_outputs(&mut g, &l, &o);
         if let Some(r) = o.reg {
@@ -417,9 +440,13 @@ impl L2oProgram {
 
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.
     pub fn step_vjp_graph(&self) -> Graph {
+        self.step_vjp_graph_with(true)
+    }
+
+    fn step_vjp_graph_with(&self, regularized: bool) -> Graph {
         let l = self.layout();
         let mut g = Graph::new();
-        let i = self.declare_step_inputs(&mut g, false);
+        let i = self.declare_step_inputs(&mut g, false, regularized);
         let o = self.step_core(&mut g, &i, false);
         let mut seeds = vec![];
         if let Some(r) = o.reg {
@@ -577,7 +604,7 @@ impl L2oProgram {
                 &state,
                 &batch,
                 Some(&obj),
-                &probes,
+                Some(&probes),
                 grads.as_deref(),
             );
             reg_total = g.add_opt(reg_total, o.reg);
@@ -722,7 +749,7 @@ impl L2oProgram {
         let l = self.layout();
         let meta_update = self.meta_update_graph(meta_optimizer);
         let imitation = (imitation.mt_ratio > 0.0).then(|| self.imitation_graph(imitation));
-        let graphs = [
+        let mut graphs = vec![
             ("step", self.step_graph()),
             ("step_vjp", self.step_vjp_graph()),
             ("reset", self.reset_graph()),
@@ -730,6 +757,10 @@ impl L2oProgram {
             ("objective", self.objective_graph()),
             (OBJECTIVE_CHUNK, self.objective_chunk_graph()),
         ];
+        if let Some((step, vjp)) = self.unregularized_step_graphs() {
+            graphs.push((STEP_UNREGULARIZED, step));
+            graphs.push((STEP_VJP_UNREGULARIZED, vjp));
+        }
         let mut b = BundleBuilder::new("l2o");
         for (name, g) in &graphs {
             b.graph(name, g)?;

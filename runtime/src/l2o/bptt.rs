@@ -33,7 +33,7 @@ use ndarray::{ArrayD, IxDyn};
 use super::regularizer::REG;
 use super::{
     chunk_name, ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS,
-    OBJECTIVE, OBJECTIVE_CHUNK,
+    OBJECTIVE, OBJECTIVE_CHUNK, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
 };
 use crate::backend::{Backend, Session};
 use crate::bundle::Bundle;
@@ -228,6 +228,12 @@ pub trait StepRunner {
     fn reset(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// `reset_vjp`: phi, `ct.next.<hidden state>` -> `d.<phi>` (the init vectors).
     fn reset_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    /// Whether `step` measures the regulariser and whether `step_vjp`
+    /// differentiates it. A runner that has the graphs without it
+    /// ([`super::STEP_UNREGULARIZED`]) runs those where the answer is no; the
+    /// others ignore this (an uncounted regulariser then gets a zero
+    /// cotangent: the same meta-gradient, computed more slowly).
+    fn set_regularized(&mut self, _measure: bool, _differentiate: bool) {}
 }
 
 /// One unroll's inputs.
@@ -416,6 +422,10 @@ pub fn truncated_bptt<R: StepRunner>(
             u.minibatches.len()
         );
     }
+    // The regulariser is always measured (logged, and a non-finite one ends
+    // the unroll), but differentiated only when this unroll counts it: its
+    // third-order terms are most of its cost.
+    runner.set_regularized(true, u.reg_weight != 0.0);
     let no_probes: Named<T<R>> = vec![];
     let probes = |t: usize| u.probes.get(t).unwrap_or(&no_probes);
     // (theta_t, S_t) is kept for every `every`-th step; the backward pass
@@ -696,6 +706,11 @@ pub struct GraphRunner {
     pub objective: Graph,
     pub reset: Graph,
     pub reset_vjp: Graph,
+    /// `step` and `step_vjp` without the regulariser, if given.
+    pub unregularized: Option<(Graph, Graph)>,
+    /// Whether `step` and `step_vjp` (respectively) run with the regulariser;
+    /// `unregularized` runs where not (when given).
+    pub regularized: (bool, bool),
 }
 
 fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
@@ -711,10 +726,16 @@ fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named
 impl StepRunner for GraphRunner {
     type Tensor = Value;
     fn step(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        eval_named(&self.step, "step", inputs)
+        match (&self.unregularized, self.regularized.0) {
+            (Some((step, _)), false) => eval_named(step, STEP_UNREGULARIZED, inputs),
+            _ => eval_named(&self.step, "step", inputs),
+        }
     }
     fn step_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        eval_named(&self.step_vjp, "step_vjp", inputs)
+        match (&self.unregularized, self.regularized.1) {
+            (Some((_, vjp)), false) => eval_named(vjp, STEP_VJP_UNREGULARIZED, inputs),
+            _ => eval_named(&self.step_vjp, "step_vjp", inputs),
+        }
     }
     fn objective(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
         eval_named(&self.objective, OBJECTIVE_CHUNK, inputs)
@@ -725,6 +746,9 @@ impl StepRunner for GraphRunner {
     fn reset_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
         eval_named(&self.reset_vjp, "reset_vjp", inputs)
     }
+    fn set_regularized(&mut self, measure: bool, differentiate: bool) {
+        self.regularized = (measure, differentiate);
+    }
 }
 
 /// A [`StepRunner`] on backend sessions (ONNX Runtime or tract), f32.
@@ -734,6 +758,11 @@ pub struct SessionRunner {
     pub objective: Box<dyn Session>,
     pub reset: Box<dyn Session>,
     pub reset_vjp: Box<dyn Session>,
+    /// `step` and `step_vjp` without the regulariser (bundles with one).
+    pub unregularized: Option<(Box<dyn Session>, Box<dyn Session>)>,
+    /// Whether `step` and `step_vjp` (respectively) run with the regulariser;
+    /// `unregularized` runs where not (when the bundle has it).
+    pub regularized: (bool, bool),
 }
 
 impl SessionRunner {
@@ -751,6 +780,11 @@ impl SessionRunner {
             )?,
             reset: load("reset")?,
             reset_vjp: load("reset_vjp")?,
+            unregularized: match bundle.manifest.graph(STEP_UNREGULARIZED) {
+                Some(_) => Some((load(STEP_UNREGULARIZED)?, load(STEP_VJP_UNREGULARIZED)?)),
+                None => None,
+            },
+            regularized: (true, true),
         })
     }
 }
@@ -768,10 +802,16 @@ fn run_session(s: &mut dyn Session, inputs: &[(&str, &HostTensor)]) -> Result<Na
 impl StepRunner for SessionRunner {
     type Tensor = HostTensor;
     fn step(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        run_session(self.step.as_mut(), inputs)
+        match (&mut self.unregularized, self.regularized.0) {
+            (Some((step, _)), false) => run_session(step.as_mut(), inputs),
+            _ => run_session(self.step.as_mut(), inputs),
+        }
     }
     fn step_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        run_session(self.step_vjp.as_mut(), inputs)
+        match (&mut self.unregularized, self.regularized.1) {
+            (Some((_, vjp)), false) => run_session(vjp.as_mut(), inputs),
+            _ => run_session(self.step_vjp.as_mut(), inputs),
+        }
     }
     fn objective(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
         run_session(self.objective.as_mut(), inputs)
@@ -781,6 +821,9 @@ impl StepRunner for SessionRunner {
     }
     fn reset_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
         run_session(self.reset_vjp.as_mut(), inputs)
+    }
+    fn set_regularized(&mut self, measure: bool, differentiate: bool) {
+        self.regularized = (measure, differentiate);
     }
 }
 

@@ -38,6 +38,12 @@ pub const D: &str = "d.";
 pub const OBJECTIVE: &str = "objective";
 /// The graph measuring the objective at several inner steps at once.
 pub const OBJECTIVE_CHUNK: &str = "objective_chunk";
+/// `step` without the regulariser (bundles with one also carry it, and its
+/// VJP): validation runs it, and an unroll whose regulariser weight is 0
+/// runs the VJP, skipping third-order terms it would not count.
+pub const STEP_UNREGULARIZED: &str = "step_unregularized";
+/// `step_vjp` without the regulariser; see [`STEP_UNREGULARIZED`].
+pub const STEP_VJP_UNREGULARIZED: &str = "step_vjp_unregularized";
 /// `t<k>.<name>`: the `k`-th parameter set of an `objective_chunk` graph and
 /// its outputs.
 pub fn chunk_name(k: usize, name: &str) -> String {

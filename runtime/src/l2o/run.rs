@@ -432,14 +432,16 @@ impl<'a> MetaTrainer<'a> {
             0 => s.unroll_length * self.num_unrolls(),
             n => n,
         };
-        // The step graph of a regularised bundle reads probes; their values
-        // do not affect the update.
+        // Validation does not count a regulariser: where the bundle has the
+        // step without it, that runs; otherwise the regularised step reads
+        // probes, whose values do not affect the update.
+        self.runner.set_regularized(false, false);
         let mut probes = ProbeGenerator::new(seed);
         for step in 0..steps {
             let mb = data.minibatch(step)?;
             let pr = match &self.regularizer {
-                Some(r) => probes.draw(r),
-                None => vec![],
+                Some(r) if self.runner.unregularized.is_none() => probes.draw(r),
+                _ => vec![],
             };
             let mut ins = phi_refs.clone();
             ins.extend(
