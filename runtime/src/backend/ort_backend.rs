@@ -103,10 +103,13 @@ impl Backend for OrtBackend {
                 .with_profiling(std::path::Path::new(&dir).join(label))
                 .map_err(ort::Error::<()>::from)?;
         }
-        // A graph the importer cannot read runs as it is: fusion is only an
-        // optimisation.
+        // A graph the importer cannot read runs as it is (fusion is only an
+        // optimisation), and says so: it will be slower than a fused one.
         let fused = match self.fuse {
-            true => fuse_onnx(onnx, label).ok().flatten(),
+            true => fuse_onnx(onnx, label).unwrap_or_else(|e| {
+                eprintln!("metac: note: graph '{label}' runs op by op, without fused kernels: {e}");
+                None
+            }),
             false => None,
         };
         if fused.is_some() {

@@ -577,3 +577,45 @@ fn ort_dylib_path_missing_makes_auto_fall_back_with_one_line() {
         "{cuda}"
     );
 }
+
+/// A model metac's importer cannot read (here: `Hardmax`, next to a chain
+/// that would fuse) still loads in ONNX Runtime with fusion on, and runs op
+/// by op.
+#[test]
+fn ort_runs_a_model_the_fusion_cannot_read() {
+    let Some(b) = ort_or_skip("ort_runs_a_model_the_fusion_cannot_read") else {
+        return;
+    };
+    let graph = GraphProto {
+        name: "hardmax".into(),
+        node: vec![
+            node("Sigmoid", &["x"], &["s"], vec![]),
+            node("Mul", &["s", "x"], &["t"], vec![]),
+            node("Hardmax", &["t"], &["y"], vec![]),
+        ],
+        input: vec![value_info("x", DataType::Float, &[2, 3])],
+        output: vec![value_info("y", DataType::Float, &[2, 3])],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut s = b.load(&model, "hardmax").unwrap();
+    let x = HostTensor::from(
+        ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.5, 2.0, -1.0, -3.0, -0.5, 1.0]).unwrap(),
+    );
+    let out = s.run(&[("x", &x)]).unwrap();
+    let y = out[0].1.as_f32().unwrap();
+    // x * sigmoid(x) is largest at 2.0 in the first row and 1.0 in the second.
+    assert_eq!(
+        y.iter().copied().collect::<Vec<_>>(),
+        [0., 1., 0., 0., 0., 1.]
+    );
+}
