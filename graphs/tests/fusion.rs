@@ -83,8 +83,9 @@ fn assert_clusters_match_reference(
     for c in clusters {
         let ins: Vec<Vec<f32>> = c.inputs.iter().map(|&i| f32s(i)).collect();
         let in_refs: Vec<&[f32]> = ins.iter().map(|v| v.as_slice()).collect();
-        let n = c.program.len();
-        let mut outs: Vec<Vec<f32>> = c.outputs.iter().map(|_| vec![0.0; n]).collect();
+        let mut outs: Vec<Vec<f32>> = (0..c.outputs.len())
+            .map(|k| vec![0.0; c.program.output_shape(k).iter().product()])
+            .collect();
         let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         c.program.run(&in_refs, &mut out_refs);
         for (o, got) in c.outputs.iter().zip(&outs) {
@@ -211,4 +212,79 @@ fn sliced_inputs_match_the_reference() {
         .iter()
         .any(|c| c.program.views.iter().any(|v| v.is_some())));
     assert_clusters_match_reference(&g, &clusters, &inputs);
+}
+
+/// A GRU over feature-major `[k, n]` state, as in the HierarchicalRNN: the
+/// features, the hidden state and a row of ones stacked by `Concat`, the
+/// gates as one product with a small weight matrix, sliced, and the update;
+/// with per-row scalars, broadcast rows, a reshaped `[n]` input, a
+/// comparison feeding `Where`, and a tail of 1,100 - 1,024 columns.
+#[test]
+fn column_local_chains_match_the_reference() {
+    const N: usize = 1100;
+    let mut g = Graph::new();
+    let feats = g.input("feats", DType::F32, &[3, N]);
+    let h = g.input("h", DType::F32, &[4, N]);
+    let grad = g.input("grad", DType::F32, &[N]);
+    let wg = g.input("wg", DType::F32, &[8, 9]);
+    let wc = g.input("wc", DType::F32, &[4, 9]);
+    let scale = g.input("scale", DType::F32, &[4, 1]);
+    let ones = g.input("ones", DType::F32, &[1, N]);
+    let g1 = g.reshape(grad, &[1, N]);
+    let f = g.mul(feats, g1); // [3, N] * [1, N]
+    let x = g.concat(&[f, h, ones], 0); // [8, N]... plus the hidden state
+    let x = g.concat(&[x, g1], 0); // [9, N]
+    let gates = g.matmul(wg, x); // [8, N]
+    let gates = g.sigmoid(gates);
+    let r = g.slice(gates, 0, 0, 4);
+    let z = g.slice(gates, 0, 4, 8);
+    let rh = g.mul(r, h);
+    let xc = g.concat(&[f, rh, ones, g1], 0); // [9, N]
+    let cand = g.matmul(wc, xc);
+    let cand = g.tanh(cand);
+    let cand = g.mul(cand, scale); // per-row scalars
+    let one_minus = g.neg(z);
+    let one_minus = g.add_scalar(one_minus, 1.0);
+    let keep = g.mul(z, h);
+    let new = g.mul(one_minus, cand);
+    let hn = g.add(keep, new);
+    let cut = g.scalar(0.0);
+    let neg = g.less(hn, cut);
+    let g4 = g.expand(g1, &[4, N]);
+    let hw = g.node_with(metac_graphs::Op::Where, &[neg, g4, hn]);
+    let out = g.slice(hw, 0, 1, 3);
+    g.output("h_next", hw);
+    g.output("out", out);
+    g.output("x", xc);
+    let clusters = find_clusters(&g);
+    assert_eq!(clusters.len(), 1, "{clusters:#?}");
+    let c = &clusters[0];
+    assert_eq!(c.program.columns, Some(N));
+    assert_eq!(c.members.len(), 22, "every op but the scalar constants");
+    assert_eq!(
+        (0..3)
+            .map(|k| c.program.output_shape(k))
+            .collect::<Vec<_>>(),
+        [vec![9, N], vec![4, N], vec![2, N]]
+    );
+    let inputs: HashMap<String, Value> = [
+        ("feats", &[3, N][..]),
+        ("h", &[4, N]),
+        ("grad", &[N]),
+        ("wg", &[8, 9]),
+        ("wc", &[4, 9]),
+        ("scale", &[4, 1]),
+        ("ones", &[1, N]),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(k, (n, s))| (n.to_string(), values(s, k + 3)))
+    .collect();
+    assert_clusters_match_reference(&g, &clusters, &inputs);
+    // The program survives its text form.
+    let text = c.program.encode();
+    assert_eq!(
+        metac_graphs::fusion::FusedProgram::decode(&text).unwrap(),
+        c.program
+    );
 }

@@ -1,7 +1,14 @@
 //! Finding fusable clusters and compiling them to [`FusedProgram`]s.
 //!
-//! A cluster is a set of elementwise f32 nodes of one output shape that is
-//! convex (no path leaves it and comes back), so it can run as one node.
+//! A cluster is a set of nodes that is convex (no path leaves it and comes
+//! back), so it can run as one node: either elementwise f32 nodes of one
+//! output shape, or *column-local* nodes over `[k, n]` tensors with one
+//! (large) `n` and any row count `k`: elementwise ops, `Concat`, `Slice` and
+//! `Expand` along rows, and products `W[a, b] @ X[b, n]` with a small `W`
+//! from outside the cluster. Column `j` of such a cluster's outputs depends
+//! only on column `j` of its `[k, n]` inputs, which is what the feature-major
+//! HierarchicalRNN state is made of; the cluster compiles to a
+//! column-stacked program (see [`super::program`]).
 //! Nodes join greedily in topological order: a node joins the cluster of one
 //! of its producers when its other inputs do not depend on that cluster.
 //! Comparisons (bool results) may only feed `Where` nodes of their own
@@ -26,6 +33,114 @@ pub struct Cluster {
     /// Members read outside the cluster or by the graph's outputs.
     pub outputs: Vec<NodeId>,
     pub program: FusedProgram,
+}
+
+/// Column-local clusters need at least this many columns (so that a chunk
+/// of a row is a long vector run) and at most this many rows per value
+/// (the rows of a product's `W` too, whose columns are bounded by
+/// [`super::dot::MAX_INNER`]).
+const MIN_COLUMNS: usize = 1024;
+const MAX_ROWS: usize = 64;
+
+/// Which nodes may share a cluster: elementwise nodes of one shape, or
+/// column-local nodes over one number of columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Class {
+    Shape(Vec<usize>),
+    Columns(usize),
+}
+
+/// How a column-local node computes, beyond [`Kind`].
+enum Layout {
+    Elementwise(Kind),
+    /// Rows of its inputs, one after the other.
+    Concat,
+    /// Rows `start..end` of its input.
+    Rows(usize, usize),
+    /// Its input's rows, repeated where it has one.
+    Broadcast,
+    /// `W @ X`, `W` read from outside.
+    Product,
+}
+
+/// Is `s` the shape of a value a column-local cluster can hold?
+pub fn column_local_shape(s: &[usize]) -> bool {
+    columns(s).is_some()
+}
+
+/// `[k, n]` with `n` columns enough for a column-local cluster.
+fn columns(s: &[usize]) -> Option<(usize, usize)> {
+    match *s {
+        [k, n] if n >= MIN_COLUMNS && k <= MAX_ROWS => Some((k, n)),
+        _ => None,
+    }
+}
+
+/// Can a `[k, n]` column-local value read an operand of shape `s` row by
+/// row (numpy broadcasting)?
+fn row_readable(s: &[usize], k: usize, n: usize) -> bool {
+    match *s {
+        [] => true,
+        [m] => m == 1 || m == n,
+        [r, m] => (r == 1 || r == k) && (m == 1 || m == n),
+        _ => false,
+    }
+}
+
+/// How a node computes in a column-local cluster, if it can be in one.
+fn layout(g: &Graph, id: NodeId) -> Option<Layout> {
+    let node = g.node(id);
+    let (k, n) = columns(g.shape(id))?;
+    let f32s = node.ty.dtype == DType::F32 && node.inputs.iter().all(|&i| g.dtype(i) == DType::F32);
+    let shape = |i: usize| g.shape(node.inputs[i]);
+    let l = match &node.op {
+        Op::Concat { axis: 0 } if f32s => {
+            if !node
+                .inputs
+                .iter()
+                .all(|&i| matches!(*g.shape(i), [_, m] if m == n))
+            {
+                return None;
+            }
+            Layout::Concat
+        }
+        Op::Slice {
+            axis: 0,
+            start,
+            end,
+        } if f32s && shape(0).len() == 2 => Layout::Rows(*start, *end),
+        Op::Expand(_) | Op::Reshape(_) if f32s && row_readable(shape(0), k, n) => {
+            // A reshape keeps the rows only from `[n]` or `[1, n]` to `[1, n]`.
+            if matches!(node.op, Op::Reshape(_))
+                && (k != 1 || !matches!(*shape(0), [m] | [1, m] if m == n))
+            {
+                return None;
+            }
+            Layout::Broadcast
+        }
+        Op::MatMul if f32s => match (shape(0), shape(1)) {
+            ([a, b], [b2, m]) if *a == k && b == b2 && *m == n && *b <= super::dot::MAX_INNER => {
+                Layout::Product
+            }
+            _ => return None,
+        },
+        _ => {
+            let kd = kind(g, id)?;
+            if !node.inputs.iter().all(|&i| row_readable(g.shape(i), k, n)) {
+                return None;
+            }
+            Layout::Elementwise(kd)
+        }
+    };
+    Some(l)
+}
+
+/// The cluster class of a node, if it can be fused at all.
+fn class(g: &Graph, id: NodeId) -> Option<Class> {
+    if layout(g, id).is_some() {
+        return Some(Class::Columns(g.shape(id)[1]));
+    }
+    kind(g, id).map(|_| Class::Shape(g.shape(id).to_vec()))
 }
 
 /// How a fusable node computes.
@@ -189,8 +304,10 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
             })
     };
     let fusable = |id: NodeId| {
-        !gemm_bias(id)
-            && kind(g, id).is_some()
+        let Some(cl) = class(g, id) else {
+            return false;
+        };
+        !(matches!(cl, Class::Shape(_)) && gemm_bias(id))
             && (g.dtype(id) == DType::F32
                 || (!is_output[id.index()]
                     && consumers[id.index()]
@@ -199,18 +316,19 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
     };
     let mut cluster_of: Vec<Option<usize>> = vec![None; g.len()];
     let mut members: Vec<Vec<NodeId>> = vec![];
+    let mut classes: Vec<Class> = vec![];
     for i in 0..g.len() {
         let id = NodeId(i as u32);
         if !live[i] || !fusable(id) {
             continue;
         }
-        let shape = g.shape(id);
+        let cl = class(g, id).expect("fusable nodes have a class");
         let ins = &g.node(id).inputs;
-        // The clusters of its producers that have its shape.
+        // The clusters of its producers of its class.
         let mut cands: Vec<usize> = vec![];
         for &p in ins {
             if let Some(c) = cluster_of[p.index()] {
-                if g.shape(members[c][0]) == shape && !cands.contains(&c) {
+                if classes[c] == cl && !cands.contains(&c) {
                     cands.push(c);
                 }
             }
@@ -226,6 +344,7 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
         else {
             cluster_of[i] = Some(members.len());
             members.push(vec![id]);
+            classes.push(cl);
             continue;
         };
         let c = cands[pos];
@@ -267,10 +386,16 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
                     }
                 }
             }
+            let stacked = match classes[c] {
+                Class::Columns(n) => Some(n),
+                Class::Shape(_) => None,
+            };
             let (inputs, views): (Vec<NodeId>, Vec<Option<View>>) = reads
                 .iter()
                 .map(|&p| match slice_view(g, p) {
-                    // A slice of the cluster's own value stays a slice node.
+                    // Column-stacked programs address their inputs by row;
+                    // a slice of the cluster's own value stays a slice node.
+                    _ if stacked.is_some() => (p, None),
                     (src, _) if inside(src) => (p, None),
                     view => view,
                 })
@@ -283,7 +408,10 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
             if bool_edge || outputs.is_empty() {
                 return None;
             }
-            let program = compile(g, &m, &reads, &inputs, views, &outputs);
+            let program = match stacked {
+                Some(n) => compile_stacked(g, n, &m, &reads, &outputs),
+                None => compile(g, &m, &reads, &inputs, views, &outputs),
+            };
             Some(Cluster {
                 members: m,
                 inputs,
@@ -378,6 +506,7 @@ fn compile(
     let out_values: Vec<usize> = outputs.iter().map(|o| value[o]).collect();
     let mut p = allocate(
         ssa,
+        vec![],
         &out_values,
         g.shape(members[0]).to_vec(),
         inputs.iter().map(|&i| g.shape(i).to_vec()).collect(),
@@ -386,47 +515,176 @@ fn compile(
     p
 }
 
-fn operands(i: &Instr) -> Vec<u16> {
-    match *i {
-        Instr::Load { .. } | Instr::Const { .. } => vec![],
-        Instr::Unary { a, .. } => vec![a],
-        Instr::Binary { a, b, .. } => vec![a, b],
-        Instr::Where { c, a, b, .. } => vec![c, a, b],
+/// The column-stacked program of a column-local cluster over `n` columns:
+/// every value is a list of SSA rows; stacking and slicing rows only
+/// rearranges those lists, and inputs are loaded row by row where first
+/// read. `reads[k]` is the cluster's input `k`.
+fn compile_stacked(
+    g: &Graph,
+    n: usize,
+    members: &[NodeId],
+    reads: &[NodeId],
+    outputs: &[NodeId],
+) -> FusedProgram {
+    struct Builder<'a> {
+        g: &'a Graph,
+        reads: &'a [NodeId],
+        ssa: Vec<Instr>,
+        lists: Vec<Vec<u16>>,
+        rows: HashMap<NodeId, Vec<u16>>,
+        loaded: HashMap<(NodeId, usize), u16>,
     }
+    impl Builder<'_> {
+        fn push(&mut self, i: Instr) -> u16 {
+            self.ssa.push(i);
+            (self.ssa.len() - 1) as u16
+        }
+        /// Rows a value offers: its own, or an input's (one for broadcast
+        /// rows and scalars).
+        fn source_rows(&self, x: NodeId) -> usize {
+            match self.rows.get(&x) {
+                Some(r) => r.len(),
+                None => match *self.g.shape(x) {
+                    [r, _] => r,
+                    _ => 1,
+                },
+            }
+        }
+        /// Row `r` of value `x` (row 0 of a one-row value).
+        fn row(&mut self, x: NodeId, r: usize) -> u16 {
+            let r = if self.source_rows(x) == 1 { 0 } else { r };
+            if let Some(rows) = self.rows.get(&x) {
+                return rows[r];
+            }
+            if let Some(&v) = self.loaded.get(&(x, r)) {
+                return v;
+            }
+            let instr = match immediate(self.g, x) {
+                Some(c) => Instr::Const { dst: 0, value: c },
+                None => Instr::LoadRow {
+                    dst: 0,
+                    input: self.input(x),
+                    row: r as u32,
+                },
+            };
+            let v = self.push(instr);
+            self.loaded.insert((x, r), v);
+            v
+        }
+        fn input(&self, x: NodeId) -> u16 {
+            self.reads
+                .iter()
+                .position(|&i| i == x)
+                .expect("cluster input") as u16
+        }
+        /// Value `x` as `k` rows (broadcast where it has one).
+        fn rows_of(&mut self, x: NodeId, k: usize) -> Vec<u16> {
+            (0..k).map(|r| self.row(x, r)).collect()
+        }
+    }
+    let mut b = Builder {
+        g,
+        reads,
+        ssa: vec![],
+        lists: vec![],
+        rows: HashMap::new(),
+        loaded: HashMap::new(),
+    };
+    for &m in members {
+        let k = g.shape(m)[0];
+        let ins = g.node(m).inputs.clone();
+        let rows: Vec<u16> = match layout(g, m).expect("column-local member") {
+            Layout::Elementwise(Kind::Alias) | Layout::Broadcast => b.rows_of(ins[0], k),
+            Layout::Elementwise(kd) => (0..k)
+                .map(|r| {
+                    let a: Vec<u16> = ins.iter().map(|&x| b.row(x, r)).collect();
+                    b.push(match kd {
+                        Kind::Unary(f) => Instr::Unary { f, dst: 0, a: a[0] },
+                        Kind::Binary(f) => Instr::Binary {
+                            f,
+                            dst: 0,
+                            a: a[0],
+                            b: a[1],
+                        },
+                        Kind::Where => Instr::Where {
+                            dst: 0,
+                            c: a[0],
+                            a: a[1],
+                            b: a[2],
+                        },
+                        Kind::Alias => unreachable!("handled above"),
+                    })
+                })
+                .collect(),
+            Layout::Concat => ins
+                .iter()
+                .flat_map(|&x| {
+                    let r = g.shape(x)[0];
+                    b.rows_of(x, r)
+                })
+                .collect(),
+            Layout::Rows(start, end) => (start..end).map(|r| b.row(ins[0], r)).collect(),
+            Layout::Product => {
+                let inner = g.shape(ins[0])[1];
+                let src = b.rows_of(ins[1], inner);
+                let w = b.input(ins[0]);
+                (0..k)
+                    .map(|r| {
+                        b.lists.push(src.clone());
+                        let list = (b.lists.len() - 1) as u16;
+                        b.push(Instr::Dot {
+                            dst: 0,
+                            input: w,
+                            row: r as u32,
+                            list,
+                        })
+                    })
+                    .collect()
+            }
+        };
+        b.rows.insert(m, rows);
+    }
+    let out_values: Vec<usize> = outputs
+        .iter()
+        .flat_map(|o| b.rows[o].iter().map(|&v| v as usize))
+        .collect();
+    let mut p = allocate(
+        b.ssa,
+        b.lists,
+        &out_values,
+        vec![n],
+        reads.iter().map(|&i| g.shape(i).to_vec()).collect(),
+    );
+    p.columns = Some(n);
+    p.out_rows = outputs.iter().map(|o| b.rows[o].len()).collect();
+    p
 }
 
-fn with_registers(i: &Instr, dst: u16, map: &dyn Fn(u16) -> u16) -> Instr {
-    match *i {
-        Instr::Load { input, .. } => Instr::Load { dst, input },
-        Instr::Const { value, .. } => Instr::Const { dst, value },
-        Instr::Unary { f, a, .. } => Instr::Unary { f, dst, a: map(a) },
-        Instr::Binary { f, a, b, .. } => Instr::Binary {
-            f,
-            dst,
-            a: map(a),
-            b: map(b),
-        },
-        Instr::Where { c, a, b, .. } => Instr::Where {
-            dst,
-            c: map(c),
-            a: map(a),
-            b: map(b),
-        },
-    }
-}
-
-/// Linear-scan register allocation of SSA instructions (operands are SSA
-/// indices). A destination is taken before the operands are freed, so it
-/// never aliases them; outputs stay live to the end.
+/// Linear-scan register allocation of SSA instructions (operands, and the
+/// entries of `lists`, are SSA indices). A destination is taken before the
+/// operands are freed, so it never aliases them; outputs stay live to the
+/// end.
 fn allocate(
     ssa: Vec<Instr>,
+    lists: Vec<Vec<u16>>,
     outputs: &[usize],
     shape: Vec<usize>,
     input_shapes: Vec<Vec<usize>>,
 ) -> FusedProgram {
+    let mut p = FusedProgram {
+        shape,
+        views: vec![None; input_shapes.len()],
+        inputs: input_shapes,
+        instrs: vec![],
+        outputs: vec![],
+        registers: 0,
+        columns: None,
+        out_rows: vec![],
+        lists,
+    };
     let mut last_use = vec![0usize; ssa.len()];
     for (k, i) in ssa.iter().enumerate() {
-        for a in operands(i) {
+        for a in p.operands(i) {
             last_use[a as usize] = k;
         }
     }
@@ -443,8 +701,15 @@ fn allocate(
             registers - 1
         });
         reg_of[k] = dst;
+        let mut ops = p.operands(i);
+        if let Instr::Dot { list, .. } = *i {
+            let l = &mut p.lists[list as usize];
+            for r in l.iter_mut() {
+                *r = reg_of[*r as usize];
+            }
+        }
         instrs.push(with_registers(i, dst, &|a| reg_of[a as usize]));
-        let mut ops = operands(i);
+        ops.sort();
         ops.dedup();
         for a in ops {
             if last_use[a as usize] == k && !free.contains(&reg_of[a as usize]) {
@@ -457,12 +722,39 @@ fn allocate(
             free.push(dst);
         }
     }
-    FusedProgram {
-        shape,
-        views: vec![None; input_shapes.len()],
-        inputs: input_shapes,
-        instrs,
-        outputs: outputs.iter().map(|&o| reg_of[o]).collect(),
-        registers: registers as usize,
+    p.instrs = instrs;
+    p.outputs = outputs.iter().map(|&o| reg_of[o]).collect();
+    p.registers = registers as usize;
+    p
+}
+
+/// An instruction with its destination and operand registers assigned
+/// (a `Dot`'s list is remapped separately).
+fn with_registers(i: &Instr, dst: u16, map: &dyn Fn(u16) -> u16) -> Instr {
+    match *i {
+        Instr::Load { input, .. } => Instr::Load { dst, input },
+        Instr::LoadRow { input, row, .. } => Instr::LoadRow { dst, input, row },
+        Instr::Dot {
+            input, row, list, ..
+        } => Instr::Dot {
+            dst,
+            input,
+            row,
+            list,
+        },
+        Instr::Const { value, .. } => Instr::Const { dst, value },
+        Instr::Unary { f, a, .. } => Instr::Unary { f, dst, a: map(a) },
+        Instr::Binary { f, a, b, .. } => Instr::Binary {
+            f,
+            dst,
+            a: map(a),
+            b: map(b),
+        },
+        Instr::Where { c, a, b, .. } => Instr::Where {
+            dst,
+            c: map(c),
+            a: map(a),
+            b: map(b),
+        },
     }
 }

@@ -1,4 +1,5 @@
-//! Elementwise fusion: chains of elementwise ops over tensors of one shape
+//! Elementwise fusion: chains of elementwise ops over tensors of one shape,
+//! and column-local computations over `[k, N]` tensors (see [`cluster`]),
 //! become one kernel that reads its inputs and writes its outputs once.
 //!
 //! The HierarchicalRNN's step and its VJP are hundreds of small elementwise
@@ -8,11 +9,15 @@
 //! [`program`] compiles each to a small register program and runs it, and
 //! `onnx::export::export_fused_model` writes them as `ai.metac`
 //! `FusedElementwise` nodes for the runtime's ONNX Runtime custom kernel.
+//! Before clustering, [`split_products`] splits products of row-stacked
+//! concatenations so that the concatenations can stay inside a cluster.
 //! Bundles stay standard ONNX: fusion happens when a backend loads a graph.
 
 pub mod cluster;
+pub mod dot;
 pub mod math;
 pub mod program;
+pub mod split_products;
 
 pub use cluster::{find_clusters, Cluster};
 pub use program::{FusedProgram, FUSED_DOMAIN, FUSED_OP};
@@ -36,6 +41,7 @@ pub fn fuse_onnx(bytes: &[u8], source: &str) -> Result<Option<Vec<u8>>, ImportEr
                 })?;
         }
     }
+    let g = split_products::split_row_stacked_products(&g);
     let clusters = find_clusters(&g);
     if clusters.is_empty() {
         return Ok(None);

@@ -9,6 +9,15 @@
 //! Inputs broadcast to the output shape with numpy rules; after merging
 //! adjacent dimensions that broadcast alike, a chunk of an input is either a
 //! contiguous run or one repeated element.
+//!
+//! A *column-stacked* program (`columns: Some(n)`) computes `[rows, n]`
+//! tensors column by column: a register holds a chunk of one row, a tensor
+//! of `k` rows is `k` registers, so stacking tensors along rows (`Concat`,
+//! `Slice`, `Expand` along axis 0) costs no instruction, and a product
+//! `W[a, b] @ X[b, n]` is `a` [`Instr::Dot`]s over `X`'s row registers. Its
+//! inputs are `[k, n]` or `[n]` tensors (read row by row), per-row scalars
+//! `[k, 1]`, scalars, and the `[a, b]` matrices of its products; each output
+//! is a `[rows, n]` tensor.
 
 use std::fmt::Write as _;
 
@@ -20,6 +29,12 @@ pub const FUSED_OP: &str = "FusedElementwise";
 
 /// Elements per register row.
 pub const CHUNK: usize = 256;
+
+/// Columns per register row of a column-stacked program. Its rows are
+/// separate streams through memory (a hundred or more in the
+/// HierarchicalRNN's VJP); runs of 4 KB per row keep writes and page walks
+/// per byte low, where 1 KB runs were measured 2-3x slower to write out.
+pub const STACKED_CHUNK: usize = 1024;
 
 /// Functions of one register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +119,23 @@ pub enum Instr {
         a: u16,
         b: u16,
     },
+    /// Column-stacked programs: row `row` of input `input` (a chunk of a
+    /// `[k, n]` or `[n]` input, or element `row` of a per-row scalar input,
+    /// broadcast).
+    LoadRow {
+        dst: u16,
+        input: u16,
+        row: u32,
+    },
+    /// Column-stacked programs: `sum_j W[row, j] * list[j]`, with `W` the
+    /// `[a, b]` input `input` and `list` (index into
+    /// [`FusedProgram::lists`]) its `b` source registers.
+    Dot {
+        dst: u16,
+        input: u16,
+        row: u32,
+        list: u16,
+    },
 }
 
 /// A fused kernel: output shape, input shapes, instructions, and the
@@ -118,8 +150,17 @@ pub struct FusedProgram {
     /// never copied out).
     pub views: Vec<Option<View>>,
     pub instrs: Vec<Instr>,
+    /// The registers holding the outputs at the end of a chunk: one per
+    /// output, or in a column-stacked program the rows of every output in
+    /// turn (`out_rows` of them each).
     pub outputs: Vec<u16>,
     pub registers: usize,
+    /// `Some(n)`: a column-stacked program over `[rows, n]` tensors.
+    pub columns: Option<usize>,
+    /// Rows of each output of a column-stacked program.
+    pub out_rows: Vec<usize>,
+    /// The source registers of [`Instr::Dot`]s.
+    pub lists: Vec<Vec<u16>>,
 }
 
 /// A block of an input: `shape`, with the input's own (row-major) strides,
@@ -139,6 +180,16 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
     st
 }
 
+/// A number that must fit a register or input index.
+fn small(v: usize, stmt: &str) -> Result<u16, ProgramError> {
+    u16::try_from(v).map_err(|_| ProgramError(format!("'{stmt}': {v} is out of range")))
+}
+
+/// A row index.
+fn row32(v: usize, stmt: &str) -> Result<u32, ProgramError> {
+    u32::try_from(v).map_err(|_| ProgramError(format!("'{stmt}': row {v} is out of range")))
+}
+
 /// A program whose text does not parse or whose registers are inconsistent.
 #[derive(Debug, thiserror::Error)]
 #[error("fused program: {0}")]
@@ -154,6 +205,9 @@ impl FusedProgram {
     pub fn encode(&self) -> String {
         let dims = |s: &[usize]| s.iter().map(|d| format!(" {d}")).collect::<String>();
         let mut out = format!("shape{};regs {}", dims(&self.shape), self.registers);
+        if let Some(n) = self.columns {
+            let _ = write!(out, ";cols {n};rows{}", dims(&self.out_rows));
+        }
         for s in &self.inputs {
             let _ = write!(out, ";in{}", dims(s));
         }
@@ -169,6 +223,19 @@ impl FusedProgram {
                 Instr::Unary { f, dst, a } => write!(out, ";{} {dst} {a}", name1(f)),
                 Instr::Binary { f, dst, a, b } => write!(out, ";{} {dst} {a} {b}", name2(f)),
                 Instr::Where { dst, c, a, b } => write!(out, ";where {dst} {c} {a} {b}"),
+                Instr::LoadRow { dst, input, row } => write!(out, ";ldr {dst} {input} {row}"),
+                Instr::Dot {
+                    dst,
+                    input,
+                    row,
+                    list,
+                } => {
+                    let regs: Vec<usize> = self.lists[list as usize]
+                        .iter()
+                        .map(|&r| r as usize)
+                        .collect();
+                    write!(out, ";dot {dst} {input} {row}{}", dims(&regs))
+                }
             };
         }
         let _ = write!(
@@ -190,6 +257,9 @@ impl FusedProgram {
             instrs: vec![],
             outputs: vec![],
             registers: 0,
+            columns: None,
+            out_rows: vec![],
+            lists: vec![],
         };
         let mut seen_shape = false;
         let mut views = vec![];
@@ -227,6 +297,36 @@ impl FusedProgram {
                     p.registers = *nums("regs")?.first().ok_or(ProgramError("regs".into()))?
                 }
                 "in" => p.inputs.push(nums("in")?),
+                "cols" => p.columns = nums("cols")?.first().copied(),
+                "rows" => p.out_rows = nums("rows")?,
+                "ldr" => {
+                    let v = nums("ldr")?;
+                    if v.len() != 3 {
+                        return err(format!("'{stmt}': expected 3 operands"));
+                    }
+                    p.instrs.push(Instr::LoadRow {
+                        dst: small(v[0], stmt)?,
+                        input: small(v[1], stmt)?,
+                        row: row32(v[2], stmt)?,
+                    });
+                }
+                "dot" => {
+                    let v = nums("dot")?;
+                    if v.len() < 4 {
+                        return err(format!("'{stmt}': expected 3 operands and a list"));
+                    }
+                    let list = v[3..]
+                        .iter()
+                        .map(|&r| small(r, stmt))
+                        .collect::<Result<Vec<u16>, _>>()?;
+                    p.lists.push(list);
+                    p.instrs.push(Instr::Dot {
+                        dst: small(v[0], stmt)?,
+                        input: small(v[1], stmt)?,
+                        row: row32(v[2], stmt)?,
+                        list: small(p.lists.len() - 1, stmt)?,
+                    });
+                }
                 "view" => {
                     let v = nums("view")?;
                     if v.len() < 2 {
@@ -310,23 +410,42 @@ impl FusedProgram {
     }
 
     /// Registers in range, operands distinct from the destination, inputs
-    /// broadcastable to the output shape.
+    /// broadcastable to the output shape (or, column-stacked, readable row
+    /// by row).
     fn validate(&self) -> Result<(), ProgramError> {
         let n = self.registers;
         let ok = |r: u16| (r as usize) < n;
+        let stacked = self.columns.is_some();
         for i in &self.instrs {
-            let (dst, ops): (u16, Vec<u16>) = match *i {
-                Instr::Load { dst, input } => {
-                    if input as usize >= self.inputs.len() {
-                        return err(format!("load of input {input} of {}", self.inputs.len()));
-                    }
-                    (dst, vec![])
+            match *i {
+                Instr::Load { input, .. } if stacked || input as usize >= self.inputs.len() => {
+                    return err(format!("bad load {i:?}"));
                 }
-                Instr::Const { dst, .. } => (dst, vec![]),
-                Instr::Unary { dst, a, .. } => (dst, vec![a]),
-                Instr::Binary { dst, a, b, .. } => (dst, vec![a, b]),
-                Instr::Where { dst, c, a, b } => (dst, vec![c, a, b]),
-            };
+                Instr::LoadRow { input, row, .. } => {
+                    let rows = self.input_rows(input as usize);
+                    if !stacked || rows.is_none_or(|k| row as usize >= k) {
+                        return err(format!("bad row load {i:?}"));
+                    }
+                }
+                Instr::Dot {
+                    input, row, list, ..
+                } => {
+                    let w = self.inputs.get(input as usize);
+                    let srcs = self.lists.get(list as usize);
+                    let fits = match (w, srcs) {
+                        (Some(w), Some(l)) => {
+                            w.len() == 2 && w[1] == l.len() && (row as usize) < w[0]
+                        }
+                        _ => false,
+                    };
+                    if !stacked || !fits {
+                        return err(format!("bad product {i:?}"));
+                    }
+                }
+                _ => {}
+            }
+            let dst = destination(i);
+            let ops = self.operands(i);
             if !ok(dst) || ops.iter().any(|&r| !ok(r) || r == dst) {
                 return err(format!("bad registers in {i:?} ({n} registers)"));
             }
@@ -336,6 +455,20 @@ impl FusedProgram {
         }
         if self.views.len() != self.inputs.len() {
             return err("one view entry per input expected");
+        }
+        if let Some(cols) = self.columns {
+            if cols == 0
+                || self.shape != [cols]
+                || self.out_rows.contains(&0)
+                || self.out_rows.iter().sum::<usize>() != self.outputs.len()
+                || self.views.iter().any(Option::is_some)
+            {
+                return err("inconsistent column-stacked program");
+            }
+            return Ok(());
+        }
+        if !self.out_rows.is_empty() || !self.lists.is_empty() {
+            return err("rows or products outside a column-stacked program");
         }
         for (s, v) in self.inputs.iter().zip(&self.views) {
             let read = match v {
@@ -371,6 +504,44 @@ impl FusedProgram {
         Ok(())
     }
 
+    /// The registers an instruction reads.
+    pub fn operands(&self, i: &Instr) -> Vec<u16> {
+        match *i {
+            Instr::Dot { list, .. } => self.lists[list as usize].clone(),
+            _ => operands(i),
+        }
+    }
+
+    /// Column-stacked programs: the rows input `k` offers to `LoadRow`
+    /// (`[r, n]`: `r`; `[n]`: 1; per-row scalars `[r, 1]`: `r`; scalars:
+    /// 1), or `None` for a shape it cannot read row by row.
+    pub fn input_rows(&self, k: usize) -> Option<usize> {
+        let n = self.columns?;
+        let s = self.inputs.get(k)?;
+        match s.as_slice() {
+            [] => Some(1),
+            [m] if *m == n || *m == 1 => Some(1),
+            [r, m] if *m == n || *m == 1 => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// Number of outputs.
+    pub fn output_count(&self) -> usize {
+        match self.columns {
+            Some(_) => self.out_rows.len(),
+            None => self.outputs.len(),
+        }
+    }
+
+    /// The shape of output `k`.
+    pub fn output_shape(&self, k: usize) -> Vec<usize> {
+        match self.columns {
+            Some(n) => vec![self.out_rows[k], n],
+            None => self.shape.clone(),
+        }
+    }
+
     /// Number of output elements.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
@@ -380,9 +551,22 @@ impl FusedProgram {
         self.len() == 0
     }
 
+    /// Floats of register storage the interpreter needs.
+    pub fn register_len(&self) -> usize {
+        self.registers
+            * match self.columns {
+                Some(_) => STACKED_CHUNK,
+                None => CHUNK,
+            }
+    }
+
     /// How the output is walked: see [`Walk`].
     pub fn walk(&self) -> Walk {
-        Walk::new(&self.shape, &self.inputs, &self.views)
+        match self.columns {
+            // Chunks of columns; inputs are addressed by row, not walked.
+            Some(n) => Walk::columns(n, self),
+            None => Walk::new(&self.shape, &self.inputs, &self.views),
+        }
     }
 
     /// Runs the whole program on one thread.
@@ -394,10 +578,11 @@ impl FusedProgram {
             self.inputs.len(),
             "fused program: input count"
         );
-        assert!(
-            outputs.iter().all(|o| o.len() == self.len()),
-            "fused program: output length"
-        );
+        assert_eq!(outputs.len(), self.output_count(), "fused program: outputs");
+        for (k, o) in outputs.iter().enumerate() {
+            let want: usize = self.output_shape(k).iter().product();
+            assert_eq!(o.len(), want, "fused program: output length");
+        }
         for (x, s) in inputs.iter().zip(&self.inputs) {
             assert_eq!(
                 x.len(),
@@ -405,7 +590,7 @@ impl FusedProgram {
                 "fused program: input length"
             );
         }
-        let mut regs = vec![0.0f32; self.registers * CHUNK];
+        let mut regs = vec![0.0f32; self.register_len()];
         // SAFETY: lengths checked above; one thread writes every unit.
         unsafe { self.run_units(&walk, inputs, &ptrs, 0..walk.units(), &mut regs) };
     }
@@ -416,8 +601,9 @@ impl FusedProgram {
     ///
     /// # Safety
     /// `inputs` must have the program's input lengths and every pointer in
-    /// `outputs` must address `self.len()` writable floats; units run
-    /// concurrently must be disjoint. `regs` holds `registers * CHUNK` floats.
+    /// `outputs` must address its output's writable floats; units run
+    /// concurrently must be disjoint. `regs` holds [`Self::register_len`]
+    /// floats.
     pub unsafe fn run_units(
         &self,
         walk: &Walk,
@@ -473,6 +659,9 @@ impl FusedProgram {
         units: std::ops::Range<usize>,
         regs: &mut [f32],
     ) {
+        if let Some(n) = self.columns {
+            return self.run_stacked(n, walk, inputs, outputs, units, regs);
+        }
         let base = regs.as_mut_ptr();
         let scratch = |r: u16| base.add(r as usize * CHUNK);
         // Where each register's row is: its scratch row, or (for a load of a
@@ -520,33 +709,7 @@ impl FusedProgram {
                             at[dst as usize] = x[off..off + len].as_ptr();
                         }
                     }
-                    Instr::Const { dst, value } => {
-                        at[dst as usize] = scratch(dst);
-                        std::slice::from_raw_parts_mut(scratch(dst), len).fill(value)
-                    }
-                    Instr::Unary { f, dst, a } => {
-                        at[dst as usize] = scratch(dst);
-                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
-                        let a = std::slice::from_raw_parts(at[a as usize], len);
-                        unary(f, d, a);
-                    }
-                    Instr::Binary { f, dst, a, b } => {
-                        at[dst as usize] = scratch(dst);
-                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
-                        let a = std::slice::from_raw_parts(at[a as usize], len);
-                        let b = std::slice::from_raw_parts(at[b as usize], len);
-                        binary(f, d, a, b);
-                    }
-                    Instr::Where { dst, c, a, b } => {
-                        at[dst as usize] = scratch(dst);
-                        let d = std::slice::from_raw_parts_mut(scratch(dst), len);
-                        let c = std::slice::from_raw_parts(at[c as usize], len);
-                        let a = std::slice::from_raw_parts(at[a as usize], len);
-                        let b = std::slice::from_raw_parts(at[b as usize], len);
-                        for (((d, &c), &a), &b) in d.iter_mut().zip(c).zip(a).zip(b) {
-                            *d = if c != 0.0 { a } else { b };
-                        }
-                    }
+                    ref other => compute(other, &mut at, scratch(destination(other)), len),
                 }
             }
             for (&r, &o) in self.outputs.iter().zip(outputs) {
@@ -554,6 +717,129 @@ impl FusedProgram {
             }
         }
     }
+
+    /// [`Self::run_units_generic`] for a column-stacked program over `n`
+    /// columns: each unit is a chunk of columns of every row.
+    #[inline(always)]
+    unsafe fn run_stacked(
+        &self,
+        n: usize,
+        walk: &Walk,
+        inputs: &[&[f32]],
+        outputs: &[*mut f32],
+        units: std::ops::Range<usize>,
+        regs: &mut [f32],
+    ) {
+        let base = regs.as_mut_ptr();
+        let scratch = |r: u16| base.add(r as usize * STACKED_CHUNK);
+        let mut at: Vec<*const f32> = (0..self.registers as u16)
+            .map(|r| scratch(r) as *const f32)
+            .collect();
+        // Per input: read by rows of `n` (else one element per row).
+        let by_rows: Vec<bool> = self
+            .inputs
+            .iter()
+            .map(|s| s.last() == Some(&n) && n > 1)
+            .collect();
+        let mut no_offsets: [usize; 0] = [];
+        for u in units {
+            let (start, len) = walk.unit(u, &mut no_offsets);
+            for (k, i) in self.instrs.iter().enumerate() {
+                match *i {
+                    Instr::LoadRow { dst, input, row } => {
+                        let x = inputs[input as usize];
+                        if by_rows[input as usize] {
+                            let off = row as usize * n + start;
+                            at[dst as usize] = x[off..off + len].as_ptr();
+                        } else {
+                            at[dst as usize] = scratch(dst);
+                            std::slice::from_raw_parts_mut(scratch(dst), len).fill(x[row as usize]);
+                        }
+                    }
+                    Instr::Dot { input, list, .. } => {
+                        // The first of a group computes the whole product.
+                        let group = &self.instrs[k..k + walk.groups[k]];
+                        if group.is_empty() {
+                            continue;
+                        }
+                        let srcs: Vec<*const f32> = self.lists[list as usize]
+                            .iter()
+                            .map(|&r| at[r as usize])
+                            .collect();
+                        let b = srcs.len();
+                        let w = inputs[input as usize];
+                        let mut dsts = Vec::with_capacity(group.len());
+                        let mut weights = Vec::with_capacity(group.len());
+                        for g in group {
+                            if let Instr::Dot { dst, row, .. } = *g {
+                                dsts.push(scratch(dst));
+                                weights.push(&w[row as usize * b..(row as usize + 1) * b]);
+                            }
+                        }
+                        super::dot::dot_rows(&dsts, &weights, &srcs, len);
+                        for g in group {
+                            let d = destination(g);
+                            at[d as usize] = scratch(d);
+                        }
+                    }
+                    ref other => compute(other, &mut at, scratch(destination(other)), len),
+                }
+            }
+            let mut regs_out = self.outputs.iter();
+            for (&o, &rows) in outputs.iter().zip(&self.out_rows) {
+                for (r, &reg) in regs_out.by_ref().take(rows).enumerate() {
+                    std::ptr::copy_nonoverlapping(at[reg as usize], o.add(r * n + start), len);
+                }
+            }
+        }
+    }
+}
+
+/// The register an instruction writes.
+fn destination(i: &Instr) -> u16 {
+    match *i {
+        Instr::Load { dst, .. }
+        | Instr::Const { dst, .. }
+        | Instr::Unary { dst, .. }
+        | Instr::Binary { dst, .. }
+        | Instr::Where { dst, .. }
+        | Instr::LoadRow { dst, .. }
+        | Instr::Dot { dst, .. } => dst,
+    }
+}
+
+/// The registers an instruction reads (a `Dot`'s are in its list).
+fn operands(i: &Instr) -> Vec<u16> {
+    match *i {
+        Instr::Load { .. } | Instr::Const { .. } | Instr::LoadRow { .. } | Instr::Dot { .. } => {
+            vec![]
+        }
+        Instr::Unary { a, .. } => vec![a],
+        Instr::Binary { a, b, .. } => vec![a, b],
+        Instr::Where { c, a, b, .. } => vec![c, a, b],
+    }
+}
+
+/// Runs an arithmetic instruction over `len` elements into `dst` (its
+/// destination's scratch row).
+#[inline(always)]
+unsafe fn compute(i: &Instr, at: &mut [*const f32], dst: *mut f32, len: usize) {
+    let d = std::slice::from_raw_parts_mut(dst, len);
+    let row = |r: u16| std::slice::from_raw_parts(at[r as usize], len);
+    match *i {
+        Instr::Const { value, .. } => d.fill(value),
+        Instr::Unary { f, a, .. } => unary(f, d, row(a)),
+        Instr::Binary { f, a, b, .. } => binary(f, d, row(a), row(b)),
+        Instr::Where { c, a, b, .. } => {
+            for (((d, &c), &a), &b) in d.iter_mut().zip(row(c)).zip(row(a)).zip(row(b)) {
+                *d = if c != 0.0 { a } else { b };
+            }
+        }
+        Instr::Load { .. } | Instr::LoadRow { .. } | Instr::Dot { .. } => {
+            unreachable!("loads and products are run by the interpreter loop")
+        }
+    }
+    at[destination(i) as usize] = dst;
 }
 
 fn name1(f: Fn1) -> &'static str {
@@ -670,6 +956,8 @@ fn broadcast_strides(input: &[usize], strides: &[usize], shape: &[usize]) -> Opt
 pub struct Walk {
     outer: Vec<usize>,
     inner: usize,
+    /// Elements per unit along a row.
+    chunk: usize,
     chunks_per_row: usize,
     /// Rows per unit: short rows (a `[10000, 20]` tensor with a bias) are
     /// walked several at a time so a unit still holds about a chunk.
@@ -678,6 +966,10 @@ pub struct Walk {
     pub inner_stride: Vec<usize>,
     /// Per input, the element its view starts at.
     base: Vec<usize>,
+    /// Column-stacked programs: per instruction, the number of `Dot`s from
+    /// it on that form one product (the same matrix and sources), 0 inside
+    /// such a group.
+    groups: Vec<usize>,
 }
 
 impl Walk {
@@ -726,11 +1018,44 @@ impl Walk {
         Walk {
             outer,
             inner,
+            chunk: CHUNK,
             chunks_per_row: inner.div_ceil(CHUNK).max(1),
             rows_per_unit,
             outer_strides,
             inner_stride,
             base,
+            groups: vec![],
+        }
+    }
+
+    /// The columns of a column-stacked program over `n` columns, in units
+    /// of [`STACKED_CHUNK`].
+    fn columns(n: usize, p: &FusedProgram) -> Walk {
+        let mut groups = vec![0; p.instrs.len()];
+        let mut k = 0;
+        while k < p.instrs.len() {
+            let Instr::Dot { input, list, .. } = p.instrs[k] else {
+                k += 1;
+                continue;
+            };
+            let same = |i: &Instr| {
+                matches!(*i, Instr::Dot { input: i2, list: l2, .. }
+                if i2 == input && p.lists[l2 as usize] == p.lists[list as usize])
+            };
+            let len = p.instrs[k..].iter().take_while(|i| same(i)).count();
+            groups[k] = len;
+            k += len;
+        }
+        Walk {
+            groups,
+            outer: vec![],
+            inner: n,
+            chunk: STACKED_CHUNK,
+            chunks_per_row: n.div_ceil(STACKED_CHUNK).max(1),
+            rows_per_unit: 1,
+            outer_strides: vec![],
+            inner_stride: vec![],
+            base: vec![],
         }
     }
 
@@ -756,8 +1081,8 @@ impl Walk {
     #[inline(always)]
     fn unit(&self, u: usize, offs: &mut [usize]) -> (usize, usize) {
         let (row, chunk) = (u / self.chunks_per_row, u % self.chunks_per_row);
-        let start = chunk * CHUNK;
-        let len = (self.inner - start).min(CHUNK);
+        let start = chunk * self.chunk;
+        let len = (self.inner - start).min(self.chunk);
         for (k, off) in offs.iter_mut().enumerate() {
             *off = self.base[k] + start * self.inner_stride[k];
         }
@@ -822,6 +1147,9 @@ mod tests {
             ],
             outputs: vec![0, 2],
             registers: 4,
+            columns: None,
+            out_rows: vec![],
+            lists: vec![],
         };
         let q = FusedProgram::decode(&p.encode()).unwrap();
         assert_eq!(p, q);
@@ -851,9 +1179,37 @@ mod tests {
             "shape 4;regs 2;in 4;ld 0 0;out 5",
             "shape 4;regs 2;in 6;view 0 3 4;ld 0 0;out 0",
             "shape 4;regs 2;in 6;view 1 0 4;ld 0 0;out 0",
+            // Row loads and products only in column-stacked programs, with
+            // rows that exist and lists as long as the matrix is wide.
+            "shape 4;regs 2;in 4;ldr 0 0 0;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ldr 0 0 2;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ld 0 0;out 0",
+            "shape 8;regs 3;cols 8;rows 1;in 2 8;in 1 3;ldr 0 0 0;ldr 1 0 1;dot 2 1 0 0 1;out 2",
+            "shape 8;regs 3;cols 8;rows 2;in 2 8;ldr 0 0 0;out 0",
+            "shape 8;regs 3;cols 8;rows 1;in 3 5;ldr 0 0 0;out 0",
         ] {
             assert!(FusedProgram::decode(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn runs_a_column_stacked_program() {
+        // Rows of x [2, 5], a per-row scalar s [2, 1]; out0 = x * s (two
+        // rows), out1 = W [1, 2] @ (x * s).
+        let text = "shape 5;regs 6;cols 5;rows 2 1;in 2 5;in 2 1;in 1 2;\
+                    ldr 0 0 0;ldr 1 1 0;mul 2 0 1;ldr 0 0 1;ldr 1 1 1;mul 3 0 1;\
+                    dot 4 2 0 2 3;out 2 3 4";
+        let p = FusedProgram::decode(text).unwrap();
+        assert_eq!(p.encode(), text);
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, -1.0, -2.0, -3.0, -4.0, -5.0];
+        let (s, w) = ([2.0, 3.0], [0.5, 1.0]);
+        let (mut o0, mut o1) = (vec![0.0; 10], vec![0.0; 5]);
+        p.run(&[&x, &s, &w], &mut [&mut o0, &mut o1]);
+        assert_eq!(
+            o0,
+            [2.0, 4.0, 6.0, 8.0, 10.0, -3.0, -6.0, -9.0, -12.0, -15.0]
+        );
+        assert_eq!(o1, [-2.0, -4.0, -6.0, -8.0, -10.0]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub fn optimize(g: &Graph) -> Graph {
 
 /// Test inputs: `sin(i * k)` at flat index `i`.
 #[cfg(test)]
-fn sine_values(shape: &[usize], k: f64) -> crate::eval::Value {
+pub(crate) fn sine_values(shape: &[usize], k: f64) -> crate::eval::Value {
     let n: usize = shape.iter().product();
     let data = (0..n).map(|i| (i as f64 * k).sin()).collect();
     crate::eval::Value::F(

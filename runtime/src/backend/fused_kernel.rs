@@ -13,6 +13,24 @@ use ort::value::TensorElementType;
 /// kernel runs on the calling thread (a hand-off costs more than the work).
 const ELEMENTS_PER_TASK: usize = 4 * 1024;
 
+thread_local! {
+    /// Each thread's registers, kept between runs: a fresh buffer per task
+    /// would cost its page faults again every time (a column-stacked
+    /// program has a hundred registers or more).
+    static REGISTERS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's register buffer of at least `len` floats.
+fn with_registers(len: usize, f: impl FnOnce(&mut [f32])) {
+    REGISTERS.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() < len {
+            r.resize(len, 0.0);
+        }
+        f(&mut r[..len]);
+    });
+}
+
 struct FusedElementwise;
 
 impl Operator for FusedElementwise {
@@ -89,10 +107,10 @@ impl Kernel for FusedKernel {
             }
             inputs.push(data);
         }
-        let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-        let mut outs = (0..p.outputs.len())
+        let mut outs = (0..p.output_count())
             .map(|k| {
-                ctx.output(k, shape.clone())?
+                let shape: Vec<i64> = p.output_shape(k).iter().map(|&d| d as i64).collect();
+                ctx.output(k, shape)?
                     .ok_or_else(|| ort::Error::new(format!("FusedElementwise: no output {k}")))
             })
             .collect::<ort::Result<Vec<_>>>()?;
@@ -103,14 +121,20 @@ impl Kernel for FusedKernel {
         }
         let ptrs = Outputs(ptrs);
         let units = self.walk.units();
-        let per_task = (ELEMENTS_PER_TASK / CHUNK).max(1);
+        // A unit of a column-stacked program is a chunk of every row: work
+        // enough for a task of its own.
+        let per_task = match p.columns {
+            Some(_) => 1,
+            None => (ELEMENTS_PER_TASK / CHUNK).max(1),
+        };
         let tasks = units.div_ceil(per_task);
         let run = |task: usize| {
             let range = task * per_task..((task + 1) * per_task).min(units);
-            let mut regs = vec![0.0f32; p.registers * CHUNK];
-            // SAFETY: inputs have the program's shapes (checked above), every
-            // output holds `p.len()` floats, and tasks cover disjoint units.
-            unsafe { p.run_units(&self.walk, &inputs, ptrs.get(), range, &mut regs) };
+            with_registers(p.register_len(), |regs| {
+                // SAFETY: inputs have the program's shapes (checked above),
+                // every output has its shape, and tasks cover disjoint units.
+                unsafe { p.run_units(&self.walk, &inputs, ptrs.get(), range, regs) };
+            });
         };
         if tasks <= 1 {
             run(0);
