@@ -482,23 +482,7 @@ fn compile(
                 value.insert(m, ins[0] as usize);
                 continue;
             }
-            Kind::Unary(f) => Instr::Unary {
-                f,
-                dst: 0,
-                a: ins[0],
-            },
-            Kind::Binary(f) => Instr::Binary {
-                f,
-                dst: 0,
-                a: ins[0],
-                b: ins[1],
-            },
-            Kind::Where => Instr::Where {
-                dst: 0,
-                c: ins[0],
-                a: ins[1],
-                b: ins[2],
-            },
+            kd => instruction(&kd, &ins),
         };
         ssa.push(instr);
         value.insert(m, ssa.len() - 1);
@@ -598,22 +582,7 @@ fn compile_stacked(
             Layout::Elementwise(kd) => (0..k)
                 .map(|r| {
                     let a: Vec<u16> = ins.iter().map(|&x| b.row(x, r)).collect();
-                    b.push(match kd {
-                        Kind::Unary(f) => Instr::Unary { f, dst: 0, a: a[0] },
-                        Kind::Binary(f) => Instr::Binary {
-                            f,
-                            dst: 0,
-                            a: a[0],
-                            b: a[1],
-                        },
-                        Kind::Where => Instr::Where {
-                            dst: 0,
-                            c: a[0],
-                            a: a[1],
-                            b: a[2],
-                        },
-                        Kind::Alias => unreachable!("handled above"),
-                    })
+                    b.push(instruction(&kd, &a))
                 })
                 .collect(),
             Layout::Concat => ins
@@ -658,6 +627,27 @@ fn compile_stacked(
     p.columns = Some(n);
     p.out_rows = outputs.iter().map(|o| b.rows[o].len()).collect();
     p
+}
+
+/// The instruction of an arithmetic node with operand registers `a`
+/// (destination 0 until allocation).
+fn instruction(kd: &Kind, a: &[u16]) -> Instr {
+    match *kd {
+        Kind::Unary(f) => Instr::Unary { f, dst: 0, a: a[0] },
+        Kind::Binary(f) => Instr::Binary {
+            f,
+            dst: 0,
+            a: a[0],
+            b: a[1],
+        },
+        Kind::Where => Instr::Where {
+            dst: 0,
+            c: a[0],
+            a: a[1],
+            b: a[2],
+        },
+        Kind::Alias => unreachable!("an alias is its operand, not an instruction"),
+    }
 }
 
 /// Linear-scan register allocation of SSA instructions (operands, and the

@@ -12,7 +12,7 @@
 //! concatenation stays inside the cluster.
 
 use super::cluster::column_local_shape;
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, Node, NodeId};
 use crate::ops::Op;
 
 /// The blocks of a row-stacked `Concat` of a column-local shape.
@@ -37,10 +37,9 @@ fn transposed_row_blocks(g: &Graph, x: NodeId) -> Option<Vec<NodeId>> {
 /// column-local shape (on the left, or transposed on the right) split into
 /// products of its blocks. The concatenations stay for their other readers.
 pub fn split_row_stacked_products(g: &Graph) -> Graph {
-    let is_2d_product = |n: &crate::graph::Node| {
-        matches!(n.op, Op::MatMul) && n.inputs.iter().all(|&i| g.shape(i).len() == 2)
-    };
-    let splits = |n: &crate::graph::Node| {
+    let is_2d_product =
+        |n: &Node| matches!(n.op, Op::MatMul) && n.inputs.iter().all(|&i| g.shape(i).len() == 2);
+    let splits = |n: &Node| {
         is_2d_product(n)
             && (row_blocks(g, n.inputs[0]).is_some()
                 || transposed_row_blocks(g, n.inputs[1]).is_some())
@@ -48,42 +47,30 @@ pub fn split_row_stacked_products(g: &Graph) -> Graph {
     if !g.nodes().iter().any(splits) {
         return g.clone();
     }
-    let mut out = Graph::new();
-    let mut map: Vec<NodeId> = Vec::with_capacity(g.len());
-    for n in g.nodes() {
-        let ins: Vec<NodeId> = n.inputs.iter().map(|x| map[x.index()]).collect();
-        let id = match &n.op {
-            Op::Input { name } => out.input(name, n.ty.dtype, &n.ty.shape),
-            _ if splits(n) => {
-                // A transposed right operand first: where both operands are
-                // concatenations, the left one's blocks (the gradients of a
-                // weight gradient) are written out either way.
-                if let Some(blocks) = transposed_row_blocks(g, n.inputs[1]) {
-                    let parts: Vec<NodeId> = blocks
-                        .iter()
-                        .map(|b| {
-                            let t = out.transpose(map[b.index()], &[1, 0]);
-                            out.matmul(ins[0], t)
-                        })
-                        .collect();
-                    out.concat(&parts, 1)
-                } else {
-                    let blocks = row_blocks(g, n.inputs[0]).expect("checked");
-                    let parts: Vec<NodeId> = blocks
-                        .iter()
-                        .map(|b| out.matmul(map[b.index()], ins[1]))
-                        .collect();
-                    out.concat(&parts, 0)
-                }
-            }
-            op => out.node_with(op.clone(), &ins),
-        };
-        map.push(id);
-    }
-    for (name, id) in g.outputs() {
-        out.output(name, map[id.index()]);
-    }
-    out
+    crate::passes::rewrite_nodes(g, |out, _, n, ins, map| {
+        if !splits(n) {
+            return None;
+        }
+        // A transposed right operand first: where both operands are
+        // concatenations, the left one's blocks (the gradients of a weight
+        // gradient) are written out either way.
+        if let Some(blocks) = transposed_row_blocks(g, n.inputs[1]) {
+            let parts: Vec<NodeId> = blocks
+                .iter()
+                .map(|b| {
+                    let t = out.transpose(map[b.index()], &[1, 0]);
+                    out.matmul(ins[0], t)
+                })
+                .collect();
+            return Some(out.concat(&parts, 1));
+        }
+        let blocks = row_blocks(g, n.inputs[0]).expect("checked");
+        let parts: Vec<NodeId> = blocks
+            .iter()
+            .map(|b| out.matmul(map[b.index()], ins[1]))
+            .collect();
+        Some(out.concat(&parts, 0))
+    })
 }
 
 #[cfg(test)]

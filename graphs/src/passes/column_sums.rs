@@ -46,33 +46,25 @@ pub fn column_sums_as_products(g: &Graph) -> Graph {
     if !(0..g.len()).any(is_merged_column_sum) {
         return g.clone();
     }
-    let mut out = Graph::new();
-    let mut map: Vec<NodeId> = Vec::with_capacity(g.len());
-    for (i, n) in g.nodes().iter().enumerate() {
-        let ins: Vec<NodeId> = n.inputs.iter().map(|x| map[x.index()]).collect();
-        let id = match &n.op {
-            Op::Input { name } => out.input(name, n.ty.dtype, &n.ty.shape),
-            Op::Reduce { keepdims, .. } if is_merged_column_sum(i) => {
-                let x = ins[0];
-                let [rows, cols] = out.shape(x)[..] else {
-                    unreachable!("a 2-D input")
-                };
-                let ones = out.fill(1.0, DType::F32, &[1, rows]);
-                let row = out.matmul(ones, x);
-                if *keepdims {
-                    row
-                } else {
-                    out.reshape(row, &[cols])
-                }
-            }
-            op => out.node_with(op.clone(), &ins),
+    super::rewrite_nodes(g, |out, i, n, ins, _| {
+        let Op::Reduce { keepdims, .. } = &n.op else {
+            return None;
         };
-        map.push(id);
-    }
-    for (name, id) in g.outputs() {
-        out.output(name, map[id.index()]);
-    }
-    out
+        if !is_merged_column_sum(i) {
+            return None;
+        }
+        let x = ins[0];
+        let [rows, cols] = out.shape(x)[..] else {
+            unreachable!("a 2-D input")
+        };
+        let ones = out.fill(1.0, DType::F32, &[1, rows]);
+        let row = out.matmul(ones, x);
+        Some(if *keepdims {
+            row
+        } else {
+            out.reshape(row, &[cols])
+        })
+    })
 }
 
 #[cfg(test)]
