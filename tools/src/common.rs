@@ -14,7 +14,7 @@ pub struct BackendArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Run every op as ONNX Runtime's own kernel: no fused elementwise
-    /// chains (on CPU they are fused by default).
+    /// chains or column-local kernels (on CPU they are fused by default).
     #[arg(long)]
     pub unfused: bool,
 }
