@@ -742,6 +742,8 @@ impl FusedProgram {
             .map(|s| s.last() == Some(&n) && n > 1)
             .collect();
         let mut no_offsets: [usize; 0] = [];
+        // A product's operands, reused from unit to unit.
+        let (mut srcs, mut dsts, mut weights) = (vec![], vec![], vec![]);
         for u in units {
             let (start, len) = walk.unit(u, &mut no_offsets);
             for (k, i) in self.instrs.iter().enumerate() {
@@ -762,14 +764,12 @@ impl FusedProgram {
                         if group.is_empty() {
                             continue;
                         }
-                        let srcs: Vec<*const f32> = self.lists[list as usize]
-                            .iter()
-                            .map(|&r| at[r as usize])
-                            .collect();
+                        srcs.clear();
+                        srcs.extend(self.lists[list as usize].iter().map(|&r| at[r as usize]));
                         let b = srcs.len();
                         let w = inputs[input as usize];
-                        let mut dsts = Vec::with_capacity(group.len());
-                        let mut weights = Vec::with_capacity(group.len());
+                        dsts.clear();
+                        weights.clear();
                         for g in group {
                             if let Instr::Dot { dst, row, .. } = *g {
                                 dsts.push(scratch(dst));

@@ -713,6 +713,15 @@ pub struct GraphRunner {
     pub regularized: (bool, bool),
 }
 
+/// The graph to run: the one without the regulariser where it is not
+/// wanted and the bundle has it, else the regularised one.
+fn with_or_without<T>(with: T, without: Option<T>, regularized: bool) -> T {
+    match without {
+        Some(w) if !regularized => w,
+        _ => with,
+    }
+}
+
 fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
     let mut map = HashMap::new();
     for (n, v) in inputs {
@@ -726,16 +735,20 @@ fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named
 impl StepRunner for GraphRunner {
     type Tensor = Value;
     fn step(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        match (&self.unregularized, self.regularized.0) {
-            (Some((step, _)), false) => eval_named(step, STEP_UNREGULARIZED, inputs),
-            _ => eval_named(&self.step, "step", inputs),
-        }
+        let without = self
+            .unregularized
+            .as_ref()
+            .map(|(s, _)| (s, STEP_UNREGULARIZED));
+        let (g, label) = with_or_without((&self.step, "step"), without, self.regularized.0);
+        eval_named(g, label, inputs)
     }
     fn step_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        match (&self.unregularized, self.regularized.1) {
-            (Some((_, vjp)), false) => eval_named(vjp, STEP_VJP_UNREGULARIZED, inputs),
-            _ => eval_named(&self.step_vjp, "step_vjp", inputs),
-        }
+        let without = self
+            .unregularized
+            .as_ref()
+            .map(|(_, v)| (v, STEP_VJP_UNREGULARIZED));
+        let (g, label) = with_or_without((&self.step_vjp, "step_vjp"), without, self.regularized.1);
+        eval_named(g, label, inputs)
     }
     fn objective(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
         eval_named(&self.objective, OBJECTIVE_CHUNK, inputs)
@@ -802,16 +815,18 @@ fn run_session(s: &mut dyn Session, inputs: &[(&str, &HostTensor)]) -> Result<Na
 impl StepRunner for SessionRunner {
     type Tensor = HostTensor;
     fn step(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        match (&mut self.unregularized, self.regularized.0) {
-            (Some((step, _)), false) => run_session(step.as_mut(), inputs),
-            _ => run_session(self.step.as_mut(), inputs),
-        }
+        let without = self.unregularized.as_mut().map(|(s, _)| s.as_mut());
+        run_session(
+            with_or_without(self.step.as_mut(), without, self.regularized.0),
+            inputs,
+        )
     }
     fn step_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        match (&mut self.unregularized, self.regularized.1) {
-            (Some((_, vjp)), false) => run_session(vjp.as_mut(), inputs),
-            _ => run_session(self.step_vjp.as_mut(), inputs),
-        }
+        let without = self.unregularized.as_mut().map(|(_, v)| v.as_mut());
+        run_session(
+            with_or_without(self.step_vjp.as_mut(), without, self.regularized.1),
+            inputs,
+        )
     }
     fn objective(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
         run_session(self.objective.as_mut(), inputs)
