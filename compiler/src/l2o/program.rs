@@ -47,7 +47,9 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::ops::Op;
-use metac_graphs::passes::{column_sums_as_products, merge_shared_lhs_matmuls, optimize};
+use metac_graphs::passes::{
+    column_sums_as_products, merge_shared_lhs_matmuls, merge_shared_rhs_matmuls, optimize,
+};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_runtime::l2o::{
@@ -424,7 +426,10 @@ impl L2oProgram {
         let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
         for k in 0..self.objective_chunk {
             let theta = self.declare_theta(&mut g, &chunk_name(k, "theta."));
-            let o = self.objective.loss(&mut g, &theta, &obj);
+            let o = match self.objective.loss_by_columns(&mut g, &theta, &obj) {
+                Some(o) => o,
+                None => self.objective.loss(&mut g, &theta, &obj),
+            };
             g.output(&chunk_name(k, OBJECTIVE), o);
             let og = grad(&mut g, o, &theta);
             for (n, x) in l.theta.iter().zip(og) {
@@ -435,7 +440,8 @@ impl L2oProgram {
         // Bias gradients (sums over the set's rows) as products with a row of
         // ones, which the merge then makes one product for the whole chunk.
         let g = column_sums_as_products(&g);
-        optimize(&merge_shared_lhs_matmuls(&optimize(&g)))
+        let g = merge_shared_lhs_matmuls(&optimize(&g));
+        optimize(&merge_shared_rhs_matmuls(&optimize(&g)))
     }
 
     /// The `step_vjp` graph (optimized): the meta-gradient subgraph.

@@ -129,6 +129,18 @@ pub trait Problem: Send + Sync {
     /// [`Problem::param_shapes`] and [`Problem::batch_inputs`].
     fn loss(&self, g: &mut Graph, params: &[NodeId], batch: &[NodeId]) -> NodeId;
 
+    /// [`Problem::loss`] computed with the examples as columns, where the
+    /// problem has such a form (see `Mlp::loss_by_columns`): the form for
+    /// the large objective set.
+    fn loss_by_columns(
+        &self,
+        _g: &mut Graph,
+        _params: &[NodeId],
+        _batch: &[NodeId],
+    ) -> Option<NodeId> {
+        None
+    }
+
     /// For classifiers: the fraction of the batch classified correctly (a
     /// scalar f32; not differentiable).
     fn accuracy(&self, _g: &mut Graph, _params: &[NodeId], _batch: &[NodeId]) -> Option<NodeId> {
@@ -235,6 +247,14 @@ impl Problem for MlpProblem {
     }
     fn loss(&self, g: &mut Graph, params: &[NodeId], batch: &[NodeId]) -> NodeId {
         self.mlp.loss(g, params, batch[0], batch[1])
+    }
+    fn loss_by_columns(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        batch: &[NodeId],
+    ) -> Option<NodeId> {
+        Some(self.mlp.loss_by_columns(g, params, batch[0], batch[1]))
     }
     fn accuracy(&self, g: &mut Graph, params: &[NodeId], batch: &[NodeId]) -> Option<NodeId> {
         let logits = self.mlp.logits(g, params, batch[0]);

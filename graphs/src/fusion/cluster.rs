@@ -4,21 +4,25 @@
 //! back), so it can run as one node: either elementwise f32 nodes of one
 //! output shape, or *column-local* nodes over `[k, n]` tensors with one
 //! (large) `n` and any row count `k`: elementwise ops, `Concat`, `Slice` and
-//! `Expand` along rows, and products `W[a, b] @ X[b, n]` with a small `W`
-//! from outside the cluster. Column `j` of such a cluster's outputs depends
+//! `Expand` along rows, sums, means and maxima over rows, and products
+//! `W[a, b] @ X[b, n]` with a small `W` from outside the cluster. Column `j` of such a cluster's outputs depends
 //! only on column `j` of its `[k, n]` inputs, which is what the feature-major
 //! HierarchicalRNN state is made of; the cluster compiles to a
 //! column-stacked program (see [`super::program`]).
 //! Nodes join greedily in topological order: a node joins the cluster of one
 //! of its producers when its other inputs do not depend on that cluster.
+//! Then *contractions* `A[p, n] @ Y[q, n]^T` over a column-local `n` (weight
+//! gradients, per-tensor sums against one-hot rows) join the cluster of an
+//! operand as sinks: the program sums them chunk by chunk, and `A` and `Y`
+//! need not be written out for them.
 //! Comparisons (bool results) may only feed `Where` nodes of their own
 //! cluster, since the kernel's registers are f32.
 
 use std::collections::HashMap;
 
-use super::program::{Fn1, Fn2, FusedProgram, Instr, View};
+use super::program::{destination, Fn1, Fn2, FusedProgram, Instr, View};
 use crate::graph::{Graph, NodeId};
-use crate::ops::{BinaryOp, CompareOp, Op, UnaryOp};
+use crate::ops::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, TensorData};
 
 /// Nodes that run as one fused kernel.
@@ -42,6 +46,12 @@ pub struct Cluster {
 const MIN_COLUMNS: usize = 1024;
 const MAX_ROWS: usize = 64;
 
+/// A row-stacked `Concat` may be taller: its rows cost no instruction, and
+/// a value of more than [`MAX_ROWS`] rows is read by nothing in the
+/// cluster, only written out (the stacked gradients of several parameter
+/// sets, for one product with the objective set).
+const MAX_CONCAT_ROWS: usize = 256;
+
 /// Which nodes may share a cluster: elementwise nodes of one shape, or
 /// column-local nodes over one number of columns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +71,8 @@ enum Layout {
     Broadcast,
     /// `W @ X`, `W` read from outside.
     Product,
+    /// A sum, mean or maximum over its input's rows (`[k, n] -> [1, n]`).
+    RowReduce(ReduceOp),
 }
 
 /// Is `s` the shape of a value a column-local cluster can hold?
@@ -73,6 +85,33 @@ fn columns(s: &[usize]) -> Option<(usize, usize)> {
     match *s {
         [k, n] if n >= MIN_COLUMNS && k <= MAX_ROWS => Some((k, n)),
         _ => None,
+    }
+}
+
+/// A contraction `A[p, n] @ Transpose(Y[q, n])` over `n` columns enough
+/// for a column-local cluster: `(A, Y, n)`.
+fn contraction(g: &Graph, id: NodeId) -> Option<(NodeId, NodeId, usize)> {
+    let node = g.node(id);
+    if !matches!(node.op, Op::MatMul) || node.inputs.len() != 2 {
+        return None;
+    }
+    let (a, t) = (node.inputs[0], node.inputs[1]);
+    let y = match &g.node(t).op {
+        Op::Transpose(perm) if perm.as_slice() == [1, 0] => g.node(t).inputs[0],
+        _ => return None,
+    };
+    let (_, n) = columns(g.shape(a))?;
+    let (_, m) = columns(g.shape(y))?;
+    let f32s = [id, a, y].iter().all(|&x| g.dtype(x) == DType::F32);
+    (n == m && f32s).then_some((a, y, n))
+}
+
+/// What member `m` reads: its inputs, but a contraction reads the rows `Y`
+/// of its transposed operand.
+fn member_reads(g: &Graph, m: NodeId, is_sum: bool) -> Vec<NodeId> {
+    match contraction(g, m) {
+        Some((a, y, _)) if is_sum => vec![a, y],
+        _ => g.node(m).inputs.clone(),
     }
 }
 
@@ -90,7 +129,10 @@ fn row_readable(s: &[usize], k: usize, n: usize) -> bool {
 /// How a node computes in a column-local cluster, if it can be in one.
 fn layout(g: &Graph, id: NodeId) -> Option<Layout> {
     let node = g.node(id);
-    let (k, n) = columns(g.shape(id))?;
+    let (k, n) = match (&node.op, g.shape(id)) {
+        (Op::Concat { axis: 0 }, &[k, n]) if n >= MIN_COLUMNS && k <= MAX_CONCAT_ROWS => (k, n),
+        (_, s) => columns(s)?,
+    };
     let f32s = node.ty.dtype == DType::F32 && node.inputs.iter().all(|&i| g.dtype(i) == DType::F32);
     let shape = |i: usize| g.shape(node.inputs[i]);
     let l = match &node.op {
@@ -117,6 +159,13 @@ fn layout(g: &Graph, id: NodeId) -> Option<Layout> {
                 return None;
             }
             Layout::Broadcast
+        }
+        Op::Reduce {
+            op,
+            axes,
+            keepdims: true,
+        } if f32s && axes.as_slice() == [0] && k == 1 && matches!(*shape(0), [_, m] if m == n) => {
+            Layout::RowReduce(*op)
         }
         Op::MatMul if f32s => match (shape(0), shape(1)) {
             ([a, b], [b2, m]) if *a == k && b == b2 && *m == n && *b <= super::dot::MAX_INNER => {
@@ -307,6 +356,16 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
         let Some(cl) = class(g, id) else {
             return false;
         };
+        // A mask cast to f32 fuses only with the comparison that makes it:
+        // a bool tensor from outside cannot be read into a register.
+        let outside_mask = g.node(id).inputs.iter().any(|&x| {
+            g.dtype(x) == DType::Bool
+                && matches!(g.node(id).op, Op::Cast(_))
+                && kind(g, x).is_none()
+        });
+        if outside_mask {
+            return false;
+        }
         !(matches!(cl, Class::Shape(_)) && gemm_bias(id))
             && (g.dtype(id) == DType::F32
                 || (!is_output[id.index()]
@@ -363,24 +422,26 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
         }
     }
 
+    let is_sum = absorb_contractions(g, &live, &mut cluster_of, &mut members, &classes);
+    let readers = readers(g, &live, &is_sum);
     members
         .into_iter()
         .enumerate()
         .filter(|(_, m)| m.len() >= 2)
         .filter_map(|(c, m)| {
             let inside = |x: NodeId| cluster_of[x.index()] == Some(c);
-            let outputs: Vec<NodeId> = m
+            // Row outputs first, then contractions (the program's order).
+            let (sums, rows): (Vec<NodeId>, Vec<NodeId>) = m
                 .iter()
                 .copied()
-                .filter(|&x| {
-                    is_output[x.index()] || consumers[x.index()].iter().any(|&u| !inside(u))
-                })
-                .collect();
+                .filter(|&x| is_output[x.index()] || readers[x.index()].iter().any(|&u| !inside(u)))
+                .partition(|x| is_sum[x.index()]);
+            let outputs: Vec<NodeId> = rows.iter().chain(&sums).copied().collect();
             // What the members read from outside, and what the node receives
             // for it: a slice is read in place from the tensor it slices.
             let mut reads: Vec<NodeId> = vec![];
             for &x in &m {
-                for &p in &g.node(x).inputs {
+                for &p in &member_reads(g, x, is_sum[x.index()]) {
                     if !inside(p) && immediate(g, p).is_none() && !reads.contains(&p) {
                         reads.push(p);
                     }
@@ -409,7 +470,7 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
                 return None;
             }
             let program = match stacked {
-                Some(n) => compile_stacked(g, n, &m, &reads, &outputs),
+                Some(n) => compile_stacked(g, n, &m, &reads, &rows, &sums),
                 None => compile(g, &m, &reads, &inputs, views, &outputs),
             };
             Some(Cluster {
@@ -420,6 +481,78 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
             })
         })
         .collect()
+}
+
+/// Adds each live contraction (see [`contraction`]) to the column-local
+/// cluster of one of its operands, where its other operand does not depend
+/// on that cluster (so the cluster stays convex: nothing in it reads the
+/// contraction). Returns which nodes are contraction members.
+fn absorb_contractions(
+    g: &Graph,
+    live: &[bool],
+    cluster_of: &mut [Option<usize>],
+    members: &mut [Vec<NodeId>],
+    classes: &[Class],
+) -> Vec<bool> {
+    let mut is_sum = vec![false; g.len()];
+    for i in 0..g.len() {
+        let id = NodeId(i as u32);
+        if !live[i] || cluster_of[i].is_some() {
+            continue;
+        }
+        let Some((a, y, n)) = contraction(g, id) else {
+            continue;
+        };
+        // The operands' clusters, the left operand's first: a weight
+        // gradient `dY @ X^T` belongs with the backward pass that computes
+        // `dY` (the forward pass computing `X` comes before it).
+        let mut cands: Vec<usize> = vec![];
+        for x in [a, y] {
+            if let Some(c) = cluster_of[x.index()] {
+                if classes[c] == Class::Columns(n) && !cands.contains(&c) {
+                    cands.push(c);
+                }
+            }
+        }
+        for c in cands {
+            let convex = [a, y]
+                .into_iter()
+                .filter(|x| cluster_of[x.index()] != Some(c))
+                .all(|x| !reaches(g, x, c, cluster_of, members));
+            if convex {
+                members[c].push(id);
+                members[c].sort();
+                cluster_of[i] = Some(c);
+                is_sum[i] = true;
+                break;
+            }
+        }
+    }
+    is_sum
+}
+
+/// Who reads each value once contractions are cluster members: a
+/// contraction reads the rows `Y` of its transposed operand, and that
+/// transpose, read only by contractions, is no longer computed.
+fn readers(g: &Graph, live: &[bool], is_sum: &[bool]) -> Vec<Vec<NodeId>> {
+    let mut readers: Vec<Vec<NodeId>> = vec![vec![]; g.len()];
+    for (i, &l) in live.iter().enumerate() {
+        if l {
+            let u = NodeId(i as u32);
+            for x in member_reads(g, u, is_sum[i]) {
+                readers[x.index()].push(u);
+            }
+        }
+    }
+    for i in 0..g.len() {
+        let all_sums = !readers[i].is_empty() && readers[i].iter().all(|u| is_sum[u.index()]);
+        if all_sums && matches!(g.node(NodeId(i as u32)).op, Op::Transpose(_)) {
+            let y = g.node(NodeId(i as u32)).inputs[0];
+            readers[i].clear();
+            readers[y.index()].retain(|&u| u != NodeId(i as u32));
+        }
+    }
+    readers
 }
 
 /// What a fused node receives for a value its members read: the value, or,
@@ -509,6 +642,7 @@ fn compile_stacked(
     members: &[NodeId],
     reads: &[NodeId],
     outputs: &[NodeId],
+    sums: &[NodeId],
 ) -> FusedProgram {
     struct Builder<'a> {
         g: &'a Graph,
@@ -575,6 +709,21 @@ fn compile_stacked(
         loaded: HashMap::new(),
     };
     for &m in members {
+        if let Some(out) = sums.iter().position(|&x| x == m) {
+            let (a, y, _) = contraction(g, m).expect("contraction member");
+            let (p, q) = (g.shape(a)[0], g.shape(y)[0]);
+            for (x, k) in [(a, p), (y, q)] {
+                let rows = b.rows_of(x, k);
+                b.lists.push(rows);
+            }
+            let l = b.lists.len() as u16;
+            b.push(Instr::Contract {
+                out: out as u16,
+                a: l - 2,
+                b: l - 1,
+            });
+            continue;
+        }
         let k = g.shape(m)[0];
         let ins = g.node(m).inputs.clone();
         let rows: Vec<u16> = match layout(g, m).expect("column-local member") {
@@ -593,6 +742,36 @@ fn compile_stacked(
                 })
                 .collect(),
             Layout::Rows(start, end) => (start..end).map(|r| b.row(ins[0], r)).collect(),
+            Layout::RowReduce(op) => {
+                let k_in = g.shape(ins[0])[0];
+                let rows = b.rows_of(ins[0], k_in);
+                let f = match op {
+                    ReduceOp::Max => Fn2::Max,
+                    ReduceOp::Sum | ReduceOp::Mean => Fn2::Add,
+                };
+                let mut acc = rows[0];
+                for &r in &rows[1..] {
+                    acc = b.push(Instr::Binary {
+                        f,
+                        dst: 0,
+                        a: acc,
+                        b: r,
+                    });
+                }
+                if op == ReduceOp::Mean && k_in > 1 {
+                    let scale = b.push(Instr::Const {
+                        dst: 0,
+                        value: 1.0 / k_in as f32,
+                    });
+                    acc = b.push(Instr::Binary {
+                        f: Fn2::Mul,
+                        dst: 0,
+                        a: acc,
+                        b: scale,
+                    });
+                }
+                vec![acc]
+            }
             Layout::Product => {
                 let inner = g.shape(ins[0])[1];
                 let src = b.rows_of(ins[1], inner);
@@ -626,6 +805,10 @@ fn compile_stacked(
     );
     p.columns = Some(n);
     p.out_rows = outputs.iter().map(|o| b.rows[o].len()).collect();
+    p.sums = sums
+        .iter()
+        .map(|&s| [g.shape(s)[0], g.shape(s)[1]])
+        .collect();
     p
 }
 
@@ -671,6 +854,7 @@ fn allocate(
         columns: None,
         out_rows: vec![],
         lists,
+        sums: vec![],
     };
     let mut last_use = vec![0usize; ssa.len()];
     for (k, i) in ssa.iter().enumerate() {
@@ -686,15 +870,25 @@ fn allocate(
     let mut registers = 0u16;
     let mut instrs = Vec::with_capacity(ssa.len());
     for (k, i) in ssa.iter().enumerate() {
-        let dst = free.pop().unwrap_or_else(|| {
-            registers += 1;
-            registers - 1
-        });
+        // A contraction writes no register.
+        let writes = destination(i).is_some();
+        let dst = if writes {
+            free.pop().unwrap_or_else(|| {
+                registers += 1;
+                registers - 1
+            })
+        } else {
+            0
+        };
         reg_of[k] = dst;
         let mut ops = p.operands(i);
-        if let Instr::Dot { list, .. } = *i {
-            let l = &mut p.lists[list as usize];
-            for r in l.iter_mut() {
+        let lists: &[u16] = match i {
+            Instr::Dot { list, .. } => &[*list],
+            Instr::Contract { a, b, .. } => &[*a, *b],
+            _ => &[],
+        };
+        for &list in lists {
+            for r in p.lists[list as usize].iter_mut() {
                 *r = reg_of[*r as usize];
             }
         }
@@ -708,7 +902,7 @@ fn allocate(
         }
         // A value nobody reads (cannot happen for members, which are live)
         // frees its register at once.
-        if last_use[k] == 0 && !outputs.contains(&k) {
+        if writes && last_use[k] == 0 && !outputs.contains(&k) {
             free.push(dst);
         }
     }
@@ -733,6 +927,7 @@ fn with_registers(i: &Instr, dst: u16, map: &dyn Fn(u16) -> u16) -> Instr {
             list,
         },
         Instr::Const { value, .. } => Instr::Const { dst, value },
+        Instr::Contract { .. } => *i,
         Instr::Unary { f, a, .. } => Instr::Unary { f, dst, a: map(a) },
         Instr::Binary { f, a, b, .. } => Instr::Binary {
             f,

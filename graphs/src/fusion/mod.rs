@@ -10,10 +10,14 @@
 //! `onnx::export::export_fused_model` writes them as `ai.metac`
 //! `FusedElementwise` nodes for the runtime's ONNX Runtime custom kernel.
 //! Before clustering, [`split_products`] splits products of row-stacked
-//! concatenations so that the concatenations can stay inside a cluster.
+//! concatenations so that the concatenations can stay inside a cluster, and
+//! [`contraction_forms`] writes per-tensor sums and sums over columns as
+//! products that clusters compute as contractions ([`contract`]).
 //! Bundles stay standard ONNX: fusion happens when a backend loads a graph.
 
 pub mod cluster;
+pub mod contract;
+pub mod contraction_forms;
 pub mod dot;
 pub mod math;
 pub mod program;
@@ -42,6 +46,7 @@ pub fn fuse_onnx(bytes: &[u8], source: &str) -> Result<Option<Vec<u8>>, ImportEr
         }
     }
     let g = split_products::split_row_stacked_products(&g);
+    let g = contraction_forms::contraction_forms(&g);
     let clusters = find_clusters(&g);
     if clusters.is_empty() {
         return Ok(None);

@@ -16,8 +16,10 @@
 //! `Slice`, `Expand` along axis 0) costs no instruction, and a product
 //! `W[a, b] @ X[b, n]` is `a` [`Instr::Dot`]s over `X`'s row registers. Its
 //! inputs are `[k, n]` or `[n]` tensors (read row by row), per-row scalars
-//! `[k, 1]`, scalars, and the `[a, b]` matrices of its products; each output
-//! is a `[rows, n]` tensor.
+//! `[k, 1]`, scalars, and the `[a, b]` matrices of its products; its outputs
+//! are `[rows, n]` tensors and then the `[p, q]` results of its
+//! contractions ([`Instr::Contract`], sums over all columns of products of
+//! rows, added up chunk by chunk).
 
 use std::fmt::Write as _;
 
@@ -136,6 +138,15 @@ pub enum Instr {
         row: u32,
         list: u16,
     },
+    /// Column-stacked programs: the chunk's share of contraction output
+    /// `out`, `A @ B^T` summed over the columns, with `A`'s rows the
+    /// registers of list `a` and `B`'s those of list `b` (see
+    /// [`super::contract`]).
+    Contract {
+        out: u16,
+        a: u16,
+        b: u16,
+    },
 }
 
 /// A fused kernel: output shape, input shapes, instructions, and the
@@ -159,8 +170,11 @@ pub struct FusedProgram {
     pub columns: Option<usize>,
     /// Rows of each output of a column-stacked program.
     pub out_rows: Vec<usize>,
-    /// The source registers of [`Instr::Dot`]s.
+    /// The source registers of [`Instr::Dot`]s and [`Instr::Contract`]s.
     pub lists: Vec<Vec<u16>>,
+    /// The shapes `[p, q]` of the contraction outputs, which follow the
+    /// row outputs (derived from the [`Instr::Contract`]s).
+    pub sums: Vec<[usize; 2]>,
 }
 
 /// A block of an input: `shape`, with the input's own (row-major) strides,
@@ -236,6 +250,11 @@ impl FusedProgram {
                         .collect();
                     write!(out, ";dot {dst} {input} {row}{}", dims(&regs))
                 }
+                Instr::Contract { out: o, a, b } => {
+                    let (a, b) = (&self.lists[a as usize], &self.lists[b as usize]);
+                    let regs: Vec<usize> = a.iter().chain(b).map(|&r| r as usize).collect();
+                    write!(out, ";ctr {o} {}{}", a.len(), dims(&regs))
+                }
             };
         }
         let _ = write!(
@@ -260,6 +279,7 @@ impl FusedProgram {
             columns: None,
             out_rows: vec![],
             lists: vec![],
+            sums: vec![],
         };
         let mut seen_shape = false;
         let mut views = vec![];
@@ -325,6 +345,31 @@ impl FusedProgram {
                         input: small(v[1], stmt)?,
                         row: row32(v[2], stmt)?,
                         list: small(p.lists.len() - 1, stmt)?,
+                    });
+                }
+                "ctr" => {
+                    let v = nums("ctr")?;
+                    let regs = v
+                        .iter()
+                        .skip(2)
+                        .map(|&r| small(r, stmt))
+                        .collect::<Result<Vec<u16>, _>>()?;
+                    match v.get(1) {
+                        Some(&p_rows) if p_rows >= 1 && p_rows < regs.len() => {
+                            p.lists.push(regs[..p_rows].to_vec());
+                            p.lists.push(regs[p_rows..].to_vec());
+                        }
+                        _ => {
+                            return err(format!(
+                                "'{stmt}': expected an output, a row count and two lists"
+                            ))
+                        }
+                    }
+                    let b = small(p.lists.len() - 1, stmt)?;
+                    p.instrs.push(Instr::Contract {
+                        out: small(v[0], stmt)?,
+                        a: b - 1,
+                        b,
                     });
                 }
                 "view" => {
@@ -405,6 +450,7 @@ impl FusedProgram {
             }
             p.views[k] = Some(v);
         }
+        p.sums = sum_shapes(&p.instrs, &p.lists)?;
         p.validate()?;
         Ok(p)
     }
@@ -442,15 +488,22 @@ impl FusedProgram {
                         return err(format!("bad product {i:?}"));
                     }
                 }
+                Instr::Contract { a, b, .. } => {
+                    let lists = self.lists.len();
+                    if !stacked || a as usize >= lists || b as usize >= lists {
+                        return err(format!("bad contraction {i:?}"));
+                    }
+                }
                 _ => {}
             }
             let dst = destination(i);
             let ops = self.operands(i);
-            if !ok(dst) || ops.iter().any(|&r| !ok(r) || r == dst) {
+            if dst.is_some_and(|d| !ok(d)) || ops.iter().any(|&r| !ok(r) || Some(r) == dst) {
                 return err(format!("bad registers in {i:?} ({n} registers)"));
             }
         }
-        if self.outputs.is_empty() || self.outputs.iter().any(|&r| !ok(r)) {
+        if (self.outputs.is_empty() && self.sums.is_empty()) || self.outputs.iter().any(|&r| !ok(r))
+        {
             return err("bad output registers");
         }
         if self.views.len() != self.inputs.len() {
@@ -467,7 +520,7 @@ impl FusedProgram {
             }
             return Ok(());
         }
-        if !self.out_rows.is_empty() || !self.lists.is_empty() {
+        if !self.out_rows.is_empty() || !self.lists.is_empty() || !self.sums.is_empty() {
             return err("rows or products outside a column-stacked program");
         }
         for (s, v) in self.inputs.iter().zip(&self.views) {
@@ -508,6 +561,10 @@ impl FusedProgram {
     pub fn operands(&self, i: &Instr) -> Vec<u16> {
         match *i {
             Instr::Dot { list, .. } => self.lists[list as usize].clone(),
+            Instr::Contract { a, b, .. } => {
+                let (a, b) = (&self.lists[a as usize], &self.lists[b as usize]);
+                a.iter().chain(b).copied().collect()
+            }
             _ => operands(i),
         }
     }
@@ -529,16 +586,51 @@ impl FusedProgram {
     /// Number of outputs.
     pub fn output_count(&self) -> usize {
         match self.columns {
-            Some(_) => self.out_rows.len(),
+            Some(_) => self.out_rows.len() + self.sums.len(),
             None => self.outputs.len(),
         }
     }
 
-    /// The shape of output `k`.
+    /// The shape of output `k`: rows first, then contractions.
     pub fn output_shape(&self, k: usize) -> Vec<usize> {
         match self.columns {
-            Some(n) => vec![self.out_rows[k], n],
+            Some(n) => match self.out_rows.get(k) {
+                Some(&rows) => vec![rows, n],
+                None => self.sums[k - self.out_rows.len()].to_vec(),
+            },
             None => self.shape.clone(),
+        }
+    }
+
+    /// Floats of contraction partials `run_units` writes: one block of
+    /// every contraction's sums per unit of `walk`.
+    pub fn partials_len(&self, walk: &Walk) -> usize {
+        walk.units() * self.sums_len()
+    }
+
+    /// Floats of one unit's contraction partials.
+    fn sums_len(&self) -> usize {
+        self.sums.iter().map(|[p, q]| p * q).sum()
+    }
+
+    /// Adds the units' partials (see [`Self::partials_len`]) into the
+    /// contraction outputs, in unit order.
+    ///
+    /// # Safety
+    /// `outputs` must address every output's writable floats.
+    pub unsafe fn finish_sums(&self, walk: &Walk, partials: &[f32], outputs: &[*mut f32]) {
+        let per_unit = self.sums_len();
+        let mut off = 0;
+        for (k, [p, q]) in self.sums.iter().enumerate() {
+            let o = std::slice::from_raw_parts_mut(outputs[self.out_rows.len() + k], p * q);
+            o.fill(0.0);
+            for u in 0..walk.units() {
+                let part = &partials[u * per_unit + off..u * per_unit + off + p * q];
+                for (d, &v) in o.iter_mut().zip(part) {
+                    *d += v;
+                }
+            }
+            off += p * q;
         }
     }
 
@@ -591,8 +683,20 @@ impl FusedProgram {
             );
         }
         let mut regs = vec![0.0f32; self.register_len()];
+        let mut partials = vec![0.0f32; self.partials_len(&walk)];
         // SAFETY: lengths checked above; one thread writes every unit.
-        unsafe { self.run_units(&walk, inputs, &ptrs, 0..walk.units(), &mut regs) };
+        unsafe {
+            let units = 0..walk.units();
+            self.run_units(
+                &walk,
+                inputs,
+                &ptrs,
+                units,
+                &mut regs,
+                partials.as_mut_ptr(),
+            );
+            self.finish_sums(&walk, &partials, &ptrs);
+        }
     }
 
     /// Runs the units `units` of `walk` (a chunk of one row each), with the
@@ -603,7 +707,8 @@ impl FusedProgram {
     /// `inputs` must have the program's input lengths and every pointer in
     /// `outputs` must address its output's writable floats; units run
     /// concurrently must be disjoint. `regs` holds [`Self::register_len`]
-    /// floats.
+    /// floats, `partials` [`Self::partials_len`] (each unit writes its own
+    /// block; [`Self::finish_sums`] adds them up once all units ran).
     pub unsafe fn run_units(
         &self,
         walk: &Walk,
@@ -611,17 +716,18 @@ impl FusedProgram {
         outputs: &[*mut f32],
         units: std::ops::Range<usize>,
         regs: &mut [f32],
+        partials: *mut f32,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                return self.run_units_avx512(walk, inputs, outputs, units, regs);
+                return self.run_units_avx512(walk, inputs, outputs, units, regs, partials);
             }
             if std::arch::is_x86_feature_detected!("avx2") {
-                return self.run_units_avx2(walk, inputs, outputs, units, regs);
+                return self.run_units_avx2(walk, inputs, outputs, units, regs, partials);
             }
         }
-        self.run_units_generic(walk, inputs, outputs, units, regs)
+        self.run_units_generic(walk, inputs, outputs, units, regs, partials)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -633,8 +739,9 @@ impl FusedProgram {
         outputs: &[*mut f32],
         units: std::ops::Range<usize>,
         regs: &mut [f32],
+        partials: *mut f32,
     ) {
-        self.run_units_generic(walk, inputs, outputs, units, regs)
+        self.run_units_generic(walk, inputs, outputs, units, regs, partials)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -646,8 +753,9 @@ impl FusedProgram {
         outputs: &[*mut f32],
         units: std::ops::Range<usize>,
         regs: &mut [f32],
+        partials: *mut f32,
     ) {
-        self.run_units_generic(walk, inputs, outputs, units, regs)
+        self.run_units_generic(walk, inputs, outputs, units, regs, partials)
     }
 
     #[inline(always)]
@@ -658,9 +766,10 @@ impl FusedProgram {
         outputs: &[*mut f32],
         units: std::ops::Range<usize>,
         regs: &mut [f32],
+        partials: *mut f32,
     ) {
-        if let Some(n) = self.columns {
-            return self.run_stacked(n, walk, inputs, outputs, units, regs);
+        if self.columns.is_some() {
+            return self.run_stacked(walk, inputs, outputs, units, regs, partials);
         }
         let base = regs.as_mut_ptr();
         let scratch = |r: u16| base.add(r as usize * CHUNK);
@@ -709,7 +818,7 @@ impl FusedProgram {
                             at[dst as usize] = x[off..off + len].as_ptr();
                         }
                     }
-                    ref other => compute(other, &mut at, scratch(destination(other)), len),
+                    ref other => compute(other, &mut at, scratch(written(other)), len),
                 }
             }
             for (&r, &o) in self.outputs.iter().zip(outputs) {
@@ -718,18 +827,19 @@ impl FusedProgram {
         }
     }
 
-    /// [`Self::run_units_generic`] for a column-stacked program over `n`
-    /// columns: each unit is a chunk of columns of every row.
+    /// [`Self::run_units_generic`] for a column-stacked program: each unit is
+    /// a chunk of columns of every row.
     #[inline(always)]
     unsafe fn run_stacked(
         &self,
-        n: usize,
         walk: &Walk,
         inputs: &[&[f32]],
         outputs: &[*mut f32],
         units: std::ops::Range<usize>,
         regs: &mut [f32],
+        partials: *mut f32,
     ) {
+        let n = self.columns.expect("a column-stacked program");
         let base = regs.as_mut_ptr();
         let scratch = |r: u16| base.add(r as usize * STACKED_CHUNK);
         let mut at: Vec<*const f32> = (0..self.registers as u16)
@@ -744,8 +854,33 @@ impl FusedProgram {
         let mut no_offsets: [usize; 0] = [];
         // A product's operands, reused from unit to unit.
         let (mut srcs, mut dsts, mut weights) = (vec![], vec![], vec![]);
+        // Output row `s` (counted over all outputs' rows): its output and row.
+        let sums_len = self.sums_len();
+        let sum_offsets: Vec<usize> = self
+            .sums
+            .iter()
+            .scan(0, |off, [p, q]| {
+                *off += p * q;
+                Some(*off - p * q)
+            })
+            .collect();
+        let slots: Vec<(usize, usize)> = self
+            .out_rows
+            .iter()
+            .enumerate()
+            .flat_map(|(o, &rows)| (0..rows).map(move |r| (o, r)))
+            .collect();
         for u in units {
             let (start, len) = walk.unit(u, &mut no_offsets);
+            // Where instruction `k`'s result goes: its output row, or its
+            // register's scratch row.
+            let target = |k: usize, dst: u16| match walk.direct[k] {
+                Some(s) => {
+                    let (o, r) = slots[s];
+                    outputs[o].add(r * n + start)
+                }
+                None => scratch(dst),
+            };
             for (k, i) in self.instrs.iter().enumerate() {
                 match *i {
                     Instr::LoadRow { dst, input, row } => {
@@ -770,33 +905,46 @@ impl FusedProgram {
                         let w = inputs[input as usize];
                         dsts.clear();
                         weights.clear();
-                        for g in group {
-                            if let Instr::Dot { dst, row, .. } = *g {
-                                dsts.push(scratch(dst));
+                        for (g, instr) in group.iter().enumerate() {
+                            if let Instr::Dot { dst, row, .. } = *instr {
+                                dsts.push(target(k + g, dst));
                                 weights.push(&w[row as usize * b..(row as usize + 1) * b]);
                             }
                         }
                         super::dot::dot_rows(&dsts, &weights, &srcs, len);
-                        for g in group {
-                            let d = destination(g);
-                            at[d as usize] = scratch(d);
+                        for (g, &d) in group.iter().zip(&dsts) {
+                            at[written(g) as usize] = d;
                         }
                     }
-                    ref other => compute(other, &mut at, scratch(destination(other)), len),
+                    Instr::Contract { out, a, b } => {
+                        let rows = |l: u16| -> Vec<*const f32> {
+                            self.lists[l as usize]
+                                .iter()
+                                .map(|&r| at[r as usize])
+                                .collect()
+                        };
+                        let part = partials.add(u * sums_len + sum_offsets[out as usize]);
+                        super::contract::contract_rows(part, &rows(a), &rows(b), len);
+                    }
+                    ref other => compute(other, &mut at, target(k, written(other)), len),
                 }
             }
-            let mut regs_out = self.outputs.iter();
-            for (&o, &rows) in outputs.iter().zip(&self.out_rows) {
-                for (r, &reg) in regs_out.by_ref().take(rows).enumerate() {
-                    std::ptr::copy_nonoverlapping(at[reg as usize], o.add(r * n + start), len);
+            for (s, &reg) in self.outputs.iter().enumerate() {
+                if !walk.written_in_place[s] {
+                    let (o, r) = slots[s];
+                    std::ptr::copy_nonoverlapping(
+                        at[reg as usize],
+                        outputs[o].add(r * n + start),
+                        len,
+                    );
                 }
             }
         }
     }
 }
 
-/// The register an instruction writes.
-fn destination(i: &Instr) -> u16 {
+/// The register an instruction writes (a contraction writes none).
+pub fn destination(i: &Instr) -> Option<u16> {
     match *i {
         Instr::Load { dst, .. }
         | Instr::Const { dst, .. }
@@ -804,16 +952,47 @@ fn destination(i: &Instr) -> u16 {
         | Instr::Binary { dst, .. }
         | Instr::Where { dst, .. }
         | Instr::LoadRow { dst, .. }
-        | Instr::Dot { dst, .. } => dst,
+        | Instr::Dot { dst, .. } => Some(dst),
+        Instr::Contract { .. } => None,
     }
+}
+
+/// The register of an instruction that writes one.
+fn written(i: &Instr) -> u16 {
+    destination(i).expect("a contraction is run by the interpreter loop")
+}
+
+/// The shapes of the contraction outputs of `instrs`, which must number
+/// them `0..m`, each once.
+fn sum_shapes(instrs: &[Instr], lists: &[Vec<u16>]) -> Result<Vec<[usize; 2]>, ProgramError> {
+    let mut shapes: Vec<Option<[usize; 2]>> = vec![];
+    for i in instrs {
+        if let Instr::Contract { out, a, b } = *i {
+            let len = |l: u16| lists.get(l as usize).map_or(0, Vec::len);
+            let o = out as usize;
+            if shapes.len() <= o {
+                shapes.resize(o + 1, None);
+            }
+            if shapes[o].replace([len(a), len(b)]).is_some() {
+                return err(format!("contraction output {o} computed twice"));
+            }
+        }
+    }
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(o, s)| s.ok_or_else(|| ProgramError(format!("no contraction for output {o}"))))
+        .collect()
 }
 
 /// The registers an instruction reads (a `Dot`'s are in its list).
 fn operands(i: &Instr) -> Vec<u16> {
     match *i {
-        Instr::Load { .. } | Instr::Const { .. } | Instr::LoadRow { .. } | Instr::Dot { .. } => {
-            vec![]
-        }
+        Instr::Load { .. }
+        | Instr::Const { .. }
+        | Instr::LoadRow { .. }
+        | Instr::Dot { .. }
+        | Instr::Contract { .. } => vec![],
         Instr::Unary { a, .. } => vec![a],
         Instr::Binary { a, b, .. } => vec![a, b],
         Instr::Where { c, a, b, .. } => vec![c, a, b],
@@ -835,11 +1014,11 @@ unsafe fn compute(i: &Instr, at: &mut [*const f32], dst: *mut f32, len: usize) {
                 *d = if c != 0.0 { a } else { b };
             }
         }
-        Instr::Load { .. } | Instr::LoadRow { .. } | Instr::Dot { .. } => {
+        Instr::Load { .. } | Instr::LoadRow { .. } | Instr::Dot { .. } | Instr::Contract { .. } => {
             unreachable!("loads and products are run by the interpreter loop")
         }
     }
-    at[destination(i) as usize] = dst;
+    at[written(i) as usize] = dst;
 }
 
 fn name1(f: Fn1) -> &'static str {
@@ -970,6 +1149,11 @@ pub struct Walk {
     /// it on that form one product (the same matrix and sources), 0 inside
     /// such a group.
     groups: Vec<usize>,
+    /// Column-stacked programs: per instruction, the output row (its index
+    /// among all outputs' rows) it writes straight into, when it computes
+    /// that row's final value; per output row, whether it is written so.
+    direct: Vec<Option<usize>>,
+    written_in_place: Vec<bool>,
 }
 
 impl Walk {
@@ -1025,6 +1209,8 @@ impl Walk {
             inner_stride,
             base,
             groups: vec![],
+            direct: vec![],
+            written_in_place: vec![],
         }
     }
 
@@ -1046,8 +1232,25 @@ impl Walk {
             groups[k] = len;
             k += len;
         }
+        // Each output row is computed straight into the output by the last
+        // instruction that writes its register, saving a copy of the row;
+        // rows that are loads or repeat another row's register are copied.
+        let mut direct = vec![None; p.instrs.len()];
+        let mut written_in_place = vec![false; p.outputs.len()];
+        for (slot, &reg) in p.outputs.iter().enumerate() {
+            let last = p.instrs.iter().rposition(|i| destination(i) == Some(reg));
+            if let Some(k) = last {
+                let computes = !matches!(p.instrs[k], Instr::LoadRow { .. } | Instr::Load { .. });
+                if computes && direct[k].is_none() {
+                    direct[k] = Some(slot);
+                    written_in_place[slot] = true;
+                }
+            }
+        }
         Walk {
             groups,
+            direct,
+            written_in_place,
             outer: vec![],
             inner: n,
             chunk: STACKED_CHUNK,
@@ -1150,6 +1353,7 @@ mod tests {
             columns: None,
             out_rows: vec![],
             lists: vec![],
+            sums: vec![],
         };
         let q = FusedProgram::decode(&p.encode()).unwrap();
         assert_eq!(p, q);
@@ -1187,6 +1391,13 @@ mod tests {
             "shape 8;regs 3;cols 8;rows 1;in 2 8;in 1 3;ldr 0 0 0;ldr 1 0 1;dot 2 1 0 0 1;out 2",
             "shape 8;regs 3;cols 8;rows 2;in 2 8;ldr 0 0 0;out 0",
             "shape 8;regs 3;cols 8;rows 1;in 3 5;ldr 0 0 0;out 0",
+            // Contractions: column-stacked, each output once, from 0 on,
+            // two non-empty lists.
+            "shape 4;regs 2;in 4;ld 0 0;ctr 0 1 0 0;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ldr 0 0 0;ctr 0 1 0 0;ctr 0 1 0 0;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ldr 0 0 0;ctr 1 1 0 0;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ldr 0 0 0;ctr 0 1 0;out 0",
+            "shape 8;regs 2;cols 8;rows 1;in 2 8;ldr 0 0 0;ctr 0 1 0 7;out 0",
         ] {
             assert!(FusedProgram::decode(bad).is_err(), "{bad}");
         }
@@ -1210,6 +1421,62 @@ mod tests {
             [2.0, 4.0, 6.0, 8.0, 10.0, -3.0, -6.0, -9.0, -12.0, -15.0]
         );
         assert_eq!(o1, [-2.0, -4.0, -6.0, -8.0, -10.0]);
+    }
+
+    #[test]
+    fn sums_contractions_over_chunks() {
+        // x [2, n], y [3, n] over several chunks: out0 = x * x (two rows),
+        // sums (x * x) @ y^T [2, 3] and x @ x^T [2, 2].
+        let n = 2 * STACKED_CHUNK + 37;
+        let text = format!(
+            "shape {n};regs 7;cols {n};rows 2;in 2 {n};in 3 {n};\
+             ldr 0 0 0;ldr 1 0 1;mul 2 0 0;mul 3 1 1;ldr 4 1 0;ldr 5 1 1;ldr 6 1 2;\
+             ctr 0 2 2 3 4 5 6;ctr 1 2 0 1 0 1;out 2 3"
+        );
+        let p = FusedProgram::decode(&text).unwrap();
+        assert_eq!(p.encode(), text);
+        assert_eq!(p.output_count(), 3);
+        assert_eq!(
+            (p.output_shape(1), p.output_shape(2)),
+            (vec![2, 3], vec![2, 2])
+        );
+        let x: Vec<f32> = (0..2 * n)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let y: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let (mut sq, mut s0, mut s1) = (vec![0.0; 2 * n], vec![f32::NAN; 6], vec![f32::NAN; 4]);
+        p.run(&[&x, &y], &mut [&mut sq, &mut s0, &mut s1]);
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum::<f64>()
+        };
+        let (xr, yr) = (
+            |i: usize| &x[i * n..(i + 1) * n],
+            |j: usize| &y[j * n..(j + 1) * n],
+        );
+        for i in 0..2 {
+            assert_eq!(sq[i * n + 5], xr(i)[5] * xr(i)[5]);
+            let sqr: Vec<f32> = xr(i).iter().map(|v| v * v).collect();
+            for j in 0..3 {
+                let want = dot(&sqr, yr(j));
+                assert!((s0[i * 3 + j] as f64 - want).abs() < 1e-3, "{i} {j}");
+            }
+            for j in 0..2 {
+                let want = dot(xr(i), xr(j));
+                assert!((s1[i * 2 + j] as f64 - want).abs() < 1e-3, "{i} {j}");
+            }
+        }
+        // A program whose only outputs are contractions.
+        let only =
+            format!("shape {n};regs 2;cols {n};rows;in 2 {n};ldr 0 0 0;ldr 1 0 1;ctr 0 1 0 1;out");
+        let p = FusedProgram::decode(&only).unwrap();
+        let mut s = vec![f32::NAN];
+        p.run(&[&x], &mut [&mut s]);
+        assert!((s[0] as f64 - dot(xr(0), xr(1))).abs() < 1e-3);
     }
 
     #[test]

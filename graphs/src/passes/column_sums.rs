@@ -22,11 +22,12 @@ use crate::types::DType;
 /// `g` with every f32 `ReduceSum` over axis 0 of a 2-D tensor that is a
 /// merged product's right operand written as a product with a row of ones.
 pub fn column_sums_as_products(g: &Graph) -> Graph {
-    let merged: HashSet<NodeId> = super::merge_matmuls::groups(g)
-        .iter()
-        .flatten()
-        .map(|&m| g.node(m).inputs[1])
-        .collect();
+    let merged: HashSet<NodeId> =
+        super::merge_matmuls::groups(g, super::merge_matmuls::Shared::Lhs)
+            .iter()
+            .flatten()
+            .map(|&m| g.node(m).inputs[1])
+            .collect();
     let is_merged_column_sum = |id: usize| {
         let n = &g.nodes()[id];
         let Op::Reduce {

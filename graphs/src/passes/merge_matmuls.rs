@@ -1,6 +1,9 @@
 //! Matrix products that share their left operand become one product with the
 //! right operands side by side: `A @ B_1, ..., A @ B_k` ->
-//! `A @ [B_1 | ... | B_k]`, sliced back into its `k` column blocks.
+//! `A @ [B_1 | ... | B_k]`, sliced back into its `k` column blocks; products
+//! that share their right operand, one product with the left operands
+//! stacked: `A_1 @ B, ..., A_k @ B` -> `[A_1; ...; A_k] @ B`, sliced back
+//! into row blocks.
 //!
 //! When `A` is large and each `B_i` narrow (the 10,000-example objective set
 //! times the 20 columns of one parameter set), each product streams all of
@@ -11,35 +14,55 @@ use std::collections::HashMap;
 use crate::graph::{Graph, NodeId};
 use crate::ops::Op;
 
-/// 2-D products grouped by left operand, in node order; groups of two or more
-/// whose right operands do not depend on the group's own products.
-pub(crate) fn groups(g: &Graph) -> Vec<Vec<NodeId>> {
-    let mut by_lhs: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+/// Which operand the products of a group share.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shared {
+    Lhs,
+    Rhs,
+}
+
+impl Shared {
+    /// The input index of the shared operand and of the other one.
+    fn inputs(self) -> (usize, usize) {
+        match self {
+            Shared::Lhs => (0, 1),
+            Shared::Rhs => (1, 0),
+        }
+    }
+}
+
+/// 2-D products grouped by their `shared` operand, in node order; groups
+/// of two or more whose other operands do not depend on the group's own
+/// products.
+pub(crate) fn groups(g: &Graph, shared: Shared) -> Vec<Vec<NodeId>> {
+    let (s, _) = shared.inputs();
+    let mut by_operand: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
     let mut order = vec![];
     for (i, n) in g.nodes().iter().enumerate() {
         if matches!(n.op, Op::MatMul)
             && g.shape(n.inputs[0]).len() == 2
             && g.shape(n.inputs[1]).len() == 2
         {
-            let e = by_lhs.entry(n.inputs[0]).or_default();
+            let e = by_operand.entry(n.inputs[s]).or_default();
             if e.is_empty() {
-                order.push(n.inputs[0]);
+                order.push(n.inputs[s]);
             }
             e.push(NodeId(i as u32));
         }
     }
     order
         .into_iter()
-        .map(|lhs| by_lhs.remove(&lhs).expect("grouped"))
-        .filter(|members| members.len() >= 2 && !self_dependent(g, members))
+        .map(|x| by_operand.remove(&x).expect("grouped"))
+        .filter(|members| members.len() >= 2 && !self_dependent(g, members, shared))
         .collect()
 }
 
-/// Does a member's right operand depend on another member of the group?
-fn self_dependent(g: &Graph, members: &[NodeId]) -> bool {
+/// Does a member's other operand depend on another member of the group?
+fn self_dependent(g: &Graph, members: &[NodeId], shared: Shared) -> bool {
+    let (_, o) = shared.inputs();
     let first = members[0];
     let mut seen = vec![false; g.len()];
-    let mut stack: Vec<NodeId> = members.iter().map(|&m| g.node(m).inputs[1]).collect();
+    let mut stack: Vec<NodeId> = members.iter().map(|&m| g.node(m).inputs[o]).collect();
     while let Some(n) = stack.pop() {
         if n < first || seen[n.index()] {
             continue;
@@ -57,7 +80,17 @@ fn self_dependent(g: &Graph, members: &[NodeId]) -> bool {
 /// Nodes are re-emitted depth-first from the outputs, so a merged product
 /// sits after all of its right operands and before all of its readers.
 pub fn merge_shared_lhs_matmuls(g: &Graph) -> Graph {
-    let groups = groups(g);
+    merge(g, Shared::Lhs)
+}
+
+/// The graph with every group of products sharing a right operand merged
+/// (the left operands stacked by rows).
+pub fn merge_shared_rhs_matmuls(g: &Graph) -> Graph {
+    merge(g, Shared::Rhs)
+}
+
+fn merge(g: &Graph, shared: Shared) -> Graph {
+    let groups = groups(g, shared);
     if groups.is_empty() {
         return g.clone();
     }
@@ -76,7 +109,7 @@ pub fn merge_shared_lhs_matmuls(g: &Graph) -> Graph {
         }
     }
     for (_, id) in g.outputs() {
-        emit(g, *id, &groups, &group_of, &mut map, &mut out);
+        emit(g, *id, shared, &groups, &group_of, &mut map, &mut out);
     }
     for (name, id) in g.outputs() {
         out.output(name, map[id.index()].expect("emitted"));
@@ -88,6 +121,7 @@ pub fn merge_shared_lhs_matmuls(g: &Graph) -> Graph {
 fn emit(
     g: &Graph,
     root: NodeId,
+    shared: Shared,
     groups: &[Vec<NodeId>],
     group_of: &HashMap<NodeId, usize>,
     map: &mut [Option<NodeId>],
@@ -99,10 +133,11 @@ fn emit(
             stack.pop();
             continue;
         }
+        let (s, o) = shared.inputs();
         // What this node (or its whole group) reads.
         let needs: Vec<NodeId> = match group_of.get(&id) {
-            Some(&k) => std::iter::once(g.node(id).inputs[0])
-                .chain(groups[k].iter().map(|&m| g.node(m).inputs[1]))
+            Some(&k) => std::iter::once(g.node(id).inputs[s])
+                .chain(groups[k].iter().map(|&m| g.node(m).inputs[o]))
                 .collect(),
             None => g.node(id).inputs.clone(),
         };
@@ -118,18 +153,24 @@ fn emit(
         match group_of.get(&id) {
             Some(&k) => {
                 let members = &groups[k];
-                let lhs = map[g.node(id).inputs[0].index()].expect("emitted");
-                let rhs: Vec<NodeId> = members
+                let common = map[g.node(id).inputs[s].index()].expect("emitted");
+                let others: Vec<NodeId> = members
                     .iter()
-                    .map(|&m| map[g.node(m).inputs[1].index()].expect("emitted"))
+                    .map(|&m| map[g.node(m).inputs[o].index()].expect("emitted"))
                     .collect();
-                let wide = out.concat(&rhs, 1);
-                let prod = out.matmul(lhs, wide);
-                let mut col = 0;
-                for (&m, &r) in members.iter().zip(&rhs) {
-                    let w = out.shape(r)[1];
-                    map[m.index()] = Some(out.slice(prod, 1, col, col + w));
-                    col += w;
+                // Side by side (shared left operand) or stacked (shared right
+                // operand); the product's blocks along that axis.
+                let axis = o;
+                let joined = out.concat(&others, axis);
+                let prod = match shared {
+                    Shared::Lhs => out.matmul(common, joined),
+                    Shared::Rhs => out.matmul(joined, common),
+                };
+                let mut at = 0;
+                for (&m, &x) in members.iter().zip(&others) {
+                    let w = out.shape(x)[axis];
+                    map[m.index()] = Some(out.slice(prod, axis, at, at + w));
+                    at += w;
                 }
             }
             None => {
@@ -170,7 +211,7 @@ mod tests {
         g.output("h", h);
         // a @ b1, a @ b2 and a @ q share `a`, but q depends on a @ b1: the
         // group is left alone.
-        assert!(groups(&g).is_empty());
+        assert!(groups(&g, Shared::Lhs).is_empty());
 
         let mut g2 = Graph::new();
         let a = g2.input("a", DType::F32, &[6, 5]);
@@ -200,5 +241,34 @@ mod tests {
             eval_graph(&g2, &ins).unwrap(),
             eval_graph(&m, &ins).unwrap()
         );
+    }
+
+    #[test]
+    fn products_sharing_a_right_operand_merge_by_rows() {
+        let mut g = Graph::new();
+        let b = g.input("b", DType::F32, &[5, 6]);
+        let a1 = g.input("a1", DType::F32, &[2, 5]);
+        let a2 = g.input("a2", DType::F32, &[3, 5]);
+        let p1 = g.matmul(a1, b);
+        let e = g.exp(p1);
+        let p2 = g.matmul(a2, b);
+        g.output("e", e);
+        g.output("p2", p2);
+        let m = merge_shared_rhs_matmuls(&g);
+        let products = |g: &Graph| {
+            g.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, Op::MatMul))
+                .count()
+        };
+        assert_eq!((products(&g), products(&m)), (2, 1));
+        let ins: HashMap<String, Value> = [
+            ("b".to_string(), sine_values(&[5, 6], 0.7)),
+            ("a1".to_string(), sine_values(&[2, 5], 1.3)),
+            ("a2".to_string(), sine_values(&[3, 5], 0.4)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(eval_graph(&g, &ins).unwrap(), eval_graph(&m, &ins).unwrap());
     }
 }

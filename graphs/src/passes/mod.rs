@@ -10,7 +10,7 @@ mod simplify;
 
 pub use column_sums::column_sums_as_products;
 pub use dce::dce;
-pub use merge_matmuls::merge_shared_lhs_matmuls;
+pub use merge_matmuls::{merge_shared_lhs_matmuls, merge_shared_rhs_matmuls};
 pub use rebuild::{cse_fold_simplify, RebuildOptions};
 
 use crate::graph::{Graph, Node, NodeId};

@@ -63,19 +63,22 @@ struct FusedKernel {
     walk: Walk,
 }
 
-/// Output base pointers shared by the pool's tasks, which write disjoint
-/// ranges.
-struct Outputs(Vec<*mut f32>);
+/// Output base pointers and the contraction partials, shared by the pool's
+/// tasks, which write disjoint ranges.
+struct Targets {
+    outputs: Vec<*mut f32>,
+    partials: *mut f32,
+}
 // SAFETY: the pointers address buffers that outlive the parallel loop, and
 // tasks write disjoint units of them.
-unsafe impl Sync for Outputs {}
-unsafe impl Send for Outputs {}
+unsafe impl Sync for Targets {}
+unsafe impl Send for Targets {}
 
-impl Outputs {
-    /// Through a method, so closures capture the whole `Outputs` (which is
-    /// `Sync`), not its field.
-    fn get(&self) -> &[*mut f32] {
-        &self.0
+impl Targets {
+    /// Through a method, so closures capture the whole `Targets` (which is
+    /// `Sync`), not its fields.
+    fn get(&self) -> (&[*mut f32], *mut f32) {
+        (&self.outputs, self.partials)
     }
 }
 
@@ -119,7 +122,12 @@ impl Kernel for FusedKernel {
             let (_, data) = o.try_extract_tensor_mut::<f32>()?;
             ptrs.push(data.as_mut_ptr());
         }
-        let ptrs = Outputs(ptrs);
+        // Each unit's share of the contractions, added up after the loop.
+        let mut partials = vec![0.0f32; p.partials_len(&self.walk)];
+        let targets = Targets {
+            outputs: ptrs,
+            partials: partials.as_mut_ptr(),
+        };
         let units = self.walk.units();
         // A unit of a column-stacked program is a chunk of every row: work
         // enough for a task of its own.
@@ -133,7 +141,8 @@ impl Kernel for FusedKernel {
             with_registers(p.register_len(), |regs| {
                 // SAFETY: inputs have the program's shapes (checked above),
                 // every output has its shape, and tasks cover disjoint units.
-                unsafe { p.run_units(&self.walk, &inputs, ptrs.get(), range, regs) };
+                let (outputs, partials) = targets.get();
+                unsafe { p.run_units(&self.walk, &inputs, outputs, range, regs, partials) };
             });
         };
         if tasks <= 1 {
@@ -141,6 +150,8 @@ impl Kernel for FusedKernel {
         } else {
             ctx.par_for(tasks, tasks, run)?;
         }
+        // SAFETY: every unit ran; the outputs have the program's shapes.
+        unsafe { p.finish_sums(&self.walk, &partials, &targets.outputs) };
         Ok(())
     }
 }

@@ -1,0 +1,175 @@
+//! Reductions over the columns of column-local tensors, rewritten before
+//! fusion into the contraction form `X @ Transpose(Y)` that a column-local
+//! cluster computes (see [`super::cluster`]), reading the rows of `Y` as it
+//! reads `X`'s:
+//!
+//! - products `X[p, n] @ C[n, q]` with a constant `C` (the HierarchicalRNN's
+//!   per-tensor sums: `C` is one-hot, a column per parameter tensor) become
+//!   `X @ Transpose(C^T)`;
+//! - sums and means over the columns of `X[p, n]` (a loss averaged over the
+//!   examples of a set laid out as columns) become `X @ Transpose(ones[1,
+//!   n])`, after a sum over rows where they reduce both axes.
+//!
+//! Where no cluster takes one, ONNX Runtime runs the product (and folds the
+//! constant transpose when it loads the model).
+
+use std::collections::HashMap;
+
+use super::cluster::column_local_shape;
+use crate::graph::{Graph, NodeId};
+use crate::ops::{Op, ReduceOp};
+use crate::types::{Tensor, TensorData};
+
+/// The constant `[n, q]` right operand of a 2-D product over a column-local
+/// `n`, transposed.
+fn transposed_constant(g: &Graph, id: NodeId) -> Option<Tensor> {
+    let n = g.node(id);
+    if !matches!(n.op, Op::MatMul) || n.inputs.len() != 2 {
+        return None;
+    }
+    let (x, c) = (n.inputs[0], n.inputs[1]);
+    if !column_local_shape(g.shape(x)) {
+        return None;
+    }
+    let t = g.const_value(c)?;
+    let (&[rows, cols], TensorData::F32(v)) = (t.shape.as_slice(), &t.data) else {
+        return None;
+    };
+    if !column_local_shape(&[cols, rows]) {
+        return None;
+    }
+    let data = (0..cols)
+        .flat_map(|j| (0..rows).map(move |i| v[i * cols + j]))
+        .collect();
+    Some(Tensor::f32(&[cols, rows], data))
+}
+
+/// A sum or mean over the columns (and maybe the rows) of a column-local
+/// value: whether it is a mean, and whether it reduces the rows too.
+fn column_reduction(g: &Graph, id: NodeId) -> Option<(bool, bool)> {
+    let n = g.node(id);
+    let Op::Reduce { op, axes, .. } = &n.op else {
+        return None;
+    };
+    let mean = match op {
+        ReduceOp::Sum => false,
+        ReduceOp::Mean => true,
+        ReduceOp::Max => return None,
+    };
+    if !column_local_shape(g.shape(n.inputs[0])) || g.dtype(id) != crate::types::DType::F32 {
+        return None;
+    }
+    match axes.as_slice() {
+        [1] => Some((mean, false)),
+        [0, 1] => Some((mean, true)),
+        _ => None,
+    }
+}
+
+/// `g` with products by constants and reductions over columns in
+/// contraction form (each constant stored transposed once, however many
+/// products read it; one row of ones per column count).
+pub fn contraction_forms(g: &Graph) -> Graph {
+    let applies = |i: usize| {
+        let id = NodeId(i as u32);
+        transposed_constant(g, id).is_some() || column_reduction(g, id).is_some()
+    };
+    if !(0..g.len()).any(applies) {
+        return g.clone();
+    }
+    let mut constants: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut ones: HashMap<usize, NodeId> = HashMap::new();
+    crate::passes::rewrite_nodes(g, |out, i, n, ins, _| {
+        let id = NodeId(i as u32);
+        if let Some(ct) = transposed_constant(g, id) {
+            let t = *constants.entry(n.inputs[1]).or_insert_with(|| {
+                let c = out.constant(ct);
+                out.transpose(c, &[1, 0])
+            });
+            return Some(out.matmul(ins[0], t));
+        }
+        let (mean, both) = column_reduction(g, id)?;
+        let &[rows, cols] = g.shape(n.inputs[0]) else {
+            unreachable!("a column-local shape")
+        };
+        let x = if both && rows > 1 {
+            out.sum(ins[0], &[0], true)
+        } else {
+            ins[0]
+        };
+        let t = *ones.entry(cols).or_insert_with(|| {
+            let c = out.constant(Tensor::f32(&[1, cols], vec![1.0; cols]));
+            out.transpose(c, &[1, 0])
+        });
+        let mut r = out.matmul(x, t);
+        if mean {
+            let count = if both { rows * cols } else { cols };
+            r = out.mul_scalar(r, 1.0 / count as f32);
+        }
+        Some(out.reshape(r, &n.ty.shape))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{eval_graph, Value};
+    use crate::passes::sine_values;
+    use crate::types::DType;
+    use std::collections::HashMap;
+
+    #[test]
+    fn contraction_forms_keep_their_values() {
+        const N: usize = 1030;
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[3, N]);
+        // Row i of the one-hot matrix marks the quarter of the rows it is in.
+        let onehot: Vec<f32> = (0..N * 4)
+            .map(|k| f32::from((k / 4) * 4 / N == k % 4))
+            .collect();
+        let c = g.constant(Tensor::f32(&[N, 4], onehot));
+        let sums = g.matmul(x, c);
+        let x2 = g.exp(x);
+        let sums2 = g.matmul(x2, c);
+        g.output("sums2", sums2);
+        let small = g.constant(Tensor::f32(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let y = g.input("y", DType::F32, &[4, 3]);
+        let kept = g.matmul(y, small);
+        g.output("sums", sums);
+        g.output("kept", kept);
+        // Column sums and means, of one axis and of both.
+        let col_means = g.mean(x, &[1], false);
+        let total = g.sum_all(x2);
+        let per_row = g.sum(x2, &[1], true);
+        g.output("col_means", col_means);
+        g.output("total", total);
+        g.output("per_row", per_row);
+        let r = contraction_forms(&g);
+        let transposes = |g: &Graph| {
+            g.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, Op::Transpose(_)))
+                .count()
+        };
+        // One transposed one-hot matrix and one row of ones.
+        assert_eq!((transposes(&g), transposes(&r)), (0, 2));
+        let ins: HashMap<String, Value> = [
+            ("x".to_string(), sine_values(&[3, N], 0.3)),
+            ("y".to_string(), sine_values(&[4, 3], 0.7)),
+        ]
+        .into();
+        let (want, got) = (eval_graph(&g, &ins).unwrap(), eval_graph(&r, &ins).unwrap());
+        for ((name, a), (_, b)) in want.iter().zip(&got) {
+            let (Value::F(a), Value::F(b)) = (a, b) else {
+                panic!("f32 outputs")
+            };
+            assert_eq!(a.shape(), b.shape(), "{name}");
+            assert!(
+                a.iter()
+                    .zip(b)
+                    .all(|(p, q)| (p - q).abs() < 1e-9 * p.abs().max(1.0)),
+                "{name}"
+            );
+        }
+    }
+}
