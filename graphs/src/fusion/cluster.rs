@@ -80,6 +80,11 @@ pub fn column_local_shape(s: &[usize]) -> bool {
     columns(s).is_some()
 }
 
+/// Can node `id` be computed in a column-local cluster?
+pub fn column_local_node(g: &Graph, id: NodeId) -> bool {
+    layout(g, id).is_some()
+}
+
 /// `[k, n]` with `n` columns enough for a column-local cluster.
 fn columns(s: &[usize]) -> Option<(usize, usize)> {
     match *s {

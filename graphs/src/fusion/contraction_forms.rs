@@ -8,14 +8,18 @@
 //!   `X @ Transpose(C^T)`;
 //! - sums and means over the columns of `X[p, n]` (a loss averaged over the
 //!   examples of a set laid out as columns) become `X @ Transpose(ones[1,
-//!   n])`, after a sum over rows where they reduce both axes.
+//!   n])`, after a sum over rows where they reduce both axes;
+//! - reductions over the rows that drop the row axis (`[k, n] -> [n]`) keep
+//!   it (`[1, n]`, which a cluster computes), reshaped to `[n]` after.
+//!
+//! Only where `X` is a value a column-local cluster can compute.
 //!
 //! Where no cluster takes one, ONNX Runtime runs the product (and folds the
 //! constant transpose when it loads the model).
 
 use std::collections::HashMap;
 
-use super::cluster::column_local_shape;
+use super::cluster::{column_local_node, column_local_shape};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{Op, ReduceOp};
 use crate::types::{Tensor, TensorData};
@@ -28,7 +32,7 @@ fn transposed_constant(g: &Graph, id: NodeId) -> Option<Tensor> {
         return None;
     }
     let (x, c) = (n.inputs[0], n.inputs[1]);
-    if !column_local_shape(g.shape(x)) {
+    if !column_local_shape(g.shape(x)) || !column_local_node(g, x) {
         return None;
     }
     let t = g.const_value(c)?;
@@ -56,7 +60,10 @@ fn column_reduction(g: &Graph, id: NodeId) -> Option<(bool, bool)> {
         ReduceOp::Mean => true,
         ReduceOp::Max => return None,
     };
-    if !column_local_shape(g.shape(n.inputs[0])) || g.dtype(id) != crate::types::DType::F32 {
+    // Only where a cluster can compute the operand: a product by itself (of
+    // a graph input, say) runs slower in ONNX Runtime than the reduction.
+    let x = n.inputs[0];
+    if !column_local_node(g, x) || g.dtype(id) != crate::types::DType::F32 {
         return None;
     }
     match axes.as_slice() {
@@ -66,13 +73,34 @@ fn column_reduction(g: &Graph, id: NodeId) -> Option<(bool, bool)> {
     }
 }
 
+/// A reduction over the rows of a column-local value that drops the row
+/// axis: its operator.
+fn flat_row_reduction(g: &Graph, id: NodeId) -> Option<ReduceOp> {
+    match &g.node(id).op {
+        Op::Reduce {
+            op,
+            axes,
+            keepdims: false,
+        } if axes.as_slice() == [0]
+            && g.shape(id).len() == 1
+            && column_local_node(g, g.node(id).inputs[0]) =>
+        {
+            Some(*op)
+        }
+        _ => None,
+    }
+}
+
 /// `g` with products by constants and reductions over columns in
 /// contraction form (each constant stored transposed once, however many
-/// products read it; one row of ones per column count).
+/// products read it; one row of ones per column count), and reductions over
+/// rows keeping their row.
 pub fn contraction_forms(g: &Graph) -> Graph {
     let applies = |i: usize| {
         let id = NodeId(i as u32);
-        transposed_constant(g, id).is_some() || column_reduction(g, id).is_some()
+        transposed_constant(g, id).is_some()
+            || column_reduction(g, id).is_some()
+            || flat_row_reduction(g, id).is_some()
     };
     if !(0..g.len()).any(applies) {
         return g.clone();
@@ -87,6 +115,10 @@ pub fn contraction_forms(g: &Graph) -> Graph {
                 out.transpose(c, &[1, 0])
             });
             return Some(out.matmul(ins[0], t));
+        }
+        if let Some(op) = flat_row_reduction(g, id) {
+            let r = out.reduce(op, ins[0], &[0], true);
+            return Some(out.reshape(r, &n.ty.shape));
         }
         let (mean, both) = column_reduction(g, id)?;
         let &[rows, cols] = g.shape(n.inputs[0]) else {
@@ -142,6 +174,12 @@ mod tests {
         let total = g.sum_all(x2);
         let per_row = g.sum(x2, &[1], true);
         g.output("col_means", col_means);
+        // A row sum without its row axis keeps it, then reshapes.
+        let flat = g.sum(x2, &[0], false);
+        g.output("flat", flat);
+        // A sum of a graph input: no cluster computes it, so it stays.
+        let kept_sum = g.sum(x, &[1], false);
+        g.output("kept_sum", kept_sum);
         g.output("total", total);
         g.output("per_row", per_row);
         let r = contraction_forms(&g);
@@ -153,6 +191,16 @@ mod tests {
         };
         // One transposed one-hot matrix and one row of ones.
         assert_eq!((transposes(&g), transposes(&r)), (0, 2));
+        let reduces = |g: &Graph| {
+            g.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, Op::Reduce { .. }))
+                .count()
+        };
+        // Left: the mean and the sum of the input `x` (no cluster computes
+        // their operand, so they stay), the flat sum (kept as a row), and the
+        // row sum before the total's contraction.
+        assert_eq!(reduces(&r), 4);
         let ins: HashMap<String, Value> = [
             ("x".to_string(), sine_values(&[3, N], 0.3)),
             ("y".to_string(), sine_values(&[4, 3], 0.7)),
