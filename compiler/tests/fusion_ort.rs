@@ -1,7 +1,8 @@
 //! ONNX Runtime with metac's fused elementwise kernel (the CPU default)
 //! computes what ONNX Runtime computes op by op: the L2O graphs of the
 //! HierarchicalRNN on the MNIST MLP, without and with the Hutchinson
-//! regulariser, on the same inputs.
+//! regulariser, on the same inputs; and the objective over a large set,
+//! written by columns and fused, is the row-major loss and its gradient.
 
 use metac_compiler::l2o::config::L2oConfig;
 use metac_compiler::l2o::program::L2oProgram;
@@ -144,4 +145,113 @@ fn fused_and_op_by_op_onnx_runtime_agree() {
             }
         }
     }
+}
+
+/// The `objective_chunk` graph, written by columns and fused into
+/// column-local kernels (1,100 examples, over a chunk), run by ONNX Runtime
+/// with the objective set and its transpose, gives the objective and its
+/// gradient of the row-major loss evaluated in f64 at each parameter set.
+#[test]
+fn objective_by_columns_in_onnx_runtime_matches_the_row_major_loss() {
+    use metac_graphs::autodiff::grad;
+    use metac_graphs::eval::{eval_graph, Value};
+    use std::collections::HashMap;
+    let Some(fused) = ort(false) else {
+        return;
+    };
+    let mut cfg = config("tiny.toml");
+    cfg.objective_examples = 1100;
+    cfg.objective_chunk = 2;
+    let prog = L2oProgram::from_config(&cfg).unwrap();
+    let chunk = prog.objective_chunk_graph();
+    let bytes = export_bytes(&chunk, "objective_chunk").unwrap();
+    let fused_model = fuse_onnx(&bytes, "objective_chunk").unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&fused_model).contains("cols 1100"),
+        "the objective's columns run as column-local kernels"
+    );
+    let ins = inputs(&prog, &chunk);
+    let get = |name: &str| -> &HostTensor { &ins.iter().find(|(n, _)| n == name).unwrap().1 };
+    // The transpose the runtime makes once per objective set.
+    let x = get("obj.x").as_f32().unwrap().to_owned();
+    let xt = HostTensor::F32(x.t().as_standard_layout().to_owned().into_dyn());
+    let ins: Vec<(String, HostTensor)> = ins
+        .into_iter()
+        .map(|(n, t)| {
+            if n == "obj.x.T" {
+                (n, xt.clone())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let refs: Vec<(&str, &HostTensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let got = fused
+        .load(&bytes, "objective_chunk")
+        .unwrap()
+        .run(&refs)
+        .unwrap();
+    let got: HashMap<String, HostTensor> = got.into_iter().collect();
+
+    // The row-major loss and its gradient, in f64.
+    let mut g = Graph::new();
+    let names: Vec<String> = prog
+        .objective
+        .param_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let theta: Vec<_> = prog
+        .objective
+        .param_shapes()
+        .iter()
+        .map(|(n, s)| g.input(n, DType::F32, s))
+        .collect();
+    let xs = g.input("x", DType::F32, &[1100, 784]);
+    let ys = g.input("y", DType::I64, &[1100]);
+    let loss = prog.objective.loss(&mut g, &theta, &[xs, ys]);
+    let grads = grad(&mut g, loss, &theta);
+    g.output("loss", loss);
+    for (n, d) in names.iter().zip(grads) {
+        g.output(&format!("d.{n}"), d);
+    }
+    let value = |t: &HostTensor| match t {
+        HostTensor::F32(a) => Value::F(a.mapv(f64::from)),
+        HostTensor::I64(a) => Value::I(a.clone()),
+        other => panic!("unexpected input {other:?}"),
+    };
+    for k in 0..2 {
+        let mut vals: HashMap<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), value(get_in(&ins, &format!("t{k}.theta.{n}")))))
+            .collect();
+        vals.insert("x".into(), value(get_in(&ins, "obj.x")));
+        vals.insert("y".into(), value(get_in(&ins, "obj.y")));
+        let want = eval_graph(&g, &vals).unwrap();
+        for (name, w) in want {
+            let out = match name.strip_prefix("d.") {
+                Some(n) => format!("t{k}.objective_grad.theta.{n}"),
+                None => format!("t{k}.objective"),
+            };
+            let Value::F(w) = w else { panic!("f64 output") };
+            let o = got[&out].as_f32().unwrap();
+            assert_eq!(o.shape(), w.shape(), "{out}");
+            let scale = w.iter().fold(1e-3f64, |s, v| s.max(v.abs()));
+            let worst = o
+                .iter()
+                .zip(w.iter())
+                .fold(0.0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()));
+            assert!(
+                worst <= 1e-4 * scale,
+                "{out}: worst {worst} of scale {scale}"
+            );
+        }
+    }
+}
+
+fn get_in<'a>(ins: &'a [(String, HostTensor)], name: &str) -> &'a HostTensor {
+    &ins.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no input {name}"))
+        .1
 }
