@@ -297,7 +297,8 @@ fn column_local_chains_match_the_reference() {
 
 /// A log-softmax over rows with sums over columns, as in a loss over a set
 /// laid out as columns: maxima, sums and means over rows, a weight
-/// gradient `A @ Y^T`, per-tensor sums against a one-hot constant, a mean
+/// gradient `A @ Y^T` (and one whose `Y` the cluster computes), per-tensor
+/// sums against a one-hot constant, a mean
 /// over columns, a sum over both axes, and a concatenation taller than a
 /// value may otherwise be; over 2,500 columns (two chunks and a tail).
 #[test]
@@ -318,6 +319,11 @@ fn contractions_and_row_reductions_match_the_reference() {
     let centred = g.sub(z, row_mean);
     let yt = g.transpose(y, &[1, 0]);
     let dw = g.matmul(log_p, yt); // [6, 3]
+                                  // A contraction with a value of the cluster on the right: that value
+                                  // is read through its transpose only, so it is not written out.
+    let sq = g.mul(z, e);
+    let sqt = g.transpose(sq, &[1, 0]);
+    let gram = g.matmul(centred, sqt); // [6, 6]
     let onehot: Vec<f32> = (0..N * 2)
         .map(|k| f32::from((k / 2) * 2 / N == k % 2))
         .collect();
@@ -331,6 +337,7 @@ fn contractions_and_row_reductions_match_the_reference() {
         .collect();
     let tall = g.concat(&blocks, 0); // [72, N]
     g.output("dw", dw);
+    g.output("gram", gram);
     g.output("per_half", per_half);
     g.output("col_mean", col_mean);
     g.output("all", all);
@@ -341,7 +348,7 @@ fn contractions_and_row_reductions_match_the_reference() {
     let p = &clusters[0].program;
     assert_eq!(p.columns, Some(N));
     assert_eq!(p.out_rows, [72], "the tall concatenation, written out");
-    assert_eq!(p.sums, [[6, 3], [6, 2], [6, 1], [1, 1]]);
+    assert_eq!(p.sums, [[6, 3], [6, 6], [6, 2], [6, 1], [1, 1]]);
     let inputs: HashMap<String, Value> = [("z", &[6, N][..]), ("y", &[3, N])]
         .iter()
         .enumerate()

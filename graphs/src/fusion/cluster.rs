@@ -5,10 +5,11 @@
 //! output shape, or *column-local* nodes over `[k, n]` tensors with one
 //! (large) `n` and any row count `k`: elementwise ops, `Concat`, `Slice` and
 //! `Expand` along rows, sums, means and maxima over rows, and products
-//! `W[a, b] @ X[b, n]` with a small `W` from outside the cluster. Column `j` of such a cluster's outputs depends
-//! only on column `j` of its `[k, n]` inputs, which is what the feature-major
-//! HierarchicalRNN state is made of; the cluster compiles to a
-//! column-stacked program (see [`super::program`]).
+//! `W[a, b] @ X[b, n]` with a small `W` from outside the cluster. Column `j`
+//! of such a cluster's outputs depends only on column `j` of its `[k, n]`
+//! inputs, which is what the feature-major HierarchicalRNN state is made
+//! of; the cluster compiles to a column-stacked program (see
+//! [`super::program`]).
 //! Nodes join greedily in topological order: a node joins the cluster of one
 //! of its producers when its other inputs do not depend on that cluster.
 //! Then *contractions* `A[p, n] @ Y[q, n]^T` over a column-local `n` (weight
@@ -428,7 +429,7 @@ pub fn find_clusters(g: &Graph) -> Vec<Cluster> {
     }
 
     let is_sum = absorb_contractions(g, &live, &mut cluster_of, &mut members, &classes);
-    let readers = readers(g, &live, &is_sum);
+    let readers = readers(g, &live, &is_sum, &is_output);
     members
         .into_iter()
         .enumerate()
@@ -536,10 +537,11 @@ fn absorb_contractions(
     is_sum
 }
 
-/// Who reads each value once contractions are cluster members: a
-/// contraction reads the rows `Y` of its transposed operand, and that
-/// transpose, read only by contractions, is no longer computed.
-fn readers(g: &Graph, live: &[bool], is_sum: &[bool]) -> Vec<Vec<NodeId>> {
+/// Who reads each live value once contractions are cluster members: a
+/// contraction reads the rows `Y` of its transposed operand, and a
+/// transpose that only contractions read is no longer computed, so it
+/// reads nothing.
+fn readers(g: &Graph, live: &[bool], is_sum: &[bool], is_output: &[bool]) -> Vec<Vec<NodeId>> {
     let mut readers: Vec<Vec<NodeId>> = vec![vec![]; g.len()];
     for (i, &l) in live.iter().enumerate() {
         if l {
@@ -550,11 +552,11 @@ fn readers(g: &Graph, live: &[bool], is_sum: &[bool]) -> Vec<Vec<NodeId>> {
         }
     }
     for i in 0..g.len() {
-        let all_sums = !readers[i].is_empty() && readers[i].iter().all(|u| is_sum[u.index()]);
-        if all_sums && matches!(g.node(NodeId(i as u32)).op, Op::Transpose(_)) {
-            let y = g.node(NodeId(i as u32)).inputs[0];
-            readers[i].clear();
-            readers[y.index()].retain(|&u| u != NodeId(i as u32));
+        let t = NodeId(i as u32);
+        let unread = live[i] && readers[i].is_empty() && !is_output[i];
+        if unread && matches!(g.node(t).op, Op::Transpose(_)) {
+            let y = g.node(t).inputs[0];
+            readers[y.index()].retain(|&u| u != t);
         }
     }
     readers
