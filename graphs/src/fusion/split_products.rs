@@ -76,10 +76,8 @@ pub fn split_row_stacked_products(g: &Graph) -> Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::{eval_graph, Value};
-    use crate::passes::sine_values;
+    use crate::passes::{assert_same_outputs, count_ops, sine_inputs};
     use crate::types::DType;
-    use std::collections::HashMap;
 
     #[test]
     fn products_of_stacked_rows_split_with_the_same_values() {
@@ -101,34 +99,15 @@ mod tests {
         g.output("kept", kept);
         g.output("x", x);
         let r = split_row_stacked_products(&g);
-        let count = |g: &Graph| {
-            g.nodes()
-                .iter()
-                .filter(|n| matches!(n.op, Op::MatMul))
-                .count()
-        };
+        let count = |g: &Graph| count_ops(g, |op| matches!(op, Op::MatMul));
         // Two products split in two; the small concatenation's is kept.
         assert_eq!((count(&g), count(&r)), (4, 6));
-        let ins: HashMap<String, Value> = [
-            ("a".to_string(), sine_values(&[3, 2], 0.2)),
-            ("b".to_string(), sine_values(&[2, N], 0.3)),
-            ("dy".to_string(), sine_values(&[4, N], 0.5)),
-            ("o".to_string(), sine_values(&[N, 5], 0.7)),
-        ]
-        .into();
-        let want = eval_graph(&g, &ins).unwrap();
-        let got = eval_graph(&r, &ins).unwrap();
-        for ((name, a), (_, b)) in want.iter().zip(&got) {
-            let (Value::F(a), Value::F(b)) = (a, b) else {
-                panic!("f32 outputs")
-            };
-            assert_eq!(a.shape(), b.shape(), "{name}");
-            for (p, q) in a.iter().zip(b) {
-                assert!(
-                    (p - q).abs() < 1e-9 * p.abs().max(1.0),
-                    "{name}: {p} vs {q}"
-                );
-            }
-        }
+        let ins = sine_inputs(&[
+            ("a", &[3, 2], 0.2),
+            ("b", &[2, N], 0.3),
+            ("dy", &[4, N], 0.5),
+            ("o", &[N, 5], 0.7),
+        ]);
+        assert_same_outputs(&g, &r, &ins);
     }
 }

@@ -70,10 +70,8 @@ pub fn column_sums_as_products(g: &Graph) -> Graph {
 
 #[cfg(test)]
 mod tests {
-    use super::super::sine_values;
+    use super::super::{assert_same_outputs, count_ops, sine_inputs};
     use super::*;
-    use crate::eval::{eval_graph, Value};
-    use std::collections::HashMap;
 
     #[test]
     fn column_sums_of_merged_operands_become_products_with_the_same_values() {
@@ -104,32 +102,17 @@ mod tests {
             g.output(name, id);
         }
         let r = column_sums_as_products(&g);
-        let count =
-            |g: &Graph, f: &dyn Fn(&Op) -> bool| g.nodes().iter().filter(|n| f(&n.op)).count();
         // The three sums over the rows of x and w (merged operands) are
         // products; y and z (not merged) and the row sums are left alone.
-        assert_eq!(count(&r, &|op| matches!(op, Op::MatMul)), 5);
-        assert_eq!(count(&r, &|op| matches!(op, Op::Reduce { .. })), 3);
-        let ins: HashMap<String, Value> = [
-            ("a".to_string(), sine_values(&[5, 40], 0.2)),
-            ("x".to_string(), sine_values(&[40, 3], 0.3)),
-            ("w".to_string(), sine_values(&[40, 2], 0.5)),
-            ("y".to_string(), sine_values(&[4, 3], 0.9)),
-            ("z".to_string(), sine_values(&[40, 3], 1.1)),
-        ]
-        .into();
-        let want = eval_graph(&g, &ins).unwrap();
-        let got = eval_graph(&r, &ins).unwrap();
-        assert_eq!(want.len(), got.len());
-        for ((name, a), (name_b, b)) in want.iter().zip(&got) {
-            assert_eq!(name, name_b);
-            let (Value::F(a), Value::F(b)) = (a, b) else {
-                panic!("f32 outputs")
-            };
-            assert_eq!(a.shape(), b.shape(), "{name}");
-            for (p, q) in a.iter().zip(b) {
-                assert!((p - q).abs() < 1e-12, "{name}: {p} vs {q}");
-            }
-        }
+        assert_eq!(count_ops(&r, |op| matches!(op, Op::MatMul)), 5);
+        assert_eq!(count_ops(&r, |op| matches!(op, Op::Reduce { .. })), 3);
+        let ins = sine_inputs(&[
+            ("a", &[5, 40], 0.2),
+            ("x", &[40, 3], 0.3),
+            ("w", &[40, 2], 0.5),
+            ("y", &[4, 3], 0.9),
+            ("z", &[40, 3], 1.1),
+        ]);
+        assert_same_outputs(&g, &r, &ins);
     }
 }

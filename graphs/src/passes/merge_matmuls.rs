@@ -188,9 +188,8 @@ fn emit(
 
 #[cfg(test)]
 mod tests {
-    use super::super::sine_values;
+    use super::super::{assert_same_outputs, count_ops, sine_inputs};
     use super::*;
-    use crate::eval::{eval_graph, Value};
     use crate::types::DType;
 
     #[test]
@@ -223,24 +222,13 @@ mod tests {
         g2.output("e", e);
         g2.output("p2", p2);
         let m = merge_shared_lhs_matmuls(&g2);
-        assert_eq!(
-            m.nodes()
-                .iter()
-                .filter(|n| matches!(n.op, Op::MatMul))
-                .count(),
-            1
-        );
-        let ins: HashMap<String, Value> = [
-            ("a".to_string(), sine_values(&[6, 5], 0.7)),
-            ("b1".to_string(), sine_values(&[5, 2], 1.3)),
-            ("b2".to_string(), sine_values(&[5, 3], 0.4)),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(
-            eval_graph(&g2, &ins).unwrap(),
-            eval_graph(&m, &ins).unwrap()
-        );
+        assert_eq!(count_ops(&m, |op| matches!(op, Op::MatMul)), 1);
+        let ins = sine_inputs(&[
+            ("a", &[6, 5], 0.7),
+            ("b1", &[5, 2], 1.3),
+            ("b2", &[5, 3], 0.4),
+        ]);
+        assert_same_outputs(&g2, &m, &ins);
     }
 
     #[test]
@@ -255,20 +243,13 @@ mod tests {
         g.output("e", e);
         g.output("p2", p2);
         let m = merge_shared_rhs_matmuls(&g);
-        let products = |g: &Graph| {
-            g.nodes()
-                .iter()
-                .filter(|n| matches!(n.op, Op::MatMul))
-                .count()
-        };
+        let products = |g: &Graph| count_ops(g, |op| matches!(op, Op::MatMul));
         assert_eq!((products(&g), products(&m)), (2, 1));
-        let ins: HashMap<String, Value> = [
-            ("b".to_string(), sine_values(&[5, 6], 0.7)),
-            ("a1".to_string(), sine_values(&[2, 5], 1.3)),
-            ("a2".to_string(), sine_values(&[3, 5], 0.4)),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(eval_graph(&g, &ins).unwrap(), eval_graph(&m, &ins).unwrap());
+        let ins = sine_inputs(&[
+            ("b", &[5, 6], 0.7),
+            ("a1", &[2, 5], 1.3),
+            ("a2", &[3, 5], 0.4),
+        ]);
+        assert_same_outputs(&g, &m, &ins);
     }
 }

@@ -57,3 +57,46 @@ pub(crate) fn sine_values(shape: &[usize], k: f64) -> crate::eval::Value {
         ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), data).expect("shape and data agree"),
     )
 }
+
+/// Test inputs by name: `(name, shape, k)` as [`sine_values`].
+#[cfg(test)]
+pub(crate) fn sine_inputs(
+    specs: &[(&str, &[usize], f64)],
+) -> std::collections::HashMap<String, crate::eval::Value> {
+    specs
+        .iter()
+        .map(|&(name, shape, k)| (name.to_string(), sine_values(shape, k)))
+        .collect()
+}
+
+/// Nodes of `g` whose op satisfies `which`.
+#[cfg(test)]
+pub(crate) fn count_ops(g: &Graph, which: impl Fn(&crate::ops::Op) -> bool) -> usize {
+    g.nodes().iter().filter(|n| which(&n.op)).count()
+}
+
+/// A rewritten graph computes what the original computes: every f32
+/// output, evaluated in f64 on `inputs`, to 1e-9 relative.
+#[cfg(test)]
+pub(crate) fn assert_same_outputs(
+    original: &Graph,
+    rewritten: &Graph,
+    inputs: &std::collections::HashMap<String, crate::eval::Value>,
+) {
+    use crate::eval::{eval_graph, Value};
+    let want = eval_graph(original, inputs).expect("the original evaluates");
+    let got = eval_graph(rewritten, inputs).expect("the rewritten graph evaluates");
+    assert_eq!(want.len(), got.len(), "output count");
+    for ((name, a), (_, b)) in want.iter().zip(&got) {
+        let (Value::F(a), Value::F(b)) = (a, b) else {
+            panic!("{name}: f32 outputs expected")
+        };
+        assert_eq!(a.shape(), b.shape(), "{name}");
+        for (p, q) in a.iter().zip(b) {
+            assert!(
+                (p - q).abs() < 1e-9 * p.abs().max(1.0),
+                "{name}: {p} vs {q}"
+            );
+        }
+    }
+}
