@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 
-use super::program::{destination, Fn1, Fn2, FusedProgram, Instr, View};
+use super::program::{destination, sum_shapes, Fn1, Fn2, FusedProgram, Instr, View};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, TensorData};
@@ -115,10 +115,11 @@ fn contraction(g: &Graph, id: NodeId) -> Option<(NodeId, NodeId, usize)> {
 /// What member `m` reads: its inputs, but a contraction reads the rows `Y`
 /// of its transposed operand.
 fn member_reads(g: &Graph, m: NodeId, is_sum: bool) -> Vec<NodeId> {
-    match contraction(g, m) {
-        Some((a, y, _)) if is_sum => vec![a, y],
-        _ => g.node(m).inputs.clone(),
+    if !is_sum {
+        return g.node(m).inputs.clone();
     }
+    let (a, y, _) = contraction(g, m).expect("a contraction member");
+    vec![a, y]
 }
 
 /// Can a `[k, n]` column-local value read an operand of shape `s` row by
@@ -758,24 +759,14 @@ fn compile_stacked(
                 };
                 let mut acc = rows[0];
                 for &r in &rows[1..] {
-                    acc = b.push(Instr::Binary {
-                        f,
-                        dst: 0,
-                        a: acc,
-                        b: r,
-                    });
+                    acc = b.push(instruction(&Kind::Binary(f), &[acc, r]));
                 }
                 if op == ReduceOp::Mean && k_in > 1 {
                     let scale = b.push(Instr::Const {
                         dst: 0,
                         value: 1.0 / k_in as f32,
                     });
-                    acc = b.push(Instr::Binary {
-                        f: Fn2::Mul,
-                        dst: 0,
-                        a: acc,
-                        b: scale,
-                    });
+                    acc = b.push(instruction(&Kind::Binary(Fn2::Mul), &[acc, scale]));
                 }
                 vec![acc]
             }
@@ -812,10 +803,7 @@ fn compile_stacked(
     );
     p.columns = Some(n);
     p.out_rows = outputs.iter().map(|o| b.rows[o].len()).collect();
-    p.sums = sums
-        .iter()
-        .map(|&s| [g.shape(s)[0], g.shape(s)[1]])
-        .collect();
+    p.sums = sum_shapes(&p.instrs, &p.lists).expect("contractions numbered in order");
     p
 }
 

@@ -25,8 +25,8 @@ use crate::ops::{Op, ReduceOp};
 use crate::types::{Tensor, TensorData};
 
 /// The constant `[n, q]` right operand of a 2-D product over a column-local
-/// `n`, transposed.
-fn transposed_constant(g: &Graph, id: NodeId) -> Option<Tensor> {
+/// `n`.
+fn constant_operand(g: &Graph, id: NodeId) -> Option<&Tensor> {
     let n = g.node(id);
     if !matches!(n.op, Op::MatMul) || n.inputs.len() != 2 {
         return None;
@@ -36,16 +36,21 @@ fn transposed_constant(g: &Graph, id: NodeId) -> Option<Tensor> {
         return None;
     }
     let t = g.const_value(c)?;
-    let (&[rows, cols], TensorData::F32(v)) = (t.shape.as_slice(), &t.data) else {
+    let (&[rows, cols], TensorData::F32(_)) = (t.shape.as_slice(), &t.data) else {
         return None;
     };
-    if !column_local_shape(&[cols, rows]) {
-        return None;
-    }
+    column_local_shape(&[cols, rows]).then_some(t)
+}
+
+/// A 2-D f32 constant, transposed.
+fn transposed(t: &Tensor) -> Tensor {
+    let (&[rows, cols], TensorData::F32(v)) = (t.shape.as_slice(), &t.data) else {
+        unreachable!("checked by constant_operand")
+    };
     let data = (0..cols)
         .flat_map(|j| (0..rows).map(move |i| v[i * cols + j]))
         .collect();
-    Some(Tensor::f32(&[cols, rows], data))
+    Tensor::f32(&[cols, rows], data)
 }
 
 /// A sum or mean over the columns (and maybe the rows) of a column-local
@@ -98,7 +103,7 @@ fn flat_row_reduction(g: &Graph, id: NodeId) -> Option<ReduceOp> {
 pub fn contraction_forms(g: &Graph) -> Graph {
     let applies = |i: usize| {
         let id = NodeId(i as u32);
-        transposed_constant(g, id).is_some()
+        constant_operand(g, id).is_some()
             || column_reduction(g, id).is_some()
             || flat_row_reduction(g, id).is_some()
     };
@@ -109,10 +114,10 @@ pub fn contraction_forms(g: &Graph) -> Graph {
     let mut ones: HashMap<usize, NodeId> = HashMap::new();
     crate::passes::rewrite_nodes(g, |out, i, n, ins, _| {
         let id = NodeId(i as u32);
-        if let Some(ct) = transposed_constant(g, id) {
+        if let Some(c) = constant_operand(g, id) {
             let t = *constants.entry(n.inputs[1]).or_insert_with(|| {
-                let c = out.constant(ct);
-                out.transpose(c, &[1, 0])
+                let ct = out.constant(transposed(c));
+                out.transpose(ct, &[1, 0])
             });
             return Some(out.matmul(ins[0], t));
         }

@@ -852,9 +852,10 @@ impl FusedProgram {
             .map(|s| s.last() == Some(&n) && n > 1)
             .collect();
         let mut no_offsets: [usize; 0] = [];
-        // A product's operands, reused from unit to unit.
+        // A product's and a contraction's operands, reused from unit to unit.
         let (mut srcs, mut dsts, mut weights) = (vec![], vec![], vec![]);
-        // Output row `s` (counted over all outputs' rows): its output and row.
+        let (mut rows_a, mut rows_b) = (vec![], vec![]);
+        // Where each contraction's block starts in a unit's partials.
         let sums_len = self.sums_len();
         let sum_offsets: Vec<usize> = self
             .sums
@@ -864,6 +865,7 @@ impl FusedProgram {
                 Some(*off - p * q)
             })
             .collect();
+        // Output row `s` (counted over all outputs' rows): its output and row.
         let slots: Vec<(usize, usize)> = self
             .out_rows
             .iter()
@@ -917,14 +919,12 @@ impl FusedProgram {
                         }
                     }
                     Instr::Contract { out, a, b } => {
-                        let rows = |l: u16| -> Vec<*const f32> {
-                            self.lists[l as usize]
-                                .iter()
-                                .map(|&r| at[r as usize])
-                                .collect()
-                        };
+                        for (rows, l) in [(&mut rows_a, a), (&mut rows_b, b)] {
+                            rows.clear();
+                            rows.extend(self.lists[l as usize].iter().map(|&r| at[r as usize]));
+                        }
                         let part = partials.add(u * sums_len + sum_offsets[out as usize]);
-                        super::contract::contract_rows(part, &rows(a), &rows(b), len);
+                        super::contract::contract_rows(part, &rows_a, &rows_b, len);
                     }
                     ref other => compute(other, &mut at, target(k, written(other)), len),
                 }
@@ -964,7 +964,10 @@ fn written(i: &Instr) -> u16 {
 
 /// The shapes of the contraction outputs of `instrs`, which must number
 /// them `0..m`, each once.
-fn sum_shapes(instrs: &[Instr], lists: &[Vec<u16>]) -> Result<Vec<[usize; 2]>, ProgramError> {
+pub(crate) fn sum_shapes(
+    instrs: &[Instr],
+    lists: &[Vec<u16>],
+) -> Result<Vec<[usize; 2]>, ProgramError> {
     let mut shapes: Vec<Option<[usize; 2]>> = vec![];
     for i in instrs {
         if let Instr::Contract { out, a, b } = *i {

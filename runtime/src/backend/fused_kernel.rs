@@ -54,13 +54,21 @@ impl Operator for FusedElementwise {
             .ok_or_else(|| ort::Error::new("FusedElementwise: no 'program' attribute"))?;
         let program = FusedProgram::decode(&text).map_err(|e| ort::Error::new(e.to_string()))?;
         let walk = program.walk();
-        Ok(FusedKernel { program, walk })
+        let partials = vec![0.0; program.partials_len(&walk)];
+        Ok(FusedKernel {
+            program,
+            walk,
+            partials,
+        })
     }
 }
 
 struct FusedKernel {
     program: FusedProgram,
     walk: Walk,
+    /// Each unit's share of the contractions, added up after a run (kept
+    /// between runs; every unit writes its whole block).
+    partials: Vec<f32>,
 }
 
 /// Output base pointers and the contraction partials, shared by the pool's
@@ -122,11 +130,9 @@ impl Kernel for FusedKernel {
             let (_, data) = o.try_extract_tensor_mut::<f32>()?;
             ptrs.push(data.as_mut_ptr());
         }
-        // Each unit's share of the contractions, added up after the loop.
-        let mut partials = vec![0.0f32; p.partials_len(&self.walk)];
         let targets = Targets {
             outputs: ptrs,
-            partials: partials.as_mut_ptr(),
+            partials: self.partials.as_mut_ptr(),
         };
         let units = self.walk.units();
         // A unit of a column-stacked program is a chunk of every row: work
@@ -151,7 +157,7 @@ impl Kernel for FusedKernel {
             ctx.par_for(tasks, tasks, run)?;
         }
         // SAFETY: every unit ran; the outputs have the program's shapes.
-        unsafe { p.finish_sums(&self.walk, &partials, &targets.outputs) };
+        unsafe { p.finish_sums(&self.walk, &self.partials, &targets.outputs) };
         Ok(())
     }
 }
