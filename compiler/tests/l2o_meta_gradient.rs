@@ -820,6 +820,7 @@ fn tiny_config_meta_iteration_on_mnist() {
         cfg.objective_examples,
         &layout.batch,
         &layout.objective_batch,
+        &layout.objective_transposed,
         cfg.seed,
     )
     .unwrap();
@@ -827,7 +828,8 @@ fn tiny_config_meta_iteration_on_mnist() {
     let mut objective = backend
         .load(&bundle.graph_bytes("objective").unwrap(), "objective")
         .unwrap();
-    // The set comes with its transpose, which only `objective_chunk` reads.
+    // The set, and its transpose where `objective_chunk` reads one (the
+    // `objective` graph does not).
     let obj0 = data.objective_batch(0).unwrap();
     let names = objective.input_names();
     let ins: Vec<(&str, &HostTensor)> = theta

@@ -182,8 +182,9 @@ pub fn run(a: L2oArgs) -> Result<()> {
         &data.train,
         0..cfg.objective_examples,
     )?;
-    // Its transpose (`obj.x.T`) is made by each timed BPTT call, once per
-    // unroll, as for an objective set handed over without it.
+    // A row-major objective's transpose (`obj.x.T`, where the layout lists
+    // it) is made by each timed BPTT call, once per unroll, as for an
+    // objective set handed over without it.
     println!(
         "# metac bench l2o: {} (batch {}, objective set {}), regulariser {}, one meta-iteration = {}-step unroll + BPTT + meta-gradient",
         cfg.problem,

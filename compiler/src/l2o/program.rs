@@ -250,23 +250,44 @@ impl L2oProgram {
                 .into_iter()
                 .map(|(n, _, _)| format!("obj.{n}"))
                 .collect(),
-            objective_transposed: self
-                .objective
-                .batch_inputs()
-                .into_iter()
-                .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
-                .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
-                .collect(),
+            // A row-major objective reads the set's transpose (made once per
+            // set); one computed by columns reads the set itself, on both
+            // sides of its products.
+            objective_transposed: if self.objective_by_columns() {
+                vec![]
+            } else {
+                self.objective
+                    .batch_inputs()
+                    .into_iter()
+                    .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
+                    .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
+                    .collect()
+            },
             objective_chunk: self.objective_chunk,
         }
     }
 
-    /// Replace the transposes of 2-D objective-set inputs in `g` (the
-    /// objective's gradient `X^T dH`) by the transposed inputs of the layout,
-    /// which the runtime makes once per objective set: a plain MatMul is
-    /// about twice as fast as a transposed one on ONNX Runtime's CPU GEMM
-    /// for this shape (`[784, 10000] x [10000, 20]`), and the objective's
-    /// gradient is the largest GEMM of the `objective_chunk` graph.
+    /// Whether the objective is computed with the examples as columns
+    /// ([`Problem::loss_by_columns`]), found by building it on a scratch
+    /// graph.
+    fn objective_by_columns(&self) -> bool {
+        let mut g = Graph::new();
+        let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
+        let theta = self.declare_theta(&mut g, "theta.");
+        self.objective
+            .loss_by_columns(&mut g, &theta, &obj)
+            .is_some()
+    }
+
+    /// Replace the transposes of 2-D objective-set inputs in `g` (a
+    /// row-major objective's gradient `X^T dH`) by the transposed inputs of
+    /// the layout, which the runtime makes once per objective set: a plain
+    /// MatMul is about twice as fast as a transposed one on ONNX Runtime's
+    /// CPU GEMM for this shape (`[784, 10000] x [10000, 20]`). An objective
+    /// by columns has none: its first layer `W^T @ X^T` is a GEMM with both
+    /// operands transposed, which ONNX Runtime runs as fast as (measured:
+    /// slightly faster than) a plain one, and which needs no transposed copy
+    /// of the set (31 MB made for every unroll).
     fn hoist_objective_transposes(g: &Graph, l: &L2oLayout) -> Graph {
         let mut g = g.clone();
         for (t_name, src) in &l.objective_transposed {

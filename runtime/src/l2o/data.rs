@@ -23,6 +23,9 @@ pub struct MnistUnrollData<'a> {
     /// Size and (image, label) input names of minibatches and objective sets.
     batch: (usize, (String, String)),
     objective: (usize, (String, String)),
+    /// The input name of the objective set's transposed images, where the
+    /// graphs read them.
+    transposed: Option<String>,
     rng: SplitMix64,
     first_objective: Option<Named<HostTensor>>,
 }
@@ -75,23 +78,32 @@ pub fn named_rows(
 }
 
 impl<'a> MnistUnrollData<'a> {
-    /// `batch_names`/`obj_names`: the layout's `batch` and `objective_batch`.
+    /// `batch_names`/`obj_names`/`obj_transposed`: the layout's `batch`,
+    /// `objective_batch` and `objective_transposed` (the objective set's
+    /// images are also handed out transposed when the graphs read that).
     pub fn new(
         split: &'a Split,
         batch: usize,
         objective_examples: usize,
         batch_names: &[String],
         obj_names: &[String],
+        obj_transposed: &[(String, String)],
         seed: u64,
     ) -> Result<Self> {
         ensure!(
             batch > 0 && objective_examples > 0 && !split.is_empty(),
             "empty minibatch, objective set or split"
         );
+        let objective = xy_names(obj_names, "objective set")?;
+        let transposed = obj_transposed
+            .iter()
+            .find(|(_, src)| *src == objective.0)
+            .map(|(name, _)| name.clone());
         Ok(MnistUnrollData {
             split,
             batch: (batch, xy_names(batch_names, "minibatch")?),
-            objective: (objective_examples, xy_names(obj_names, "objective set")?),
+            objective: (objective_examples, objective),
+            transposed,
             rng: SplitMix64::new(seed),
             first_objective: None,
         })
@@ -138,16 +150,19 @@ impl<'a> UnrollData<'a> for MnistUnrollData<'a> {
         }
         let idx = self.draw(self.objective.0);
         let mut set = named_rows(self.split, idx.iter().copied(), &self.objective.1);
-        // The transposed images too (`<x name>.T`), which the objective graph
-        // reads: made from the bytes, not by transposing `set`.
-        let xt = HostTensor::F32(
-            ndarray::ArrayD::from_shape_vec(
-                ndarray::IxDyn(&[PIXELS, idx.len()]),
-                self.split.images_transposed(&idx),
-            )
-            .expect("transposed shape"),
-        );
-        set.push((format!("{}.T", self.objective.1 .0), xt));
+        // The transposed images too where the objective graph reads them
+        // (bundles whose objective is row-major): made from the bytes, not
+        // by transposing `set`.
+        if let Some(name) = &self.transposed {
+            let xt = HostTensor::F32(
+                ndarray::ArrayD::from_shape_vec(
+                    ndarray::IxDyn(&[PIXELS, idx.len()]),
+                    self.split.images_transposed(&idx),
+                )
+                .expect("transposed shape"),
+            );
+            set.push((name.clone(), xt));
+        }
         Ok(set)
     }
 }
@@ -165,7 +180,8 @@ mod tests {
             labels: (0..n as i64).collect(),
         };
         let names = |p: &str| vec![format!("{p}.x"), format!("{p}.y")];
-        let mut d = MnistUnrollData::new(&split, 3, 10, &names("batch"), &names("obj"), 1).unwrap();
+        let mut d =
+            MnistUnrollData::new(&split, 3, 10, &names("batch"), &names("obj"), &[], 1).unwrap();
         let b = d.minibatch(0).unwrap();
         assert_eq!(b[0].0, "batch.x");
         assert_eq!(b[0].1.shape(), &[3, PIXELS]);
@@ -178,8 +194,31 @@ mod tests {
         let o = d.objective_batch(1).unwrap();
         assert_eq!(o[0].0, "obj.x");
         assert_eq!(o[0].1.shape(), &[10, PIXELS]);
+        assert_eq!(
+            o.len(),
+            2,
+            "no transposed images unless the layout reads them"
+        );
+        // A layout that reads the transposed images gets them.
+        let transposed = [("obj.x.T".to_string(), "obj.x".to_string())];
+        let mut d = MnistUnrollData::new(
+            &split,
+            3,
+            10,
+            &names("batch"),
+            &names("obj"),
+            &transposed,
+            1,
+        )
+        .unwrap();
+        let o = d.objective_batch(1).unwrap();
+        assert_eq!(o[2].0, "obj.x.T");
+        let (x, xt) = (o[0].1.as_f32().unwrap(), o[2].1.as_f32().unwrap());
+        assert_eq!(xt.shape(), &[PIXELS, 10]);
+        assert_eq!(xt.t(), x);
         // A set handed in for unroll 0 is returned once, then draws resume.
-        let mut d = MnistUnrollData::new(&split, 3, 20, &names("batch"), &names("obj"), 1).unwrap();
+        let mut d =
+            MnistUnrollData::new(&split, 3, 20, &names("batch"), &names("obj"), &[], 1).unwrap();
         let first = d.objective_batch(0).unwrap();
         d.set_first_objective(first.clone());
         assert_eq!(
@@ -187,6 +226,8 @@ mod tests {
             first[1].1.as_i64().unwrap()
         );
         assert_eq!(d.objective_batch(0).unwrap()[0].1.shape(), &[20, PIXELS]);
-        assert!(MnistUnrollData::new(&split, 0, 11, &names("batch"), &names("obj"), 1).is_err());
+        assert!(
+            MnistUnrollData::new(&split, 0, 11, &names("batch"), &names("obj"), &[], 1).is_err()
+        );
     }
 }

@@ -415,6 +415,7 @@ impl<'a> MetaTrainer<'a> {
             s.objective_examples,
             &self.layout.batch,
             &self.layout.objective_batch,
+            &self.layout.objective_transposed,
             seed,
         )?;
         let phi_refs: Vec<(&str, &HostTensor)> =
@@ -498,6 +499,7 @@ impl<'a> MetaTrainer<'a> {
                 s.objective_examples,
                 &self.layout.batch,
                 &self.layout.objective_batch,
+                &self.layout.objective_transposed,
                 seed,
             )?;
             // The log meta-objective's constant: the objective at the start,
