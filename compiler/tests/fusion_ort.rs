@@ -6,9 +6,10 @@
 
 use metac_compiler::l2o::config::L2oConfig;
 use metac_compiler::l2o::program::L2oProgram;
+use metac_compiler::models::problems::{problem_by_name, Problem};
 use metac_graphs::fusion::fuse_onnx;
 use metac_graphs::onnx::export::export_bytes;
-use metac_graphs::{DType, Graph};
+use metac_graphs::{DType, Graph, NodeId};
 use metac_runtime::backend::{open_backend, Backend, BackendChoice, BackendOptions};
 use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
@@ -244,4 +245,66 @@ fn get_in<'a>(ins: &'a [(String, HostTensor)], name: &str) -> &'a HostTensor {
         .find(|(n, _)| n == name)
         .unwrap_or_else(|| panic!("no input {name}"))
         .1
+}
+
+/// The MNIST MLP written row-major only (no `loss_by_columns`), as a
+/// problem without a by-columns form is.
+struct RowMajor(Box<dyn Problem>);
+
+impl Problem for RowMajor {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.0.param_shapes()
+    }
+    fn init_params(&self, seed: u64) -> Vec<metac_graphs::Tensor> {
+        self.0.init_params(seed)
+    }
+    fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
+        self.0.batch_inputs()
+    }
+    fn loss(&self, g: &mut Graph, params: &[NodeId], batch: &[NodeId]) -> NodeId {
+        self.0.loss(g, params, batch)
+    }
+}
+
+/// The objective set's transposed copy (made by the runtime once per set)
+/// is listed in the layout exactly when `objective_chunk` reads it: for a
+/// row-major objective whose gradient takes `X^T` (the MLP written
+/// row-major), not for one by columns (the MLPs, which read the set on both
+/// sides of their products) nor for the ConvNet (whose gradient does not
+/// transpose the set).
+#[test]
+fn the_layout_lists_the_transposed_set_where_the_objective_reads_it() {
+    let cases: [(&str, bool, bool); 3] = [
+        ("mnist-mlp", false, false),
+        ("mnist-mlp", true, true),
+        ("mnist-convnet", false, false),
+    ];
+    for (problem, row_major, reads) in cases {
+        let mut cfg = config("tiny.toml");
+        cfg.problem = problem.into();
+        let mut prog = L2oProgram::from_config(&cfg).unwrap();
+        if row_major {
+            let mlp = problem_by_name(problem, cfg.objective_examples).unwrap();
+            prog.objective = Box::new(RowMajor(mlp));
+        }
+        let chunk = prog.objective_chunk_graph();
+        let reads_transpose = chunk.inputs().iter().any(|(n, _)| n == "obj.x.T");
+        assert_eq!(
+            reads_transpose, reads,
+            "{problem} (row-major {row_major}): graph"
+        );
+        let want = if reads {
+            vec![("obj.x.T".to_string(), "obj.x".to_string())]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            prog.layout().objective_transposed,
+            want,
+            "{problem} (row-major {row_major}): layout"
+        );
+    }
 }

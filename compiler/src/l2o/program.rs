@@ -250,33 +250,47 @@ impl L2oProgram {
                 .into_iter()
                 .map(|(n, _, _)| format!("obj.{n}"))
                 .collect(),
-            // A row-major objective reads the set's transpose (made once per
-            // set); one computed by columns reads the set itself, on both
-            // sides of its products.
-            objective_transposed: if self.objective_by_columns() {
-                vec![]
-            } else {
-                self.objective
-                    .batch_inputs()
-                    .into_iter()
-                    .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
-                    .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
-                    .collect()
-            },
+            objective_transposed: self.objective_transposed_inputs(),
             objective_chunk: self.objective_chunk,
         }
     }
 
-    /// Whether the objective is computed with the examples as columns
-    /// ([`Problem::loss_by_columns`]), found by building it on a scratch
-    /// graph.
-    fn objective_by_columns(&self) -> bool {
+    /// The transposed copies of objective-set inputs that `objective_chunk`
+    /// reads, `(name, source)`: those of 2-D float inputs whose transpose a
+    /// row-major objective's gradient takes (`X^T dH`), found by building the
+    /// objective and its gradient for one parameter set on a scratch graph.
+    /// An objective computed by columns ([`Problem::loss_by_columns`]) reads
+    /// none: it reads the set itself on both sides of its products.
+    fn objective_transposed_inputs(&self) -> Vec<(String, String)> {
         let mut g = Graph::new();
         let obj = Self::declare_batch(self.objective.as_ref(), &mut g, "obj.");
         let theta = self.declare_theta(&mut g, "theta.");
-        self.objective
+        if self
+            .objective
             .loss_by_columns(&mut g, &theta, &obj)
             .is_some()
+        {
+            return vec![];
+        }
+        let loss = self.objective.loss(&mut g, &theta, &obj);
+        for (k, d) in grad(&mut g, loss, &theta).into_iter().enumerate() {
+            g.output(&format!("d{k}"), d);
+        }
+        let g = optimize(&g);
+        self.objective
+            .batch_inputs()
+            .into_iter()
+            .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
+            .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
+            .filter(|(_, src)| {
+                g.find_input(src).is_some_and(|x| {
+                    g.nodes().iter().any(|n| {
+                        matches!(&n.op, Op::Transpose(p) if p.as_slice() == [1, 0])
+                            && n.inputs == [x]
+                    })
+                })
+            })
+            .collect()
     }
 
     /// Replace the transposes of 2-D objective-set inputs in `g` (a
