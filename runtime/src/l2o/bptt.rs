@@ -64,9 +64,9 @@ pub trait StepTensor: Clone {
 
 /// The transposed copies of the objective set that the layout asks for
 /// (`obj.x.T` of a row-major objective, made once per objective set, so that
-/// the objective's gradient `X^T dH` is a plain MatMul) and that `obj` does not hold already (a data
-/// source may make them more cheaply itself). The objective graph reads them
-/// next to the objective set.
+/// the objective's gradient `X^T dH` is a plain MatMul) and that `obj` does
+/// not hold already (a data source may make them more cheaply itself). The
+/// objective graph reads them next to the objective set.
 pub fn objective_transposes<T: StepTensor>(
     layout: &L2oLayout,
     obj: &[(String, T)],
