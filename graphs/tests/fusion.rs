@@ -319,8 +319,9 @@ fn contractions_and_row_reductions_match_the_reference() {
     let centred = g.sub(z, row_mean);
     let yt = g.transpose(y, &[1, 0]);
     let dw = g.matmul(log_p, yt); // [6, 3]
-                                  // A contraction with a value of the cluster on the right: that value
-                                  // is read through its transpose only, so it is not written out.
+
+    // A contraction with a value of the cluster on the right: that value is
+    // read through its transpose only, so it is not written out.
     let sq = g.mul(z, e);
     let sqt = g.transpose(sq, &[1, 0]);
     let gram = g.matmul(centred, sqt); // [6, 6]

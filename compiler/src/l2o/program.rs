@@ -79,6 +79,18 @@ pub fn baseline_graph_name(label: &str) -> String {
     format!("baseline.{label}")
 }
 
+/// The node transposing 2-D input `name` of `g` (`Transpose` with `perm
+/// [1, 0]`), if there is one: a row-major objective's `X^T` in `X^T dH`.
+fn input_transpose(g: &Graph, name: &str) -> Option<NodeId> {
+    let x = g.find_input(name)?;
+    g.nodes()
+        .iter()
+        .position(|n| {
+            matches!(&n.op, Op::Transpose(p) if p.as_slice() == [1, 0]) && n.inputs == [x]
+        })
+        .map(|i| NodeId(i as u32))
+}
+
 /// Name of the regulariser-weight input of the fused unroll graph.
 pub const REG_WEIGHT: &str = "reg_weight";
 /// The epsilon of the log meta-objective.
@@ -282,14 +294,7 @@ impl L2oProgram {
             .into_iter()
             .filter(|(_, d, s)| *d == DType::F32 && s.len() == 2)
             .map(|(n, _, _)| (format!("obj.{n}.T"), format!("obj.{n}")))
-            .filter(|(_, src)| {
-                g.find_input(src).is_some_and(|x| {
-                    g.nodes().iter().any(|n| {
-                        matches!(&n.op, Op::Transpose(p) if p.as_slice() == [1, 0])
-                            && n.inputs == [x]
-                    })
-                })
-            })
+            .filter(|(_, src)| input_transpose(&g, src).is_some())
             .collect()
     }
 
@@ -305,15 +310,8 @@ impl L2oProgram {
     fn hoist_objective_transposes(g: &Graph, l: &L2oLayout) -> Graph {
         let mut g = g.clone();
         for (t_name, src) in &l.objective_transposed {
-            let Some(x) = g.find_input(src) else {
-                continue;
-            };
-            let hit = g.nodes().iter().position(|n| {
-                matches!(&n.op, Op::Transpose(p) if p.as_slice() == [1, 0]) && n.inputs == [x]
-            });
-            if let Some(i) = hit {
-                g.replace_with_input(NodeId(i as u32), t_name)
-                    .expect("a fresh input name");
+            if let Some(t) = input_transpose(&g, src) {
+                g.replace_with_input(t, t_name).expect("a fresh input name");
             }
         }
         optimize(&g)
