@@ -20,10 +20,10 @@
 //! built with the evaluation batch size (none for data-free problems);
 //! outputs `loss` and, for classifiers, `accuracy`.
 
+use metac_contract::io::{EvalIo, RunInit, TrainStepIo};
 use metac_graphs::autodiff::grad;
 use metac_graphs::passes::optimize;
 use metac_graphs::{Graph, Tensor};
-use metac_runtime::metatest::{host_tensor, EvalIo, RunInit, TrainStepIo};
 
 use crate::models::baselines::{Baseline, StepOptimizer};
 use crate::models::hrnn::Hrnn;
@@ -174,13 +174,13 @@ pub fn run_init(
     let shapes: Vec<Vec<usize>> = problem.param_shapes().into_iter().map(|(_, s)| s).collect();
     RunInit {
         optimizer: label.into(),
-        params: problem.init_params(seed).iter().map(host_tensor).collect(),
+        params: problem.init_params(seed),
         state: opt
             .initial_state(&shapes, phi, seed)
-            .iter()
-            .map(|(_, t)| host_tensor(t))
+            .into_iter()
+            .map(|(_, t)| t)
             .collect(),
-        phi: phi.iter().map(|(_, t)| host_tensor(t)).collect(),
+        phi: phi.iter().map(|(_, t)| t.clone()).collect(),
     }
 }
 

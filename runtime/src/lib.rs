@@ -1,7 +1,5 @@
 pub mod backend;
-pub mod bundle;
 pub mod data;
-pub mod fsutil;
 pub mod hessian;
 pub mod l2o;
 pub mod metatest;

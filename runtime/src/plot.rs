@@ -262,7 +262,7 @@ fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> Result<()> {
         w.write_image_data(rgb).map_err(|e| err(&e))?;
         w.finish().map_err(|e| err(&e))?;
     }
-    crate::fsutil::write_atomic(path, &bytes)
+    metac_contract::fsutil::write_atomic(path, &bytes)
 }
 
 /// A spectral density plot: one line per series of `(eigenvalue, density)`

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use metac_compiler::derive::{derive, HvpMode};
+use metac_contract::bundle::{BundleBuilder, Port, StateBuffer};
 use metac_graphs::onnx::{export_bytes, import_file};
 use metac_runtime::backend::{open_backend, Backend, BackendChoice, BackendOptions};
-use metac_runtime::bundle::{BundleBuilder, Port, StateBuffer};
 use metac_runtime::tensor::HostTensor;
 use metac_tests::fixtures::{self, close, f32_array, i64_array, rel_err, LOSS_MODELS};
 use metac_tests::python::{run_script, scratch};

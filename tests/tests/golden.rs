@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use metac_compiler::derive::{derive, HvpMode};
+use metac_contract::bundle::{Bundle, BundleBuilder, Port, StateBuffer};
 use metac_graphs::onnx::import_file;
-use metac_runtime::bundle::{Bundle, BundleBuilder, Port, StateBuffer};
 use metac_tests::fixtures;
 use metac_tests::python::scratch;
 

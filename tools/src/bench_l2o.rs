@@ -8,13 +8,14 @@ use std::time::Instant;
 use anyhow::Result;
 use metac_compiler::l2o::config::L2oConfig;
 use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
+use metac_contract::bundle::Bundle;
+use metac_contract::l2o::{L2oMeta, RegularizeTime};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
-use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
 use metac_runtime::l2o::bptt::{truncated_bptt, Minibatches, Named, StepRunner, Unroll};
 use metac_runtime::l2o::data::{named_rows, xy_names, RowBatches};
-use metac_runtime::l2o::regularizer::{ProbeGenerator, RegularizeTime, RegularizerSchedule};
-use metac_runtime::l2o::{L2oLayout, SessionRunner};
+use metac_runtime::l2o::regularizer::ProbeGenerator;
+use metac_runtime::l2o::SessionRunner;
 use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
 
@@ -152,8 +153,8 @@ pub fn run(a: L2oArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("metac-bench-l2o-{}", std::process::id()));
     compile_l2o(&cfg, &dir)?;
     let bundle = Bundle::load(&dir)?;
-    let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
-    let reg = RegularizerSchedule::from_meta(&bundle.manifest.meta)?;
+    let meta = L2oMeta::from_manifest(&bundle.manifest)?;
+    let (layout, reg) = (meta.layout, meta.regularizer);
     let mut gen = ProbeGenerator::new(cfg.seed);
     let probes: Vec<Named<HostTensor>> = match &reg {
         Some(r) => (0..a.unroll_length).map(|_| gen.draw(r)).collect(),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use metac_runtime::fsutil::write_atomic;
+use metac_contract::fsutil::write_atomic;
 use metac_runtime::metatest::{OptimizerSummary, Summary};
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 use serde::Serialize;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use metac_compiler::derive::{derive, HvpMode};
-use metac_runtime::bundle::{BundleBuilder, Port, StateBuffer};
+use metac_contract::bundle::{BundleBuilder, Port, StateBuffer};
 
 /// Write the gradient and Hessian-vector-product graphs of an ONNX model.
 #[derive(clap::Args)]

@@ -25,8 +25,8 @@ use metac_compiler::metatest::{
     build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
 };
 use metac_compiler::models::problems::{problem_by_name, problem_names, Problem};
+use metac_contract::bundle::Bundle;
 use metac_runtime::backend::open_backend;
-use metac_runtime::bundle::Bundle;
 use metac_runtime::metatest::{
     params_path, run_optimizer, write_params, Evaluation, MetaTestResults, StepData,
 };

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use metac_contract::bundle::{op_counts, Bundle, TensorSpec};
 use metac_graphs::onnx::pb;
-use metac_runtime::bundle::{op_counts, Bundle, TensorSpec};
 use prost::Message;
 
 /// Print graphs, inputs/outputs with shapes, op counts and parameter counts.

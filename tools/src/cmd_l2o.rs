@@ -4,15 +4,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use metac_compiler::l2o::config::{L2oConfig, RunConfig};
-use metac_compiler::l2o::program::{compile_l2o, L2oProgram};
+use metac_compiler::l2o::config::L2oConfig;
+use metac_compiler::l2o::program::compile_l2o;
+use metac_contract::bundle::Bundle;
+use metac_contract::l2o::{L2oMeta, RunSettings};
 use metac_runtime::backend::open_backend;
-use metac_runtime::bundle::Bundle;
 use metac_runtime::data::mnist;
-use metac_runtime::l2o::bptt::Named;
-use metac_runtime::l2o::run::{InitSampler, IterationLog, MetaTrainer, RunSettings};
-use metac_runtime::metatest::host_tensor;
-use metac_runtime::tensor::HostTensor;
+use metac_runtime::l2o::run::{IterationLog, MetaTrainer};
 
 use crate::common::BackendArgs;
 
@@ -124,41 +122,22 @@ pub struct RunArgs {
     pub backend: BackendArgs,
 }
 
-/// Fresh optimizee parameters and optimizer state from the compiled program.
-struct ProgramSampler(L2oProgram);
-
-impl InitSampler for ProgramSampler {
-    fn sample(&self, seed: u64) -> Result<(Named<HostTensor>, Named<HostTensor>)> {
-        let conv = |v: Vec<(String, metac_graphs::Tensor)>| {
-            v.into_iter().map(|(n, t)| (n, host_tensor(&t))).collect()
-        };
-        Ok((conv(self.0.init_theta(seed)), conv(self.0.init_state(seed))))
-    }
-}
-
-/// The compile config stored in an L2O bundle.
+/// The compile config stored in an L2O bundle (`meta.l2o.config`), for
+/// `metac eval`, which rebuilds the learned optimizer on other problems.
 pub fn bundle_config(b: &Bundle) -> Result<L2oConfig> {
-    let v = b
-        .manifest
-        .meta
-        .get("l2o")
-        .and_then(|m| m.get("config"))
-        .with_context(|| {
-            format!(
-                "{}: not an l2o bundle (no meta.l2o.config)",
-                b.dir.display()
-            )
-        })?;
-    serde_json::from_value(v.clone())
+    let meta =
+        L2oMeta::from_manifest(&b.manifest).with_context(|| format!("{}", b.dir.display()))?;
+    serde_json::from_value(meta.config)
         .with_context(|| format!("{}: malformed meta.l2o.config", b.dir.display()))
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
     let bundle = Bundle::load(&a.bundle)?;
-    let cfg = bundle_config(&bundle)?;
+    let meta = L2oMeta::from_manifest(&bundle.manifest)
+        .with_context(|| format!("{}", bundle.dir.display()))?;
     let mut rc = match &a.config {
-        Some(p) => L2oConfig::load(p)?.run,
-        None => RunConfig::default(),
+        Some(p) => RunSettings::from_config_file(p)?,
+        None => RunSettings::default(),
     };
     if let Some(v) = a.meta_iterations {
         rc.num_meta_iterations = v;
@@ -190,28 +169,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     ensure!(rc.unroll_length > 0, "--unroll-length must be at least 1");
     ensure!(rc.num_unrolls > 0, "--num-unrolls must be at least 1");
     rc.validate()?;
-    let program = L2oProgram::from_config(&cfg)?;
     ensure!(
-        program.train.needs_data().is_some(),
+        meta.data.is_some(),
         "problem '{}' needs no data; metac run meta-trains on MNIST problems",
-        cfg.problem
+        meta.problem
     );
     let dir = a.data_dir.clone().unwrap_or_else(mnist::default_dir);
     let data = mnist::load(&dir)?;
     let backend = open_backend(&a.backend.options())?;
-    let settings = RunSettings {
-        num_meta_iterations: rc.num_meta_iterations,
-        unroll_length: rc.unroll_length,
-        num_unrolls: rc.num_unrolls,
-        evaluation_period: rc.evaluation_period,
-        validation_problems: rc.validation_problems,
-        validation_steps: rc.validation_steps,
-        seed: cfg.seed,
-        batch_size: cfg.batch_size,
-        objective_examples: cfg.objective_examples,
-        curriculum: rc.curriculum(),
-        checkpoint_every: rc.bptt_checkpoint_every,
-    };
+    let settings = rc;
     let mut trainer = MetaTrainer::open(
         &bundle,
         backend.as_ref(),
@@ -220,7 +186,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         a.resume,
     )?;
     if !a.quiet {
-        let horizon = match &settings.curriculum {
+        let horizon = match &settings.curriculum() {
             Some(c) => format!(
                 "curriculum {:?} steps (stage {}, switching after {} validations)",
                 c.steps,
@@ -231,7 +197,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         };
         eprintln!(
             "metac run: {} on {} ({}), {} meta-iterations x {horizon} x {} steps, starting at {}",
-            cfg.problem,
+            meta.problem,
             backend.name(),
             a.backend.device,
             settings.num_meta_iterations,
@@ -279,17 +245,12 @@ pub fn run(a: RunArgs) -> Result<()> {
             None => eprintln!("{line}"),
         }
     };
-    trainer.run(
-        &ProgramSampler(program),
-        &data.train,
-        &data.validation,
-        &mut show,
-    )?;
+    trainer.run(&data.train, &data.validation, &mut show)?;
     if trainer.curriculum_state().stopped {
         println!(
             "curriculum: stage {} brought no improvement in {} validations; meta-training stopped after {} meta-iterations",
             trainer.curriculum_state().stage,
-            settings.curriculum.as_ref().map_or(0, |c| c.min_num_eval),
+            settings.min_num_eval,
             trainer.completed()
         );
     }

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use common::{compile_l2o, err_line, metac, ok, root};
 use metac_compiler::models::problems::problem_by_name;
-use metac_runtime::bundle::read_safetensors;
+use metac_contract::bundle::read_safetensors;
 
 fn scratch(name: &str) -> std::path::PathBuf {
     common::scratch("eval-cli", name)

@@ -51,7 +51,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use metac_runtime::l2o::regularizer::RegularizeTime;
+pub use metac_contract::l2o::RunSettings;
+use metac_contract::l2o::{RegularizeTime, RmsPropConfig};
 
 use super::regularizer::{RegOption, RegularizerSpec};
 use crate::models::hrnn::{HrnnConfig, Level2Input};
@@ -113,8 +114,8 @@ fn default_accumulator_init() -> f64 {
 
 impl MetaOptimizerConfig {
     /// The runtime's RMSProp settings.
-    pub fn rmsprop(&self) -> metac_runtime::l2o::RmsPropConfig {
-        metac_runtime::l2o::RmsPropConfig {
+    pub fn rmsprop(&self) -> RmsPropConfig {
+        RmsPropConfig {
             lr: self.lr,
             decay: self.decay,
             eps: self.eps,
@@ -299,117 +300,6 @@ impl ImitationConfig {
 }
 
 /// Run-time settings: read by the runtime, never part of a compiled graph.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunConfig {
-    pub num_meta_iterations: usize,
-    pub unroll_length: usize,
-    pub num_unrolls: usize,
-    #[serde(default = "default_eval_period")]
-    pub evaluation_period: usize,
-    /// Fresh problems per validation (the validation objective is their
-    /// mean): one problem is a noisy basis for best checkpoints and
-    /// curriculum switches.
-    #[serde(default = "default_validation_problems")]
-    pub validation_problems: usize,
-    /// Inner steps of a validation run; 0 (the default) is the meta-training
-    /// horizon, `unroll_length * num_unrolls`. Checkpoints chosen on a longer
-    /// horizon are the ones that stay stable beyond the training horizon.
-    #[serde(default)]
-    pub validation_steps: usize,
-    /// Curriculum learning: inner steps per meta-iteration of each stage
-    /// (strictly increasing multiples of `unroll_length`; the seed's list is
-    /// `[100, 200, 500, 1000, 1500, ..., 5000]`). Replaces `num_unrolls`.
-    #[serde(default)]
-    pub curriculum: Option<Vec<usize>>,
-    /// Curriculum: validations at a stage before it may switch.
-    #[serde(default = "default_min_num_eval")]
-    pub min_num_eval: usize,
-    /// BPTT keeps the state of every this-many-th inner step and recomputes
-    /// the others in the backward pass (0: keeps all): for long unrolls,
-    /// memory of `steps / n + n` states at the cost of one more forward step
-    /// per step.
-    #[serde(default)]
-    pub bptt_checkpoint_every: usize,
-}
-
-fn default_min_num_eval() -> usize {
-    3
-}
-
-fn default_validation_problems() -> usize {
-    1
-}
-
-impl RunConfig {
-    /// Check every value; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        let r = self;
-        positive("run.num_meta_iterations", r.num_meta_iterations)?;
-        positive("run.unroll_length", r.unroll_length)?;
-        positive("run.num_unrolls", r.num_unrolls)?;
-        // evaluation_period 0 means never validate, which a curriculum cannot do without.
-        if r.curriculum.is_some() && r.evaluation_period == 0 {
-            bail!("config key 'run.evaluation_period' must be at least 1 with a run.curriculum (stages switch on validations)");
-        }
-        positive("run.min_num_eval", r.min_num_eval)?;
-        positive("run.validation_problems", r.validation_problems)?;
-        if let Some(c) = &r.curriculum {
-            if c.is_empty() {
-                bail!("config key 'run.curriculum' must list at least one stage");
-            }
-            if let Some(w) = c.windows(2).find(|w| w[1] <= w[0]) {
-                bail!(
-                    "config key 'run.curriculum' must be strictly increasing, got {} then {}",
-                    w[0],
-                    w[1]
-                );
-            }
-            if let Some(&x) = c
-                .iter()
-                .find(|&&x| x == 0 || !x.is_multiple_of(r.unroll_length))
-            {
-                bail!(
-                    "config key 'run.curriculum': {x} steps is not a positive multiple of run.unroll_length ({})",
-                    r.unroll_length
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The curriculum, if the config has one.
-    pub fn curriculum(&self) -> Option<metac_runtime::l2o::curriculum::Curriculum> {
-        self.curriculum
-            .clone()
-            .map(|steps| metac_runtime::l2o::curriculum::Curriculum {
-                steps,
-                min_num_eval: self.min_num_eval,
-            })
-    }
-}
-
-fn default_eval_period() -> usize {
-    1
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            num_meta_iterations: 100,
-            unroll_length: 20,
-            num_unrolls: 5,
-            evaluation_period: 1,
-            validation_problems: default_validation_problems(),
-            validation_steps: 0,
-            curriculum: None,
-            min_num_eval: default_min_num_eval(),
-            bptt_checkpoint_every: 0,
-        }
-    }
-}
-
-/// The whole L2O config file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct L2oConfig {
@@ -442,7 +332,8 @@ pub struct L2oConfig {
     #[serde(default)]
     pub imitation: ImitationConfig,
     #[serde(default)]
-    pub run: RunConfig,
+    /// The `[run]` table: run-time settings (see [`RunSettings`]).
+    pub run: RunSettings,
 }
 
 fn default_objective_chunk() -> usize {
@@ -532,7 +423,7 @@ mod tests {
     #[test]
     fn parses_defaults_and_tables() {
         let c = L2oConfig::from_toml_str(BASE).unwrap();
-        assert_eq!(c.run, RunConfig::default());
+        assert_eq!(c.run, RunSettings::default());
         assert_eq!(c.meta_optimizer, MetaOptimizerConfig::default());
         let c = L2oConfig::from_toml_str(&format!(
             "{BASE}[optimizer]\nlevel2_input = \"mean-over-tensors\"\n[run]\nnum_meta_iterations = 3\nunroll_length = 5\nnum_unrolls = 2\n"

@@ -44,18 +44,20 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use metac_contract::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
+use metac_contract::init::{draw_all, TensorInit};
+use metac_contract::l2o::{
+    chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, ImitationSpec, L2oInit,
+    L2oLayout, L2oMeta, ProbeInput, RegularizeTime, RegularizerSchedule, META_UPDATE,
+    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK, REG, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
+};
 use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::ops::Op;
 use metac_graphs::passes::{
     column_sums_as_products, merge_shared_lhs_matmuls, merge_shared_rhs_matmuls, optimize,
 };
 use metac_graphs::{DType, Graph, NodeId, Tensor};
-use metac_runtime::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
-use metac_runtime::l2o::{
-    chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, L2oLayout, META_UPDATE,
-    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
-};
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
@@ -63,8 +65,6 @@ use crate::metatest::{build_train_step, MetaOptimizer};
 use crate::models::baselines::{parse_baseline, Adam, Baseline, StepOptimizer, BUNDLE_BASELINES};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
-use metac_runtime::l2o::imitation::ImitationSpec;
-use metac_runtime::l2o::regularizer::{ProbeInput, RegularizerSchedule, REG};
 
 /// Name of the meta-loss output of the fused unroll graph.
 pub const META_LOSS: &str = "meta_loss";
@@ -673,6 +673,31 @@ impl L2oProgram {
         self.hrnn.weights().init(seed)
     }
 
+    /// How fresh optimizee parameters (named `theta.<param>`) and optimizer
+    /// state (hidden states 0: `reset` sets them on the first unroll) are
+    /// drawn: what the bundle carries as `meta.l2o.init`, so that the
+    /// runtime draws the values [`L2oProgram::init_theta`] and
+    /// [`L2oProgram::init_state`] give.
+    pub fn init_rules(&self) -> Result<L2oInit> {
+        let rules = self.train.init_rules().with_context(|| {
+            format!(
+                "problem '{}' has no initialisation rules a bundle can carry",
+                self.train.name()
+            )
+        })?;
+        let theta = self
+            .layout()
+            .theta
+            .into_iter()
+            .zip(rules)
+            .map(|(name, r)| TensorInit { name, ..r })
+            .collect();
+        Ok(L2oInit {
+            theta,
+            state: self.hrnn.initial_state_rules(&self.param_shapes()),
+        })
+    }
+
     /// Initial optimizee parameters, named `theta.<param>`.
     pub fn init_theta(&self, seed: u64) -> Vec<(String, Tensor)> {
         self.layout()
@@ -685,7 +710,7 @@ impl L2oProgram {
     /// Initial optimizer state (hidden states 0: run `reset` on the first
     /// unroll).
     pub fn init_state(&self, seed: u64) -> Vec<(String, Tensor)> {
-        self.hrnn.initial_state(&self.param_shapes(), seed)
+        draw_all(&self.hrnn.initial_state_rules(&self.param_shapes()), seed)
     }
 
     /// The runtime's view of the regulariser (`None` without one).
@@ -703,9 +728,7 @@ impl L2oProgram {
         Some(RegularizerSchedule {
             option,
             alpha: c.alpha,
-            time: c
-                .regularize_time
-                .unwrap_or(metac_runtime::l2o::regularizer::RegularizeTime::None),
+            time: c.regularize_time.unwrap_or(RegularizeTime::None),
             posterior_scale: c.posterior_scale,
             probe_kind: self.regularizer.probe_kind(),
             probes: self.probe_inputs(),
@@ -861,16 +884,27 @@ impl L2oProgram {
             let up = port("step", &next_name(&n));
             buffer(&mut b, &n, t, Some(up));
         }
-        b.meta(serde_json::json!({
-            "l2o": {
-                "config": config_meta,
-                "layout": l,
-                "meta_objective": "mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)",
-                "reset": "run `reset` before the first step of a problem's first unroll",
-                "regularizer": self.regularizer_schedule(regularizer),
-                "imitation": imitation.as_ref().map(|(_, s)| s),
-            }
-        }));
+        let batch_size = |p: &dyn Problem| {
+            p.batch_inputs()
+                .first()
+                .and_then(|(_, _, s)| s.first().copied())
+                .unwrap_or(0)
+        };
+        let meta = L2oMeta {
+            config: config_meta,
+            problem: self.train.name().to_string(),
+            data: self.train.needs_data(),
+            seed,
+            batch_size: batch_size(self.train.as_ref()),
+            objective_examples: batch_size(self.objective.as_ref()),
+            layout: l,
+            meta_objective: "mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)".into(),
+            reset: "run `reset` before the first step of a problem's first unroll".into(),
+            regularizer: self.regularizer_schedule(regularizer),
+            imitation: imitation.map(|(_, s)| s),
+            init: self.init_rules()?,
+        };
+        b.meta(meta.to_meta());
         b.write(dir)
     }
 }

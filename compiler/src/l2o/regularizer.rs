@@ -15,9 +15,9 @@
 //! node, so the step's VJP differentiates it (third-order terms in the
 //! optimizer's weights through `theta_t`).
 
+use metac_contract::l2o::ProbeKind;
 use metac_graphs::autodiff::{inner_product, jvp};
 use metac_graphs::{Graph, NodeId};
-use metac_runtime::l2o::regularizer::ProbeKind;
 use serde::{Deserialize, Serialize};
 
 /// Which regulariser (`reg_option` in the config).

@@ -37,6 +37,7 @@
 //! `reset_hidden`), and [`Hrnn::initial_state_with_weights`] host values with
 //! the hidden states taken from given weight values (for meta-testing).
 
+use metac_contract::init::{draw_all, InitRule, TensorInit};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -621,6 +622,36 @@ impl Hrnn {
             .collect()
     }
 
+    /// How the initial state is drawn from a seed (what an L2O bundle
+    /// carries, `meta.l2o.init.state`): zeros, but the per-element log
+    /// learning rates: per tensor `k` (stream `k`) an offset
+    /// `o ~ U[ln(lo)/2, ln(hi)/2)` of `init_lr_range = (lo, hi)`, then per
+    /// element `U[ln(lo)/2, ln(hi)/2) + o`, clamped to
+    /// `[MIN_LOG_LR, max_log_lr]`.
+    pub fn initial_state_rules(&self, param_shapes: &[Vec<usize>]) -> Vec<TensorInit> {
+        let (lo, hi) = self.config.init_lr_range;
+        let p = Packing::new(param_shapes);
+        let log_lr = self.slots().log_lr;
+        self.state_specs(param_shapes)
+            .iter()
+            .enumerate()
+            .map(|(k, (n, s))| {
+                let rule = if Some(k) == log_lr {
+                    InitRule::SegmentedUniform {
+                        lo: lo.ln() / 2.0,
+                        hi: hi.ln() / 2.0,
+                        min: MIN_LOG_LR,
+                        max: self.config.max_log_lr,
+                        segments: p.sizes.clone(),
+                    }
+                } else {
+                    InitRule::Constant { value: 0.0 }
+                };
+                TensorInit::new(n, s, rule)
+            })
+            .collect()
+    }
+
     /// Host initial state, deterministic in `seed`: accumulators, mean
     /// squares and both decays 0; hidden states 0 (placeholders: apply
     /// [`Hrnn::reset_hidden`] in the graph of the first unroll, or use
@@ -634,29 +665,7 @@ impl Hrnn {
     /// With the default range both terms lie in [-6.9, -2.3], so the initial
     /// log lr is in [-13.8, -4.6] (about e^-9 on average).
     pub fn initial_state(&self, param_shapes: &[Vec<usize>], seed: u64) -> Vec<(String, Tensor)> {
-        let (lo, hi) = self.config.init_lr_range;
-        let (a, b) = (lo.ln() / 2.0, hi.ln() / 2.0);
-        let p = Packing::new(param_shapes);
-        let mut out: Vec<(String, Tensor)> = self
-            .state_specs(param_shapes)
-            .iter()
-            .map(|(n, s)| (n.clone(), Tensor::f32(s, vec![0.0; s.iter().product()])))
-            .collect();
-        let Some(slot) = self.slots().log_lr else {
-            return out;
-        };
-        let mut vals = Vec::with_capacity(p.total);
-        for k in 0..p.num_tensors() {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(k as u64);
-            let draw = |rng: &mut ChaCha8Rng| if a < b { rng.random_range(a..b) } else { a };
-            let offset = draw(&mut rng);
-            vals.extend((0..p.sizes[k]).map(|_| {
-                (draw(&mut rng) + offset).clamp(MIN_LOG_LR, self.config.max_log_lr) as f32
-            }));
-        }
-        out[slot].1 = Tensor::f32(&[1, p.total], vals);
-        out
+        draw_all(&self.initial_state_rules(param_shapes), seed)
     }
 
     /// [`Hrnn::initial_state`] with the hidden states set from the values of

@@ -40,8 +40,6 @@ use std::path::Path;
 use metac_graphs::onnx::ImportedModel;
 use metac_graphs::passes::dce::live_nodes;
 use metac_graphs::{DType, Graph, NodeId, Op, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use super::convnet::ConvNet;
 use super::mlp::{Activation, Mlp};
@@ -49,66 +47,46 @@ use super::synthetic::{self, Synthetic};
 
 // ---- randomness ---------------------------------------------------------------
 
-/// A deterministic random stream: ChaCha8 seeded with `seed`, on stream
-/// `stream` (use the parameter index, so that parameters are independent).
-pub struct SeededRng(ChaCha8Rng);
+pub use metac_contract::init::SeededRng;
+use metac_contract::init::{InitRule, TensorInit};
 
-impl SeededRng {
-    pub fn new(seed: u64, stream: u64) -> Self {
-        let mut r = ChaCha8Rng::seed_from_u64(seed);
-        r.set_stream(stream);
-        SeededRng(r)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        self.0.random::<f64>()
-    }
-
-    /// Standard normal (Box-Muller, one draw per pair of uniforms).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // (0, 1]
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Uniform integer in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0.random_range(0..n)
-    }
+/// The fan-in normal rules: `N(0,1) * 1.2 / sqrt(fan_in)` for weights
+/// (rank >= 2), parameter `i` drawn from stream `i` of the seed, and zeros
+/// for biases (rank 1).
+pub fn fan_in_normal_rules(shapes: &[(String, Vec<usize>)], fan_ins: &[usize]) -> Vec<TensorInit> {
+    shapes
+        .iter()
+        .zip(fan_ins)
+        .enumerate()
+        .map(|(i, ((n, s), &fan))| {
+            let rule = if s.len() < 2 {
+                InitRule::Constant { value: 0.0 }
+            } else {
+                InitRule::Normal {
+                    std: 1.2 / (fan as f64).sqrt(),
+                    stream: i as u64,
+                }
+            };
+            TensorInit::new(n, s, rule)
+        })
+        .collect()
 }
 
-/// `N(0,1) * 1.2 / sqrt(fan_in)` for weights (rank >= 2) and zeros for
-/// biases (rank 1), parameter `i` drawn from stream `i` of `seed`.
+/// [`fan_in_normal_rules`] drawn for `seed`.
 pub fn fan_in_normal_init(
     shapes: &[(String, Vec<usize>)],
     fan_ins: &[usize],
     seed: u64,
 ) -> Vec<Tensor> {
-    shapes
+    fan_in_normal_rules(shapes, fan_ins)
         .iter()
-        .zip(fan_ins)
-        .enumerate()
-        .map(|(i, ((_, s), &fan))| {
-            let n: usize = s.iter().product();
-            if s.len() < 2 {
-                return Tensor::f32(s, vec![0.0; n]);
-            }
-            let mut rng = SeededRng::new(seed, i as u64);
-            let scale = 1.2 / (fan as f64).sqrt();
-            Tensor::f32(s, (0..n).map(|_| (rng.normal() * scale) as f32).collect())
-        })
+        .map(|r| r.draw(seed))
         .collect()
 }
 
 // ---- the trait ----------------------------------------------------------------
 
-/// Where a problem's batches come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataKind {
-    /// MNIST: `x f32[B,784]` (pixels scaled to [0,1]), `y i64[B]` (0..10).
-    Mnist,
-}
+pub use metac_contract::l2o::DataKind;
 
 /// An optimizee: parameters, batch inputs and a scalar loss graph.
 pub trait Problem: Send + Sync {
@@ -117,9 +95,21 @@ pub trait Problem: Send + Sync {
     /// Names and shapes of the parameter tensors (all f32), in order.
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
 
+    /// How initial parameter values are drawn from a seed, in the order of
+    /// [`Problem::param_shapes`]: what an L2O bundle carries so that the
+    /// runtime draws fresh problems without the compiler. `None` for
+    /// problems whose values are not drawn (an ONNX model's initializers).
+    fn init_rules(&self) -> Option<Vec<TensorInit>>;
+
     /// Deterministic initial parameter values for `seed`, in the order of
-    /// [`Problem::param_shapes`].
-    fn init_params(&self, seed: u64) -> Vec<Tensor>;
+    /// [`Problem::param_shapes`] (by default [`Problem::init_rules`] drawn).
+    fn init_params(&self, seed: u64) -> Vec<Tensor> {
+        self.init_rules()
+            .expect("a problem without init rules overrides init_params")
+            .iter()
+            .map(|r| r.draw(seed))
+            .collect()
+    }
 
     /// Names, dtypes and shapes of the inputs the runtime feeds per step
     /// (empty for problems with baked data).
@@ -233,14 +223,14 @@ impl Problem for MlpProblem {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.mlp.param_shapes()
     }
-    fn init_params(&self, seed: u64) -> Vec<Tensor> {
+    fn init_rules(&self) -> Option<Vec<TensorInit>> {
         let fans: Vec<usize> = self
             .mlp
             .sizes
             .windows(2)
             .flat_map(|w| [w[0], w[0]])
             .collect();
-        fan_in_normal_init(&self.param_shapes(), &fans, seed)
+        Some(fan_in_normal_rules(&self.param_shapes(), &fans))
     }
     fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
         mnist_batch(self.batch)
@@ -279,8 +269,11 @@ impl Problem for ConvNetProblem {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.net.param_shapes()
     }
-    fn init_params(&self, seed: u64) -> Vec<Tensor> {
-        fan_in_normal_init(&self.param_shapes(), &self.net.fan_ins(), seed)
+    fn init_rules(&self) -> Option<Vec<TensorInit>> {
+        Some(fan_in_normal_rules(
+            &self.param_shapes(),
+            &self.net.fan_ins(),
+        ))
     }
     fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
         mnist_batch(self.batch)
@@ -312,8 +305,8 @@ impl Problem for SyntheticProblem {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.f.param_shapes()
     }
-    fn init_params(&self, seed: u64) -> Vec<Tensor> {
-        self.f.init_params(seed)
+    fn init_rules(&self) -> Option<Vec<TensorInit>> {
+        Some(self.f.init_rules())
     }
     fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
         vec![]
@@ -409,6 +402,10 @@ impl Problem for OnnxProblem {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape.clone()))
             .collect()
+    }
+    /// None: the initial values are the file's (see `init_params`).
+    fn init_rules(&self) -> Option<Vec<TensorInit>> {
+        None
     }
     /// The initializer values stored in the file; `seed` is ignored.
     fn init_params(&self, _seed: u64) -> Vec<Tensor> {

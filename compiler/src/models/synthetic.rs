@@ -8,6 +8,8 @@
 
 use metac_graphs::{Graph, NodeId, Tensor};
 
+use metac_contract::init::{InitRule, TensorInit};
+
 use super::problems::SeededRng;
 
 /// The data seed of every synthetic problem: the baked constants are the
@@ -124,47 +126,71 @@ impl Synthetic {
         }
     }
 
-    /// Deterministic initial parameters for `seed` (the scheme of each
-    /// problem is documented at [`crate::models::problems`]).
-    pub fn init_params(&self, seed: u64) -> Vec<Tensor> {
-        // Standard starting point plus N(0, 0.1^2) noise for the 2-D test
-        // functions; N(0, 1) for the others.
-        let around = |start: &[f32]| {
-            let mut rng = SeededRng::new(seed, 0);
-            let v = start
-                .iter()
-                .map(|&s| s + (0.1 * rng.normal()) as f32)
-                .collect();
-            vec![Tensor::f32(&[start.len()], v)]
+    /// How the initial parameters are drawn (the scheme of each problem is
+    /// documented at [`crate::models::problems`]): a standard starting point
+    /// plus N(0, 0.1^2) noise for the 2-D test functions, N(0, 1) for the
+    /// others, small weights and a zero bias for softmax regression.
+    pub fn init_rules(&self) -> Vec<TensorInit> {
+        let shapes = self.param_shapes();
+        let around = |start: Vec<f32>| {
+            vec![TensorInit::new(
+                &shapes[0].0,
+                &[start.len()],
+                InitRule::NormalAround {
+                    point: start,
+                    std: 0.1,
+                    stream: 0,
+                },
+            )]
         };
         match self {
             Synthetic::Quadratic { .. }
             | Synthetic::LogSumExp { .. }
-            | Synthetic::StyblinskiTang { .. } => self
-                .param_shapes()
+            | Synthetic::StyblinskiTang { .. } => shapes
                 .iter()
                 .enumerate()
-                .map(|(i, (_, s))| normal_tensor(&mut SeededRng::new(seed, i as u64), s, 1.0))
+                .map(|(i, (n, s))| {
+                    TensorInit::new(
+                        n,
+                        s,
+                        InitRule::Normal {
+                            std: 1.0,
+                            stream: i as u64,
+                        },
+                    )
+                })
                 .collect(),
-            Synthetic::Rosenbrock { dim } => {
-                // The classic (-1.2, 1, -1.2, 1, ...) start.
-                let start: Vec<f32> = (0..*dim)
+            // The classic (-1.2, 1, -1.2, 1, ...) start.
+            Synthetic::Rosenbrock { dim } => around(
+                (0..*dim)
                     .map(|i| if i % 2 == 0 { -1.2 } else { 1.0 })
-                    .collect();
-                around(&start)
-            }
-            Synthetic::Beale => around(&[1.0, 1.0]),
-            Synthetic::Booth => around(&[0.0, 0.0]),
-            Synthetic::Matyas => around(&[5.0, 3.0]),
-            Synthetic::SoftmaxRegression { .. } => {
-                // Small weights, zero bias: the loss starts near ln(classes).
-                let shapes = self.param_shapes();
-                vec![
-                    normal_tensor(&mut SeededRng::new(seed, 0), &shapes[0].1, 0.01),
-                    Tensor::f32(&shapes[1].1, vec![0.0; shapes[1].1[0]]),
-                ]
-            }
+                    .collect(),
+            ),
+            Synthetic::Beale => around(vec![1.0, 1.0]),
+            Synthetic::Booth => around(vec![0.0, 0.0]),
+            Synthetic::Matyas => around(vec![5.0, 3.0]),
+            // Small weights, zero bias: the loss starts near ln(classes).
+            Synthetic::SoftmaxRegression { .. } => vec![
+                TensorInit::new(
+                    &shapes[0].0,
+                    &shapes[0].1,
+                    InitRule::Normal {
+                        std: 0.01,
+                        stream: 0,
+                    },
+                ),
+                TensorInit::new(
+                    &shapes[1].0,
+                    &shapes[1].1,
+                    InitRule::Constant { value: 0.0 },
+                ),
+            ],
         }
+    }
+
+    /// Deterministic initial parameters for `seed` ([`Synthetic::init_rules`] drawn).
+    pub fn init_params(&self, seed: u64) -> Vec<Tensor> {
+        self.init_rules().iter().map(|r| r.draw(seed)).collect()
     }
 
     /// The global minimiser and minimum value, where they are known exactly

@@ -6,48 +6,11 @@ use std::collections::HashSet;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 
+use metac_contract::io::HvpIo;
+
 use super::Operator;
 use crate::backend::Session;
 use crate::tensor::HostTensor;
-
-/// Names of the HVP graph's inputs and outputs. For a parameter `P`: input
-/// `P` (its value), input `v.P` (its part of the direction), outputs
-/// `grad.P` and `hv.P`; plus the data inputs and the scalar output `loss`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HvpIo {
-    pub params: Vec<String>,
-    pub shapes: Vec<Vec<usize>>,
-    /// Data inputs (in the problem's order; empty for data-free problems).
-    pub batch: Vec<String>,
-    pub v: Vec<String>,
-    pub loss: String,
-    pub grad: Vec<String>,
-    pub hv: Vec<String>,
-}
-
-impl HvpIo {
-    /// The names for parameters `params` (name, shape) and data inputs `batch`.
-    pub fn new(params: &[(String, Vec<usize>)], batch: Vec<String>) -> Self {
-        let names = |pre: &str| params.iter().map(|(n, _)| format!("{pre}{n}")).collect();
-        HvpIo {
-            params: params.iter().map(|(n, _)| n.clone()).collect(),
-            shapes: params.iter().map(|(_, s)| s.clone()).collect(),
-            batch,
-            v: names("v."),
-            loss: "loss".into(),
-            grad: names("grad."),
-            hv: names("hv."),
-        }
-    }
-
-    /// Total number of parameter elements.
-    pub fn num_params(&self) -> usize {
-        self.shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum()
-    }
-}
 
 /// One slice of the data: the batch inputs of one graph run.
 pub struct Chunk {

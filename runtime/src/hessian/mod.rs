@@ -28,8 +28,9 @@ mod lanczos;
 mod tridiag;
 
 pub use estimators::{density, hutchinson, integral, slq, Density, SlqRun, TraceEstimate};
-pub use graph::{Chunk, HvpIo, HvpOperator};
+pub use graph::{Chunk, HvpOperator};
 pub use lanczos::{lanczos, top_eigenvalues, Lanczos, TopEigen};
+pub use metac_contract::io::HvpIo;
 pub use tridiag::{symmetric_eigenvalues, tridiag_eigen, TridiagEigen};
 
 use anyhow::{bail, Result};

@@ -30,14 +30,14 @@ use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::Graph;
 use ndarray::{ArrayD, IxDyn};
 
-use super::regularizer::REG;
+use super::REG;
 use super::{
     chunk_name, ct_name, d_name, next_name, objective_grad_name, L2oLayout, MINIBATCH_LOSS,
     OBJECTIVE, OBJECTIVE_CHUNK, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
 };
 use crate::backend::{Backend, Session};
-use crate::bundle::Bundle;
 use crate::tensor::HostTensor;
+use metac_contract::bundle::Bundle;
 
 /// Named tensors.
 pub type Named<T> = Vec<(String, T)>;

@@ -16,15 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The stage list and the switching rule.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Curriculum {
-    /// Inner steps per meta-iteration at each stage, strictly increasing,
-    /// each a multiple of the unroll length.
-    pub steps: Vec<usize>,
-    /// Validations at a stage before it may switch.
-    pub min_num_eval: usize,
-}
+pub use metac_contract::l2o::Curriculum;
 
 /// Where a run is in its curriculum.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]

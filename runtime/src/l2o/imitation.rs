@@ -14,57 +14,13 @@
 
 use std::collections::HashMap;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use ndarray::{ArrayD, IxDyn};
-use serde::{Deserialize, Serialize};
 
 use super::bptt::{Minibatches, Named};
+use super::ImitationSpec;
 use crate::backend::Session;
 use crate::tensor::HostTensor;
-
-/// The imitation settings and the `imitation_step` graph's names
-/// (`meta.l2o.imitation` of a bundle).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ImitationSpec {
-    /// Probability that a meta-iteration imitates.
-    pub mt_ratio: f64,
-    /// Adam steps per label.
-    pub mt_k: usize,
-    /// Weight of the MSE in the meta-loss.
-    pub weight: f64,
-    /// Adam's learning rate (compiled into the graph; for logs).
-    pub lr: f64,
-    /// The graph of the bundle.
-    pub graph: String,
-    /// `(graph input, layout theta name)` for each parameter.
-    pub params: Vec<(String, String)>,
-    /// `(graph input, layout minibatch name)` for each batch input.
-    pub batch: Vec<(String, String)>,
-    /// Adam's state inputs and shapes (zeros at the start).
-    pub state: Vec<(String, Vec<usize>)>,
-    /// Output names: new parameters (in `params` order) and new state.
-    pub new_params: Vec<String>,
-    pub new_state: Vec<String>,
-}
-
-impl ImitationSpec {
-    /// Read `meta.l2o.imitation` (absent or null: no imitation).
-    pub fn from_meta(meta: &serde_json::Value) -> Result<Option<Self>> {
-        match meta.get("l2o").and_then(|m| m.get("imitation")) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => {
-                let s: ImitationSpec = serde_json::from_value(v.clone())
-                    .context("malformed 'l2o.imitation' in manifest meta")?;
-                ensure!(
-                    (0.0..=1.0).contains(&s.mt_ratio),
-                    "'l2o.imitation.mt_ratio' in manifest meta must be in [0, 1], got {}",
-                    s.mt_ratio
-                );
-                Ok(Some(s))
-            }
-        }
-    }
-}
 
 /// Adam on its own trajectory, producing one label per inner step.
 pub struct AdamTeacher<'a> {

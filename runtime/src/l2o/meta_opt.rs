@@ -15,17 +15,8 @@
 use anyhow::{ensure, Result};
 use ndarray::ArrayD;
 
+use super::RmsPropConfig;
 use crate::tensor::HostTensor;
-
-/// RMSProp settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RmsPropConfig {
-    pub lr: f64,
-    pub decay: f64,
-    pub eps: f64,
-    pub clip: f64,
-    pub accumulator_init: f64,
-}
 
 /// RMSProp state over a fixed list of f32 tensors.
 pub struct RmsProp {

@@ -9,96 +9,12 @@
 //! forward step), which differentiates the regulariser into `theta_t` and
 //! from there, through the earlier steps, into the optimizer's weights.
 
-use anyhow::{ensure, Result};
 use ndarray::{ArrayD, IxDyn};
-use serde::{Deserialize, Serialize};
 
 use super::bptt::Named;
+use super::{ProbeKind, RegularizerSchedule};
 use crate::rng::SplitMix64;
 use crate::tensor::HostTensor;
-
-/// Name of the step's regulariser output (and, as `ct.reg`, of its cotangent).
-pub const REG: &str = "reg";
-
-/// When the regulariser counts (`regularize_time`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RegularizeTime {
-    /// Every unroll.
-    All,
-    /// Only unrolls with (0-based) index `> int(posterior_scale * n + 1)`
-    /// of the `n` unrolls of a meta-iteration.
-    Posterior,
-    /// Never: the regulariser contributes 0 (it is still computed and logged).
-    None,
-}
-
-/// How probe entries are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProbeKind {
-    /// +-1 with probability 1/2 each (Hutchinson).
-    Rademacher,
-    /// Standard normal (start vectors of power iteration and Lanczos).
-    Normal,
-}
-
-/// One probe input of the step graphs: `[P, *param shape]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeInput {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-/// The regulariser of a bundle as the runtime sees it (`meta.l2o.regularizer`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RegularizerSchedule {
-    /// `reg_option` (for logs).
-    pub option: String,
-    /// Weight of `reg` in the meta-loss.
-    pub alpha: f64,
-    pub time: RegularizeTime,
-    pub posterior_scale: f64,
-    pub probe_kind: ProbeKind,
-    /// The step graphs' probe inputs (empty for `jacob`).
-    pub probes: Vec<ProbeInput>,
-}
-
-impl RegularizerSchedule {
-    /// The weight of the regulariser in unroll `unroll` of `num_unrolls`.
-    pub fn weight(&self, unroll: usize, num_unrolls: usize) -> f64 {
-        match self.time {
-            RegularizeTime::All => self.alpha,
-            RegularizeTime::Posterior => {
-                let first_excluded = (self.posterior_scale * num_unrolls as f64 + 1.0) as usize;
-                if unroll > first_excluded {
-                    self.alpha
-                } else {
-                    0.0
-                }
-            }
-            RegularizeTime::None => 0.0,
-        }
-    }
-
-    /// Read `meta.l2o.regularizer` (absent: no regulariser).
-    pub fn from_meta(meta: &serde_json::Value) -> Result<Option<Self>> {
-        match meta.get("l2o").and_then(|m| m.get("regularizer")) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => {
-                let s: RegularizerSchedule = serde_json::from_value(v.clone()).map_err(|e| {
-                    anyhow::anyhow!("malformed 'l2o.regularizer' in manifest meta: {e}")
-                })?;
-                ensure!(
-                    s.alpha.is_finite() && s.alpha >= 0.0,
-                    "'l2o.regularizer.alpha' in manifest meta must be >= 0, got {}",
-                    s.alpha
-                );
-                Ok(Some(s))
-            }
-        }
-    }
-}
 
 /// Draws the probes of each inner step, deterministically in its seed.
 pub struct ProbeGenerator {
@@ -152,6 +68,7 @@ impl ProbeGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::l2o::{ProbeInput, RegularizeTime};
 
     fn schedule(time: RegularizeTime, kind: ProbeKind) -> RegularizerSchedule {
         RegularizerSchedule {

@@ -18,57 +18,35 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bptt::{Named, StepRunner};
-use super::curriculum::{Curriculum, CurriculumState, Decision};
+use super::curriculum::{CurriculumState, Decision};
 use super::data::{MnistUnrollData, SplitMix64};
-use super::imitation::{AdamTeacher, ImitationSpec};
+use super::imitation::AdamTeacher;
 use super::meta_opt::{CompiledMetaUpdate, MetaUpdate};
-use super::regularizer::{ProbeGenerator, RegularizerSchedule};
+use super::regularizer::ProbeGenerator;
 use super::train::{meta_iteration, Regularization, UnrollData, UnrollSchedule};
-use super::{L2oLayout, SessionRunner, MINIBATCH_LOSS, OBJECTIVE};
+use super::{
+    Curriculum, ImitationSpec, L2oInit, L2oLayout, L2oMeta, RegularizerSchedule, RunSettings,
+    SessionRunner, MINIBATCH_LOSS, OBJECTIVE,
+};
 use crate::backend::{Backend, Session};
-use crate::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
 use crate::data::mnist::Split;
-use crate::fsutil::{sha256_hex, write_atomic};
 use crate::metatest::host_tensor;
 use crate::tensor::HostTensor;
+use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
+use metac_contract::fsutil::{sha256_hex, write_atomic};
+use metac_contract::init::draw_all;
 
-/// Fresh optimizee parameters and optimizer state for a meta-iteration.
-pub trait InitSampler {
-    /// `theta` in `layout.theta` order and the optimizer state in
-    /// `layout.state` order, drawn from `seed`.
-    fn sample(&self, seed: u64) -> Result<(Named<HostTensor>, Named<HostTensor>)>;
-}
-
-/// Run-time settings (the config's `[run]` table and data sizes).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct RunSettings {
-    pub num_meta_iterations: usize,
-    pub unroll_length: usize,
-    pub num_unrolls: usize,
-    /// Validate every this many meta-iterations (0 = never).
-    pub evaluation_period: usize,
-    /// Fresh problems per validation; the validation objective is their mean.
-    #[serde(default = "one")]
-    pub validation_problems: usize,
-    /// Inner steps of a validation run (0: the meta-training horizon,
-    /// `unroll_length * num_unrolls`). A longer one picks best checkpoints
-    /// that stay stable beyond the horizon they were trained on.
-    #[serde(default)]
-    pub validation_steps: usize,
-    pub seed: u64,
-    pub batch_size: usize,
-    pub objective_examples: usize,
-    /// Curriculum learning: the horizon of each stage replaces `num_unrolls`.
-    #[serde(default)]
-    pub curriculum: Option<Curriculum>,
-    /// BPTT keeps the state of every this-many-th step and recomputes the
-    /// rest (0 or 1: keeps all).
-    #[serde(default)]
-    pub checkpoint_every: usize,
-}
-
-fn one() -> usize {
-    1
+/// Fresh optimizee parameters (`layout.theta` order) and optimizer state
+/// (`layout.state` order) drawn from `seed` by the bundle's rules
+/// (`meta.l2o.init`).
+fn sample(init: &L2oInit, seed: u64) -> (Named<HostTensor>, Named<HostTensor>) {
+    let draw = |inits: &[metac_contract::init::TensorInit]| {
+        draw_all(inits, seed)
+            .into_iter()
+            .map(|(n, t)| (n, host_tensor(&t)))
+            .collect()
+    };
+    (draw(&init.theta), draw(&init.state))
 }
 
 /// One line of `metrics.jsonl`.
@@ -150,12 +128,16 @@ fn objective_value(
 /// A meta-training run in a directory.
 pub struct MetaTrainer<'a> {
     pub bundle: &'a Bundle,
+    /// The bundle's typed metadata (`meta.l2o`).
+    pub meta: L2oMeta,
     pub layout: L2oLayout,
     /// The bundle's regulariser, if it has one.
     pub regularizer: Option<RegularizerSchedule>,
     /// The bundle's imitation settings and its compiled Adam step.
     imitation: Option<(ImitationSpec, Box<dyn Session>)>,
     pub settings: RunSettings,
+    /// The settings' curriculum, if any.
+    curriculum_spec: Option<Curriculum>,
     pub out: PathBuf,
     runner: SessionRunner,
     objective: Box<dyn Session>,
@@ -178,18 +160,18 @@ impl<'a> MetaTrainer<'a> {
         out: &Path,
         resume: bool,
     ) -> Result<Self> {
-        ensure!(
-            bundle.manifest.kind == "l2o",
-            "{}: bundle kind is '{}', expected 'l2o'",
-            bundle.dir.display(),
-            bundle.manifest.kind
-        );
-        let layout = L2oLayout::from_meta(&bundle.manifest.meta)?;
-        let regularizer = RegularizerSchedule::from_meta(&bundle.manifest.meta)
+        settings.validate()?;
+        let meta = L2oMeta::from_manifest(&bundle.manifest)
             .with_context(|| format!("{}", bundle.dir.display()))?;
-        let imitation = match ImitationSpec::from_meta(&bundle.manifest.meta)
-            .with_context(|| format!("{}", bundle.dir.display()))?
-        {
+        ensure!(
+            meta.data.is_some(),
+            "{}: problem '{}' needs no data; meta-training runs on MNIST problems",
+            bundle.dir.display(),
+            meta.problem
+        );
+        let layout = meta.layout.clone();
+        let regularizer = meta.regularizer.clone();
+        let imitation = match meta.imitation.clone() {
             Some(spec) => {
                 let s = backend.load(&bundle.graph_bytes(&spec.graph)?, &spec.graph)?;
                 Some((spec, s))
@@ -225,9 +207,11 @@ impl<'a> MetaTrainer<'a> {
         );
         let mut t = MetaTrainer {
             bundle,
+            meta,
             layout,
             regularizer,
             imitation,
+            curriculum_spec: settings.curriculum(),
             settings,
             out: out.to_path_buf(),
             runner,
@@ -272,7 +256,7 @@ impl<'a> MetaTrainer<'a> {
     /// Unrolls per meta-iteration: the curriculum stage's horizon, or the
     /// settings' `num_unrolls`.
     pub fn num_unrolls(&self) -> usize {
-        match &self.settings.curriculum {
+        match &self.curriculum_spec {
             Some(c) => self.curriculum.steps(c) / self.settings.unroll_length,
             None => self.settings.num_unrolls,
         }
@@ -293,12 +277,12 @@ impl<'a> MetaTrainer<'a> {
             &info.manifest_sha256[..12],
             &self.manifest_sha256[..12]
         );
+        // The seed and batch size are the bundle's, checked by its hash.
         ensure!(
-            info.settings.seed == self.settings.seed
-                && info.settings.unroll_length == self.settings.unroll_length
+            info.settings.unroll_length == self.settings.unroll_length
                 && info.settings.num_unrolls == self.settings.num_unrolls
-                && info.settings.batch_size == self.settings.batch_size
                 && info.settings.curriculum == self.settings.curriculum
+                && info.settings.min_num_eval == self.settings.min_num_eval
                 && info.settings.validation_problems == self.settings.validation_problems
                 && info.settings.validation_steps == self.settings.validation_steps,
             "{}: the run was started with other settings ({:?}); resume with the same ones",
@@ -395,24 +379,23 @@ impl<'a> MetaTrainer<'a> {
     /// `split` for the training horizon; the objective at the end.
     /// With `validation_problems` > 1, the mean over that many problems
     /// (each its own initialisation and batches; infinite if one diverges).
-    pub fn validate(&mut self, sampler: &dyn InitSampler, split: &Split) -> Result<f64> {
+    pub fn validate(&mut self, split: &Split) -> Result<f64> {
         let n = self.settings.validation_problems.max(1);
         let mut sum = 0.0;
         for k in 0..n {
-            sum +=
-                self.validate_one(sampler, split, derive_seed(self.settings.seed, 2, k as u64))?;
+            sum += self.validate_one(split, derive_seed(self.meta.seed, 2, k as u64))?;
         }
         Ok(sum / n as f64)
     }
 
     /// One validation problem drawn from `seed`.
-    fn validate_one(&mut self, sampler: &dyn InitSampler, split: &Split, seed: u64) -> Result<f64> {
+    fn validate_one(&mut self, split: &Split, seed: u64) -> Result<f64> {
         let s = &self.settings;
-        let (mut theta, mut state) = sampler.sample(seed)?;
+        let (mut theta, mut state) = sample(&self.meta.init, seed);
         let mut data = MnistUnrollData::new(
             split,
-            s.batch_size,
-            s.objective_examples,
+            self.meta.batch_size,
+            self.meta.objective_examples,
             &self.layout.batch,
             &self.layout.objective_batch,
             &self.layout.objective_transposed,
@@ -476,7 +459,6 @@ impl<'a> MetaTrainer<'a> {
     /// `on_iteration` sees every log line (progress display).
     pub fn run(
         &mut self,
-        sampler: &dyn InitSampler,
         train: &Split,
         validation: &Split,
         on_iteration: &mut dyn FnMut(&IterationLog),
@@ -486,17 +468,17 @@ impl<'a> MetaTrainer<'a> {
             let schedule = UnrollSchedule {
                 unroll_length: s.unroll_length,
                 num_unrolls: self.num_unrolls(),
-                checkpoint_every: s.checkpoint_every,
+                checkpoint_every: s.bptt_checkpoint_every,
             };
             let stage = s.curriculum.as_ref().map(|_| self.curriculum.stage);
             let it = self.completed;
             let t0 = Instant::now();
-            let seed = derive_seed(s.seed, 1, it as u64);
-            let (theta0, state0) = sampler.sample(seed)?;
+            let seed = derive_seed(self.meta.seed, 1, it as u64);
+            let (theta0, state0) = sample(&self.meta.init, seed);
             let mut data = MnistUnrollData::new(
                 train,
-                s.batch_size,
-                s.objective_examples,
+                self.meta.batch_size,
+                self.meta.objective_examples,
                 &self.layout.batch,
                 &self.layout.objective_batch,
                 &self.layout.objective_transposed,
@@ -510,7 +492,7 @@ impl<'a> MetaTrainer<'a> {
                 bail!("meta-iteration {it}: the initial objective is not finite ({initial_objective})");
             }
             data.set_first_objective(first);
-            let mut probes = ProbeGenerator::new(derive_seed(s.seed, 3, it as u64));
+            let mut probes = ProbeGenerator::new(derive_seed(self.meta.seed, 3, it as u64));
             let reg = self.regularizer.as_ref().map(|schedule| Regularization {
                 schedule,
                 probes: &mut probes,
@@ -518,7 +500,7 @@ impl<'a> MetaTrainer<'a> {
             // Imitate Adam in a share mt_ratio of the meta-iterations.
             let mut teacher = match self.imitation.as_mut() {
                 Some((spec, session)) => {
-                    let mut r = SplitMix64::new(derive_seed(s.seed, 4, it as u64));
+                    let mut r = SplitMix64::new(derive_seed(self.meta.seed, 4, it as u64));
                     let u = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                     (u < spec.mt_ratio).then(|| AdamTeacher::new(spec, session.as_mut(), &theta0))
                 }
@@ -540,7 +522,7 @@ impl<'a> MetaTrainer<'a> {
             self.completed += 1;
             let mut validation_objective = None;
             if s.evaluation_period > 0 && self.completed.is_multiple_of(s.evaluation_period) {
-                let v = self.validate(sampler, validation)?;
+                let v = self.validate(validation)?;
                 validation_objective = Some(v);
                 let improved = v.is_finite() && self.best_validation.is_none_or(|b| v < b);
                 if improved {
@@ -548,7 +530,7 @@ impl<'a> MetaTrainer<'a> {
                     self.best_iteration = Some(it);
                     write_atomic(&self.out.join(BEST_WEIGHTS), &self.weights_bytes(false)?)?;
                 }
-                if let Some(c) = &s.curriculum {
+                if let Some(c) = &self.curriculum_spec {
                     if improved {
                         write_atomic(&self.out.join(STAGE_BEST), &self.weights_bytes(true)?)?;
                     }

@@ -11,8 +11,9 @@ use anyhow::{ensure, Result};
 use super::bptt::{truncated_bptt, Minibatches, Named, StepRunner, Unroll};
 use super::imitation::AdamTeacher;
 use super::meta_opt::MetaUpdate;
-use super::regularizer::{ProbeGenerator, RegularizerSchedule};
+use super::regularizer::ProbeGenerator;
 use super::L2oLayout;
+use super::RegularizerSchedule;
 use crate::tensor::HostTensor;
 
 /// Where a meta-iteration's data come from (`'a`: the data they are made of).

@@ -57,49 +57,11 @@ use std::collections::HashMap;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 
+pub use metac_contract::io::{EvalIo, RunInit, TrainStepIo};
+
 use crate::backend::Session;
 use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
-
-/// Names of the `train_step` graph's inputs and outputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrainStepIo {
-    /// Parameter inputs, in the problem's order.
-    pub params: Vec<String>,
-    /// Optimizer state inputs.
-    pub state: Vec<String>,
-    /// Optimizer weights (learned optimizers; empty for baselines).
-    pub phi: Vec<String>,
-    /// Minibatch inputs: for MNIST problems `[x, y]`; empty for data-free
-    /// problems.
-    pub batch: Vec<String>,
-    /// Outputs holding the new parameters (same order as `params`).
-    pub new_params: Vec<String>,
-    /// Outputs holding the new state (same order as `state`).
-    pub new_state: Vec<String>,
-    /// The scalar loss at the parameters before the update.
-    pub loss: String,
-    /// Minibatch size `B` the graph was built for (0 for data-free problems).
-    pub batch_size: usize,
-}
-
-/// Names of the `evaluate` graph's inputs and outputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EvalIo {
-    /// Parameter inputs, in the problem's order (same names as the
-    /// `train_step` parameters).
-    pub params: Vec<String>,
-    /// Evaluation batch inputs: `[x, y]` for MNIST problems; empty for
-    /// data-free problems.
-    pub batch: Vec<String>,
-    /// Scalar mean loss over the batch.
-    pub loss: String,
-    /// Scalar fraction classified correctly (classifiers only).
-    pub accuracy: Option<String>,
-    /// Evaluation batch size `E` the graph was built for (0 for data-free
-    /// problems).
-    pub batch_size: usize,
-}
 
 /// Converts a graph constant (e.g. a problem's initial parameter values) to
 /// a host tensor.
@@ -196,19 +158,6 @@ pub struct Evaluation<'a> {
     pub split: Option<&'a Split>,
 }
 
-/// What one optimizer starts from.
-#[derive(Clone, Debug)]
-pub struct RunInit {
-    /// Label of the optimizer in curves and summaries (e.g. `adam-1e-3`).
-    pub optimizer: String,
-    /// Initial parameters, in [`TrainStepIo::params`] order.
-    pub params: Vec<HostTensor>,
-    /// Initial optimizer state, in [`TrainStepIo::state`] order.
-    pub state: Vec<HostTensor>,
-    /// Optimizer weights, in [`TrainStepIo::phi`] order (empty for baselines).
-    pub phi: Vec<HostTensor>,
-}
-
 /// The record of one optimizer on one seed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunResult {
@@ -293,20 +242,21 @@ pub fn run_optimizer(
         init.phi.len()
     );
     let wanted: std::collections::HashSet<String> = train.input_names().into_iter().collect();
-    let mut params = init.params.clone();
-    let mut state = init.state.clone();
+    let mut params: Vec<HostTensor> = init.params.iter().map(host_tensor).collect();
+    let mut state: Vec<HostTensor> = init.state.iter().map(host_tensor).collect();
+    let phi: Vec<HostTensor> = init.phi.iter().map(host_tensor).collect();
     let mut losses = Vec::with_capacity(data.steps());
     let mut diverged_at = None;
     for t in 0..data.steps() {
         let batch = data.inputs(t);
         let mut feed: Vec<(&str, &HostTensor)> =
-            Vec::with_capacity(params.len() + state.len() + init.phi.len() + batch.len());
+            Vec::with_capacity(params.len() + state.len() + phi.len() + batch.len());
         for (n, v) in io
             .params
             .iter()
             .zip(&params)
             .chain(io.state.iter().zip(&state))
-            .chain(io.phi.iter().zip(&init.phi))
+            .chain(io.phi.iter().zip(&phi))
         {
             if wanted.contains(n) {
                 feed.push((n, v));
@@ -487,7 +437,7 @@ mod tests {
     fn init() -> RunInit {
         RunInit {
             optimizer: "fake".into(),
-            params: vec![HostTensor::scalar_f32(0.0)],
+            params: vec![metac_graphs::Tensor::f32(&[], vec![0.0])],
             state: vec![],
             phi: vec![],
         }

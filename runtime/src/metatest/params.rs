@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::bundle::write_safetensors;
-use crate::fsutil::write_atomic;
 use crate::tensor::HostTensor;
+use metac_contract::bundle::write_safetensors;
+use metac_contract::fsutil::write_atomic;
 
 /// `DIR/params/<optimizer>-seed<seed>.safetensors`.
 pub fn params_path(dir: &Path, optimizer: &str, seed: u64) -> PathBuf {
@@ -35,7 +35,7 @@ pub fn write_params(path: &Path, names: &[String], params: &[HostTensor]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::read_safetensors;
+    use metac_contract::bundle::read_safetensors;
     use ndarray::{ArrayD, IxDyn};
 
     #[test]

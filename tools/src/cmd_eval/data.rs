@@ -3,7 +3,8 @@
 //! for them.
 
 use anyhow::{ensure, Result};
-use metac_compiler::models::problems::{DataKind, Problem};
+use metac_compiler::models::problems::Problem;
+use metac_contract::l2o::DataKind;
 use metac_runtime::data::mnist::{self, Split};
 use metac_runtime::metatest::Batches;
 

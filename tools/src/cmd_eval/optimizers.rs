@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use metac_compiler::models::baselines::{parse_baseline, Baseline};
 use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
-use metac_runtime::bundle::Bundle;
+use metac_contract::bundle::Bundle;
 use metac_runtime::l2o::run::load_run_phi;
 
 /// The optimizers run when `--optimizers` is not given.

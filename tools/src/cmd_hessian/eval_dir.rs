@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
+use metac_contract::fsutil::write_atomic;
 use metac_runtime::backend::Backend;
-use metac_runtime::fsutil::write_atomic;
 use metac_runtime::hessian::Settings;
 use metac_runtime::metatest::Stat;
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use metac_runtime::fsutil::write_atomic;
+use metac_contract::fsutil::write_atomic;
 use metac_runtime::hessian::{analyze, Settings};
 use metac_runtime::plot::plot_density;
 use metac_runtime::tensor::HostTensor;

@@ -6,10 +6,12 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use metac_compiler::hessian::build_hvp;
 use metac_compiler::metatest::to_onnx;
-use metac_compiler::models::problems::{problem_by_name, DataKind, OnnxProblem, Problem};
+use metac_compiler::models::problems::{problem_by_name, OnnxProblem, Problem};
+use metac_contract::bundle::read_safetensors;
+use metac_contract::io::HvpIo;
+use metac_contract::l2o::DataKind;
 use metac_graphs::DType;
 use metac_runtime::backend::Backend;
-use metac_runtime::bundle::read_safetensors;
 use metac_runtime::data::mnist::{self, Split};
 use metac_runtime::hessian::{Chunk, HvpOperator, Settings};
 use metac_runtime::metatest::{gather, host_tensor};
@@ -119,7 +121,7 @@ pub(super) fn setup_problem(
         None => {
             reject_data_flags(a, &format!("problem '{name}'"))?;
             let s = load_graph(backend, probe.as_ref(), "hvp")?;
-            let io = metac_runtime::hessian::HvpIo::new(&probe.param_shapes(), vec![]);
+            let io = HvpIo::new(&probe.param_shapes(), vec![]);
             Ok(Setup {
                 label: name.into(),
                 operator: HvpOperator::new(vec![s], io, vec![])?,
@@ -164,7 +166,7 @@ pub(super) fn setup_problem(
                     examples: rem,
                 });
             }
-            let io = metac_runtime::hessian::HvpIo::new(
+            let io = HvpIo::new(
                 &problem.param_shapes(),
                 problem
                     .batch_inputs()
@@ -201,7 +203,7 @@ pub(super) fn setup_model(
         .map_err(anyhow::Error::msg)
         .with_context(|| label.clone())?;
     let inputs = problem.batch_inputs();
-    let io = metac_runtime::hessian::HvpIo::new(
+    let io = HvpIo::new(
         &problem.param_shapes(),
         inputs.iter().map(|(n, _, _)| n.clone()).collect(),
     );

@@ -13,13 +13,14 @@ use metac_compiler::l2o::regularizer::{RegOption, RegularizerSpec};
 use metac_compiler::l2o::{compile_l2o, L2oConfig};
 use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
 use metac_compiler::models::mlp::{Activation, Mlp};
-use metac_compiler::models::problems::{fan_in_normal_init, Problem, SeededRng, SyntheticProblem};
+use metac_compiler::models::problems::{fan_in_normal_rules, Problem, SeededRng, SyntheticProblem};
 use metac_compiler::models::synthetic::Synthetic;
+use metac_contract::bundle::Bundle;
+use metac_contract::init::TensorInit;
 use metac_graphs::autodiff::grad;
 use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
-use metac_runtime::bundle::Bundle;
 use metac_runtime::l2o::{
     meta_iteration, truncated_bptt, GraphRunner, MnistUnrollData, RmsProp, RmsPropConfig,
     SessionRunner, Unroll, UnrollData, UnrollSchedule,
@@ -47,8 +48,8 @@ impl Problem for TinyMlp {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         Self::mlp().param_shapes()
     }
-    fn init_params(&self, seed: u64) -> Vec<Tensor> {
-        fan_in_normal_init(&self.param_shapes(), &[IN, IN, 2, 2], seed)
+    fn init_rules(&self) -> Option<Vec<TensorInit>> {
+        Some(fan_in_normal_rules(&self.param_shapes(), &[IN, IN, 2, 2]))
     }
     fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
         vec![
@@ -500,7 +501,7 @@ fn hutchinson_program() -> L2oProgram {
 }
 
 /// `prog`'s bundle in `dir` (seed 3, default meta-optimizer and settings).
-fn write_test_bundle(prog: &L2oProgram, dir: &std::path::Path) -> metac_runtime::bundle::Manifest {
+fn write_test_bundle(prog: &L2oProgram, dir: &std::path::Path) -> metac_contract::bundle::Manifest {
     prog.write_bundle(
         3,
         serde_json::Value::Null,
@@ -667,7 +668,9 @@ fn compile_is_deterministic_and_ignores_the_run_table() {
     assert_eq!(read("a"), read("b"));
     // Every theta and state buffer is fed back by the step; phi and its
     // accumulators by the meta-optimizer graph.
-    let layout = metac_runtime::l2o::L2oLayout::from_meta(&a.meta).unwrap();
+    let layout = metac_contract::l2o::L2oMeta::from_manifest(&a)
+        .unwrap()
+        .layout;
     for s in &a.state {
         let by_meta_update = layout.phi.contains(&s.name) || s.name.starts_with("ms.");
         let by = s.updated_by.as_ref().map(|p| p.graph.as_str());
@@ -796,7 +799,9 @@ fn tiny_config_meta_iteration_on_mnist() {
     let cfg = L2oConfig::load(&config_path("tiny.toml")).unwrap();
     compile_l2o(&cfg, &dir).unwrap();
     let bundle = Bundle::load(&dir).unwrap();
-    let layout = metac_runtime::l2o::L2oLayout::from_meta(&bundle.manifest.meta).unwrap();
+    let layout = metac_contract::l2o::L2oMeta::from_manifest(&bundle.manifest)
+        .unwrap()
+        .layout;
     let backend = open_backend(&BackendOptions::default()).unwrap();
     let mut sr = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
     let init = |names: &[String]| -> Vec<(String, HostTensor)> {

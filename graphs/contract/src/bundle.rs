@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::fsutil::{sha256_hex, write_atomic};
 
 pub const FORMAT: &str = "metac-bundle";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 pub const INIT_FILE: &str = "init.safetensors";
 

@@ -258,8 +258,8 @@ impl Problem for RowMajor {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.0.param_shapes()
     }
-    fn init_params(&self, seed: u64) -> Vec<metac_graphs::Tensor> {
-        self.0.init_params(seed)
+    fn init_rules(&self) -> Option<Vec<metac_contract::init::TensorInit>> {
+        self.0.init_rules()
     }
     fn batch_inputs(&self) -> Vec<(String, DType, Vec<usize>)> {
         self.0.batch_inputs()

@@ -1,0 +1,21 @@
+//! The contract between metac's compiler and its runtime.
+//!
+//! Everything both sides must agree on lives here, so that the compiler
+//! never depends on the runtime and the runtime runs a bundle with nothing
+//! from the compiler:
+//!
+//! * [`bundle`]: the artifact bundle (manifest types, writing, loading and
+//!   validation; `docs/bundle.md` describes the format);
+//! * [`l2o`]: the learned-optimizer workload's graph and buffer names, its
+//!   typed metadata record ([`l2o::L2oMeta`]) and run settings;
+//! * [`init`]: rules for drawing initial values from a seed, which bundles
+//!   carry so the runtime draws what the compiler would;
+//! * [`io`]: the names of graphs built on the fly (training step,
+//!   evaluation, Hessian-vector product);
+//! * [`fsutil`]: atomic writes and content hashes.
+
+pub mod bundle;
+pub mod fsutil;
+pub mod init;
+pub mod io;
+pub mod l2o;
