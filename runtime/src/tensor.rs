@@ -5,35 +5,11 @@
 //! only ever carry `f32` data, `i64` indices/counters and `bool` masks, so those are the only element types
 //! supported; anything else is rejected when a model is loaded rather than half-supported at run time.
 
-use std::fmt;
-
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-/// Element type of a [`HostTensor`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    I64,
-    Bool,
-}
-
-impl DType {
-    /// Short, stable name used in error messages and bundle metadata (`"f32"`, `"i64"`, `"bool"`).
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::I64 => "i64",
-            DType::Bool => "bool",
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// Element type of a [`HostTensor`]: the IR's own.
+pub use metac_graphs::DType;
 
 /// A dense, host-memory tensor of one of the element types metac graphs use.
 ///
@@ -157,6 +133,38 @@ impl HostTensor {
     }
 }
 
+impl HostTensor {
+    /// A graph constant (initial values, parameters read from a file) as a
+    /// host tensor: the one conversion from the IR's tensors.
+    pub fn from_graph(t: &metac_graphs::Tensor) -> Self {
+        use metac_graphs::TensorData;
+        let shape = IxDyn(&t.shape);
+        let msg = "a graph tensor's data matches its shape";
+        match &t.data {
+            TensorData::F32(v) => {
+                HostTensor::F32(ArrayD::from_shape_vec(shape, v.clone()).expect(msg))
+            }
+            TensorData::I64(v) => {
+                HostTensor::I64(ArrayD::from_shape_vec(shape, v.clone()).expect(msg))
+            }
+            TensorData::Bool(v) => {
+                HostTensor::Bool(ArrayD::from_shape_vec(shape, v.clone()).expect(msg))
+            }
+        }
+    }
+
+    /// The IR's tensor of the same values (row-major): the inverse of
+    /// [`HostTensor::from_graph`].
+    pub fn to_graph(&self) -> metac_graphs::Tensor {
+        use metac_graphs::Tensor;
+        match self {
+            HostTensor::F32(a) => Tensor::f32(a.shape(), a.iter().copied().collect()),
+            HostTensor::I64(a) => Tensor::i64(a.shape(), a.iter().copied().collect()),
+            HostTensor::Bool(a) => Tensor::bool(a.shape(), a.iter().copied().collect()),
+        }
+    }
+}
+
 impl From<ArrayD<f32>> for HostTensor {
     fn from(a: ArrayD<f32>) -> Self {
         HostTensor::F32(a)
@@ -205,6 +213,29 @@ pub fn transpose_2d<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn graph_tensors_round_trip_for_every_dtype() {
+        use metac_graphs::Tensor;
+        for t in [
+            Tensor::f32(&[2, 3], vec![0.5, -1.0, 2.0, f32::MAX, 0.0, -0.0]),
+            Tensor::i64(&[3], vec![1, -7, i64::MAX]),
+            Tensor::bool(&[2, 1], vec![true, false]),
+            Tensor::f32(&[], vec![3.0]),
+        ] {
+            let h = HostTensor::from_graph(&t);
+            assert_eq!(h.shape(), t.shape.as_slice());
+            assert_eq!(h.dtype(), t.dtype());
+            assert_eq!(h.to_graph(), t);
+        }
+        // Row-major even from a transposed (non-standard layout) array.
+        let a = ndarray::Array2::from_shape_vec((2, 3), vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])
+            .unwrap()
+            .reversed_axes()
+            .into_dyn();
+        let t = HostTensor::F32(a).to_graph();
+        assert_eq!(t, Tensor::f32(&[3, 2], vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]));
+    }
 
     #[test]
     fn tiled_transpose_matches_ndarray() {

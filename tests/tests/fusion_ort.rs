@@ -11,7 +11,6 @@ use metac_graphs::fusion::fuse_onnx;
 use metac_graphs::onnx::export::export_bytes;
 use metac_graphs::{DType, Graph, NodeId};
 use metac_runtime::backend::{open_backend, Backend, BackendChoice, BackendOptions};
-use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
 use ndarray::{ArrayD, IxDyn};
 
@@ -54,7 +53,7 @@ fn inputs(prog: &L2oProgram, g: &Graph) -> Vec<(String, HostTensor)> {
         .map(|(k, (name, id))| {
             let ty = g.ty(id);
             if let Some((_, t)) = init.iter().find(|(n, _)| *n == name) {
-                return (name, host_tensor(t));
+                return (name, HostTensor::from_graph(t));
             }
             let t = match ty.dtype {
                 DType::I64 => HostTensor::I64(

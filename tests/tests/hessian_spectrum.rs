@@ -13,7 +13,8 @@ use metac_runtime::data::mnist::Split;
 use metac_runtime::hessian::{
     analyze, integral, symmetric_eigenvalues, Chunk, HvpOperator, Operator, Settings,
 };
-use metac_runtime::metatest::{gather, host_tensor};
+use metac_runtime::metatest::gather;
+use metac_runtime::tensor::HostTensor;
 
 fn session(problem: &dyn Problem) -> (Box<dyn Session>, HvpIo) {
     let h = build_hvp(problem);
@@ -53,7 +54,11 @@ fn quadratic_spectrum_matches_w_transpose_w() {
 
     let (s, io) = session(problem.as_ref());
     let mut op = HvpOperator::new(vec![s], io, vec![]).unwrap();
-    let params: Vec<_> = problem.init_params(3).iter().map(host_tensor).collect();
+    let params: Vec<_> = problem
+        .init_params(3)
+        .iter()
+        .map(HostTensor::from_graph)
+        .collect();
     op.set_params(params).unwrap();
     // The graph's Hessian column by column is W^T W.
     for j in [0, 7, 19] {
@@ -110,7 +115,11 @@ fn chunked_hvp_is_the_hvp_of_the_mean_loss() {
         pixels,
         labels: vec![3, 1, 4, 1, 5],
     };
-    let params: Vec<_> = mlp(1).init_params(1).iter().map(host_tensor).collect();
+    let params: Vec<_> = mlp(1)
+        .init_params(1)
+        .iter()
+        .map(HostTensor::from_graph)
+        .collect();
     let n: usize = params.iter().map(|p| p.num_elements()).sum();
     let v: Vec<f64> = (0..n).map(|i| ((i % 7) as f64 - 3.0) / 3.0).collect();
 

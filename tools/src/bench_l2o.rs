@@ -16,7 +16,6 @@ use metac_runtime::l2o::bptt::{truncated_bptt, Minibatches, Named, StepRunner, U
 use metac_runtime::l2o::data::{named_rows, xy_names, RowBatches};
 use metac_runtime::l2o::regularizer::ProbeGenerator;
 use metac_runtime::l2o::SessionRunner;
-use metac_runtime::metatest::host_tensor;
 use metac_runtime::tensor::HostTensor;
 
 use crate::common::BackendArgs;
@@ -51,7 +50,9 @@ pub struct L2oArgs {
 }
 
 fn conv(v: Vec<(String, metac_graphs::Tensor)>) -> Named<HostTensor> {
-    v.into_iter().map(|(n, t)| (n, host_tensor(&t))).collect()
+    v.into_iter()
+        .map(|(n, t)| (n, HostTensor::from_graph(&t)))
+        .collect()
 }
 
 /// Rows `rows` of the split (wrapping around) under a layout's `*.x`/`*.y` names.

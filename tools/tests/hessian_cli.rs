@@ -11,7 +11,8 @@ use common::{err_line, metac, ok};
 use metac_compiler::models::problems::problem_by_name;
 use metac_compiler::models::synthetic::{Synthetic, DATA_SEED};
 use metac_runtime::hessian::symmetric_eigenvalues;
-use metac_runtime::metatest::{host_tensor, params_path, write_params};
+use metac_runtime::metatest::{params_path, write_params};
+use metac_runtime::tensor::HostTensor;
 use serde_json::Value;
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -22,7 +23,11 @@ fn scratch(name: &str) -> std::path::PathBuf {
 fn write_init(dir: &Path, problem: &str, label: &str, seed: u64) -> std::path::PathBuf {
     let p = problem_by_name(problem, 1).unwrap();
     let names: Vec<String> = p.param_shapes().into_iter().map(|(n, _)| n).collect();
-    let vals: Vec<_> = p.init_params(seed).iter().map(host_tensor).collect();
+    let vals: Vec<_> = p
+        .init_params(seed)
+        .iter()
+        .map(HostTensor::from_graph)
+        .collect();
     let path = params_path(dir, label, seed);
     write_params(&path, &names, &vals).unwrap();
     path
@@ -224,7 +229,11 @@ fn onnx_model_agrees_with_the_builtin_problem() {
     let d = scratch("onnx-model");
     let builtin = write_init(&d, "mnist-mlp", "builtin", 2);
     let p = problem_by_name("mnist-mlp", 1).unwrap();
-    let vals: Vec<_> = p.init_params(2).iter().map(host_tensor).collect();
+    let vals: Vec<_> = p
+        .init_params(2)
+        .iter()
+        .map(HostTensor::from_graph)
+        .collect();
     let t = |v: &metac_runtime::tensor::HostTensor| {
         let a = v.as_f32().unwrap();
         let a2 = a.clone().into_dimensionality::<ndarray::Ix2>().unwrap();

@@ -30,7 +30,6 @@ use super::{
 };
 use crate::backend::{Backend, Session};
 use crate::data::mnist::Split;
-use crate::metatest::host_tensor;
 use crate::tensor::HostTensor;
 use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
 use metac_contract::fsutil::{sha256_hex, write_atomic};
@@ -43,7 +42,7 @@ fn sample(init: &L2oInit, seed: u64) -> (Named<HostTensor>, Named<HostTensor>) {
     let draw = |inits: &[metac_contract::init::TensorInit]| {
         draw_all(inits, seed)
             .into_iter()
-            .map(|(n, t)| (n, host_tensor(&t)))
+            .map(|(n, t)| (n, HostTensor::from_graph(&t)))
             .collect()
     };
     (draw(&init.theta), draw(&init.state))
@@ -189,7 +188,7 @@ impl<'a> MetaTrainer<'a> {
                     bundle.dir.display()
                 )
             })?;
-            phi.push((n.clone(), host_tensor(t)));
+            phi.push((n.clone(), HostTensor::from_graph(t)));
         }
         // The compiled meta-optimizer and its initial accumulators.
         let mut ms = vec![];
@@ -199,7 +198,7 @@ impl<'a> MetaTrainer<'a> {
                 .init
                 .get(&m)
                 .with_context(|| format!("{}: no initial value for '{m}'", bundle.dir.display()))?;
-            ms.push(host_tensor(t).into_f32()?);
+            ms.push(HostTensor::from_graph(t).into_f32()?);
         }
         let opt = CompiledMetaUpdate::new(
             backend.load(&bundle.graph_bytes(super::META_UPDATE)?, super::META_UPDATE)?,
@@ -332,11 +331,11 @@ impl<'a> MetaTrainer<'a> {
                 v.shape,
                 t.shape()
             );
-            *t = host_tensor(v);
+            *t = HostTensor::from_graph(v);
             let m = tensors
                 .get(&format!("ms/{name}"))
                 .with_context(|| format!("{}: no 'ms/{name}'", path.display()))?;
-            self.opt.accumulators()[i] = host_tensor(m).into_f32()?;
+            self.opt.accumulators()[i] = HostTensor::from_graph(m).into_f32()?;
         }
         Ok(())
     }
@@ -344,7 +343,7 @@ impl<'a> MetaTrainer<'a> {
     fn weights_bytes(&self, with_ms: bool) -> Result<Vec<u8>> {
         let mut ts = vec![];
         for (i, (n, t)) in self.phi.iter().enumerate() {
-            ts.push((format!("phi/{n}"), to_tensor(t)?));
+            ts.push((format!("phi/{n}"), t.to_graph()));
             if with_ms {
                 let m = &self.opt.ms[i];
                 ts.push((
@@ -571,14 +570,6 @@ impl<'a> MetaTrainer<'a> {
         }
         Ok(())
     }
-}
-
-fn to_tensor(t: &HostTensor) -> Result<metac_graphs::Tensor> {
-    let a = t.as_f32()?;
-    Ok(metac_graphs::Tensor::f32(
-        a.shape(),
-        a.iter().copied().collect(),
-    ))
 }
 
 /// Read the meta-parameters of a run (`best.safetensors` or the last

@@ -55,40 +55,12 @@ pub use report::{MetaTestResults, OptimizerSummary, Stat, Summary};
 use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::{ArrayD, IxDyn};
 
 pub use metac_contract::io::{EvalIo, RunInit, TrainStepIo};
 
 use crate::backend::Session;
 use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
-
-/// Converts a graph constant (e.g. a problem's initial parameter values) to
-/// a host tensor.
-pub fn host_tensor(t: &metac_graphs::Tensor) -> HostTensor {
-    use metac_graphs::TensorData;
-    let shape = IxDyn(&t.shape);
-    match &t.data {
-        TensorData::F32(v) => {
-            HostTensor::F32(ArrayD::from_shape_vec(shape, v.clone()).expect("shape matches data"))
-        }
-        TensorData::I64(v) => {
-            HostTensor::I64(ArrayD::from_shape_vec(shape, v.clone()).expect("shape matches data"))
-        }
-        TensorData::Bool(v) => {
-            HostTensor::Bool(ArrayD::from_shape_vec(shape, v.clone()).expect("shape matches data"))
-        }
-    }
-}
-
-/// The inverse of [`host_tensor`] for f32 tensors (parameters).
-pub fn graph_tensor(t: &HostTensor) -> Result<metac_graphs::Tensor> {
-    let a = t.as_f32()?;
-    Ok(metac_graphs::Tensor::f32(
-        a.shape(),
-        a.iter().copied().collect(),
-    ))
-}
 
 // ---- one run --------------------------------------------------------------------
 
@@ -242,9 +214,9 @@ pub fn run_optimizer(
         init.phi.len()
     );
     let wanted: std::collections::HashSet<String> = train.input_names().into_iter().collect();
-    let mut params: Vec<HostTensor> = init.params.iter().map(host_tensor).collect();
-    let mut state: Vec<HostTensor> = init.state.iter().map(host_tensor).collect();
-    let phi: Vec<HostTensor> = init.phi.iter().map(host_tensor).collect();
+    let mut params: Vec<HostTensor> = init.params.iter().map(HostTensor::from_graph).collect();
+    let mut state: Vec<HostTensor> = init.state.iter().map(HostTensor::from_graph).collect();
+    let phi: Vec<HostTensor> = init.phi.iter().map(HostTensor::from_graph).collect();
     let mut losses = Vec::with_capacity(data.steps());
     let mut diverged_at = None;
     for t in 0..data.steps() {

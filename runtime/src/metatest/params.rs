@@ -26,7 +26,7 @@ pub fn write_params(path: &Path, names: &[String], params: &[HostTensor]) -> Res
     let tensors = names
         .iter()
         .zip(params)
-        .map(|(n, t)| Ok((n.clone(), super::graph_tensor(t)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_graph())))
         .collect::<Result<Vec<_>>>()?;
     let bytes = write_safetensors(&tensors)?;
     write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))

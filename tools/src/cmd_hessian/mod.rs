@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use metac_compiler::models::problems::problem_names;
 use metac_runtime::backend::open_backend;
-use metac_runtime::metatest::host_tensor;
+use metac_runtime::tensor::HostTensor;
 use serde_json::json;
 
 use crate::common::BackendArgs;
@@ -190,7 +190,7 @@ pub fn run(a: Args) -> Result<()> {
                 .problem
                 .init_params(0)
                 .iter()
-                .map(host_tensor)
+                .map(HostTensor::from_graph)
                 .collect(),
             json!({ "initializers": a.model.as_ref().map(|m| m.display().to_string()) }),
         ),
@@ -201,7 +201,7 @@ pub fn run(a: Args) -> Result<()> {
                     .problem
                     .init_params(seed)
                     .iter()
-                    .map(host_tensor)
+                    .map(HostTensor::from_graph)
                     .collect(),
                 json!({ "init_seed": seed }),
             )

@@ -14,7 +14,7 @@ use metac_graphs::DType;
 use metac_runtime::backend::Backend;
 use metac_runtime::data::mnist::{self, Split};
 use metac_runtime::hessian::{Chunk, HvpOperator, Settings};
-use metac_runtime::metatest::{gather, host_tensor};
+use metac_runtime::metatest::gather;
 use metac_runtime::tensor::HostTensor;
 use ndarray::IxDyn;
 use serde_json::{json, Value};
@@ -315,7 +315,7 @@ pub(super) fn read_params(
             "{f}: tensor '{name}' has shape {:?}, but {label} expects {shape:?}",
             t.shape
         );
-        out.push(host_tensor(&t));
+        out.push(HostTensor::from_graph(&t));
     }
     if let Some(extra) = tensors.keys().next() {
         bail!(
