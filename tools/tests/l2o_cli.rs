@@ -369,3 +369,60 @@ fn validation_averages_several_problems() {
     ]));
     assert!(e.contains("other settings"), "{e}");
 }
+
+/// `metac run` of the main job's config (`configs/short.toml`), 3
+/// meta-iterations validated at the third on ONNX Runtime with 2 threads,
+/// reproduces the record
+/// pinned in `tests/golden/l2o-short.json`: every metric but the wall-clock
+/// time, and the checkpoint and best weights byte for byte. The record was
+/// written by the build before the bundle contract and the init rules, so
+/// this pins that refactoring the driver changes no result. (Bit-exact on
+/// one kind of CPU: ONNX Runtime picks its kernels by instruction set.)
+/// Regenerate after an intended change with
+/// `METAC_UPDATE_GOLDEN=1 cargo test -p metac --test l2o_cli pinned`.
+#[test]
+fn short_toml_reproduces_its_pinned_record() {
+    let d = scratch("pinned");
+    let bundle = d.join("bundle");
+    let cfg = root().join("configs/short.toml");
+    compile_l2o(&cfg, &bundle);
+    let run = d.join("run");
+    ok(&metac(&[
+        "run",
+        bundle.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--meta-iterations",
+        "3",
+        "--evaluation-period",
+        "3",
+        "--backend",
+        "ort",
+        "--threads",
+        "2",
+        "--quiet",
+    ]));
+    let hash = |f: &str| metac_contract::fsutil::sha256_hex(&std::fs::read(run.join(f)).unwrap());
+    let got = serde_json::json!({
+        "metrics": metrics(&run),
+        "checkpoint_sha256": hash("checkpoint.safetensors"),
+        "best_sha256": hash("best.safetensors"),
+    });
+    let path = root().join("tests/golden/l2o-short.json");
+    let mut want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    if std::env::var_os("METAC_UPDATE_GOLDEN").is_some() {
+        for k in ["metrics", "checkpoint_sha256", "best_sha256"] {
+            want[k] = got[k].clone();
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&want).unwrap() + "\n").unwrap();
+        return;
+    }
+    assert_eq!(got["metrics"], want["metrics"], "metrics.jsonl differs");
+    assert_eq!(got["checkpoint_sha256"], want["checkpoint_sha256"]);
+    assert_eq!(got["best_sha256"], want["best_sha256"]);
+    // The run validated (iteration 3) and kept a best checkpoint.
+    assert!(got["metrics"][2]["validation_objective"].is_number());
+}
