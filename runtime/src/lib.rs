@@ -6,3 +6,4 @@ pub mod metatest;
 pub mod plot;
 pub mod rng;
 pub mod tensor;
+pub mod trainer;

@@ -203,15 +203,14 @@ impl Case {
 }
 
 fn runner(p: &L2oProgram) -> GraphRunner {
-    GraphRunner {
-        step: p.step_graph(),
-        step_vjp: p.step_vjp_graph(),
-        objective: p.objective_chunk_graph(),
-        reset: p.reset_graph(),
-        reset_vjp: p.reset_vjp_graph(),
-        unregularized: p.unregularized_step_graphs(),
-        regularized: (true, true),
-    }
+    GraphRunner::new(
+        p.step_graph(),
+        p.step_vjp_graph(),
+        p.objective_chunk_graph(),
+        p.reset_graph(),
+        p.reset_vjp_graph(),
+        p.unregularized_step_graphs(),
+    )
 }
 
 /// Inputs of the fused graph.
@@ -1063,9 +1062,10 @@ fn an_uncounted_regulariser_is_measured_but_not_differentiated() {
     };
     let mut plain = runner(&c.prog);
     // This runner must not reach its regularised VJP (an empty graph fails).
-    plain.step_vjp = Graph::new();
+    plain.graphs.insert("step_vjp", Graph::new());
     let mut full = runner(&c.prog);
-    full.unregularized = None;
+    full.graphs.remove("step_unregularized");
+    full.graphs.remove("step_vjp_unregularized");
     let a = truncated_bptt(&mut plain, &layout, &uncounted).unwrap();
     let b = truncated_bptt(&mut full, &layout, &uncounted).unwrap();
     // Both measured the regulariser.
@@ -1094,11 +1094,15 @@ fn an_uncounted_regulariser_is_measured_but_not_differentiated() {
     let unroll = host.unroll(0.0);
     let mut plain = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
     // Not the VJP: running it would fail.
-    plain.step_vjp = backend
-        .load(&bundle.graph_bytes("reset").unwrap(), "reset")
-        .unwrap();
+    plain.sessions.insert(
+        "step_vjp",
+        backend
+            .load(&bundle.graph_bytes("reset").unwrap(), "reset")
+            .unwrap(),
+    );
     let mut full = SessionRunner::from_bundle(&bundle, backend.as_ref()).unwrap();
-    full.unregularized = None;
+    full.sessions.remove("step_unregularized");
+    full.sessions.remove("step_vjp_unregularized");
     let a = truncated_bptt(&mut plain, &layout, &unroll).unwrap();
     let b = truncated_bptt(&mut full, &layout, &unroll).unwrap();
     assert_eq!(a.regs, b.regs);

@@ -12,7 +12,7 @@ use metac_contract::bundle::Bundle;
 use metac_contract::l2o::{L2oMeta, RegularizeTime};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
 use metac_runtime::data::mnist;
-use metac_runtime::l2o::bptt::{truncated_bptt, Minibatches, Named, StepRunner, Unroll};
+use metac_runtime::l2o::bptt::{truncated_bptt, Minibatches, Named, Role, StepRunner, Unroll};
 use metac_runtime::l2o::data::{named_rows, xy_names, RowBatches};
 use metac_runtime::l2o::regularizer::ProbeGenerator;
 use metac_runtime::l2o::SessionRunner;
@@ -112,20 +112,14 @@ fn timed<T>(acc: &mut f64, f: impl FnOnce() -> T) -> T {
 
 impl<R: StepRunner> StepRunner for Timed<R> {
     type Tensor = R::Tensor;
-    fn step(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
-        timed(&mut self.step, || self.inner.step(inputs))
-    }
-    fn step_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
-        timed(&mut self.step_vjp, || self.inner.step_vjp(inputs))
-    }
-    fn objective(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
-        timed(&mut self.objective, || self.inner.objective(inputs))
-    }
-    fn reset(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
-        timed(&mut self.reset, || self.inner.reset(inputs))
-    }
-    fn reset_vjp(&mut self, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
-        timed(&mut self.reset, || self.inner.reset_vjp(inputs))
+    fn run(&mut self, role: Role, inputs: &[(&str, &R::Tensor)]) -> Result<Named<R::Tensor>> {
+        let acc = match role {
+            Role::Step => &mut self.step,
+            Role::StepVjp => &mut self.step_vjp,
+            Role::ObjectiveChunk => &mut self.objective,
+            Role::Reset | Role::ResetVjp => &mut self.reset,
+        };
+        timed(acc, || self.inner.run(role, inputs))
     }
     fn set_regularized(&mut self, measure: bool, differentiate: bool) {
         self.inner.set_regularized(measure, differentiate)
@@ -240,10 +234,10 @@ pub fn run(a: L2oArgs) -> Result<()> {
             .map(|(n, t)| (n.as_str(), t))
             .collect();
         ins.sort_by_key(|(n, _)| *n);
-        runner.step(&ins)?;
+        runner.run(Role::Step, &ins)?;
         for _ in 0..a.repeats {
             let t0 = Instant::now();
-            runner.step(&ins)?;
+            runner.run(Role::Step, &ins)?;
             fwd.push(t0.elapsed().as_secs_f64());
         }
         truncated_bptt(&mut runner, &layout, &unroll)?;

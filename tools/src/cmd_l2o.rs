@@ -10,7 +10,8 @@ use metac_contract::bundle::Bundle;
 use metac_contract::l2o::{L2oMeta, RunSettings};
 use metac_runtime::backend::open_backend;
 use metac_runtime::data::mnist;
-use metac_runtime::l2o::run::{IterationLog, MetaTrainer};
+use metac_runtime::l2o::run::L2oWorkload;
+use metac_runtime::trainer::{Trainer, TrainerOptions};
 
 use crate::common::BackendArgs;
 
@@ -178,19 +179,21 @@ pub fn run(a: RunArgs) -> Result<()> {
     let data = mnist::load(&dir)?;
     let backend = open_backend(&a.backend.options())?;
     let settings = rc;
-    let mut trainer = MetaTrainer::open(
+    let mut workload = L2oWorkload::new(
         &bundle,
         backend.as_ref(),
         settings.clone(),
-        &a.out,
-        a.resume,
+        &data.train,
+        &data.validation,
     )?;
+    let identity = workload.manifest_sha256.clone();
+    let mut trainer = Trainer::open(&mut workload, &a.out, &identity, a.resume)?;
     if !a.quiet {
         let horizon = match &settings.curriculum() {
             Some(c) => format!(
                 "curriculum {:?} steps (stage {}, switching after {} validations)",
                 c.steps,
-                trainer.curriculum_state().stage,
+                workload.curriculum_state().stage,
                 c.min_num_eval
             ),
             None => format!("{} unrolls", settings.num_unrolls),
@@ -205,51 +208,16 @@ pub fn run(a: RunArgs) -> Result<()> {
             trainer.completed()
         );
     }
-    let total = settings.num_meta_iterations;
-    let quiet = a.quiet;
-    let t0 = Instant::now();
-    let start = trainer.completed();
-    // A progress bar on a terminal; plain lines (one per meta-iteration) in logs.
-    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let pb = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} meta-iterations, eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        pb
-    });
-    let mut show = |l: &IterationLog| {
-        if quiet {
-            return;
-        }
-        let done = l.iteration + 1;
-        let rate = t0.elapsed().as_secs_f64() / (done - start) as f64;
-        let meta = l.meta_losses.iter().sum::<f64>() / l.meta_losses.len().max(1) as f64;
-        let line = format!(
-            "[{done:>4}/{total}] {}meta-loss {meta:+.4}  objective {:.4} -> {}  {}{}  ({:.1}s/it, eta {:.0}s)",
-            l.stage.map_or(String::new(), |s| format!("stage {s} ({} steps)  ", l.num_steps)),
-            l.initial_objective,
-            l.final_objective.map_or("n/a".into(), |v| format!("{v:.4}")),
-            l.validation_objective.map_or(String::new(), |v| format!("val {v:.4}  ")),
-            if l.diverged { "DIVERGED " } else { "" },
-            rate,
-            rate * (total - done) as f64
-        );
-        match &bar {
-            Some(pb) => {
-                pb.println(line);
-                pb.set_position(done as u64);
-            }
-            None => eprintln!("{line}"),
-        }
+    let opts = TrainerOptions {
+        iterations: settings.num_meta_iterations,
+        evaluation_period: settings.evaluation_period,
+        quiet: a.quiet,
     };
-    trainer.run(&data.train, &data.validation, &mut show)?;
-    if trainer.curriculum_state().stopped {
+    trainer.run(&mut workload, opts, &mut |_| {})?;
+    if workload.curriculum_state().stopped {
         println!(
             "curriculum: stage {} brought no improvement in {} validations; meta-training stopped after {} meta-iterations",
-            trainer.curriculum_state().stage,
+            workload.curriculum_state().stage,
             settings.min_num_eval,
             trainer.completed()
         );

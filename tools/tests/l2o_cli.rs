@@ -269,7 +269,7 @@ fn a_curriculum_advances_and_resumes_where_it_was() {
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(full.join("checkpoint.json")).unwrap())
             .unwrap();
-    assert!(info["curriculum"]["stage"].is_u64(), "{info}");
+    assert!(info["workload"]["stage"].is_u64(), "{info}");
 }
 
 /// A bundle with a regulariser and imitation of Adam meta-trains end to end

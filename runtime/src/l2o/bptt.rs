@@ -211,23 +211,62 @@ impl StepTensor for Value {
     }
 }
 
-/// Runs the four graphs of an L2O bundle. Inputs may include names a graph
-/// does not declare (implementations pass each graph only its own inputs);
-/// outputs come back by name.
-pub trait StepRunner {
-    type Tensor: StepTensor;
-    /// `step`: phi, theta, S, minibatch, objective batch -> `next.*`,
-    /// `objective`, `objective_grad.*`, `minibatch_loss`.
-    fn step(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
-    /// `step_vjp`: phi, theta, S, minibatch, `ct.next.*` -> `d.*`.
-    fn step_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+/// The graphs of an L2O bundle that BPTT runs, by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `step`: phi, theta, S, minibatch (and probes) -> `next.*`,
+    /// `minibatch_loss` (and `reg`).
+    Step,
+    /// `step_vjp`: the step's inputs and `ct.next.*` (and `ct.reg`) -> `d.*`.
+    StepVjp,
     /// `objective_chunk`: `t<k>.theta.*`, the objective set ->
     /// `t<k>.objective`, `t<k>.objective_grad.*`.
-    fn objective(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    ObjectiveChunk,
     /// `reset`: phi -> `next.<hidden state>`.
-    fn reset(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
-    /// `reset_vjp`: phi, `ct.next.<hidden state>` -> `d.<phi>` (the init vectors).
-    fn reset_vjp(&mut self, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
+    Reset,
+    /// `reset_vjp`: phi, `ct.next.<hidden state>` -> `d.<phi>` (the init
+    /// vectors).
+    ResetVjp,
+}
+
+impl Role {
+    /// The bundle graph of the role (with the regulariser, where a bundle
+    /// has both forms).
+    pub fn graph(self) -> &'static str {
+        match self {
+            Role::Step => "step",
+            Role::StepVjp => "step_vjp",
+            Role::ObjectiveChunk => OBJECTIVE_CHUNK,
+            Role::Reset => "reset",
+            Role::ResetVjp => "reset_vjp",
+        }
+    }
+
+    /// The graph without the regulariser, for the roles that have one.
+    fn unregularized(self) -> Option<&'static str> {
+        match self {
+            Role::Step => Some(STEP_UNREGULARIZED),
+            Role::StepVjp => Some(STEP_VJP_UNREGULARIZED),
+            _ => None,
+        }
+    }
+
+    pub const ALL: [Role; 5] = [
+        Role::Step,
+        Role::StepVjp,
+        Role::ObjectiveChunk,
+        Role::Reset,
+        Role::ResetVjp,
+    ];
+}
+
+/// Runs the graphs of an L2O bundle by role. Inputs may include names a
+/// graph does not declare (implementations pass each graph only its own
+/// inputs); outputs come back by name.
+pub trait StepRunner {
+    type Tensor: StepTensor;
+    /// Run the graph of `role`.
+    fn run(&mut self, role: Role, inputs: &[(&str, &Self::Tensor)]) -> Result<Named<Self::Tensor>>;
     /// Whether `step` measures the regulariser and whether `step_vjp`
     /// differentiates it. A runner that has the graphs without it
     /// ([`super::STEP_UNREGULARIZED`]) runs those where the answer is no; the
@@ -266,6 +305,13 @@ pub struct Unroll<'a, T> {
     /// memory that grows with `steps / every + every` states instead of
     /// `steps`); 0 or 1 keeps every step.
     pub checkpoint_every: usize,
+}
+
+impl<T> Unroll<'_, T> {
+    /// The probes of step `t` (none without a regulariser).
+    fn probes_at(&self, t: usize) -> &[(String, T)] {
+        self.probes.get(t).map_or(&[], |p| p.as_slice())
+    }
 }
 
 /// What an unroll produced.
@@ -363,7 +409,7 @@ fn run_step<R: StepRunner>(
     theta: &Named<R::Tensor>,
     state: &Named<R::Tensor>,
     minibatch: &Named<R::Tensor>,
-    probes: &Named<R::Tensor>,
+    probes: &[(String, R::Tensor)],
 ) -> Result<HashMap<String, R::Tensor>> {
     let ins: Vec<(&str, &R::Tensor)> = phi
         .iter()
@@ -373,7 +419,7 @@ fn run_step<R: StepRunner>(
         .chain(probes)
         .map(|(n, x)| (n.as_str(), x))
         .collect();
-    Ok(runner.step(&ins)?.into_iter().collect())
+    Ok(runner.run(Role::Step, &ins)?.into_iter().collect())
 }
 
 /// `names` looked up as `next.<name>` in a step's outputs, taken out of them
@@ -385,12 +431,37 @@ fn next_of<T>(out: &mut HashMap<String, T>, names: &[String]) -> Result<Named<T>
         .collect()
 }
 
-/// One unroll of truncated BPTT; see the module docs.
-pub fn truncated_bptt<R: StepRunner>(
+/// What an unroll's forward pass keeps for the meta-loss and the backward
+/// pass.
+struct Forward<T> {
+    /// `phi` in layout order.
+    phi: Named<T>,
+    /// `(theta_t, S_t)` of every `checkpoint_every`-th step.
+    checkpoints: Vec<ThetaState<T>>,
+    /// d objective_t / d theta_t+1 of every step that counts.
+    objective_grads: Vec<Vec<T>>,
+    objectives: Vec<f64>,
+    minibatch_losses: Vec<f64>,
+    regs: Vec<f64>,
+    /// Imitation residuals `r_t = Delta_t - label_t` and `0.5 |r_t|^2`.
+    residuals: Vec<Vec<T>>,
+    squares: Vec<f64>,
+    /// Where the unroll ended (the last finite step's result).
+    theta: Named<T>,
+    state: Named<T>,
+    diverged: bool,
+}
+
+/// The forward pass of an unroll: `reset` (on a first unroll), then
+/// `step` in chunks of `objective_chunk`, each chunk's objectives measured
+/// in one `objective_chunk` run. A non-finite objective (or regulariser)
+/// ends the unroll at that step: the steps before it count, and the
+/// unroll's result is the parameters and state that step started from.
+fn forward<R: StepRunner>(
     runner: &mut R,
     layout: &L2oLayout,
     u: &Unroll<'_, R::Tensor>,
-) -> Result<BpttResult<R::Tensor>> {
+) -> Result<Forward<R::Tensor>> {
     type T<R> = <R as StepRunner>::Tensor;
     let phi = pick(u.phi, &layout.phi, "phi")?;
     // The set itself is borrowed; only its transposes are made here.
@@ -401,7 +472,7 @@ pub fn truncated_bptt<R: StepRunner>(
 
     if u.reset {
         let ins: Vec<(&str, &T<R>)> = phi.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let out: HashMap<String, T<R>> = runner.reset(&ins)?.into_iter().collect();
+        let out: HashMap<String, T<R>> = runner.run(Role::Reset, &ins)?.into_iter().collect();
         for (n, t) in state0.iter_mut() {
             if layout.hidden.contains(n) {
                 *t = lookup(&out, "reset", &next_name(n))?.clone();
@@ -426,18 +497,7 @@ pub fn truncated_bptt<R: StepRunner>(
     // the unroll), but differentiated only when this unroll counts it: its
     // third-order terms are most of its cost.
     runner.set_regularized(true, u.reg_weight != 0.0);
-    let no_probes: Named<T<R>> = vec![];
-    let probes = |t: usize| u.probes.get(t).unwrap_or(&no_probes);
-    // (theta_t, S_t) is kept for every `every`-th step; the backward pass
-    // recomputes the others segment by segment.
     let every = u.checkpoint_every.max(1);
-
-    // ---- forward ------------------------------------------------------------
-    // Steps run in chunks of `objective_chunk`; after each chunk one
-    // `objective_chunk` run measures the objective after every step of it.
-    // A non-finite objective (or regulariser) ends the unroll at that step:
-    // the steps before it count, and the unroll's result is the parameters
-    // and state that step started from.
     let chunk = layout.objective_chunk;
     ensure!(
         chunk > 0,
@@ -446,32 +506,36 @@ pub fn truncated_bptt<R: StepRunner>(
     let chunk_inputs: Vec<Vec<String>> = (0..chunk)
         .map(|k| layout.theta.iter().map(|n| chunk_name(k, n)).collect())
         .collect();
-    let mut checkpoints: Vec<ThetaState<T<R>>> = vec![];
-    let (mut theta, mut state) = (theta0, state0);
-    let mut objective_grads: Vec<Vec<T<R>>> = vec![];
-    let mut objectives = vec![];
-    let mut minibatch_losses = vec![];
-    let mut regs = vec![];
-    // Imitation: residuals r_t = Delta_t - label_t and 0.5 |r_t|^2.
-    let mut residuals: Vec<Vec<T<R>>> = vec![];
-    let mut squares = vec![];
-    let mut diverged = false;
+    let mut f = Forward {
+        phi,
+        checkpoints: vec![],
+        objective_grads: vec![],
+        objectives: vec![],
+        minibatch_losses: vec![],
+        regs: vec![],
+        residuals: vec![],
+        squares: vec![],
+        theta: theta0,
+        state: state0,
+        diverged: false,
+    };
     let n = u.minibatches.len();
     let mut t = 0;
-    while t < n && !diverged {
+    while t < n && !f.diverged {
         // (theta_t, S_t) and theta_t+1 of each step of the chunk.
         let mut starts: Vec<ThetaState<T<R>>> = vec![];
         let mut after: Vec<Named<T<R>>> = vec![];
         while t < n && starts.len() < chunk {
             let mb = u.minibatches.get(t)?;
-            let mut out = run_step(runner, &phi, &theta, &state, &mb, probes(t))?;
+            let mut out = run_step(runner, &f.phi, &f.theta, &f.state, &mb, u.probes_at(t))?;
             let reg = out.get(REG).map(|r| r.scalar_value()).transpose()?;
             if reg.is_some_and(|r| !r.is_finite()) {
-                diverged = true;
+                f.diverged = true;
                 break;
             }
-            regs.extend(reg);
-            minibatch_losses.push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
+            f.regs.extend(reg);
+            f.minibatch_losses
+                .push(lookup(&out, "step", MINIBATCH_LOSS)?.scalar_value()?);
             let next_theta = next_of(&mut out, &layout.theta)?;
             let next_state = next_of(&mut out, &layout.state)?;
             if let Some((labels, _)) = u.imitation {
@@ -479,7 +543,7 @@ pub fn truncated_bptt<R: StepRunner>(
                     labels[t].iter().map(|(n, x)| (n.as_str(), x)).collect();
                 let mut rs = vec![];
                 let mut ss = 0.0;
-                for ((n, next), (_, cur)) in next_theta.iter().zip(&theta) {
+                for ((n, next), (_, cur)) in next_theta.iter().zip(&f.theta) {
                     let l = label
                         .get(n.as_str())
                         .with_context(|| format!("imitation label of step {t} has no '{n}'"))?;
@@ -487,13 +551,13 @@ pub fn truncated_bptt<R: StepRunner>(
                     ss += r.dot(&r)?;
                     rs.push(r);
                 }
-                residuals.push(rs);
-                squares.push(0.5 * ss);
+                f.residuals.push(rs);
+                f.squares.push(0.5 * ss);
             }
             after.push(next_theta.clone());
             starts.push((
-                std::mem::replace(&mut theta, next_theta),
-                std::mem::replace(&mut state, next_state),
+                std::mem::replace(&mut f.theta, next_theta),
+                std::mem::replace(&mut f.state, next_state),
             ));
             t += 1;
         }
@@ -517,18 +581,21 @@ pub fn truncated_bptt<R: StepRunner>(
                     .zip(th.iter().map(|(_, x)| x)),
             );
         }
-        let mut out: HashMap<String, T<R>> = runner.objective(&ins)?.into_iter().collect();
+        let mut out: HashMap<String, T<R>> = runner
+            .run(Role::ObjectiveChunk, &ins)?
+            .into_iter()
+            .collect();
         let first = t - starts.len();
         for (k, start) in starts.into_iter().enumerate() {
             let obj = lookup(&out, OBJECTIVE_CHUNK, &chunk_name(k, OBJECTIVE))?.scalar_value()?;
             if !obj.is_finite() {
                 // Back to where this step started; later steps do not count.
-                diverged = true;
-                (theta, state) = start;
+                f.diverged = true;
+                (f.theta, f.state) = start;
                 break;
             }
-            objectives.push(obj);
-            objective_grads.push(
+            f.objectives.push(obj);
+            f.objective_grads.push(
                 layout
                     .theta
                     .iter()
@@ -542,63 +609,156 @@ pub fn truncated_bptt<R: StepRunner>(
                     .collect::<Result<_>>()?,
             );
             if (first + k).is_multiple_of(every) {
-                checkpoints.push(start);
+                f.checkpoints.push(start);
             }
         }
     }
     // Only the steps whose objective was finite count.
-    let steps = objectives.len();
-    minibatch_losses.truncate(steps);
-    regs.truncate(steps);
-    residuals.truncate(steps);
-    squares.truncate(steps);
+    let steps = f.objectives.len();
+    f.minibatch_losses.truncate(steps);
+    f.regs.truncate(steps);
+    f.residuals.truncate(steps);
+    f.squares.truncate(steps);
+    Ok(f)
+}
+
+/// One term of an unroll's meta-loss: its value, and its cotangents in the
+/// backward pass, which reach the step either through `theta` (added to
+/// `ct theta_t+1` before step `t`'s VJP, or to `ct theta_t` after it, for a
+/// term that reads `theta_t` itself) or as a cotangent input of the VJP
+/// graph (`ct.reg`).
+pub trait MetaLossTerm<T: StepTensor> {
+    /// Add the term's value to the running meta-loss.
+    fn add_value(&self, meta_loss: &mut f64);
+    /// Before step `t`'s VJP: add to the cotangent of `theta_t+1`.
+    fn before_vjp(&self, _t: usize, _ct_theta: &mut [T]) -> Result<()> {
+        Ok(())
+    }
+    /// After step `t`'s VJP: add to the cotangent of `theta_t`.
+    fn after_vjp(&self, _t: usize, _ct_theta: &mut [T]) -> Result<()> {
+        Ok(())
+    }
+    /// Cotangent inputs of the VJP graph.
+    fn vjp_inputs(&self) -> Named<T> {
+        vec![]
+    }
+}
+
+/// The log meta-objective `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)`:
+/// its cotangent enters through `theta_t+1` (the objective after step `t`
+/// is a function of `theta_t+1` only), times the objective's gradient that
+/// `objective_chunk` returned.
+struct LogObjective<'f, T> {
+    values: Vec<f64>,
+    d_obj: Vec<f64>,
+    grads: &'f [Vec<T>],
+}
+
+impl<'f, T: StepTensor> LogObjective<'f, T> {
+    fn new(objectives: &[f64], grads: &'f [Vec<T>], initial: f64) -> Self {
+        let steps = objectives.len() as f64;
+        let (values, d_obj) = objectives
+            .iter()
+            .map(|&o| {
+                let (v, d) = meta_loss_term(o, initial);
+                (v / steps, d / steps)
+            })
+            .unzip();
+        LogObjective {
+            values,
+            d_obj,
+            grads,
+        }
+    }
+}
+
+impl<T: StepTensor> MetaLossTerm<T> for LogObjective<'_, T> {
+    fn add_value(&self, meta_loss: &mut f64) {
+        for v in &self.values {
+            *meta_loss += v;
+        }
+    }
+    fn before_vjp(&self, t: usize, ct_theta: &mut [T]) -> Result<()> {
+        for (ct, g) in ct_theta.iter_mut().zip(&self.grads[t]) {
+            *ct = ct.axpy(self.d_obj[t], g)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Hessian regulariser, `weight * sum_t reg_t` (a sum, as the fork's
+/// `regular += alpha * reg`): the step graphs differentiate it, fed the
+/// cotangent `ct.reg = weight`.
+struct Regularizer {
+    weight: f64,
+    sum: f64,
+}
+
+impl<T: StepTensor> MetaLossTerm<T> for Regularizer {
+    fn add_value(&self, meta_loss: &mut f64) {
+        *meta_loss += self.weight * self.sum;
+    }
+    fn vjp_inputs(&self) -> Named<T> {
+        vec![(ct_name(REG), T::scalar(self.weight))]
+    }
+}
+
+/// Imitation of Adam, `weight * mean_t 0.5 |r_t|^2 / P` with `r_t =
+/// theta_t+1 - theta_t - label_t`; its adjoint is `c r_t` in `theta_t+1`
+/// and `-c r_t` in `theta_t`, `c = weight / (steps P)`.
+struct Imitation<'f, T> {
+    residuals: &'f [Vec<T>],
+    c: f64,
+    value: f64,
+}
+
+impl<T: StepTensor> MetaLossTerm<T> for Imitation<'_, T> {
+    fn add_value(&self, meta_loss: &mut f64) {
+        *meta_loss += self.value;
+    }
+    fn before_vjp(&self, t: usize, ct_theta: &mut [T]) -> Result<()> {
+        for (ct, r) in ct_theta.iter_mut().zip(&self.residuals[t]) {
+            *ct = ct.axpy(self.c, r)?;
+        }
+        Ok(())
+    }
+    fn after_vjp(&self, t: usize, ct_theta: &mut [T]) -> Result<()> {
+        for (ct, r) in ct_theta.iter_mut().zip(&self.residuals[t]) {
+            *ct = ct.axpy(-self.c, r)?;
+        }
+        Ok(())
+    }
+}
+
+/// The backward pass: `step_vjp` from the last step to the first, segment
+/// by segment from the checkpoints (recomputing the `(theta_t, S_t)`
+/// between them), each term's cotangents added around each VJP; then
+/// `reset_vjp` on a first unroll. Returns d meta-loss / d phi.
+fn backward<R: StepRunner>(
+    runner: &mut R,
+    layout: &L2oLayout,
+    u: &Unroll<'_, R::Tensor>,
+    phi: &Named<R::Tensor>,
+    checkpoints: Vec<ThetaState<R::Tensor>>,
+    steps: usize,
+    terms: &[&dyn MetaLossTerm<R::Tensor>],
+) -> Result<Named<R::Tensor>> {
+    type T<R> = <R as StepRunner>::Tensor;
+    let every = u.checkpoint_every.max(1);
+    let Some((theta0, state0)) = checkpoints.first() else {
+        bail!("an unroll with {steps} steps has no checkpoint");
+    };
+    let mut ct_theta: Vec<T<R>> = theta0.iter().map(|(_, t)| t.zeros_like()).collect();
+    let mut ct_state: Vec<T<R>> = state0.iter().map(|(_, t)| t.zeros_like()).collect();
     let mut d_phi: Named<T<R>> = phi
         .iter()
         .map(|(n, t)| (n.clone(), t.zeros_like()))
         .collect();
-    if steps == 0 {
-        return Ok(BpttResult {
-            meta_loss: 0.0,
-            d_phi,
-            theta,
-            state,
-            objectives,
-            minibatch_losses,
-            regs,
-            imitation_mse: vec![],
-            diverged,
-        });
-    }
-    // alpha * reg accumulates over the steps (a sum, as the fork's
-    // `regular += alpha * reg`), next to the mean log objective.
-    let mut meta_loss = u.reg_weight * regs.iter().sum::<f64>();
-    let mut d_obj = vec![];
-    for &o in &objectives {
-        let (v, d) = meta_loss_term(o, u.initial_objective);
-        meta_loss += v / steps as f64;
-        d_obj.push(d / steps as f64);
-    }
-    // Imitation: weight * mean_t 0.5 |r_t|^2 / P, whose adjoint is
-    // d/d theta_t+1 = c r_t, d/d theta_t = -c r_t with c = weight / (steps P).
-    let num_params: usize = theta.iter().map(|(_, x)| x.num_elements()).sum();
-    let imitation_mse: Vec<f64> = squares.iter().map(|s| s / num_params as f64).collect();
-    let c_imit = match u.imitation {
-        Some((_, weight)) => {
-            meta_loss += weight * imitation_mse.iter().sum::<f64>() / steps as f64;
-            weight / (steps * num_params) as f64
-        }
-        None => 0.0,
-    };
-
-    // ---- backward -----------------------------------------------------------
     let ct_names = |names: &[String]| -> Vec<String> {
         names.iter().map(|n| ct_name(&next_name(n))).collect()
     };
     let (ct_theta_names, ct_state_names) = (ct_names(&layout.theta), ct_names(&layout.state));
-    let mut ct_theta: Vec<T<R>> = theta.iter().map(|(_, t)| t.zeros_like()).collect();
-    let mut ct_state: Vec<T<R>> = state.iter().map(|(_, t)| t.zeros_like()).collect();
-    let ct_reg = T::<R>::scalar(u.reg_weight);
-    let ct_reg_name = ct_name(REG);
+    let vjp_inputs: Named<T<R>> = terms.iter().flat_map(|t| t.vjp_inputs()).collect();
     for (k, (ck_theta, ck_state)) in checkpoints.into_iter().enumerate().rev() {
         // The segment [start, end): recompute its (theta_t, S_t) from the
         // checkpoint (nothing to recompute with `every` = 1).
@@ -607,7 +767,8 @@ pub fn truncated_bptt<R: StepRunner>(
         let mut seg: Vec<ThetaState<T<R>>> = vec![(ck_theta, ck_state)];
         for t in start..end - 1 {
             let (th, st) = seg.last().expect("segment start");
-            let mut out = run_step(runner, &phi, th, st, &*u.minibatches.get(t)?, probes(t))?;
+            let mb = u.minibatches.get(t)?;
+            let mut out = run_step(runner, phi, th, st, &mb, u.probes_at(t))?;
             seg.push((
                 next_of(&mut out, &layout.theta)?,
                 next_of(&mut out, &layout.state)?,
@@ -615,14 +776,8 @@ pub fn truncated_bptt<R: StepRunner>(
         }
         for t in (start..end).rev() {
             let (th, st) = &seg[t - start];
-            // The objective after step t is a function of theta_t+1 only.
-            for (ct, g) in ct_theta.iter_mut().zip(&objective_grads[t]) {
-                *ct = ct.axpy(d_obj[t], g)?;
-            }
-            if let Some(rs) = residuals.get(t) {
-                for (ct, r) in ct_theta.iter_mut().zip(rs) {
-                    *ct = ct.axpy(c_imit, r)?;
-                }
+            for term in terms {
+                term.before_vjp(t, &mut ct_theta)?;
             }
             let mb = u.minibatches.get(t)?;
             let mut ins: Vec<(&str, &T<R>)> = vec![];
@@ -631,18 +786,19 @@ pub fn truncated_bptt<R: StepRunner>(
                 .chain(th)
                 .chain(st)
                 .chain(mb.iter())
-                .chain(probes(t))
+                .chain(u.probes_at(t))
+                .chain(&vjp_inputs)
             {
                 ins.push((n.as_str(), x));
             }
-            ins.push((ct_reg_name.as_str(), &ct_reg));
             for (n, x) in ct_theta_names.iter().zip(&ct_theta) {
                 ins.push((n.as_str(), x));
             }
             for (n, x) in ct_state_names.iter().zip(&ct_state) {
                 ins.push((n.as_str(), x));
             }
-            let mut out: HashMap<String, T<R>> = runner.step_vjp(&ins)?.into_iter().collect();
+            let mut out: HashMap<String, T<R>> =
+                runner.run(Role::StepVjp, &ins)?.into_iter().collect();
             for (n, acc) in d_phi.iter_mut() {
                 *acc = acc.add(lookup(&out, "step_vjp", &d_name(n))?)?;
             }
@@ -654,10 +810,8 @@ pub fn truncated_bptt<R: StepRunner>(
                 .iter()
                 .map(|n| take(&mut out, "step_vjp", &d_name(n)))
                 .collect::<Result<_>>()?;
-            if let Some(rs) = residuals.get(t) {
-                for (ct, r) in ct_theta.iter_mut().zip(rs) {
-                    *ct = ct.axpy(-c_imit, r)?;
-                }
+            for term in terms {
+                term.after_vjp(t, &mut ct_theta)?;
             }
             ct_state = layout
                 .state
@@ -678,13 +832,76 @@ pub fn truncated_bptt<R: StepRunner>(
         for (n, x) in &hidden_ct {
             ins.push((n.as_str(), x));
         }
-        let out: HashMap<String, T<R>> = runner.reset_vjp(&ins)?.into_iter().collect();
+        let out: HashMap<String, T<R>> = runner.run(Role::ResetVjp, &ins)?.into_iter().collect();
         for (n, acc) in d_phi.iter_mut() {
             if let Some(d) = out.get(&d_name(n)) {
                 *acc = acc.add(d)?;
             }
         }
     }
+    Ok(d_phi)
+}
+
+/// One unroll of truncated BPTT: [`forward`], the meta-loss terms (the log
+/// objective, the regulariser, imitation), [`backward`]; see the module
+/// docs.
+pub fn truncated_bptt<R: StepRunner>(
+    runner: &mut R,
+    layout: &L2oLayout,
+    u: &Unroll<'_, R::Tensor>,
+) -> Result<BpttResult<R::Tensor>> {
+    let Forward {
+        phi,
+        checkpoints,
+        objective_grads,
+        objectives,
+        minibatch_losses,
+        regs,
+        residuals,
+        squares,
+        theta,
+        state,
+        diverged,
+    } = forward(runner, layout, u)?;
+    let steps = objectives.len();
+    if steps == 0 {
+        return Ok(BpttResult {
+            meta_loss: 0.0,
+            d_phi: phi
+                .iter()
+                .map(|(n, t)| (n.clone(), t.zeros_like()))
+                .collect(),
+            theta,
+            state,
+            objectives,
+            minibatch_losses,
+            regs,
+            imitation_mse: vec![],
+            diverged,
+        });
+    }
+    let num_params: usize = theta.iter().map(|(_, x)| x.num_elements()).sum();
+    let imitation_mse: Vec<f64> = squares.iter().map(|s| s / num_params as f64).collect();
+    let regularizer = Regularizer {
+        weight: u.reg_weight,
+        sum: regs.iter().sum(),
+    };
+    let log_objective = LogObjective::new(&objectives, &objective_grads, u.initial_objective);
+    let imitation = u.imitation.map(|(_, weight)| Imitation {
+        residuals: &residuals,
+        c: weight / (steps * num_params) as f64,
+        value: weight * imitation_mse.iter().sum::<f64>() / steps as f64,
+    });
+    // In this order: the meta-loss is accumulated term by term.
+    let mut terms: Vec<&dyn MetaLossTerm<R::Tensor>> = vec![&regularizer, &log_objective];
+    if let Some(i) = &imitation {
+        terms.push(i);
+    }
+    let mut meta_loss = 0.0;
+    for term in &terms {
+        term.add_value(&mut meta_loss);
+    }
+    let d_phi = backward(runner, layout, u, &phi, checkpoints, steps, &terms)?;
     Ok(BpttResult {
         meta_loss,
         d_phi,
@@ -701,63 +918,71 @@ pub fn truncated_bptt<R: StepRunner>(
 /// A [`StepRunner`] on the f64 reference interpreter: the graphs as built by
 /// the compiler (before export), evaluated exactly. For tests and checks.
 pub struct GraphRunner {
-    pub step: Graph,
-    pub step_vjp: Graph,
-    pub objective: Graph,
-    pub reset: Graph,
-    pub reset_vjp: Graph,
-    /// `step` and `step_vjp` without the regulariser, if given.
-    pub unregularized: Option<(Graph, Graph)>,
+    /// The graph of each role.
+    pub graphs: HashMap<&'static str, Graph>,
     /// Whether `step` and `step_vjp` (respectively) run with the regulariser;
-    /// `unregularized` runs where not (when given).
+    /// the graphs without it run where not (when given).
     pub regularized: (bool, bool),
 }
 
-/// The graph to run: the one without the regulariser where it is not
-/// wanted and the bundle has it, else the regularised one.
-fn with_or_without<T>(with: T, without: Option<T>, regularized: bool) -> T {
-    match without {
-        Some(w) if !regularized => w,
-        _ => with,
+impl GraphRunner {
+    /// A runner of the five roles' graphs, and of `step` and `step_vjp`
+    /// without the regulariser if given.
+    pub fn new(
+        step: Graph,
+        step_vjp: Graph,
+        objective_chunk: Graph,
+        reset: Graph,
+        reset_vjp: Graph,
+        unregularized: Option<(Graph, Graph)>,
+    ) -> Self {
+        let mut graphs = HashMap::from([
+            ("step", step),
+            ("step_vjp", step_vjp),
+            (OBJECTIVE_CHUNK, objective_chunk),
+            ("reset", reset),
+            ("reset_vjp", reset_vjp),
+        ]);
+        if let Some((s, v)) = unregularized {
+            graphs.insert(STEP_UNREGULARIZED, s);
+            graphs.insert(STEP_VJP_UNREGULARIZED, v);
+        }
+        GraphRunner {
+            graphs,
+            regularized: (true, true),
+        }
     }
 }
 
-fn eval_named(g: &Graph, label: &str, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-    let mut map = HashMap::new();
-    for (n, v) in inputs {
-        if g.find_input(n).is_some() {
-            map.insert((*n).to_string(), (*v).clone());
-        }
+/// The graph to run for `role`: the one without the regulariser where it
+/// is not wanted and the runner has it, else the role's graph.
+fn graph_for(role: Role, regularized: (bool, bool), has: impl Fn(&str) -> bool) -> &'static str {
+    let wanted = match role {
+        Role::Step => regularized.0,
+        Role::StepVjp => regularized.1,
+        _ => true,
+    };
+    match role.unregularized() {
+        Some(name) if !wanted && has(name) => name,
+        _ => role.graph(),
     }
-    eval_graph(g, &map).with_context(|| format!("evaluating graph '{label}'"))
 }
 
 impl StepRunner for GraphRunner {
     type Tensor = Value;
-    fn step(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        let without = self
-            .unregularized
-            .as_ref()
-            .map(|(s, _)| (s, STEP_UNREGULARIZED));
-        let (g, label) = with_or_without((&self.step, "step"), without, self.regularized.0);
-        eval_named(g, label, inputs)
-    }
-    fn step_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        let without = self
-            .unregularized
-            .as_ref()
-            .map(|(_, v)| (v, STEP_VJP_UNREGULARIZED));
-        let (g, label) = with_or_without((&self.step_vjp, "step_vjp"), without, self.regularized.1);
-        eval_named(g, label, inputs)
-    }
-    fn objective(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        eval_named(&self.objective, OBJECTIVE_CHUNK, inputs)
-    }
-    fn reset(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        eval_named(&self.reset, "reset", inputs)
-    }
-    fn reset_vjp(&mut self, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
-        eval_named(&self.reset_vjp, "reset_vjp", inputs)
+    fn run(&mut self, role: Role, inputs: &[(&str, &Value)]) -> Result<Named<Value>> {
+        let name = graph_for(role, self.regularized, |n| self.graphs.contains_key(n));
+        let g = self
+            .graphs
+            .get(name)
+            .with_context(|| format!("no graph '{name}'"))?;
+        let mut map = HashMap::new();
+        for (n, v) in inputs {
+            if g.find_input(n).is_some() {
+                map.insert((*n).to_string(), (*v).clone());
+            }
+        }
+        eval_graph(g, &map).with_context(|| format!("evaluating graph '{name}'"))
     }
     fn set_regularized(&mut self, measure: bool, differentiate: bool) {
         self.regularized = (measure, differentiate);
@@ -766,76 +991,59 @@ impl StepRunner for GraphRunner {
 
 /// A [`StepRunner`] on backend sessions (ONNX Runtime or tract), f32.
 pub struct SessionRunner {
-    pub step: Box<dyn Session>,
-    pub step_vjp: Box<dyn Session>,
-    pub objective: Box<dyn Session>,
-    pub reset: Box<dyn Session>,
-    pub reset_vjp: Box<dyn Session>,
-    /// `step` and `step_vjp` without the regulariser (bundles with one).
-    pub unregularized: Option<(Box<dyn Session>, Box<dyn Session>)>,
+    /// The session of each graph it has.
+    pub sessions: HashMap<&'static str, Box<dyn Session>>,
     /// Whether `step` and `step_vjp` (respectively) run with the regulariser;
-    /// `unregularized` runs where not (when the bundle has it).
+    /// the graphs without it run where not (when the bundle has them).
     pub regularized: (bool, bool),
 }
 
 impl SessionRunner {
-    /// Load the `step`, `step_vjp`, `objective_chunk`, `reset` and
-    /// `reset_vjp` graphs of an L2O bundle.
+    /// Load the graphs of the five roles of an L2O bundle, and `step` and
+    /// `step_vjp` without the regulariser where the bundle has them.
     pub fn from_bundle(bundle: &Bundle, backend: &dyn Backend) -> Result<Self> {
-        let load = |name: &str| -> Result<Box<dyn Session>> {
-            backend.load(&bundle.graph_bytes(name)?, name)
-        };
+        let mut sessions = HashMap::new();
+        for role in Role::ALL {
+            let name = role.graph();
+            let s = backend
+                .load(&bundle.graph_bytes(name)?, name)
+                .with_context(|| {
+                    format!("loading '{name}' (compiled by an older metac? recompile the bundle with `metac compile l2o`)")
+                })?;
+            sessions.insert(name, s);
+            if let Some(u) = role.unregularized() {
+                if bundle.manifest.graph(u).is_some() {
+                    sessions.insert(u, backend.load(&bundle.graph_bytes(u)?, u)?);
+                }
+            }
+        }
         Ok(SessionRunner {
-            step: load("step")?,
-            step_vjp: load("step_vjp")?,
-            objective: load(OBJECTIVE_CHUNK).context(
-                "compiled by an older metac? recompile the bundle with `metac compile l2o`",
-            )?,
-            reset: load("reset")?,
-            reset_vjp: load("reset_vjp")?,
-            unregularized: match bundle.manifest.graph(STEP_UNREGULARIZED) {
-                Some(_) => Some((load(STEP_UNREGULARIZED)?, load(STEP_VJP_UNREGULARIZED)?)),
-                None => None,
-            },
+            sessions,
             regularized: (true, true),
         })
     }
-}
 
-fn run_session(s: &mut dyn Session, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-    let names = s.input_names();
-    let ins: Vec<(&str, &HostTensor)> = inputs
-        .iter()
-        .filter(|(n, _)| names.iter().any(|m| m == n))
-        .copied()
-        .collect();
-    s.run(&ins)
+    /// Whether the runner has `step` without the regulariser.
+    pub fn has_unregularized(&self) -> bool {
+        self.sessions.contains_key(STEP_UNREGULARIZED)
+    }
 }
 
 impl StepRunner for SessionRunner {
     type Tensor = HostTensor;
-    fn step(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        let without = self.unregularized.as_mut().map(|(s, _)| s.as_mut());
-        run_session(
-            with_or_without(self.step.as_mut(), without, self.regularized.0),
-            inputs,
-        )
-    }
-    fn step_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        let without = self.unregularized.as_mut().map(|(_, v)| v.as_mut());
-        run_session(
-            with_or_without(self.step_vjp.as_mut(), without, self.regularized.1),
-            inputs,
-        )
-    }
-    fn objective(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        run_session(self.objective.as_mut(), inputs)
-    }
-    fn reset(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        run_session(self.reset.as_mut(), inputs)
-    }
-    fn reset_vjp(&mut self, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
-        run_session(self.reset_vjp.as_mut(), inputs)
+    fn run(&mut self, role: Role, inputs: &[(&str, &HostTensor)]) -> Result<Named<HostTensor>> {
+        let name = graph_for(role, self.regularized, |n| self.sessions.contains_key(n));
+        let s = self
+            .sessions
+            .get_mut(name)
+            .with_context(|| format!("no session of graph '{name}'"))?;
+        let names = s.input_names();
+        let ins: Vec<(&str, &HostTensor)> = inputs
+            .iter()
+            .filter(|(n, _)| names.iter().any(|m| m == n))
+            .copied()
+            .collect();
+        s.run(&ins)
     }
     fn set_regularized(&mut self, measure: bool, differentiate: bool) {
         self.regularized = (measure, differentiate);

@@ -19,8 +19,8 @@ pub mod train;
 
 pub use bptt::Named;
 pub use bptt::{
-    meta_loss_term, truncated_bptt, BpttResult, GraphRunner, SessionRunner, StepRunner, StepTensor,
-    Unroll,
+    meta_loss_term, truncated_bptt, BpttResult, GraphRunner, MetaLossTerm, Role, SessionRunner,
+    StepRunner, StepTensor, Unroll,
 };
 pub use data::MnistUnrollData;
 pub use meta_opt::{CompiledMetaUpdate, MetaUpdate, RmsProp};
