@@ -11,6 +11,9 @@ use ndarray::{ArrayD, IxDyn};
 /// Element type of a [`HostTensor`]: the IR's own.
 pub use metac_graphs::DType;
 
+/// Named values, in order (graph inputs and outputs, state buffers).
+pub type Named<T> = Vec<(String, T)>;
+
 /// A dense, host-memory tensor of one of the element types metac graphs use.
 ///
 /// Arrays may have any memory layout; backends make them contiguous when (and only when) they need to.

@@ -597,11 +597,13 @@ fn compiled_bundles_run_bptt_in_tract_and_onnx_runtime() {
             "objective",
             "objective_chunk",
             "meta_update",
+            "metatest.learned",
             "baseline.adam-1e-3",
             "baseline.adam-1e-4",
             "baseline.sgd-1e-3",
             "baseline.rmsprop-1e-3",
-            "baseline.adagrad-1e-2"
+            "baseline.adagrad-1e-2",
+            "metatest.evaluate"
         ]
     );
     Bundle::load(&dir.join("tiny")).unwrap();

@@ -17,8 +17,8 @@ use metac_runtime::metatest::{OptimizerSummary, Summary};
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
 use serde::Serialize;
 
-use crate::cmd_eval::read_summary_json;
-use crate::cmd_eval::table::table;
+use crate::common::read_summary_json;
+use crate::table::table;
 
 #[derive(Parser, Debug)]
 #[command(after_help = "Examples:\n  \

@@ -2,6 +2,9 @@
 //! hand-designed baselines on a problem: an MNIST problem or a data-free
 //! synthetic one (quadratic, Rosenbrock, ...).
 //!
+//! On the bundle's own problem and batch sizes the bundle's compiled steps
+//! and evaluation run, with initial values drawn from its init rules
+//! (`meta.l2o.metatest`); any other problem or size builds its graphs here.
 //! Per seed every optimizer starts from the same initial parameters
 //! (`problem.init_params(seed)`) and, for MNIST problems, sees the same
 //! minibatches (`Batches::generate(split size, batch, steps, seed)`); the
@@ -12,7 +15,6 @@
 
 mod data;
 mod optimizers;
-pub(crate) mod table;
 
 pub use optimizers::PhiChoice;
 
@@ -20,13 +22,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use metac_compiler::l2o::program::baseline_graph_name;
 use metac_compiler::metatest::{
     build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
 };
+use metac_compiler::models::hrnn::Hrnn;
 use metac_compiler::models::problems::{problem_by_name, problem_names, Problem};
 use metac_contract::bundle::Bundle;
+use metac_contract::init::draw_all;
+use metac_contract::io::RunInit;
+use metac_contract::l2o::{L2oMeta, MetatestStep, NEXT};
 use metac_runtime::backend::open_backend;
+use metac_runtime::backend::Session;
 use metac_runtime::metatest::{
     params_path, run_optimizer, write_params, Evaluation, MetaTestResults, StepData,
 };
@@ -34,9 +40,9 @@ use metac_runtime::plot::{plot_curves_with, PlotOptions};
 use metac_runtime::tensor::HostTensor;
 
 use crate::common::BackendArgs;
+use crate::table::table;
 use data::{needs_mnist, MnistData};
 use optimizers::{load_learned, parse_optimizers, parse_seeds, OptSpec, DEFAULT_OPTIMIZERS};
-use table::table;
 
 /// The MNIST split the batches are drawn from and the final parameters are
 /// evaluated on.
@@ -131,8 +137,69 @@ pub struct Args {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+    /// Build every graph here, even where the bundle has it (on its own
+    /// problem and batch sizes it runs its compiled steps and evaluation).
+    #[arg(long)]
+    pub compile: bool,
     #[command(flatten)]
     pub backend: BackendArgs,
+}
+
+/// The learned optimizer (for a train step built here, on another problem
+/// than the bundle's): its architecture from the bundle's compile config.
+fn learned_optimizer(bundle: Option<&Bundle>) -> Result<Hrnn> {
+    let b = bundle.context("the optimizer 'learned' needs --bundle BUNDLE")?;
+    Ok(Hrnn::new(
+        crate::common::bundle_config(b)?.optimizer.hrnn_config(),
+    ))
+}
+
+/// Where optimizer `step` of the bundle starts for `seed`, from the
+/// bundle's init rules: the problem's parameters and the optimizer's state;
+/// for the learned optimizer (weights `phi`) the hidden states are then set
+/// from its weights by the bundle's `reset` graph.
+fn bundle_init(
+    label: &str,
+    meta: &L2oMeta,
+    step: &MetatestStep,
+    phi: &[(String, metac_graphs::Tensor)],
+    seed: u64,
+    reset: Option<&mut Box<dyn Session>>,
+) -> Result<RunInit> {
+    let params = draw_all(&meta.init.theta, seed)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let mut state = draw_all(&step.state, seed);
+    if !phi.is_empty() {
+        let reset =
+            reset.context("the bundle's reset graph is loaded for the learned optimizer")?;
+        let host: Vec<(String, HostTensor)> = phi
+            .iter()
+            .chain(state.iter())
+            .map(|(n, t)| (n.clone(), HostTensor::from_graph(t)))
+            .collect();
+        let names = reset.input_names();
+        let ins: Vec<(&str, &HostTensor)> = host
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        for (n, t) in reset.run(&ins)? {
+            let name = n.strip_prefix(NEXT).unwrap_or(&n);
+            if meta.layout.hidden.iter().any(|h| h == name) {
+                if let Some(e) = state.iter_mut().find(|(m, _)| m == name) {
+                    e.1 = t.to_graph();
+                }
+            }
+        }
+    }
+    Ok(RunInit {
+        optimizer: label.into(),
+        params,
+        state: state.into_iter().map(|(_, t)| t).collect(),
+        phi: phi.iter().map(|(_, t)| t.clone()).collect(),
+    })
 }
 
 /// Writes the final parameters of a run, or for a diverged run removes a
@@ -157,29 +224,21 @@ fn save_params(
     }
 }
 
-/// `DIR/summary.json` of an eval output, parsed as JSON; the error says
-/// when DIR does not look like one.
-pub(crate) fn read_summary_json(dir: &Path) -> Result<serde_json::Value> {
-    let p = dir.join("summary.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "cannot read {} (is {} a `metac eval` output?)",
-            p.display(),
-            dir.display()
-        )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
-}
-
 pub fn run(a: Args) -> Result<()> {
     // Validate every input before loading anything.
     let specs = parse_optimizers(&a.optimizers)?;
     let seeds = parse_seeds(&a.seeds)?;
     ensure!(a.steps > 0, "--steps must be at least 1");
     let bundle = a.bundle.as_deref().map(Bundle::load).transpose()?;
-    let problem_name = match (&a.problem, &bundle) {
+    let meta = match &bundle {
+        Some(b) => Some(
+            L2oMeta::from_manifest(&b.manifest).with_context(|| format!("{}", b.dir.display()))?,
+        ),
+        None => None,
+    };
+    let problem_name = match (&a.problem, &meta) {
         (Some(p), _) => p.clone(),
-        (None, Some(b)) => crate::cmd_l2o::bundle_config(b)?.problem,
+        (None, Some(m)) => m.problem.clone(),
         (None, None) => "mnist-mlp".into(),
     };
     let batch_size = a.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
@@ -197,19 +256,52 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         None
     };
-    let eval_graph = match &data {
-        Some(d) => build_evaluate(
-            problem_by_name(&problem_name, d.eval_batch_size)
-                .map_err(anyhow::Error::msg)?
-                .as_ref(),
-        ),
-        None => build_evaluate(problem.as_ref()),
+    // The bundle's own graphs serve an eval on its problem with its batch
+    // sizes (unless --compile): nothing of the program is rebuilt.
+    let own = match (bundle.as_ref(), meta.as_ref()) {
+        (Some(b), Some(m))
+            if !a.compile
+                && m.problem == problem_name
+                && match &data {
+                    Some(d) => {
+                        d.batch_size == m.batch_size
+                            && d.eval_batch_size == m.metatest.evaluate_io.batch_size
+                    }
+                    None => m.data.is_none(),
+                } =>
+        {
+            Some((b, m))
+        }
+        _ => None,
     };
     let backend = open_backend(&a.backend.options())?;
-    let mut eval_sess = backend.load(
-        &to_onnx(&eval_graph.graph, "evaluate").map_err(anyhow::Error::msg)?,
-        "evaluate",
-    )?;
+    let (mut eval_sess, eval_io) = match own {
+        Some((b, m)) => (
+            backend.load(&b.graph_bytes(&m.metatest.evaluate)?, "evaluate")?,
+            m.metatest.evaluate_io.clone(),
+        ),
+        None => {
+            let eval_graph = match &data {
+                Some(d) => build_evaluate(
+                    problem_by_name(&problem_name, d.eval_batch_size)
+                        .map_err(anyhow::Error::msg)?
+                        .as_ref(),
+                ),
+                None => build_evaluate(problem.as_ref()),
+            };
+            let s = backend.load(
+                &to_onnx(&eval_graph.graph, "evaluate").map_err(anyhow::Error::msg)?,
+                "evaluate",
+            )?;
+            (s, eval_graph.io)
+        }
+    };
+    // The learned optimizer's hidden states start from its weights: the
+    // bundle's `reset` graph sets them where the bundle's step runs.
+    let mut reset_sess = match own {
+        Some((b, _)) if learned.is_some() => Some(backend.load(&b.graph_bytes("reset")?, "reset")?),
+        _ => None,
+    };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let on = match &data {
         Some(d) => format!(
@@ -239,45 +331,34 @@ pub fn run(a: Args) -> Result<()> {
         runs: vec![],
     };
     let no_phi: Vec<(String, metac_graphs::Tensor)> = vec![];
-    let bundle_problem = match &bundle {
-        Some(b) => {
-            let c = crate::cmd_l2o::bundle_config(b)?;
-            Some((b, c.problem, c.batch_size))
-        }
-        None => None,
-    };
     for spec in &specs {
-        let (opt, phi) = match spec {
-            OptSpec::Learned => {
-                let (h, phi) = learned.as_ref().expect("loaded above");
-                (MetaOptimizer::Hrnn(h.clone()), phi)
-            }
-            OptSpec::Baseline(_, b) => (MetaOptimizer::Baseline(*b), &no_phi),
-        };
         let label = spec.label();
-        let t0 = Instant::now();
-        // Built in any case: its `io` names the graph's inputs and outputs.
-        let ts = build_train_step(problem.as_ref(), &opt);
-        // A baseline on the bundle's own problem and batch size runs the
-        // step compiled into the bundle; anything else is compiled here.
-        let from_bundle = match (spec, &bundle_problem) {
-            (OptSpec::Baseline(..), Some((b, p, batch)))
-                if *p == problem_name && Some(*batch) == data.as_ref().map(|d| d.batch_size) =>
-            {
-                let name = baseline_graph_name(label);
-                b.manifest.graph(&name).is_some().then_some((b, name))
-            }
-            _ => None,
+        let phi = match spec {
+            OptSpec::Learned => learned.as_ref().expect("loaded above"),
+            OptSpec::Baseline(..) => &no_phi,
         };
-        let (onnx, how) = match from_bundle {
-            Some((b, name)) => (
-                b.graph_bytes(&name)?,
-                format!("loaded {name} from the bundle"),
+        let t0 = Instant::now();
+        let bundled = own.and_then(|(b, m)| m.metatest.step(label).map(|s| (b, m, s)));
+        let (onnx, io, how, built) = match bundled {
+            Some((b, _, step)) => (
+                b.graph_bytes(&step.graph)?,
+                step.io.clone(),
+                format!("loaded {} from the bundle", step.graph),
+                None,
             ),
-            None => (
-                to_onnx(&ts.graph, "train_step").map_err(anyhow::Error::msg)?,
-                "built train_step".to_string(),
-            ),
+            None => {
+                let opt = match spec {
+                    OptSpec::Learned => MetaOptimizer::Hrnn(learned_optimizer(bundle.as_ref())?),
+                    OptSpec::Baseline(_, b) => MetaOptimizer::Baseline(*b),
+                };
+                let ts = build_train_step(problem.as_ref(), &opt);
+                (
+                    to_onnx(&ts.graph, "train_step").map_err(anyhow::Error::msg)?,
+                    ts.io,
+                    "built train_step".to_string(),
+                    Some(opt),
+                )
+            }
         };
         let mut train = backend
             .load(&onnx, &format!("train_step ({label})"))
@@ -285,7 +366,13 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("[{label}] {how} in {:.1}s", t0.elapsed().as_secs_f64());
         for (i, &seed) in seeds.iter().enumerate() {
             let t0 = Instant::now();
-            let init = run_init(label, problem.as_ref(), &opt, phi, seed);
+            let init = match (&built, bundled) {
+                (Some(opt), _) => run_init(label, problem.as_ref(), opt, phi, seed),
+                (None, Some((_, m, step))) => {
+                    bundle_init(label, m, step, phi, seed, reset_sess.as_mut())?
+                }
+                (None, None) => unreachable!("a step is built or the bundle's"),
+            };
             let step_data = match &data {
                 Some(d) => StepData::Mnist {
                     split: &d.split,
@@ -295,12 +382,12 @@ pub fn run(a: Args) -> Result<()> {
             };
             let eval = Evaluation {
                 session: eval_sess.as_mut(),
-                io: &eval_graph.io,
+                io: &eval_io,
                 split: data.as_ref().map(|d| &d.split),
             };
             let (r, params) =
-                run_optimizer(train.as_mut(), &ts.io, &init, step_data, seed, Some(eval))?;
-            save_params(&a.out, label, seed, r.diverged(), &ts.io.params, &params)?;
+                run_optimizer(train.as_mut(), &io, &init, step_data, seed, Some(eval))?;
+            save_params(&a.out, label, seed, r.diverged(), &io.params, &params)?;
             let status = match (r.diverged_at, r.eval_loss) {
                 (Some(t), _) => format!("DIVERGED at step {t}"),
                 (None, Some(l)) => format!(

@@ -123,15 +123,6 @@ pub struct RunArgs {
     pub backend: BackendArgs,
 }
 
-/// The compile config stored in an L2O bundle (`meta.l2o.config`), for
-/// `metac eval`, which rebuilds the learned optimizer on other problems.
-pub fn bundle_config(b: &Bundle) -> Result<L2oConfig> {
-    let meta =
-        L2oMeta::from_manifest(&b.manifest).with_context(|| format!("{}", b.dir.display()))?;
-    serde_json::from_value(meta.config)
-        .with_context(|| format!("{}: malformed meta.l2o.config", b.dir.display()))
-}
-
 pub fn run(a: RunArgs) -> Result<()> {
     let bundle = Bundle::load(&a.bundle)?;
     let meta = L2oMeta::from_manifest(&bundle.manifest)

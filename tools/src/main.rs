@@ -9,6 +9,7 @@ mod cmd_hessian;
 mod cmd_inspect;
 mod cmd_l2o;
 mod common;
+mod table;
 
 use std::process::ExitCode;
 

@@ -335,13 +335,21 @@ fn the_learned_optimizer_runs_on_a_data_free_problem() {
 /// A baseline on the bundle's own problem and batch size runs the step
 /// compiled into the bundle; its curves equal those of the step `eval`
 /// compiles itself (another batch size, or no bundle).
+/// On the bundle's own problem and batch sizes, eval runs the bundle's
+/// compiled steps (the learned optimizer's and the baselines') and its
+/// evaluation graph, and draws the initial values from its init rules:
+/// nothing of the program is rebuilt. `--compile` builds them all here
+/// instead, with the same curves and final parameters bit for bit.
 #[test]
-fn baselines_run_from_the_bundle_on_its_problem() {
-    let (bundle, _) = bundle_and_run();
-    let run = |with_bundle: bool, batch: &str, name: &str| {
+fn the_bundle_runs_its_own_problem_and_compile_builds_the_same() {
+    let (bundle, run_dir) = bundle_and_run();
+    let run = |batch: &str, extra: &[&str], name: &str| {
         let out = scratch(name);
         let mut v = strings(&[
             "eval",
+            run_dir,
+            "--bundle",
+            bundle,
             "--problem",
             "mnist-mlp",
             "--steps",
@@ -349,33 +357,49 @@ fn baselines_run_from_the_bundle_on_its_problem() {
             "--seeds",
             "3",
             "--optimizers",
-            "adam-1e-3,sgd-1e-3",
+            "learned,adam-1e-3,sgd-1e-3",
             "--batch-size",
             batch,
-            "--eval-batch-size",
-            "500",
             "--out",
             out.to_str().unwrap(),
             "--backend",
             "tract",
         ]);
-        if with_bundle {
-            v.extend(strings(&["--bundle", bundle]));
-        }
+        v.extend(strings(extra));
         let o = call(&v);
         ok(&o);
-        (curves(&out), String::from_utf8_lossy(&o.stderr).to_string())
+        let params: Vec<Vec<u8>> = ["learned", "adam-1e-3", "sgd-1e-3"]
+            .iter()
+            .map(|l| std::fs::read(out.join(format!("params/{l}-seed3.safetensors"))).unwrap())
+            .collect();
+        (
+            (curves(&out), summary(&out)["optimizers"].clone(), params),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
     };
-    let (from_bundle, log) = run(true, "8", "from-bundle");
-    assert!(
-        log.contains("[adam-1e-3] loaded baseline.adam-1e-3 from the bundle")
-            && log.contains("[sgd-1e-3] loaded baseline.sgd-1e-3 from the bundle"),
-        "{log}"
-    );
-    let (built, log) = run(false, "8", "built");
+    let (from_bundle, log) = run("8", &[], "from-bundle");
+    for (label, graph) in [
+        ("learned", "metatest.learned"),
+        ("adam-1e-3", "baseline.adam-1e-3"),
+        ("sgd-1e-3", "baseline.sgd-1e-3"),
+    ] {
+        assert!(
+            log.contains(&format!("[{label}] loaded {graph} from the bundle")),
+            "{log}"
+        );
+    }
+    let (built, log) = run("8", &["--compile"], "compiled");
+    assert!(log.contains("[learned] built train_step"), "{log}");
     assert!(log.contains("[adam-1e-3] built train_step"), "{log}");
     assert_eq!(from_bundle, built);
-    // Another batch size: the bundle's step does not fit, eval builds one.
-    let (_, log) = run(true, "16", "other-batch");
-    assert!(log.contains("[adam-1e-3] built train_step"), "{log}");
+    // Another batch size or evaluation chunk: the bundle's graphs do not
+    // fit, eval builds its own.
+    for (batch, extra, name) in [
+        ("16", &[][..], "other-batch"),
+        ("8", &["--eval-batch-size", "500"][..], "other-eval-batch"),
+    ] {
+        let (_, log) = run(batch, extra, name);
+        assert!(log.contains("[learned] built train_step"), "{log}");
+        assert!(log.contains("[adam-1e-3] built train_step"), "{log}");
+    }
 }

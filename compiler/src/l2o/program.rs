@@ -46,11 +46,12 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
-use metac_contract::init::{draw_all, TensorInit};
+use metac_contract::init::{draw_all, InitRule, TensorInit};
 use metac_contract::l2o::{
     chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, ImitationSpec, L2oInit,
-    L2oLayout, L2oMeta, ProbeInput, RegularizeTime, RegularizerSchedule, META_UPDATE,
-    MINIBATCH_LOSS, OBJECTIVE, OBJECTIVE_CHUNK, REG, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
+    L2oLayout, L2oMeta, Metatest, MetatestStep, ProbeInput, RegularizeTime, RegularizerSchedule,
+    METATEST_EVALUATE, METATEST_EVAL_BATCH, METATEST_LEARNED, META_UPDATE, MINIBATCH_LOSS,
+    OBJECTIVE, OBJECTIVE_CHUNK, REG, STEP_UNREGULARIZED, STEP_VJP_UNREGULARIZED,
 };
 use metac_graphs::autodiff::{grad, vjp};
 use metac_graphs::ops::Op;
@@ -61,7 +62,7 @@ use metac_graphs::{DType, Graph, NodeId, Tensor};
 
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
-use crate::metatest::{build_train_step, MetaOptimizer};
+use crate::metatest::{build_evaluate, build_train_step, EvalGraph, MetaOptimizer};
 use crate::models::baselines::{parse_baseline, Adam, Baseline, StepOptimizer, BUNDLE_BASELINES};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
@@ -713,6 +714,22 @@ impl L2oProgram {
         draw_all(&self.hrnn.initial_state_rules(&self.param_shapes()), seed)
     }
 
+    /// The `evaluate` graph `metac eval` runs on the training problem: the
+    /// loss (and accuracy) over chunks of [`METATEST_EVAL_BATCH`] examples,
+    /// or the loss itself for data-free problems.
+    pub fn metatest_evaluate(&self) -> Result<EvalGraph> {
+        if self.train.needs_data().is_none() {
+            return Ok(build_evaluate(self.train.as_ref()));
+        }
+        let p = problem_by_name(self.train.name(), METATEST_EVAL_BATCH).map_err(|e| {
+            anyhow::anyhow!(
+                "the evaluation graph of problem '{}': {e}",
+                self.train.name()
+            )
+        })?;
+        Ok(build_evaluate(p.as_ref()))
+    }
+
     /// The runtime's view of the regulariser (`None` without one).
     fn regularizer_schedule(
         &self,
@@ -831,13 +848,39 @@ impl L2oProgram {
         if let Some((g, _)) = &imitation {
             b.graph(IMITATION_STEP, g)?;
         }
-        // The baselines' steps on the training problem, as `metac eval`
-        // builds them (it runs these when problem and batch size match).
+        // Meta-testing on the training problem: the learned optimizer's and
+        // the baselines' steps and the evaluation, as `metac eval` builds
+        // them (it runs these when problem and batch sizes match).
+        let shapes = self.param_shapes();
+        let mut steps = vec![];
+        let learned = MetaOptimizer::Hrnn(self.hrnn.clone());
+        let ts = build_train_step(self.train.as_ref(), &learned);
+        b.graph(METATEST_LEARNED, &optimize(&ts.graph))?;
+        steps.push(MetatestStep {
+            label: "learned".into(),
+            graph: METATEST_LEARNED.into(),
+            io: ts.io,
+            state: self.hrnn.initial_state_rules(&shapes),
+        });
         for label in BUNDLE_BASELINES {
             let opt = parse_baseline(label).map_err(anyhow::Error::msg)?;
             let ts = build_train_step(self.train.as_ref(), &MetaOptimizer::Baseline(opt));
-            b.graph(&baseline_graph_name(label), &optimize(&ts.graph))?;
+            let graph = baseline_graph_name(label);
+            b.graph(&graph, &optimize(&ts.graph))?;
+            steps.push(MetatestStep {
+                label: label.into(),
+                graph,
+                io: ts.io,
+                state: constant_rules(opt.initial_state(&shapes))?,
+            });
         }
+        let evaluate = self.metatest_evaluate()?;
+        b.graph(METATEST_EVALUATE, &optimize(&evaluate.graph))?;
+        let metatest = Metatest {
+            steps,
+            evaluate: METATEST_EVALUATE.into(),
+            evaluate_io: evaluate.io,
+        };
         let port = |graph: &str, tensor: &str| Port {
             graph: graph.into(),
             tensor: tensor.into(),
@@ -903,10 +946,27 @@ impl L2oProgram {
             regularizer: self.regularizer_schedule(regularizer),
             imitation: imitation.map(|(_, s)| s),
             init: self.init_rules()?,
+            metatest,
         };
         b.meta(meta.to_meta());
         b.write(dir)
     }
+}
+
+/// The rules of a state whose every tensor is a constant (the baselines').
+fn constant_rules(state: Vec<(String, Tensor)>) -> Result<Vec<TensorInit>> {
+    state
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t.as_f32().context("optimizer state is f32")?;
+            let value = v.first().copied().unwrap_or(0.0);
+            ensure!(
+                v.iter().all(|x| x.to_bits() == value.to_bits()),
+                "optimizer state '{n}' does not start constant"
+            );
+            Ok(TensorInit::new(&n, &t.shape, InitRule::Constant { value }))
+        })
+        .collect()
 }
 
 /// Compile the L2O program of `config` into a bundle in `out_dir`.

@@ -10,7 +10,7 @@ use metac_graphs::{Graph, NodeId, Tensor};
 
 use metac_contract::init::{InitRule, TensorInit};
 
-use super::problems::SeededRng;
+use metac_contract::init::SeededRng;
 
 /// The data seed of every synthetic problem: the baked constants are the
 /// same in every run and for every parameter-init seed.

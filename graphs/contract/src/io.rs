@@ -5,9 +5,10 @@
 //! by them.
 
 use metac_graphs::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// Names of the `train_step` graph's inputs and outputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrainStepIo {
     /// Parameter inputs, in the problem's order.
     pub params: Vec<String>,
@@ -29,7 +30,7 @@ pub struct TrainStepIo {
 }
 
 /// Names of the `evaluate` graph's inputs and outputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalIo {
     /// Parameter inputs, in the problem's order (same names as the
     /// `train_step` parameters).

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Manifest;
 use crate::init::TensorInit;
+use crate::io::{EvalIo, TrainStepIo};
 
 /// The manifest `kind` of an L2O bundle.
 pub const KIND: &str = "l2o";
@@ -63,6 +64,15 @@ pub fn d_name(name: &str) -> String {
 pub fn ms_name(phi: &str) -> String {
     format!("ms.{phi}")
 }
+/// The bundle graph of the learned optimizer's `train_step` on the
+/// training problem (`metac eval`).
+pub const METATEST_LEARNED: &str = "metatest.learned";
+/// The bundle graph evaluating parameters of the training problem
+/// (`metac eval`).
+pub const METATEST_EVALUATE: &str = "metatest.evaluate";
+/// Examples per run of [`METATEST_EVALUATE`] (MNIST problems): `metac
+/// eval`'s default evaluation chunk.
+pub const METATEST_EVAL_BATCH: usize = 1000;
 /// Name of the bundle graph of the compiled meta-optimizer.
 pub const META_UPDATE: &str = "meta_update";
 /// `objective_grad.<theta name>`.
@@ -253,6 +263,41 @@ pub struct L2oMeta {
     pub imitation: Option<ImitationSpec>,
     /// How fresh optimizee parameters and optimizer state are drawn.
     pub init: L2oInit,
+    /// Meta-testing on the training problem from the bundle's own graphs.
+    pub metatest: Metatest,
+}
+
+/// One optimizer's compiled `train_step` on the bundle's training problem
+/// (minibatch size `batch_size`), as `metac eval` runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetatestStep {
+    /// The optimizer's label (`learned`, `adam-1e-3`, ...).
+    pub label: String,
+    /// The bundle graph.
+    pub graph: String,
+    pub io: TrainStepIo,
+    /// How the optimizer state starts, in `io.state` order. For the learned
+    /// optimizer the hidden states (`layout.hidden`) are then set from its
+    /// weights by the bundle's `reset` graph.
+    pub state: Vec<TensorInit>,
+}
+
+/// The graphs `metac eval` needs on the bundle's own problem: each
+/// optimizer's step and the evaluation of final parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metatest {
+    pub steps: Vec<MetatestStep>,
+    /// The `evaluate` graph (evaluation chunks of `evaluate_io.batch_size`
+    /// examples; none for data-free problems).
+    pub evaluate: String,
+    pub evaluate_io: EvalIo,
+}
+
+impl Metatest {
+    /// The compiled step of optimizer `label`, if the bundle has one.
+    pub fn step(&self, label: &str) -> Option<&MetatestStep> {
+        self.steps.iter().find(|s| s.label == label)
+    }
 }
 
 impl L2oMeta {
@@ -297,6 +342,17 @@ impl L2oMeta {
             self.batch_size > 0 && self.objective_examples > 0,
             "'l2o.batch_size' and 'l2o.objective_examples' in manifest meta must be at least 1"
         );
+        for s in &self.metatest.steps {
+            ensure!(
+                s.state.iter().map(|i| &i.name).eq(s.io.state.iter()),
+                "'l2o.metatest' step '{}' in manifest meta: its state rules do not name its state inputs",
+                s.label
+            );
+            for i in &s.state {
+                i.check()
+                    .with_context(|| format!("'l2o.metatest' step '{}'", s.label))?;
+            }
+        }
         for (what, inits, names) in [
             ("theta", &self.init.theta, &self.layout.theta),
             ("state", &self.init.state, &self.layout.state),

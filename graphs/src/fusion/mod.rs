@@ -7,7 +7,8 @@
 //! that runs each as its own pass over memory spends its time moving data;
 //! fused, a chain costs one pass. [`cluster`] finds the chains on the IR,
 //! [`program`] compiles each to a small register program and runs it, and
-//! `onnx::export::export_fused_model` writes them as `ai.metac`
+//! [`fuse_onnx`] writes them, through the exporter's custom-node hook
+//! (`onnx::export::export_with_custom_nodes`), as `ai.metac`
 //! `FusedElementwise` nodes for the runtime's ONNX Runtime custom kernel.
 //! Before clustering, [`split_products`] splits products of row-stacked
 //! concatenations so that the concatenations can stay inside a cluster, and
@@ -26,8 +27,9 @@ pub mod split_products;
 pub use cluster::{find_clusters, Cluster};
 pub use program::{FusedProgram, FUSED_DOMAIN, FUSED_OP};
 
-use crate::onnx::export::export_fused_model;
+use crate::onnx::export::{export_with_custom_nodes, CustomNode};
 use crate::onnx::import::{import_bytes, ImportError};
+use crate::onnx::pb::{attribute_proto::AttributeType, AttributeProto};
 
 /// An ONNX model with its elementwise chains fused, or `None` when nothing
 /// fuses. The model is read with metac's importer (its float initializers
@@ -52,11 +54,30 @@ pub fn fuse_onnx(bytes: &[u8], source: &str) -> Result<Option<Vec<u8>>, ImportEr
         return Ok(None);
     }
     let name = import_graph_name(bytes).unwrap_or_else(|| "fused".into());
-    let model = export_fused_model(&g, &name, &clusters).map_err(|e| ImportError::Model {
+    let custom: Vec<CustomNode> = clusters.iter().map(custom_node).collect();
+    let model = export_with_custom_nodes(&g, &name, &custom).map_err(|e| ImportError::Model {
         file: source.into(),
         msg: format!("re-export after fusion: {e}"),
     })?;
     Ok(Some(model.encode_to_vec()))
+}
+
+/// A cluster as one `ai.metac` `FusedElementwise` node, its program in the
+/// string attribute `program`.
+fn custom_node(c: &Cluster) -> CustomNode {
+    CustomNode {
+        members: c.members.clone(),
+        inputs: c.inputs.clone(),
+        outputs: c.outputs.clone(),
+        domain: FUSED_DOMAIN.into(),
+        op_type: FUSED_OP.into(),
+        attributes: vec![AttributeProto {
+            name: "program".into(),
+            r#type: AttributeType::String as i32,
+            s: c.program.encode().into_bytes(),
+            ..Default::default()
+        }],
+    }
 }
 
 fn import_graph_name(bytes: &[u8]) -> Option<String> {

@@ -13,7 +13,6 @@ use super::pb::{
     ValueInfoProto,
 };
 use super::{IR_VERSION, OPSET};
-use crate::fusion::{Cluster, FUSED_DOMAIN, FUSED_OP};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{ConvParams, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Tensor, TensorData, TensorType};
@@ -181,20 +180,15 @@ impl Lowering<'_> {
         self.emit("Where", vec![t("near0"), t("small"), t("big")], out, vec![]);
     }
 
-    fn lower_cluster(&mut self, c: &Cluster) {
+    fn lower_custom(&mut self, c: &CustomNode) {
         let out: Vec<String> = c.outputs.iter().map(|&o| self.name(o)).collect();
         self.nodes.push(NodeProto {
             input: c.inputs.iter().map(|&i| self.name(i)).collect(),
-            name: format!("{}_fused", out[0]),
+            name: format!("{}_{}", out[0], c.op_type),
             output: out,
-            op_type: FUSED_OP.into(),
-            domain: FUSED_DOMAIN.into(),
-            attribute: vec![AttributeProto {
-                name: "program".into(),
-                r#type: AttributeType::String as i32,
-                s: c.program.encode().into_bytes(),
-                ..Default::default()
-            }],
+            op_type: c.op_type.clone(),
+            domain: c.domain.clone(),
+            attribute: c.attributes.clone(),
             ..Default::default()
         });
     }
@@ -348,23 +342,40 @@ impl Lowering<'_> {
 /// Lower a graph to an ONNX model. Only the nodes its outputs need are
 /// emitted; every `Input` node becomes a graph input, in creation order.
 pub fn export_model(g: &Graph, graph_name: &str) -> Result<ModelProto, ExportError> {
-    export_with_clusters(g, graph_name, &[])
+    export_with_custom_nodes(g, graph_name, &[])
 }
 
-/// [`export_model`], with each cluster written as one `ai.metac`
-/// `FusedElementwise` node (see [`crate::fusion`]). Not standard ONNX: only
-/// an engine with metac's kernel registered can run it.
-pub fn export_fused_model(
+/// A group of IR nodes written as one node of a custom ONNX domain: the
+/// export hook of passes that replace subgraphs by kernels of their own
+/// (fusion writes its clusters so, `crate::fusion::fuse_onnx`).
+#[derive(Clone, Debug)]
+pub struct CustomNode {
+    /// The IR nodes it stands for, in topological order.
+    pub members: Vec<NodeId>,
+    /// The values it reads (from outside `members`).
+    pub inputs: Vec<NodeId>,
+    /// The members it outputs (read outside the group or by the graph's
+    /// outputs).
+    pub outputs: Vec<NodeId>,
+    pub domain: String,
+    pub op_type: String,
+    pub attributes: Vec<AttributeProto>,
+}
+
+/// [`export_model`], with each custom node written in place of its members
+/// (and its domain imported at version 1). Not standard ONNX: only an
+/// engine with the domain's kernels registered can run it.
+pub fn export_with_custom_nodes(
     g: &Graph,
     graph_name: &str,
-    clusters: &[Cluster],
+    custom: &[CustomNode],
 ) -> Result<ModelProto, ExportError> {
-    export_with_clusters(g, graph_name, clusters)
+    export_with_clusters(g, graph_name, custom)
 }
 
 /// Which nodes the outputs need, each cluster reading its own inputs (a
 /// slice that a cluster reads in place is not needed for it).
-fn live_units(g: &Graph, clusters: &[Cluster]) -> Vec<bool> {
+fn live_units(g: &Graph, clusters: &[CustomNode]) -> Vec<bool> {
     let mut cluster_of: Vec<Option<usize>> = vec![None; g.len()];
     for (c, cl) in clusters.iter().enumerate() {
         for m in &cl.members {
@@ -396,7 +407,7 @@ fn live_units(g: &Graph, clusters: &[Cluster]) -> Vec<bool> {
 /// The order in which to emit the live nodes, each cluster as one unit: a
 /// topological order of the units (the clusters stay acyclic when each is
 /// one node, so one exists), otherwise node order.
-fn emission_order(g: &Graph, live: &[bool], clusters: &[Cluster]) -> Vec<Unit> {
+fn emission_order(g: &Graph, live: &[bool], clusters: &[CustomNode]) -> Vec<Unit> {
     let mut unit_of: Vec<Option<usize>> = vec![None; g.len()];
     let mut units: Vec<Unit> = vec![];
     for (c, cl) in clusters.iter().enumerate() {
@@ -461,7 +472,7 @@ enum Unit {
 fn export_with_clusters(
     g: &Graph,
     graph_name: &str,
-    clusters: &[Cluster],
+    clusters: &[CustomNode],
 ) -> Result<ModelProto, ExportError> {
     if g.outputs().is_empty() {
         return Err(ExportError::NoOutputs);
@@ -517,7 +528,7 @@ fn export_with_clusters(
     for unit in emission_order(g, &live, clusters) {
         match unit {
             Unit::Node(id) => l.lower(id),
-            Unit::Cluster(c) => l.lower_cluster(&clusters[c]),
+            Unit::Cluster(c) => l.lower_custom(&clusters[c]),
         }
     }
     for (name, id) in g.outputs() {
@@ -545,11 +556,13 @@ fn export_with_clusters(
         domain: String::new(),
         version: OPSET,
     }];
-    if !clusters.is_empty() {
-        opset_import.push(OperatorSetIdProto {
-            domain: FUSED_DOMAIN.into(),
-            version: 1,
-        });
+    for c in clusters {
+        if !opset_import.iter().any(|o| o.domain == c.domain) {
+            opset_import.push(OperatorSetIdProto {
+                domain: c.domain.clone(),
+                version: 1,
+            });
+        }
     }
     Ok(ModelProto {
         ir_version: IR_VERSION,

@@ -2042,8 +2042,9 @@ impl Importer<'_> {
             }
             self.konst(Tensor::i64(&t.shape, out))
         } else {
-            // Runtime indices: wrap negatives (the derivative of Gather
-            // expects indices in range).
+            // Runtime indices: negatives wrapped into [0, dim) in the graph,
+            // as constant indices are above, so the Gather sees
+            // non-negative indices either way.
             let zero = self.scalar(DType::I64, 0.0);
             let neg = self.cmp(CompareOp::Less, idx, zero)?;
             let d = self.scalar(DType::I64, dim as f64);

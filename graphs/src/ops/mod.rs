@@ -102,7 +102,10 @@ pub enum Op {
         start: usize,
         end: usize,
     },
-    /// `Gather(data, indices)` along `axis` (indices i64, non-negative).
+    /// `Gather(data, indices)` along `axis`: i64 indices in `[-n, n)` for
+    /// an axis of length `n`, negatives counting from the end (ONNX
+    /// semantics; the VJP wraps them the same way). Out-of-range indices
+    /// are an error in ONNX Runtime; the reference interpreter clamps them.
     Gather {
         axis: usize,
     },

@@ -1,15 +1,18 @@
 //! Truncated backpropagation through time from explicit step adjoints.
 //!
-//! An L2O bundle holds one inner step `F(phi, theta_t, S_t, batch_t, obj) ->
-//! (theta_t+1, S_t+1, objective_t, grad objective_t)` and the VJP of its
-//! `(theta_t+1, S_t+1)` part. [`truncated_bptt`] runs one unroll forward,
-//! keeping only `(theta_t, S_t)` and the objective's gradient per step
-//! (memory grows with the optimizee and optimizer state, not with
-//! activations), then runs the VJP graph backward from the last step to the
-//! first, carrying the cotangents of `theta` and `S` and summing the
-//! cotangent of `phi`.
+//! An L2O bundle holds one inner step `step(phi, theta_t, S_t, batch_t) ->
+//! (theta_t+1, S_t+1)`, its VJP, and `objective_chunk`, which measures the
+//! objective and its gradient at several `theta_t+1` at once.
+//! [`truncated_bptt`] runs one unroll in three parts: `forward` runs the
+//! steps, keeping only `(theta_t, S_t)` and the objective's gradient per
+//! step (memory grows with the optimizee and optimizer state, not with
+//! activations); the meta-loss terms ([`MetaLossTerm`]: the log objective,
+//! the regulariser, imitation) give the meta-loss and their cotangents;
+//! `backward` runs the VJP graph from the last step to the first, carrying
+//! the cotangents of `theta` and `S` and summing the cotangent of `phi`. A
+//! [`StepRunner`] runs the graphs by [`Role`].
 //!
-//! The meta-loss is the `use_log_objective` form of the original code:
+//! The log-objective term is the `use_log_objective` form of the original code:
 //! `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)`, with `obj_t` the
 //! objective after step `t` and `initial_obj` a constant. Its cotangent
 //! (see [`meta_loss_term`]) enters the backward pass through theta:
@@ -39,8 +42,7 @@ use crate::backend::{Backend, Session};
 use crate::tensor::HostTensor;
 use metac_contract::bundle::Bundle;
 
-/// Named tensors.
-pub type Named<T> = Vec<(String, T)>;
+pub use crate::tensor::Named;
 
 /// The host arithmetic BPTT needs on a runner's tensor type.
 pub trait StepTensor: Clone {
@@ -317,7 +319,10 @@ impl<T> Unroll<'_, T> {
 /// What an unroll produced.
 #[derive(Clone, Debug)]
 pub struct BpttResult<T> {
-    /// `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)` over the steps run.
+    /// The unroll's meta-loss over the steps run: the log objective
+    /// `mean_t log(obj_t / (initial_obj + 1e-6) + 1e-6)`, plus `reg_weight *
+    /// sum_t reg_t` with a regulariser and the imitation MSE term when
+    /// imitating (the terms of [`MetaLossTerm`]).
     pub meta_loss: f64,
     /// d meta-loss / d phi, in the order of `layout.phi`.
     pub d_phi: Named<T>,

@@ -11,10 +11,10 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::bptt::Named;
 use super::{ProbeKind, RegularizerSchedule};
 use crate::rng::SplitMix64;
 use crate::tensor::HostTensor;
+use crate::tensor::Named;
 
 /// Draws the probes of each inner step, deterministically in its seed.
 pub struct ProbeGenerator {

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use metac_compiler::models::baselines::{parse_baseline, Baseline};
-use metac_compiler::models::hrnn::{Hrnn, HrnnConfig};
 use metac_contract::bundle::Bundle;
+use metac_contract::l2o::L2oMeta;
 use metac_runtime::l2o::run::load_run_phi;
 
 /// The optimizers run when `--optimizers` is not given.
@@ -76,25 +76,28 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-/// The learned optimizer: its config from the bundle and its weights from
-/// the run, in the graph's `phi` order.
+/// The learned optimizer's weights from the run, in the bundle's `phi`
+/// order (`meta.l2o.layout.phi`), each checked against the shape of the
+/// bundle's initial value.
 pub fn load_learned(
     run: Option<&Path>,
     bundle: Option<&Bundle>,
     phi: PhiChoice,
-) -> Result<(Hrnn, Vec<(String, metac_graphs::Tensor)>)> {
+) -> Result<Vec<(String, metac_graphs::Tensor)>> {
     let run = run.context("the optimizer 'learned' needs a run directory (metac eval RUN --bundle BUNDLE ...); leave it out of --optimizers to run baselines only")?;
     let bundle = bundle.context(
         "the optimizer 'learned' needs --bundle BUNDLE (the bundle the run meta-trained)",
     )?;
-    let cfg: HrnnConfig = crate::cmd_l2o::bundle_config(bundle)?
-        .optimizer
-        .hrnn_config();
-    let hrnn = Hrnn::new(cfg);
+    let meta = L2oMeta::from_manifest(&bundle.manifest)
+        .with_context(|| format!("{}", bundle.dir.display()))?;
     let mut loaded = load_run_phi(run, phi == PhiChoice::Best)?;
-    let specs = hrnn.weights().shapes();
-    let mut ordered = Vec::with_capacity(specs.len());
-    for (name, shape) in &specs {
+    let mut ordered = Vec::with_capacity(meta.layout.phi.len());
+    for name in &meta.layout.phi {
+        let shape = &bundle
+            .init
+            .get(name)
+            .with_context(|| format!("{}: no initial value of '{name}'", bundle.dir.display()))?
+            .shape;
         let i = loaded
             .iter()
             .position(|(n, _)| n == name)
@@ -121,7 +124,7 @@ pub fn load_learned(
             bundle.dir.display()
         );
     }
-    Ok((hrnn, ordered))
+    Ok(ordered)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::report::analyse_one;
 use super::setup::{read_params, setup_problem};
 use super::{Args, Split3};
-use crate::cmd_eval::read_summary_json;
+use crate::common::read_summary_json;
 
 /// Problem name and split of a `metac eval` directory.
 fn eval_info(dir: &Path) -> Result<(String, Option<String>)> {

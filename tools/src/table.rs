@@ -1,4 +1,4 @@
-//! The table `metac eval` prints at the end.
+//! The table of optimizer summaries that `metac eval` and `metac compare` print.
 
 use metac_runtime::metatest::{OptimizerSummary, Stat};
 
