@@ -273,6 +273,56 @@ fn picks_b(g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId) -> NodeId {
     }
 }
 
+/// `d y / d a * d` (`arg` 0) or `d y / d b * d` (`arg` 1) for `y = op(a, b)`,
+/// elementwise, before any reduction over broadcast axes: the partials the
+/// VJP (with `d` the output's cotangent) and the JVP (with `d` the
+/// argument's tangent) both multiply by, written once.
+fn binary_partial_times(
+    g: &mut Graph,
+    op: BinaryOp,
+    (a, b, y): (NodeId, NodeId, NodeId),
+    arg: usize,
+    d: NodeId,
+) -> NodeId {
+    match (op, arg) {
+        (BinaryOp::Add, _) | (BinaryOp::Sub, 0) => d,
+        (BinaryOp::Sub, _) => g.neg(d),
+        (BinaryOp::Mul, 0) => g.mul(d, b),
+        (BinaryOp::Mul, _) => g.mul(d, a),
+        (BinaryOp::Div, 0) => g.div(d, b),
+        // d/db a/b = -(a/b)/b = -y/b
+        (BinaryOp::Div, _) => {
+            let q = g.div(d, b);
+            let t = g.mul(q, y);
+            g.neg(t)
+        }
+        // d/da a^b = b a^(b-1)
+        (BinaryOp::Pow, 0) => {
+            let one = g.scalar(1.0);
+            let bm1 = g.sub(b, one);
+            let p = g.pow(a, bm1);
+            let pb = g.mul(p, b);
+            g.mul(d, pb)
+        }
+        // d/db a^b = a^b ln a
+        (BinaryOp::Pow, _) => {
+            let la = g.log(a);
+            let yl = g.mul(y, la);
+            g.mul(d, yl)
+        }
+        // The chosen argument takes the whole derivative.
+        (BinaryOp::Min | BinaryOp::Max, _) => {
+            let c = picks_b(g, op, a, b);
+            let zero = g.scalar(0.0);
+            if arg == 0 {
+                g.where_(c, zero, d)
+            } else {
+                g.where_(c, d, zero)
+            }
+        }
+    }
+}
+
 pub fn binary_vjp(
     g: &mut Graph,
     op: BinaryOp,
@@ -284,32 +334,8 @@ pub fn binary_vjp(
     if !g.dtype(a).is_float() {
         return vec![None, None];
     }
-    let (da, db) = match op {
-        BinaryOp::Add => (dy, dy),
-        BinaryOp::Sub => (dy, g.neg(dy)),
-        BinaryOp::Mul => (g.mul(dy, b), g.mul(dy, a)),
-        BinaryOp::Div => {
-            let da = g.div(dy, b);
-            let t = g.mul(da, y);
-            (da, g.neg(t))
-        }
-        BinaryOp::Pow => {
-            // d/da a^b = b a^(b-1); d/db a^b = a^b ln a
-            let one = g.scalar(1.0);
-            let bm1 = g.sub(b, one);
-            let p = g.pow(a, bm1);
-            let pb = g.mul(p, b);
-            let da = g.mul(dy, pb);
-            let la = g.log(a);
-            let yl = g.mul(y, la);
-            (da, g.mul(dy, yl))
-        }
-        BinaryOp::Min | BinaryOp::Max => {
-            let c = picks_b(g, op, a, b);
-            let zero = g.scalar(0.0);
-            (g.where_(c, zero, dy), g.where_(c, dy, zero))
-        }
-    };
+    let da = binary_partial_times(g, op, (a, b, y), 0, dy);
+    let db = binary_partial_times(g, op, (a, b, y), 1, dy);
     let (sa, sb) = (g.shape(a).to_vec(), g.shape(b).to_vec());
     vec![Some(g.sum_to_shape(da, &sa)), Some(g.sum_to_shape(db, &sb))]
 }
@@ -326,49 +352,9 @@ pub fn binary_jvp(
     if !g.dtype(a).is_float() {
         return None;
     }
-    let t = match op {
-        BinaryOp::Add => g.add_opt(da, db),
-        BinaryOp::Sub => {
-            let ndb = db.map(|d| g.neg(d));
-            g.add_opt(da, ndb)
-        }
-        BinaryOp::Mul => {
-            let l = da.map(|d| g.mul(d, b));
-            let r = db.map(|d| g.mul(a, d));
-            g.add_opt(l, r)
-        }
-        BinaryOp::Div => {
-            let l = da.map(|d| g.div(d, b));
-            let r = db.map(|d| {
-                let t = g.mul(d, y);
-                let t = g.div(t, b);
-                g.neg(t)
-            });
-            g.add_opt(l, r)
-        }
-        BinaryOp::Pow => {
-            let l = da.map(|d| {
-                let one = g.scalar(1.0);
-                let bm1 = g.sub(b, one);
-                let p = g.pow(a, bm1);
-                let pb = g.mul(p, b);
-                g.mul(d, pb)
-            });
-            let r = db.map(|d| {
-                let la = g.log(a);
-                let yl = g.mul(y, la);
-                g.mul(d, yl)
-            });
-            g.add_opt(l, r)
-        }
-        BinaryOp::Min | BinaryOp::Max => {
-            let c = picks_b(g, op, a, b);
-            let zero = g.scalar(0.0);
-            let da = da.unwrap_or(zero);
-            let db = db.unwrap_or(zero);
-            Some(g.where_(c, db, da))
-        }
-    }?;
+    let l = da.map(|d| binary_partial_times(g, op, (a, b, y), 0, d));
+    let r = db.map(|d| binary_partial_times(g, op, (a, b, y), 1, d));
+    let t = g.add_opt(l, r)?;
     let out = g.shape(y).to_vec();
     Some(g.expand(t, &out))
 }

@@ -127,7 +127,114 @@ pub enum Op {
     },
 }
 
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 12] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Sigmoid,
+        UnaryOp::Tanh,
+        UnaryOp::Relu,
+        UnaryOp::Abs,
+        UnaryOp::Sign,
+        UnaryOp::Asinh,
+        UnaryOp::Erf,
+        UnaryOp::Not,
+    ];
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+        BinaryOp::Min,
+        BinaryOp::Max,
+    ];
+}
+
+impl CompareOp {
+    pub const ALL: [CompareOp; 3] = [CompareOp::Less, CompareOp::Greater, CompareOp::Equal];
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
+}
+
 impl Op {
+    /// One op of every kind: each variant, and each sub-op of the unary,
+    /// binary, comparison and reduction families (attributes are
+    /// placeholders). The op set as a list, for coverage checks such as
+    /// the gradient checks' (`tests/tests/gradcheck.rs`).
+    pub fn kinds() -> Vec<Op> {
+        let t = TensorType::new(DType::F32, &[]);
+        let mut v = vec![
+            Op::Input { name: "x".into() },
+            Op::Const(Tensor::f32(&[], vec![0.0])),
+            Op::Fill { value: 0.0, ty: t },
+            Op::Where,
+            Op::Cast(DType::F32),
+            Op::StopGradient,
+            Op::MatMul,
+            Op::Reshape(vec![]),
+            Op::Transpose(vec![]),
+            Op::Concat { axis: 0 },
+            Op::Slice {
+                axis: 0,
+                start: 0,
+                end: 0,
+            },
+            Op::Gather { axis: 0 },
+            Op::Expand(vec![]),
+            Op::Softmax { axis: 0 },
+            Op::LogSoftmax { axis: 0 },
+            Op::Conv2d(ConvParams::default()),
+            Op::ConvTranspose2d {
+                params: ConvParams::default(),
+                output_padding: [0, 0],
+            },
+        ];
+        v.extend(UnaryOp::ALL.map(Op::Unary));
+        v.extend(BinaryOp::ALL.map(Op::Binary));
+        v.extend(CompareOp::ALL.map(Op::Compare));
+        v.extend(ReduceOp::ALL.map(|op| Op::Reduce {
+            op,
+            axes: vec![],
+            keepdims: false,
+        }));
+        for op in &v {
+            // No wildcard: an op added to the enum fails to compile here,
+            // next to the list it must join.
+            match op {
+                Op::Input { .. }
+                | Op::Const(_)
+                | Op::Fill { .. }
+                | Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Compare(_)
+                | Op::Where
+                | Op::Cast(_)
+                | Op::StopGradient
+                | Op::MatMul
+                | Op::Reduce { .. }
+                | Op::Reshape(_)
+                | Op::Transpose(_)
+                | Op::Concat { .. }
+                | Op::Slice { .. }
+                | Op::Gather { .. }
+                | Op::Expand(_)
+                | Op::Softmax { .. }
+                | Op::LogSoftmax { .. }
+                | Op::Conv2d(_)
+                | Op::ConvTranspose2d { .. } => {}
+            }
+        }
+        v
+    }
+
     /// Short name used in error messages, `inspect` and op counts.
     pub fn name(&self) -> &'static str {
         match self {

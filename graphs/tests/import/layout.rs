@@ -1,0 +1,67 @@
+//! Layout loaders (`src/onnx/import/layout.rs`).
+
+use super::common::*;
+
+#[test]
+fn reshape_slice_gather_semantics() {
+    let nodes = vec![
+        konst("s", ti64("", &[2], &[0, -1])),
+        node("Reshape", &["x", "s"], &["r"], vec![]),
+        konst("st", ti64("", &[2], &[-100, 1])),
+        konst("en", ti64("", &[2], &[2, i64::MAX])),
+        konst("ax", ti64("", &[2], &[0, -1])),
+        konst("sp", ti64("", &[2], &[1, 2])),
+        node("Slice", &["r", "st", "en", "ax"], &["sl"], vec![]),
+        node("Slice", &["r", "st", "en", "ax", "sp"], &["sl2"], vec![]),
+        konst("i", ti64("", &[2], &[-1, 0])),
+        node("Gather", &["x", "i"], &["g"], vec![("axis", A::I(1))]),
+        node("Gather", &["x", "j"], &["gd"], vec![("axis", A::I(-1))]),
+    ];
+    let b = model_bytes(
+        nodes,
+        vec![vinfo("x", 1, &[2, 3, 4]), vinfo("j", 7, &[2])],
+        vec![],
+        &["r", "sl", "sl2", "g", "gd"],
+        18,
+    );
+    let m = import(&b);
+    let j = Value::I(ArrayD::from_shape_vec(IxDyn(&[2]), vec![-1, 1]).unwrap());
+    let o = run(&m, vec![("x", arange(&[2, 3, 4])), ("j", j)]);
+    assert_close(
+        &o["r"],
+        &[2, 12],
+        &(0..24).map(|i| i as f64).collect::<Vec<_>>(),
+    );
+    let want: Vec<f64> = (1..12).chain(13..24).map(|i| i as f64).collect();
+    assert_close(&o["sl"], &[2, 11], &want);
+    assert_close(
+        &o["sl2"],
+        &[2, 6],
+        &[1., 3., 5., 7., 9., 11., 13., 15., 17., 19., 21., 23.],
+    );
+    // x[:, [-1, 0], :]
+    assert_close(
+        &o["g"],
+        &[2, 2, 4],
+        &[
+            8., 9., 10., 11., 0., 1., 2., 3., 20., 21., 22., 23., 12., 13., 14., 15.,
+        ],
+    );
+    assert_close(
+        &o["gd"],
+        &[2, 3, 2],
+        &[3., 1., 7., 5., 11., 9., 15., 13., 19., 17., 23., 21.],
+    );
+
+    // The gradient through a Gather with negative runtime indices.
+    let mut g = m.graph.clone();
+    let x = g.find_input("x").unwrap();
+    let gd = g.find_output("gd").unwrap();
+    let loss = g.sum_all(gd);
+    let dx = grad(&mut g, loss, &[x])[0];
+    g.set_outputs(vec![("dx".into(), dx)]);
+    let j = Value::I(ArrayD::from_shape_vec(IxDyn(&[2]), vec![-1, 1]).unwrap());
+    let feeds = HashMap::from([("x".to_string(), arange(&[2, 3, 4])), ("j".to_string(), j)]);
+    let d = outputs_by_name(&g, &feeds);
+    assert_close(&d["dx"], &[2, 3, 4], &[0., 1., 0., 1.].repeat(6));
+}
