@@ -499,14 +499,9 @@ fn json_f32(v: &serde_json::Value) -> Vec<f32> {
 #[test]
 fn onnx_problem_matches_pytorch_reference() {
     let path = fixture("mlp_ce_opset18.onnx");
-    let p = match OnnxProblem::from_file(&path, "loss") {
-        Ok(p) => p.with_data(Some(DataKind::Mnist)),
-        Err(e) if e.contains("not built") || e.contains("not implemented") => {
-            eprintln!("SKIPPED: the ONNX importer is not ready: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let p = OnnxProblem::from_file(&path, "loss")
+        .unwrap()
+        .with_data(Some(DataKind::Mnist));
     assert_eq!(p.name(), "mlp_ce_opset18");
     assert_eq!(p.needs_data(), Some(DataKind::Mnist));
     let shapes = p.param_shapes();
@@ -596,15 +591,10 @@ fn onnx_problem_matches_pytorch_reference() {
 
 #[test]
 fn onnx_problem_rejects_bad_loss_outputs() {
-    let Ok(m) = metac_graphs::onnx::import_file(&fixture("mlp_ce_opset18.onnx")) else {
-        eprintln!("SKIPPED: the ONNX importer is not ready");
-        return;
-    };
+    let m = metac_graphs::onnx::import_file(&fixture("mlp_ce_opset18.onnx")).unwrap();
     let e = OnnxProblem::new("m", m, "nope").unwrap_err();
     assert!(e.contains("outputs: loss"), "{e}");
-    let Ok(m) = metac_graphs::onnx::import_file(&fixture("mlp_logits_opset18.onnx")) else {
-        return;
-    };
+    let m = metac_graphs::onnx::import_file(&fixture("mlp_logits_opset18.onnx")).unwrap();
     let out = m.graph.outputs()[0].0.clone();
     let e = OnnxProblem::new("m", m, &out).unwrap_err();
     assert!(e.contains("scalar"), "{e}");

@@ -326,7 +326,22 @@ mod tests {
             })
             .collect();
         plot_density(&png, "density", &[("h".into(), pts)], 1e-6).unwrap();
-        assert!(std::fs::metadata(&png).unwrap().len() > 0);
+        // A real image with something drawn on it: many colours, not one.
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert!(
+            info.width >= 200 && info.height >= 150,
+            "{} x {}",
+            info.width,
+            info.height
+        );
+        let colours: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()]
+            .chunks(info.line_size / info.width as usize)
+            .collect();
+        assert!(colours.len() > 3, "{} colours", colours.len());
         let zero = vec![(0.0, 0.0), (1.0, 0.0)];
         assert!(plot_density(&png, "z", &[("h".into(), zero)], 1e-6).is_err());
         std::fs::remove_dir_all(&dir).ok();

@@ -86,25 +86,20 @@ fn inputs(prog: &L2oProgram, g: &Graph) -> Vec<(String, HostTensor)> {
         .collect()
 }
 
-fn ort(unfused: bool) -> Option<Box<dyn Backend>> {
-    match open_backend(&BackendOptions {
+/// ONNX Runtime, fused or op by op (the test command installs it:
+/// `pip install -r requirements.txt`).
+fn ort(unfused: bool) -> Box<dyn Backend> {
+    open_backend(&BackendOptions {
         choice: BackendChoice::Ort,
         unfused,
         ..Default::default()
-    }) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipping: {e:#}");
-            None
-        }
-    }
+    })
+    .unwrap_or_else(|e| panic!("ONNX Runtime (pip install -r requirements.txt): {e:#}"))
 }
 
 #[test]
 fn fused_and_op_by_op_onnx_runtime_agree() {
-    let (Some(fused), Some(plain)) = (ort(false), ort(true)) else {
-        return;
-    };
+    let (fused, plain) = (ort(false), ort(true));
     for cfg_name in ["tiny.toml", "hessian.toml"] {
         let prog = L2oProgram::from_config(&config(cfg_name)).unwrap();
         for (name, g) in [
@@ -156,9 +151,7 @@ fn objective_by_columns_in_onnx_runtime_matches_the_row_major_loss() {
     use metac_graphs::autodiff::grad;
     use metac_graphs::eval::{eval_graph, Value};
     use std::collections::HashMap;
-    let Some(fused) = ort(false) else {
-        return;
-    };
+    let fused = ort(false);
     let mut cfg = config("tiny.toml");
     cfg.objective_examples = 1100;
     cfg.objective_chunk = 2;

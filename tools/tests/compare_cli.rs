@@ -60,7 +60,7 @@ fn evals_side_by_side() {
     // The statistics are the eval's own.
     let sa = json(&a.join("summary.json"));
     assert_eq!(rows[1]["final_loss"], sa["optimizers"][1]["final_loss"]);
-    assert!(out.join("curves.png").is_file());
+    common::assert_png(&out.join("curves.png"));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("first: sgd-1e-2"), "{table}");
 

@@ -172,9 +172,7 @@ fn eval_writes_curves_summary_and_plot_and_rejects_bad_names() {
     }
 
     // curves.png: a real PNG.
-    let png = std::fs::read(out.join("curves.png")).unwrap();
-    assert!(png.len() > 1024, "{} bytes", png.len());
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    common::assert_png(&out.join("curves.png"));
 
     // The final parameters of every run that did not diverge.
     for opt in ["adam-1e-3", "sgd-1e-1"] {
@@ -270,7 +268,7 @@ fn baselines_on_a_data_free_problem() {
             check_params(&out, "quadratic", name, seed);
         }
     }
-    assert!(out.join("curves.png").is_file());
+    common::assert_png(&out.join("curves.png"));
 
     // A data-free problem takes no split.
     let mut v = strings(&[

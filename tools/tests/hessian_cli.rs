@@ -107,7 +107,7 @@ fn quadratic_matches_its_exact_spectrum() {
     }
     let grid = r["density"]["grid"].as_array().unwrap();
     assert_eq!(grid.len(), 1000);
-    assert!(std::fs::metadata(out.join("density.png")).unwrap().len() > 0);
+    common::assert_png(&out.join("density.png"));
 }
 
 #[test]

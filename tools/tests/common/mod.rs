@@ -60,3 +60,18 @@ pub fn err_line(o: &Output) -> String {
     assert_eq!(e.trim_end().lines().count(), 1, "expected one line: {e}");
     e
 }
+
+/// `path` is a PNG image of at least 200 x 150 pixels (signature and IHDR
+/// header read), as the plots are: not an empty or truncated file.
+pub fn assert_png(path: &Path) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        b.len() > 1024 && b.starts_with(b"\x89PNG\r\n\x1a\n") && &b[12..16] == b"IHDR",
+        "{}: not a PNG ({} bytes)",
+        path.display(),
+        b.len()
+    );
+    let dim = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    let (w, h) = (dim(16), dim(20));
+    assert!(w >= 200 && h >= 150, "{}: {w} x {h} pixels", path.display());
+}
