@@ -43,7 +43,7 @@ pub struct Cluster {
 /// Column-local clusters need at least this many columns (so that a chunk
 /// of a row is a long vector run) and at most this many rows per value
 /// (the rows of a product's `W` too, whose columns are bounded by
-/// [`super::dot::MAX_INNER`]).
+/// [`super::program::MAX_INNER`]).
 const MIN_COLUMNS: usize = 1024;
 const MAX_ROWS: usize = 64;
 
@@ -175,7 +175,9 @@ fn layout(g: &Graph, id: NodeId) -> Option<Layout> {
             Layout::RowReduce(*op)
         }
         Op::MatMul if f32s => match (shape(0), shape(1)) {
-            ([a, b], [b2, m]) if *a == k && b == b2 && *m == n && *b <= super::dot::MAX_INNER => {
+            ([a, b], [b2, m])
+                if *a == k && b == b2 && *m == n && *b <= super::program::MAX_INNER =>
+            {
                 Layout::Product
             }
             _ => return None,

@@ -6,21 +6,19 @@
 //! ops over `[k, N]` tensors (N = the optimizee's parameter count). An engine
 //! that runs each as its own pass over memory spends its time moving data;
 //! fused, a chain costs one pass. [`cluster`] finds the chains on the IR,
-//! [`program`] compiles each to a small register program and runs it, and
+//! [`program`] is the register program each compiles to (its instructions
+//! and text form; the runtime's `backend::fused` runs it), and
 //! [`fuse_onnx`] writes them, through the exporter's custom-node hook
 //! (`onnx::export::export_with_custom_nodes`), as `ai.metac`
 //! `FusedElementwise` nodes for the runtime's ONNX Runtime custom kernel.
 //! Before clustering, [`split_products`] splits products of row-stacked
 //! concatenations so that the concatenations can stay inside a cluster, and
 //! [`contraction_forms`] writes per-tensor sums and sums over columns as
-//! products that clusters compute as contractions ([`contract`]).
+//! products that clusters compute as contractions (`Instr::Contract`).
 //! Bundles stay standard ONNX: fusion happens when a backend loads a graph.
 
 pub mod cluster;
-pub mod contract;
 pub mod contraction_forms;
-pub mod dot;
-pub mod math;
 pub mod program;
 pub mod split_products;
 

@@ -197,7 +197,7 @@ pub fn slice_vjp(
 
 /// Gather's adjoint is a scatter-add; written as a product with the one-hot
 /// matrix of the indices so that it stays within the op set (and is itself
-/// differentiable): dX[axis=j] = sum over positions p with idx[p] = j of dY[p].
+/// differentiable): `dX[axis=j] = sum over positions p with idx[p] = j of dY[p]`.
 pub fn gather_vjp(
     g: &mut Graph,
     x: NodeId,

@@ -2,7 +2,7 @@
 //! [`FusedProgram`] (see `metac_graphs::fusion`) over ONNX Runtime's
 //! intra-op thread pool.
 
-use metac_graphs::fusion::program::{Walk, CHUNK};
+use super::fused::{Execute, Walk, CHUNK};
 use metac_graphs::fusion::{FusedProgram, FUSED_DOMAIN, FUSED_OP};
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,

@@ -11,6 +11,7 @@
 //! traits are shaped to keep per-run work to input validation and value conversion.
 
 mod discovery;
+pub mod fused;
 mod fused_kernel;
 mod ort_backend;
 #[cfg(feature = "tract")]

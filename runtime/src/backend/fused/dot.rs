@@ -8,7 +8,7 @@
 //! are broadcast. Rows of sums are written once.
 
 /// Largest inner dimension (`W`'s columns) of a product.
-pub const MAX_INNER: usize = 64;
+pub use metac_graphs::fusion::program::MAX_INNER;
 
 /// Rows accumulated together by the vector kernel.
 const ROWS: usize = 8;

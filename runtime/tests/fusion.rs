@@ -1,12 +1,14 @@
 //! Fused clusters compute what the ops they replace compute: each cluster's
-//! program, run on the reference values of its inputs, matches the reference
-//! values of its outputs.
+//! program (found and written by `metac_graphs::fusion`), run by the
+//! runtime's interpreter on the reference values of its inputs, matches the
+//! reference values of its outputs.
 
 use std::collections::HashMap;
 
 use metac_graphs::eval::{eval_nodes, Value};
 use metac_graphs::fusion::{find_clusters, Cluster};
 use metac_graphs::{DType, Graph, NodeId};
+use metac_runtime::backend::fused::Execute;
 use ndarray::{ArrayD, IxDyn};
 
 fn values(shape: &[usize], seed: usize) -> Value {
