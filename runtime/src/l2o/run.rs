@@ -224,6 +224,20 @@ impl<'a> L2oWorkload<'a> {
         &self.phi
     }
 
+    /// The minibatches and objective sets of a problem drawn from `seed`
+    /// on `split`, at the bundle's sizes.
+    fn problem_data(&self, split: &'a Split, seed: u64) -> Result<MnistUnrollData<'a>> {
+        MnistUnrollData::new(
+            split,
+            self.meta.batch_size,
+            self.meta.objective_examples,
+            &self.layout.batch,
+            &self.layout.objective_batch,
+            &self.layout.objective_transposed,
+            seed,
+        )
+    }
+
     /// One validation problem drawn from `seed`: the learned optimizer
     /// (no learning) on a fresh problem of the validation split for the
     /// validation horizon; the objective at the end (infinite if the
@@ -231,15 +245,7 @@ impl<'a> L2oWorkload<'a> {
     fn validate_one(&mut self, seed: u64) -> Result<f64> {
         let s = &self.settings;
         let (mut theta, mut state) = sample(&self.meta.init, seed);
-        let mut data = MnistUnrollData::new(
-            self.validation,
-            self.meta.batch_size,
-            self.meta.objective_examples,
-            &self.layout.batch,
-            &self.layout.objective_batch,
-            &self.layout.objective_transposed,
-            seed,
-        )?;
+        let mut data = self.problem_data(self.validation, seed)?;
         let phi_refs: Vec<(&str, &HostTensor)> =
             self.phi.iter().map(|(n, t)| (n.as_str(), t)).collect();
         // Hidden states from the meta-parameters, as on a first unroll.
@@ -335,15 +341,7 @@ impl Workload for L2oWorkload<'_> {
         let stage = s.curriculum.as_ref().map(|_| self.curriculum.stage);
         let seed = derive_seed(self.meta.seed, 1, it as u64);
         let (theta0, state0) = sample(&self.meta.init, seed);
-        let mut data = MnistUnrollData::new(
-            self.train,
-            self.meta.batch_size,
-            self.meta.objective_examples,
-            &self.layout.batch,
-            &self.layout.objective_batch,
-            &self.layout.objective_transposed,
-            seed,
-        )?;
+        let mut data = self.problem_data(self.train, seed)?;
         // The log meta-objective's constant: the objective at the start,
         // on the first unroll's objective set.
         let first = data.objective_batch(0)?;

@@ -654,60 +654,18 @@ impl Walk {
 mod tests {
     use super::*;
 
-    /// A program with broadcast inputs and a view, decoded from its text,
-    /// computes what its instructions say.
+    /// A program with broadcast inputs and a view, decoded from its text
+    /// (the one `metac_graphs`' encoding test builds), computes what its
+    /// instructions say.
     #[test]
     fn runs_broadcasts_and_views() {
-        let p = FusedProgram {
-            shape: vec![3, 5],
-            inputs: vec![vec![3, 1], vec![5], vec![3, 7]],
-            // Columns 1..6 of the third input.
-            views: vec![
-                None,
-                None,
-                Some(View {
-                    shape: vec![3, 5],
-                    offset: 1,
-                }),
-            ],
-            instrs: vec![
-                Instr::Load { dst: 0, input: 0 },
-                Instr::Load { dst: 1, input: 1 },
-                Instr::Binary {
-                    f: Fn2::Add,
-                    dst: 2,
-                    a: 0,
-                    b: 1,
-                },
-                Instr::Const { dst: 0, value: 0.1 },
-                Instr::Binary {
-                    f: Fn2::Less,
-                    dst: 1,
-                    a: 2,
-                    b: 0,
-                },
-                Instr::Load { dst: 0, input: 2 },
-                Instr::Unary {
-                    f: Fn1::Tanh,
-                    dst: 3,
-                    a: 0,
-                },
-                Instr::Where {
-                    dst: 0,
-                    c: 1,
-                    a: 2,
-                    b: 3,
-                },
-            ],
-            outputs: vec![0, 2],
-            registers: 4,
-            columns: None,
-            out_rows: vec![],
-            lists: vec![],
-            sums: vec![],
-        };
-        let q = FusedProgram::decode(&p.encode()).unwrap();
-        assert_eq!(p, q);
+        // `a + b` of broadcast inputs, and where it is below 0.1, itself,
+        // else the tanh of columns 1..6 of the third input (a view).
+        let q = FusedProgram::decode(
+            "shape 3 5;regs 4;in 3 1;in 5;in 3 7;view 2 1 3 5;ld 0 0;ld 1 1;add 2 0 1;\
+             c 0 3dcccccd;less 1 2 0;ld 0 2;tanh 3 0;where 0 1 2 3;out 0 2",
+        )
+        .unwrap();
         let x0 = [1.0, -2.0, 0.0];
         let x1 = [0.0, -0.5, 0.05, -3.0, 1.0];
         let x2: Vec<f32> = (0..21).map(|i| i as f32 * 0.1 - 0.7).collect();
