@@ -6,3 +6,4 @@ pub mod hrnn;
 pub mod mlp;
 pub mod problems;
 pub mod synthetic;
+pub mod transformer;

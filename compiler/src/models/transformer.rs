@@ -1,0 +1,372 @@
+//! A small GPT-style language model on the builder, the one transformer the
+//! language-model workloads share (the LM that MALMEN edits, the MoE LM of
+//! Tiny-ONN): token and position embeddings, `layers` pre-LN blocks of
+//! causal multi-head self-attention and a GELU MLP, a final layer norm and a
+//! head (its own matrix, or the token embedding transposed when tied).
+//!
+//! Parameters are graph inputs (see [`Gpt::param_shapes`] for the names and
+//! [`Gpt::init_rules`] for how they start), so the same graphs serve any
+//! weights, and their gradients, HVPs and the adjoints of any layer's input
+//! and output come from autodiff like every model's.
+//!
+//! Shapes: `tokens` and `targets` are i64 `[B, T]` with `T <= context`;
+//! logits are `[B, T, vocab]`. Linear layers are `x[.., in] @ W[in, out] +
+//! b[out]`, computed on `[B * T, in]`.
+
+use metac_contract::init::{InitRule, TensorInit};
+use metac_graphs::{DType, Graph, NodeId, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The shape of a [`Gpt`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptConfig {
+    /// Tokens in the vocabulary.
+    pub vocab: usize,
+    /// Longest sequence (positions of the position embedding).
+    pub context: usize,
+    /// Model width `d`.
+    pub width: usize,
+    pub layers: usize,
+    /// Attention heads; `width` must be a multiple.
+    pub heads: usize,
+    /// Hidden width of the MLP as a multiple of `width` (GPT-2: 4).
+    #[serde(default = "four")]
+    pub mlp_ratio: usize,
+    /// The head is the token embedding transposed (no `head.w`).
+    #[serde(default)]
+    pub tied_head: bool,
+}
+
+fn four() -> usize {
+    4
+}
+
+/// Layer-norm epsilon (PyTorch's default).
+pub const LN_EPS: f32 = 1e-5;
+/// Standard deviation of the initial weights (GPT-2).
+pub const INIT_STD: f64 = 0.02;
+
+impl GptConfig {
+    /// The reference size: 4 layers of width 128 with 4 heads, context 16.
+    pub fn reference(vocab: usize) -> Self {
+        GptConfig {
+            vocab,
+            context: 16,
+            width: 128,
+            layers: 4,
+            heads: 4,
+            mlp_ratio: 4,
+            tied_head: false,
+        }
+    }
+
+    /// Every size at least 1 and the width a multiple of the heads, with the
+    /// offending key named.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, v) in [
+            ("vocab", self.vocab),
+            ("context", self.context),
+            ("width", self.width),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("mlp_ratio", self.mlp_ratio),
+        ] {
+            if v == 0 {
+                return Err(format!("model key '{key}' must be at least 1, got 0"));
+            }
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            return Err(format!(
+                "model key 'width' ({}) must be a multiple of 'heads' ({})",
+                self.width, self.heads
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The language model; see the module docs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt {
+    pub config: GptConfig,
+}
+
+/// A linear layer's weight and bias.
+struct Linear {
+    w: NodeId,
+    b: NodeId,
+}
+
+/// A layer norm's gain and bias.
+struct Norm {
+    g: NodeId,
+    b: NodeId,
+}
+
+impl Gpt {
+    pub fn new(config: GptConfig) -> Result<Self, String> {
+        config.validate()?;
+        Ok(Gpt { config })
+    }
+
+    /// Names and shapes of the parameters, in order: `tok_emb [V, d]`,
+    /// `pos_emb [context, d]`; per layer `l{i}.ln1.{g,b}`,
+    /// `l{i}.attn.qkv.{w [d, 3d], b}`, `l{i}.attn.proj.{w [d, d], b}`,
+    /// `l{i}.ln2.{g,b}`, `l{i}.mlp.fc.{w [d, r d], b}`,
+    /// `l{i}.mlp.proj.{w [r d, d], b}`; `ln_f.{g,b}`; `head.w [d, V]`
+    /// unless the head is tied.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = &self.config;
+        let (d, h) = (c.width, c.width * c.mlp_ratio);
+        let mut v = vec![
+            ("tok_emb".to_string(), vec![c.vocab, d]),
+            ("pos_emb".to_string(), vec![c.context, d]),
+        ];
+        let mut push = |name: String, shape: Vec<usize>| v.push((name, shape));
+        for l in 0..c.layers {
+            for (name, shape) in [
+                ("ln1.g", vec![d]),
+                ("ln1.b", vec![d]),
+                ("attn.qkv.w", vec![d, 3 * d]),
+                ("attn.qkv.b", vec![3 * d]),
+                ("attn.proj.w", vec![d, d]),
+                ("attn.proj.b", vec![d]),
+                ("ln2.g", vec![d]),
+                ("ln2.b", vec![d]),
+                ("mlp.fc.w", vec![d, h]),
+                ("mlp.fc.b", vec![h]),
+                ("mlp.proj.w", vec![h, d]),
+                ("mlp.proj.b", vec![d]),
+            ] {
+                push(format!("l{l}.{name}"), shape);
+            }
+        }
+        push("ln_f.g".into(), vec![d]);
+        push("ln_f.b".into(), vec![d]);
+        if !c.tied_head {
+            push("head.w".into(), vec![d, c.vocab]);
+        }
+        v
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// How the parameters start (GPT-2's scheme): weights and embeddings
+    /// `N(0, 0.02²)`, the projections into the residual stream
+    /// (`attn.proj.w`, `mlp.proj.w`) `N(0, (0.02 / sqrt(2 layers))²)`, biases
+    /// 0, layer-norm gains 1; parameter `i` draws from stream `i`.
+    pub fn init_rules(&self) -> Vec<TensorInit> {
+        let residual = INIT_STD / (2.0 * self.config.layers as f64).sqrt();
+        self.param_shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let rule = if name.ends_with(".g") {
+                    InitRule::Constant { value: 1.0 }
+                } else if name.ends_with(".b") {
+                    InitRule::Constant { value: 0.0 }
+                } else {
+                    let std = if name.ends_with("proj.w") {
+                        residual
+                    } else {
+                        INIT_STD
+                    };
+                    InitRule::Normal {
+                        std,
+                        stream: i as u64,
+                    }
+                };
+                TensorInit::new(&name, &shape, rule)
+            })
+            .collect()
+    }
+
+    /// Initial parameter values for `seed`, in [`Gpt::param_shapes`] order.
+    pub fn init_params(&self, seed: u64) -> Vec<Tensor> {
+        self.init_rules().iter().map(|r| r.draw(seed)).collect()
+    }
+
+    /// Declare the parameters as f32 graph inputs under their names.
+    pub fn params(&self, g: &mut Graph) -> Vec<NodeId> {
+        self.param_shapes()
+            .iter()
+            .map(|(n, s)| g.input(n, DType::F32, s))
+            .collect()
+    }
+
+    /// Logits `[B, T, vocab]` of i64 `tokens [B, T]`, each position seeing
+    /// itself and the positions before it.
+    ///
+    /// # Panics
+    /// If `params` is not [`Gpt::param_shapes`]-shaped or `T > context`.
+    pub fn logits(&self, g: &mut Graph, params: &[NodeId], tokens: NodeId) -> NodeId {
+        let c = &self.config;
+        let names = self.param_shapes();
+        assert_eq!(params.len(), names.len(), "Gpt: parameter count");
+        let p = |name: &str| -> NodeId {
+            let i = names
+                .iter()
+                .position(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("Gpt: no parameter '{name}'"));
+            params[i]
+        };
+        let ts = g.shape(tokens).to_vec();
+        assert_eq!(ts.len(), 2, "Gpt: tokens must be [B, T]");
+        let (b, t) = (ts[0], ts[1]);
+        assert!(
+            t <= c.context,
+            "Gpt: {t} tokens exceed the context {}",
+            c.context
+        );
+        let d = c.width;
+        let tok = g.gather(p("tok_emb"), tokens, 0); // [B, T, d]
+        let pos = g.slice(p("pos_emb"), 0, 0, t); // [T, d]
+        let x = g.add(tok, pos);
+        let mut x = g.reshape(x, &[b * t, d]);
+        // Position i attends to positions j <= i.
+        let causal = Tensor::bool(&[t, t], (0..t * t).map(|k| k % t <= k / t).collect());
+        let causal = g.constant(causal);
+        for l in 0..c.layers {
+            let q = |name: &str| p(&format!("l{l}.{name}"));
+            let ln1 = Norm {
+                g: q("ln1.g"),
+                b: q("ln1.b"),
+            };
+            let qkv = Linear {
+                w: q("attn.qkv.w"),
+                b: q("attn.qkv.b"),
+            };
+            let proj = Linear {
+                w: q("attn.proj.w"),
+                b: q("attn.proj.b"),
+            };
+            let h = layer_norm(g, x, &ln1);
+            let a = self.attention(g, h, &qkv, &proj, causal, b, t);
+            x = g.add(x, a);
+            let ln2 = Norm {
+                g: q("ln2.g"),
+                b: q("ln2.b"),
+            };
+            let fc = Linear {
+                w: q("mlp.fc.w"),
+                b: q("mlp.fc.b"),
+            };
+            let out = Linear {
+                w: q("mlp.proj.w"),
+                b: q("mlp.proj.b"),
+            };
+            let h = layer_norm(g, x, &ln2);
+            let h = linear(g, h, &fc);
+            let h = gelu(g, h);
+            let m = linear(g, h, &out);
+            x = g.add(x, m);
+        }
+        let lnf = Norm {
+            g: p("ln_f.g"),
+            b: p("ln_f.b"),
+        };
+        let x = layer_norm(g, x, &lnf);
+        let head = if c.tied_head {
+            g.transpose(p("tok_emb"), &[1, 0])
+        } else {
+            p("head.w")
+        };
+        let logits = g.matmul(x, head);
+        g.reshape(logits, &[b, t, c.vocab])
+    }
+
+    /// Causal multi-head self-attention of `x [B * T, d]`, projected back to
+    /// `[B * T, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        g: &mut Graph,
+        x: NodeId,
+        qkv: &Linear,
+        proj: &Linear,
+        causal: NodeId,
+        b: usize,
+        t: usize,
+    ) -> NodeId {
+        let (d, nh) = (self.config.width, self.config.heads);
+        let dh = d / nh;
+        let z = linear(g, x, qkv); // [B * T, 3d]
+        let split = |g: &mut Graph, k: usize| {
+            let s = g.slice(z, 1, k * d, (k + 1) * d);
+            let s = g.reshape(s, &[b, t, nh, dh]);
+            g.transpose(s, &[0, 2, 1, 3]) // [B, H, T, dh]
+        };
+        let (q, k, v) = (split(g, 0), split(g, 1), split(g, 2));
+        let kt = g.transpose_last2(k);
+        let scores = g.matmul(q, kt); // [B, H, T, T]
+        let scores = g.mul_scalar(scores, 1.0 / (dh as f32).sqrt());
+        let masked = g.fill(-1e9, DType::F32, &[]);
+        let scores = g.where_(causal, scores, masked);
+        let att = g.softmax(scores, 3);
+        let y = g.matmul(att, v); // [B, H, T, dh]
+        let y = g.transpose(y, &[0, 2, 1, 3]);
+        let y = g.reshape(y, &[b * t, d]);
+        linear(g, y, proj)
+    }
+
+    /// The weighted mean next-token cross-entropy: `sum(w * nll) /
+    /// max(sum(w), 1)` over i64 `targets [B, T]` with f32 weights `w [B, T]`
+    /// (1 on the tokens that count, 0 elsewhere, e.g. an answer's tokens).
+    pub fn loss(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        targets: NodeId,
+        weights: NodeId,
+    ) -> NodeId {
+        let logits = self.logits(g, params, tokens);
+        let logp = g.log_softmax(logits, 2);
+        let onehot = g.one_hot(targets, self.config.vocab);
+        let picked = g.mul(logp, onehot);
+        let ll = g.sum(picked, &[2], false); // [B, T]
+        let weighted = g.mul(ll, weights);
+        let total = g.sum_all(weighted);
+        let count = g.sum_all(weights);
+        let one = g.scalar(1.0);
+        let count = g.max(count, one);
+        let mean = g.div(total, count);
+        g.neg(mean)
+    }
+}
+
+/// `x[.., in] @ W + b`.
+fn linear(g: &mut Graph, x: NodeId, l: &Linear) -> NodeId {
+    let y = g.matmul(x, l.w);
+    g.add(y, l.b)
+}
+
+/// Layer norm over the last axis: `(x - mean) / sqrt(var + eps) * g + b`.
+fn layer_norm(g: &mut Graph, x: NodeId, n: &Norm) -> NodeId {
+    let last = g.shape(x).len() - 1;
+    let mu = g.mean(x, &[last], true);
+    let xc = g.sub(x, mu);
+    let sq = g.square(xc);
+    let var = g.mean(sq, &[last], true);
+    let var = g.add_scalar(var, LN_EPS);
+    let sd = g.sqrt(var);
+    let y = g.div(xc, sd);
+    let y = g.mul(y, n.g);
+    g.add(y, n.b)
+}
+
+/// The exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
+fn gelu(g: &mut Graph, x: NodeId) -> NodeId {
+    let s = g.mul_scalar(x, std::f32::consts::FRAC_1_SQRT_2);
+    let e = g.erf(s);
+    let e1 = g.add_scalar(e, 1.0);
+    let y = g.mul(x, e1);
+    g.mul_scalar(y, 0.5)
+}

@@ -1,0 +1,419 @@
+//! The GPT-style language model on the builder: its shapes, causality, loss,
+//! and its gradient and HVP against central finite differences in f64 (the
+//! reference interpreter), untied and tied head.
+
+use std::collections::HashMap;
+
+use metac_compiler::models::transformer::{Gpt, GptConfig};
+use metac_graphs::autodiff::{grad, hvp_forward_over_reverse};
+use metac_graphs::eval::{eval_graph, Value};
+use metac_graphs::{DType, Graph, NodeId, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tiny(tied: bool) -> Gpt {
+    Gpt::new(GptConfig {
+        vocab: 5,
+        context: 4,
+        width: 4,
+        layers: 2,
+        heads: 2,
+        mlp_ratio: 2,
+        tied_head: tied,
+    })
+    .unwrap()
+}
+
+const B: usize = 2;
+const T: usize = 4;
+
+/// The loss graph with its parameter and data inputs.
+struct LossGraph {
+    g: Graph,
+    params: Vec<NodeId>,
+    names: Vec<String>,
+}
+
+fn loss_graph(m: &Gpt) -> LossGraph {
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let targets = g.input("targets", DType::I64, &[B, T]);
+    let weights = g.input("weights", DType::F32, &[B, T]);
+    let loss = m.loss(&mut g, &params, tokens, targets, weights);
+    g.output("loss", loss);
+    let names = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    LossGraph { g, params, names }
+}
+
+/// Random parameters large enough that every path matters (the GPT-2
+/// initialisation's 0.02 leaves attention nearly uniform).
+fn random_params(m: &Gpt, seed: u64) -> Vec<Value> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    m.param_shapes()
+        .iter()
+        .map(|(_, s)| {
+            let n: usize = s.iter().product();
+            let v: Vec<f64> = (0..n).map(|_| r.random_range(-0.8..0.8)).collect();
+            Value::F(ArrayD::from_shape_vec(IxDyn(s), v).unwrap())
+        })
+        .collect()
+}
+
+fn data() -> HashMap<String, Value> {
+    let i = |v: Vec<i64>| Value::from_tensor(&Tensor::i64(&[B, T], v));
+    HashMap::from([
+        ("tokens".to_string(), i(vec![0, 3, 1, 4, 2, 2, 0, 1])),
+        ("targets".to_string(), i(vec![3, 1, 4, 0, 2, 0, 1, 3])),
+        (
+            "weights".to_string(),
+            Value::from_tensor(&Tensor::f32(&[B, T], vec![0., 1., 1., 1., 1., 0., 1., 1.])),
+        ),
+    ])
+}
+
+fn feeds(names: &[String], params: &[Value]) -> HashMap<String, Value> {
+    let mut f = data();
+    for (n, v) in names.iter().zip(params) {
+        f.insert(n.clone(), v.clone());
+    }
+    f
+}
+
+fn run(g: &Graph, f: &HashMap<String, Value>) -> HashMap<String, Value> {
+    eval_graph(g, f).unwrap().into_iter().collect()
+}
+
+fn scalar(v: &Value) -> f64 {
+    v.f().iter().copied().next().unwrap()
+}
+
+fn axpy(x: &[Value], a: f64, d: &[Value]) -> Vec<Value> {
+    x.iter()
+        .zip(d)
+        .map(|(x, d)| Value::F(x.f() + &(d.f() * a)))
+        .collect()
+}
+
+fn dot(a: &[Value], b: &[Value]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| a.f().iter().zip(b.f()).map(|(x, y)| x * y).sum::<f64>())
+        .sum()
+}
+
+#[test]
+fn shapes_and_parameter_count() {
+    let m = Gpt::new(GptConfig::reference(1000)).unwrap();
+    let (d, l, v, c) = (128, 4, 1000, 16);
+    let per_layer =
+        2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d);
+    assert_eq!(
+        m.num_params(),
+        v * d + c * d + l * per_layer + 2 * d + d * v
+    );
+    let tied = Gpt::new(GptConfig {
+        tied_head: true,
+        ..GptConfig::reference(1000)
+    })
+    .unwrap();
+    assert_eq!(tied.num_params(), m.num_params() - d * v);
+    assert!(!tied.param_shapes().iter().any(|(n, _)| n == "head.w"));
+    let e = Gpt::new(GptConfig {
+        heads: 3,
+        ..GptConfig::reference(10)
+    })
+    .unwrap_err();
+    assert!(e.contains("'width'") && e.contains("'heads'"), "{e}");
+    let e = Gpt::new(GptConfig {
+        layers: 0,
+        ..GptConfig::reference(10)
+    })
+    .unwrap_err();
+    assert!(e.contains("'layers'"), "{e}");
+    // GPT-2's initialisation: gains 1, biases 0, residual projections smaller.
+    let init = m.init_params(3);
+    for ((n, s), t) in m.param_shapes().iter().zip(&init) {
+        assert_eq!(&t.shape, s, "{n}");
+        let v = t.as_f32().unwrap();
+        if n.ends_with(".g") {
+            assert!(v.iter().all(|&x| x == 1.0), "{n}");
+        } else if n.ends_with(".b") {
+            assert!(v.iter().all(|&x| x == 0.0), "{n}");
+        } else {
+            let sd = (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            let want = if n.ends_with("proj.w") {
+                0.02 / 8f64.sqrt()
+            } else {
+                0.02
+            };
+            assert!((sd / want - 1.0).abs() < 0.1, "{n}: std {sd}, want {want}");
+        }
+    }
+    assert_eq!(init, m.init_params(3));
+    assert_ne!(init, m.init_params(4));
+}
+
+#[test]
+fn a_position_sees_only_itself_and_the_past() {
+    let m = tiny(false);
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let logits = m.logits(&mut g, &params, tokens);
+    g.output("logits", logits);
+    let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let p = random_params(&m, 1);
+    let at = |toks: Vec<i64>| {
+        let mut f = feeds(&names, &p);
+        f.insert(
+            "tokens".into(),
+            Value::from_tensor(&Tensor::i64(&[B, T], toks)),
+        );
+        run(&g, &f)["logits"].f().clone()
+    };
+    let a = at(vec![0, 3, 1, 4, 2, 2, 0, 1]);
+    let b = at(vec![0, 3, 1, 2, 2, 2, 0, 1]); // the last token of sequence 0 differs
+    assert_eq!(a.shape(), [B, T, 5]);
+    for t in 0..T {
+        let same = (0..5).all(|v| a[[0, t, v]] == b[[0, t, v]]);
+        assert_eq!(same, t < T - 1, "position {t}");
+        assert!((0..5).all(|v| a[[1, t, v]] == b[[1, t, v]]));
+    }
+}
+
+#[test]
+fn the_loss_is_the_weighted_mean_cross_entropy() {
+    let m = tiny(false);
+    let lg = loss_graph(&m);
+    let mut g = lg.g.clone();
+    let tokens = g.find_input("tokens").unwrap();
+    let logits = m.logits(&mut g, &lg.params, tokens);
+    g.output("logits", logits);
+    let p = random_params(&m, 2);
+    let out = run(&g, &feeds(&lg.names, &p));
+    let lo = out["logits"].f();
+    let d = data();
+    let (tg, w) = (d["targets"].i(), d["weights"].f());
+    let (mut sum, mut n) = (0.0, 0.0);
+    for b in 0..B {
+        for t in 0..T {
+            let row: Vec<f64> = (0..5).map(|v| lo[[b, t, v]]).collect();
+            let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            let nll = lse - row[tg[[b, t]] as usize];
+            sum += w[[b, t]] * nll;
+            n += w[[b, t]];
+        }
+    }
+    let got = scalar(&out["loss"]);
+    assert!((got - sum / n).abs() < 1e-12, "{got} vs {}", sum / n);
+}
+
+fn check_derivatives(tied: bool) {
+    let m = tiny(tied);
+    let lg = loss_graph(&m);
+    let mut g = lg.g.clone();
+    let loss = g.find_output("loss").unwrap();
+    let grads = grad(&mut g, loss, &lg.params);
+    let vs: Vec<NodeId> = m
+        .param_shapes()
+        .iter()
+        .map(|(n, s)| g.input(&format!("v.{n}"), DType::F32, s))
+        .collect();
+    let hv = hvp_forward_over_reverse(&mut g, loss, &lg.params, &vs);
+    for (k, (&gr, &h)) in grads.iter().zip(&hv).enumerate() {
+        g.output(&format!("g{k}"), gr);
+        g.output(&format!("h{k}"), h);
+    }
+    let p = random_params(&m, 5);
+    let dir = random_params(&m, 6);
+    let with_dir = |p: &[Value]| {
+        let mut f = feeds(&lg.names, p);
+        for ((n, _), v) in m.param_shapes().iter().zip(&dir) {
+            f.insert(format!("v.{n}"), v.clone());
+        }
+        run(&g, &f)
+    };
+    let out = with_dir(&p);
+    let n = p.len();
+    let gvec: Vec<Value> = (0..n).map(|k| out[&format!("g{k}")].clone()).collect();
+    let hvec: Vec<Value> = (0..n).map(|k| out[&format!("h{k}")].clone()).collect();
+    let h = 1e-5;
+    let (plus, minus) = (with_dir(&axpy(&p, h, &dir)), with_dir(&axpy(&p, -h, &dir)));
+    // The directional derivative of the loss.
+    let fd = (scalar(&plus["loss"]) - scalar(&minus["loss"])) / (2.0 * h);
+    let an = dot(&gvec, &dir);
+    assert!(
+        (fd - an).abs() <= 1e-7 * an.abs().max(1e-3),
+        "tied {tied}: gradient . v = {an}, finite differences {fd}"
+    );
+    // Every parameter's gradient moves: no parameter is cut off.
+    for (k, gk) in gvec.iter().enumerate() {
+        assert!(
+            gk.f().iter().any(|&x| x != 0.0),
+            "tied {tied}: zero gradient of {}",
+            lg.names[k]
+        );
+    }
+    // H v against finite differences of the gradient, parameter by parameter.
+    for k in 0..n {
+        let fdh = (plus[&format!("g{k}")].f() - minus[&format!("g{k}")].f()) / (2.0 * h);
+        let an = hvec[k].f();
+        let err = (&fdh - an).iter().map(|x| x * x).sum::<f64>().sqrt();
+        let scale = an.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+        assert!(
+            err <= 1e-6 * scale,
+            "tied {tied}: H v of {}: error {err}, scale {scale}",
+            lg.names[k]
+        );
+    }
+}
+
+#[test]
+fn gradient_and_hvp_match_finite_differences() {
+    check_derivatives(false);
+}
+
+#[test]
+fn tied_head_gradient_and_hvp_match_finite_differences() {
+    check_derivatives(true);
+}
+
+/// The same model written directly in f64 loops (no graph): embeddings,
+/// pre-LN blocks of causal attention and GELU MLP, final norm, head.
+fn reference_logits(m: &Gpt, p: &[Value], tokens: &[i64]) -> Vec<f64> {
+    let c = &m.config;
+    let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let get = |n: &str| -> Vec<f64> {
+        let i = names.iter().position(|x| x == n).unwrap();
+        p[i].f().iter().copied().collect()
+    };
+    let (d, nh, v) = (c.width, c.heads, c.vocab);
+    let dh = d / nh;
+    let hid = d * c.mlp_ratio;
+    let linear = |x: &[f64], w: &[f64], b: &[f64], n_in: usize, n_out: usize| -> Vec<f64> {
+        let rows = x.len() / n_in;
+        let mut y = vec![0.0; rows * n_out];
+        for r in 0..rows {
+            for o in 0..n_out {
+                let mut s = b.get(o).copied().unwrap_or(0.0);
+                for i in 0..n_in {
+                    s += x[r * n_in + i] * w[i * n_out + o];
+                }
+                y[r * n_out + o] = s;
+            }
+        }
+        y
+    };
+    let norm = |x: &[f64], g: &[f64], b: &[f64]| -> Vec<f64> {
+        let mut y = vec![0.0; x.len()];
+        for (r, row) in x.chunks(d).enumerate() {
+            let mu = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|a| (a - mu).powi(2)).sum::<f64>() / d as f64;
+            let sd = (var + f64::from(1e-5_f32)).sqrt();
+            for i in 0..d {
+                y[r * d + i] = (row[i] - mu) / sd * g[i] + b[i];
+            }
+        }
+        y
+    };
+    let erf = |x: f64| libm::erf(x);
+    let t = tokens.len() / B;
+    let (tok, pos) = (get("tok_emb"), get("pos_emb"));
+    let mut x = vec![0.0; B * t * d];
+    for b in 0..B {
+        for s in 0..t {
+            let id = tokens[b * t + s] as usize;
+            for i in 0..d {
+                x[(b * t + s) * d + i] = tok[id * d + i] + pos[s * d + i];
+            }
+        }
+    }
+    for l in 0..c.layers {
+        let q = |n: &str| get(&format!("l{l}.{n}"));
+        let h = norm(&x, &q("ln1.g"), &q("ln1.b"));
+        let z = linear(&h, &q("attn.qkv.w"), &q("attn.qkv.b"), d, 3 * d);
+        let mut y = vec![0.0; B * t * d];
+        for b in 0..B {
+            for hd in 0..nh {
+                for i in 0..t {
+                    let qi = |k: usize| z[(b * t + i) * 3 * d + hd * dh + k];
+                    let sc: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..dh)
+                                .map(|k| qi(k) * z[(b * t + j) * 3 * d + d + hd * dh + k])
+                                .sum::<f64>()
+                                * f64::from(1.0 / (dh as f32).sqrt())
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                    let tot: f64 = e.iter().sum();
+                    for k in 0..dh {
+                        y[(b * t + i) * d + hd * dh + k] = (0..=i)
+                            .map(|j| e[j] / tot * z[(b * t + j) * 3 * d + 2 * d + hd * dh + k])
+                            .sum();
+                    }
+                }
+            }
+        }
+        let a = linear(&y, &q("attn.proj.w"), &q("attn.proj.b"), d, d);
+        for (xi, ai) in x.iter_mut().zip(&a) {
+            *xi += ai;
+        }
+        let h = norm(&x, &q("ln2.g"), &q("ln2.b"));
+        let h = linear(&h, &q("mlp.fc.w"), &q("mlp.fc.b"), d, hid);
+        let h: Vec<f64> = h
+            .iter()
+            .map(|&u| 0.5 * u * (1.0 + erf(u * f64::from(std::f32::consts::FRAC_1_SQRT_2))))
+            .collect();
+        let o = linear(&h, &q("mlp.proj.w"), &q("mlp.proj.b"), hid, d);
+        for (xi, oi) in x.iter_mut().zip(&o) {
+            *xi += oi;
+        }
+    }
+    let x = norm(&x, &get("ln_f.g"), &get("ln_f.b"));
+    let head = if c.tied_head {
+        // tok_emb^T: [d, V]
+        let mut h = vec![0.0; d * v];
+        for a in 0..v {
+            for i in 0..d {
+                h[i * v + a] = tok[a * d + i];
+            }
+        }
+        h
+    } else {
+        get("head.w")
+    };
+    linear(&x, &head, &[], d, v)
+}
+
+#[test]
+fn logits_match_a_direct_f64_implementation() {
+    for tied in [false, true] {
+        let m = tiny(tied);
+        let mut g = Graph::new();
+        let params = m.params(&mut g);
+        let tokens = g.input("tokens", DType::I64, &[B, T]);
+        let logits = m.logits(&mut g, &params, tokens);
+        g.output("logits", logits);
+        let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+        let p = random_params(&m, 9);
+        let got: Vec<f64> = run(&g, &feeds(&names, &p))["logits"]
+            .f()
+            .iter()
+            .copied()
+            .collect();
+        let toks: Vec<i64> = data()["tokens"].i().iter().copied().collect();
+        let want = reference_logits(&m, &p, &toks);
+        assert_eq!(got.len(), want.len());
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-12, "tied {tied}: max difference {err}");
+    }
+}
