@@ -1,3 +1,4 @@
 //! Data sets.
 
+pub mod facts;
 pub mod mnist;
