@@ -3,6 +3,7 @@
 pub mod baselines;
 pub mod convnet;
 pub mod hrnn;
+pub mod lm;
 pub mod mlp;
 pub mod problems;
 pub mod synthetic;

@@ -223,6 +223,10 @@ pub struct RmsPropConfig {
 pub enum DataKind {
     /// MNIST: `x f32[B,784]` (pixels scaled to [0,1]), `y i64[B]` (0..10).
     Mnist,
+    /// Token sequences of the fact world (`metac_runtime::data::facts`):
+    /// `tokens i64[B,T]`, `targets i64[B,T]` (the next tokens), `weights
+    /// f32[B,T]` (1 where a target counts).
+    Facts,
 }
 
 /// How the runtime draws a fresh problem for an unroll or a validation:

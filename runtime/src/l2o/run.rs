@@ -146,8 +146,8 @@ impl<'a> L2oWorkload<'a> {
         let meta = L2oMeta::from_manifest(&bundle.manifest)
             .with_context(|| format!("{}", bundle.dir.display()))?;
         ensure!(
-            meta.data.is_some(),
-            "{}: problem '{}' needs no data; meta-training runs on MNIST problems",
+            meta.data == Some(super::DataKind::Mnist),
+            "{}: problem '{}' is not an MNIST problem; meta-training runs on MNIST problems",
             bundle.dir.display(),
             meta.problem
         );

@@ -31,6 +31,10 @@ pub fn needs_mnist(a: &Args, problem: &dyn Problem) -> Result<bool> {
     );
     match problem.needs_data() {
         Some(DataKind::Mnist) => Ok(true),
+        Some(DataKind::Facts) => anyhow::bail!(
+            "problem '{}' is a language model on the fact world, which metac eval does not meta-test",
+            problem.name()
+        ),
         None => {
             let given: Vec<&str> = [
                 (a.split.is_some(), "--split"),

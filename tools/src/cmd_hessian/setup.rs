@@ -129,6 +129,9 @@ pub(super) fn setup_problem(
                 data: Value::Null,
             })
         }
+        Some(DataKind::Facts) => anyhow::bail!(
+            "problem '{name}' is a language model on the fact world, which metac hessian does not load"
+        ),
         Some(DataKind::Mnist) => {
             let choice = split.unwrap_or(Split3::Test);
             let (data, n) = load_examples(a, choice)?;
