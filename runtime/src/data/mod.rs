@@ -1,4 +1,5 @@
 //! Data sets.
 
+pub mod edits;
 pub mod facts;
 pub mod mnist;
