@@ -61,6 +61,17 @@ fn random_params(m: &Gpt, seed: u64) -> Vec<Value> {
         .collect()
 }
 
+/// The logits graph `tokens [B, T] -> logits` and the parameter names.
+fn logits_graph(m: &Gpt) -> (Graph, Vec<String>) {
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let logits = m.logits(&mut g, &params, tokens);
+    g.output("logits", logits);
+    let names = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    (g, names)
+}
+
 fn data() -> HashMap<String, Value> {
     let i = |v: Vec<i64>| Value::from_tensor(&Tensor::i64(&[B, T], v));
     HashMap::from([
@@ -158,12 +169,7 @@ fn shapes_and_parameter_count() {
 #[test]
 fn a_position_sees_only_itself_and_the_past() {
     let m = tiny(false);
-    let mut g = Graph::new();
-    let params = m.params(&mut g);
-    let tokens = g.input("tokens", DType::I64, &[B, T]);
-    let logits = m.logits(&mut g, &params, tokens);
-    g.output("logits", logits);
-    let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let (g, names) = logits_graph(&m);
     let p = random_params(&m, 1);
     let at = |toks: Vec<i64>| {
         let mut f = feeds(&names, &p);
@@ -394,12 +400,7 @@ fn reference_logits(m: &Gpt, p: &[Value], tokens: &[i64]) -> Vec<f64> {
 fn logits_match_a_direct_f64_implementation() {
     for tied in [false, true] {
         let m = tiny(tied);
-        let mut g = Graph::new();
-        let params = m.params(&mut g);
-        let tokens = g.input("tokens", DType::I64, &[B, T]);
-        let logits = m.logits(&mut g, &params, tokens);
-        g.output("logits", logits);
-        let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+        let (g, names) = logits_graph(&m);
         let p = random_params(&m, 9);
         let got: Vec<f64> = run(&g, &feeds(&names, &p))["logits"]
             .f()

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use metac_compiler::l2o::config::L2oConfig;
 use metac_compiler::l2o::program::compile_l2o;
 use metac_contract::bundle::Bundle;
-use metac_contract::l2o::{L2oMeta, RunSettings};
+use metac_contract::l2o::{DataKind, L2oMeta, RunSettings};
 use metac_runtime::backend::open_backend;
 use metac_runtime::data::mnist;
 use metac_runtime::l2o::run::L2oWorkload;
@@ -162,8 +162,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     ensure!(rc.num_unrolls > 0, "--num-unrolls must be at least 1");
     rc.validate()?;
     ensure!(
-        meta.data.is_some(),
-        "problem '{}' needs no data; metac run meta-trains on MNIST problems",
+        meta.data == Some(DataKind::Mnist),
+        "problem '{}' is not an MNIST problem; metac run meta-trains on MNIST problems",
         meta.problem
     );
     let dir = a.data_dir.clone().unwrap_or_else(mnist::default_dir);

@@ -233,46 +233,30 @@ impl Gpt {
         // Position i attends to positions j <= i.
         let causal = Tensor::bool(&[t, t], (0..t * t).map(|k| k % t <= k / t).collect());
         let causal = g.constant(causal);
+        // A linear layer's or a layer norm's parameters, by name prefix.
+        let lin = |pre: &str| Linear {
+            w: p(&format!("{pre}.w")),
+            b: p(&format!("{pre}.b")),
+        };
+        let norm = |pre: &str| Norm {
+            g: p(&format!("{pre}.g")),
+            b: p(&format!("{pre}.b")),
+        };
         for l in 0..c.layers {
-            let q = |name: &str| p(&format!("l{l}.{name}"));
-            let ln1 = Norm {
-                g: q("ln1.g"),
-                b: q("ln1.b"),
-            };
-            let qkv = Linear {
-                w: q("attn.qkv.w"),
-                b: q("attn.qkv.b"),
-            };
-            let proj = Linear {
-                w: q("attn.proj.w"),
-                b: q("attn.proj.b"),
-            };
-            let h = layer_norm(g, x, &ln1);
+            let h = layer_norm(g, x, &norm(&format!("l{l}.ln1")));
+            let (qkv, proj) = (
+                lin(&format!("l{l}.attn.qkv")),
+                lin(&format!("l{l}.attn.proj")),
+            );
             let a = self.attention(g, h, &qkv, &proj, causal, b, t);
             x = g.add(x, a);
-            let ln2 = Norm {
-                g: q("ln2.g"),
-                b: q("ln2.b"),
-            };
-            let fc = Linear {
-                w: q("mlp.fc.w"),
-                b: q("mlp.fc.b"),
-            };
-            let out = Linear {
-                w: q("mlp.proj.w"),
-                b: q("mlp.proj.b"),
-            };
-            let h = layer_norm(g, x, &ln2);
-            let h = linear(g, h, &fc);
+            let h = layer_norm(g, x, &norm(&format!("l{l}.ln2")));
+            let h = linear(g, h, &lin(&format!("l{l}.mlp.fc")));
             let h = gelu(g, h);
-            let m = linear(g, h, &out);
+            let m = linear(g, h, &lin(&format!("l{l}.mlp.proj")));
             x = g.add(x, m);
         }
-        let lnf = Norm {
-            g: p("ln_f.g"),
-            b: p("ln_f.b"),
-        };
-        let x = layer_norm(g, x, &lnf);
+        let x = layer_norm(g, x, &norm("ln_f"));
         let head = if c.tied_head {
             g.transpose(p("tok_emb"), &[1, 0])
         } else {

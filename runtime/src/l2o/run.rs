@@ -299,32 +299,6 @@ impl<'a> L2oWorkload<'a> {
         let obj = data.objective_batch(1)?;
         objective_value(self.objective.as_mut(), &theta, &obj)
     }
-
-    /// Set `phi` and the meta-optimizer's moments from the tensors of
-    /// [`Workload::weights`]`(true)`, read from `what`.
-    fn set_weights(
-        &mut self,
-        tensors: &BTreeMap<String, metac_graphs::Tensor>,
-        what: &str,
-    ) -> Result<()> {
-        for (i, (name, t)) in self.phi.iter_mut().enumerate() {
-            let v = tensors
-                .get(&format!("phi/{name}"))
-                .with_context(|| format!("{what}: no 'phi/{name}'"))?;
-            ensure!(
-                v.shape == t.shape(),
-                "{what}: 'phi/{name}' has shape {:?}, the bundle {:?}",
-                v.shape,
-                t.shape()
-            );
-            *t = HostTensor::from_graph(v);
-            let m = tensors
-                .get(&format!("ms/{name}"))
-                .with_context(|| format!("{what}: no 'ms/{name}'"))?;
-            self.opt.accumulators()[i] = HostTensor::from_graph(m).into_f32()?;
-        }
-        Ok(())
-    }
 }
 
 impl Workload for L2oWorkload<'_> {
@@ -417,7 +391,7 @@ impl Workload for L2oWorkload<'_> {
             let bytes =
                 std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
             let what = p.display().to_string();
-            self.set_weights(&read_safetensors(&bytes, &what)?, &what)?;
+            self.load_weights(&read_safetensors(&bytes, &what)?, &what)?;
         }
         Ok(())
     }
@@ -446,7 +420,23 @@ impl Workload for L2oWorkload<'_> {
         tensors: &BTreeMap<String, metac_graphs::Tensor>,
         what: &str,
     ) -> Result<()> {
-        self.set_weights(tensors, what)
+        for (i, (name, t)) in self.phi.iter_mut().enumerate() {
+            let v = tensors
+                .get(&format!("phi/{name}"))
+                .with_context(|| format!("{what}: no 'phi/{name}'"))?;
+            ensure!(
+                v.shape == t.shape(),
+                "{what}: 'phi/{name}' has shape {:?}, the bundle {:?}",
+                v.shape,
+                t.shape()
+            );
+            *t = HostTensor::from_graph(v);
+            let m = tensors
+                .get(&format!("ms/{name}"))
+                .with_context(|| format!("{what}: no 'ms/{name}'"))?;
+            self.opt.accumulators()[i] = HostTensor::from_graph(m).into_f32()?;
+        }
+        Ok(())
     }
 
     fn settings(&self) -> serde_json::Value {
