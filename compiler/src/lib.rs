@@ -4,5 +4,6 @@
 pub mod derive;
 pub mod hessian;
 pub mod l2o;
+pub mod lm;
 pub mod metatest;
 pub mod models;

@@ -418,3 +418,76 @@ fn logits_match_a_direct_f64_implementation() {
         assert!(err < 1e-12, "tied {tied}: max difference {err}");
     }
 }
+
+/// The answer-token form used for facts: logits at one position per
+/// sequence are those of the full logits there; the loss is the mean
+/// answer NLL, `correct` marks answers ranked first, and the loss's
+/// gradient matches finite differences (tied head: the embedding gets
+/// gradient from both ends).
+#[test]
+fn answer_scores_and_loss_at_positions() {
+    let m = tiny(true);
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let positions = g.input("positions", DType::I64, &[B]);
+    let answers = g.input("answers", DType::I64, &[B]);
+    let full = m.logits(&mut g, &params, tokens);
+    let at = m.logits_at(&mut g, &params, tokens, positions);
+    let (nll, correct) = m.answer_scores(&mut g, &params, tokens, positions, answers);
+    let loss = m.answer_loss(&mut g, &params, tokens, positions, answers);
+    let grads = grad(&mut g, loss, &params);
+    g.output("full", full);
+    g.output("at", at);
+    g.output("nll", nll);
+    g.output("correct", correct);
+    g.output("loss", loss);
+    for (k, &gr) in grads.iter().enumerate() {
+        g.output(&format!("g{k}"), gr);
+    }
+    let names: Vec<String> = m.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let p = random_params(&m, 8);
+    let (pos, ans) = ([2i64, 3], [4i64, 1]);
+    let feed = |p: &[Value]| {
+        let mut f = feeds(&names, p);
+        f.insert(
+            "positions".into(),
+            Value::from_tensor(&Tensor::i64(&[B], pos.to_vec())),
+        );
+        f.insert(
+            "answers".into(),
+            Value::from_tensor(&Tensor::i64(&[B], ans.to_vec())),
+        );
+        run(&g, &f)
+    };
+    let out = feed(&p);
+    let (full, at) = (out["full"].f(), out["at"].f());
+    let mut mean = 0.0;
+    for b in 0..B {
+        let row: Vec<f64> = (0..5).map(|v| full[[b, pos[b] as usize, v]]).collect();
+        for v in 0..5 {
+            assert_eq!(at[[b, v]], row[v], "sequence {b}, token {v}");
+        }
+        let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+        let nll = lse - row[ans[b] as usize];
+        assert!((out["nll"].f()[[b]] - nll).abs() < 1e-12);
+        let top = row[ans[b] as usize] == mx;
+        assert_eq!(out["correct"].f()[[b]], if top { 1.0 } else { 0.0 });
+        mean += nll / B as f64;
+    }
+    assert!((scalar(&out["loss"]) - mean).abs() < 1e-12);
+    let dir = random_params(&m, 9);
+    let h = 1e-5;
+    let fd = (scalar(&feed(&axpy(&p, h, &dir))["loss"])
+        - scalar(&feed(&axpy(&p, -h, &dir))["loss"]))
+        / (2.0 * h);
+    let gvec: Vec<Value> = (0..p.len())
+        .map(|k| out[&format!("g{k}")].clone())
+        .collect();
+    let an = dot(&gvec, &dir);
+    assert!(
+        (fd - an).abs() <= 1e-7 * an.abs().max(1e-3),
+        "gradient . v = {an}, finite differences {fd}"
+    );
+}

@@ -2,6 +2,7 @@ pub mod backend;
 pub mod data;
 pub mod hessian;
 pub mod l2o;
+pub mod lm;
 pub mod metatest;
 pub mod plot;
 pub mod rng;

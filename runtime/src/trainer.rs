@@ -56,8 +56,29 @@ pub struct MetricsLine<R> {
     pub seconds: f64,
     /// The validation objective after the iteration, when one ran.
     pub validation_objective: Option<f64>,
+    /// The workload's other validation measures (accuracies, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub validation: BTreeMap<String, f64>,
     /// The best validation objective so far.
     pub best_validation: Option<f64>,
+}
+
+/// What a validation measured: the objective that picks the best weights
+/// (lower is better; infinite for a diverged validation) and other measures
+/// written with it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Validation {
+    pub objective: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl From<f64> for Validation {
+    fn from(objective: f64) -> Self {
+        Validation {
+            objective,
+            metrics: BTreeMap::new(),
+        }
+    }
 }
 
 /// What the driver asks of a workload.
@@ -70,9 +91,8 @@ pub trait Workload {
 
     /// Run training iteration `i` (deterministic in `i`).
     fn iteration(&mut self, i: usize) -> Result<Self::Record>;
-    /// The validation objective of the current weights (lower is better;
-    /// infinite for a diverged validation).
-    fn validate(&mut self) -> Result<f64>;
+    /// Validate the current weights.
+    fn validate(&mut self) -> Result<Validation>;
     /// After a validation: `improved` says it set a new best (already
     /// written to `best.safetensors`). A workload may change course here
     /// (a curriculum switching stage), with files of its own in `dir`.
@@ -279,9 +299,14 @@ impl Trainer {
             let record = w.iteration(it)?;
             self.completed += 1;
             let mut validation_objective = None;
+            let mut validation = BTreeMap::new();
             if opts.evaluation_period > 0 && self.completed.is_multiple_of(opts.evaluation_period) {
-                let v = w.validate()?;
+                let Validation {
+                    objective: v,
+                    metrics,
+                } = w.validate()?;
                 validation_objective = Some(v);
+                validation = metrics;
                 // The divergence guard: a non-finite objective is never a best.
                 let improved = v.is_finite() && self.best_validation.is_none_or(|b| v < b);
                 if improved {
@@ -299,6 +324,7 @@ impl Trainer {
                 record,
                 seconds: t0.elapsed().as_secs_f64(),
                 validation_objective,
+                validation,
                 best_validation: self.best_validation,
             };
             let mut f = std::fs::OpenOptions::new()
@@ -368,9 +394,9 @@ mod tests {
             };
             Ok(ToyRecord { x: self.x })
         }
-        fn validate(&mut self) -> Result<f64> {
+        fn validate(&mut self) -> Result<Validation> {
             self.validations += 1;
-            Ok(f64::from((self.x - 3.0).powi(2)))
+            Ok(f64::from((self.x - 3.0).powi(2)).into())
         }
         fn weights(&self, with_optimizer: bool) -> Result<Vec<(String, Tensor)>> {
             let mut v = vec![("x".to_string(), Tensor::f32(&[], vec![self.x]))];

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use metac_compiler::metatest::{build_train_step, run_init, to_onnx, MetaOptimizer};
 use metac_compiler::models::baselines::{Adam, Baseline};
-use metac_compiler::models::lm::LmProblem;
+use metac_compiler::models::lm::{LmProblem, LmTarget};
 use metac_compiler::models::problems::Problem;
 use metac_compiler::models::transformer::{Gpt, GptConfig};
 use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
@@ -64,7 +64,7 @@ fn the_compiled_training_step_learns_a_small_fact_world() {
     })
     .unwrap();
     let b = 16;
-    let problem = LmProblem::new("facts", gpt, b, t);
+    let problem = LmProblem::new("facts", gpt, b, t, LmTarget::Sequence);
     let adam = MetaOptimizer::Baseline(Baseline::Adam(Adam {
         lr: 3e-3,
         ..Adam::default()

@@ -17,7 +17,7 @@ use crate::common::BackendArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny"
+    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny\n  metac compile lm --config configs/lm.toml --out bundles/lm"
 )]
 pub struct CompileArgs {
     #[command(subcommand)]
@@ -36,10 +36,21 @@ pub enum Program {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A GPT-style language model on a seeded fact world: its training step
+    /// (forward, gradient and Adam as one graph) and its evaluation.
+    Lm {
+        /// TOML config (see configs/lm.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn compile(a: CompileArgs) -> Result<()> {
     match a.program {
+        Program::Lm { config, out } => crate::cmd_lm::compile(&config, &out),
         Program::L2o { config, out } => {
             let c = L2oConfig::load(&config)?;
             let t0 = Instant::now();
@@ -62,18 +73,20 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     }
 }
 
-/// Meta-train the learned optimizer of an L2O bundle.
+/// Train a bundle: meta-train the learned optimizer of an L2O bundle, or
+/// train the language model of an LM bundle.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
 metac run bundles/seed --out runs/seed                       # the seed recipe: 100 meta-iterations x 5 unrolls of 20\n  \
 metac run bundles/seed --out runs/long --meta-iterations 500 --num-unrolls 10\n  \
-metac run bundles/seed --out runs/seed --resume               # continue a killed run\n\n\
+metac run bundles/seed --out runs/seed --resume               # continue a killed run\n  \
+metac run bundles/lm --config configs/lm.toml --out runs/lm  # a language model, [run] epochs of its config\n\n\
 Writes RUN/metrics.jsonl (one line per meta-iteration), RUN/checkpoint.{safetensors,json} \
 (written atomically after every meta-iteration) and RUN/best.safetensors (the meta-parameters \
 with the best validation objective). Unroll length and counts are run-time settings: \
 changing them recompiles nothing.")]
 pub struct RunArgs {
-    /// The bundle (from `metac compile l2o`).
+    /// The bundle (from `metac compile l2o` or `metac compile lm`).
     pub bundle: PathBuf,
     /// Run directory.
     #[arg(long)]
@@ -84,13 +97,20 @@ pub struct RunArgs {
     /// Take the [run] settings from this config file (flags below override them).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// L2O: meta-iterations of the run.
     #[arg(long)]
     pub meta_iterations: Option<usize>,
+    /// LM: epochs of the run (passes over the pretraining prompts).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// LM: seed of the initial parameters and of the prompts' order.
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[arg(long)]
     pub unroll_length: Option<usize>,
     #[arg(long)]
     pub num_unrolls: Option<usize>,
-    /// Validate every N meta-iterations (0 = never).
+    /// Validate every N meta-iterations (LM: epochs) (0 = never).
     #[arg(long)]
     pub evaluation_period: Option<usize>,
     /// Fresh problems per validation; the validation objective is their mean
@@ -125,6 +145,20 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let bundle = Bundle::load(&a.bundle)?;
+    if bundle.manifest.kind == metac_contract::lm::LM_KIND {
+        return crate::cmd_lm::run(a, bundle);
+    }
+    for (flag, given) in [
+        ("--epochs", a.epochs.is_some()),
+        ("--seed", a.seed.is_some()),
+    ] {
+        ensure!(
+            !given,
+            "{flag} applies to language-model (lm) bundles; {} is a '{}' bundle",
+            bundle.dir.display(),
+            bundle.manifest.kind
+        );
+    }
     let meta = L2oMeta::from_manifest(&bundle.manifest)
         .with_context(|| format!("{}", bundle.dir.display()))?;
     let mut rc = match &a.config {

@@ -8,6 +8,7 @@ mod cmd_eval;
 mod cmd_hessian;
 mod cmd_inspect;
 mod cmd_l2o;
+mod cmd_lm;
 mod common;
 mod table;
 
@@ -41,9 +42,9 @@ enum Cmd {
     Inspect(cmd_inspect::Args),
     /// Measure compiled graphs (mlp, l2o) against a reference run in the same process.
     Bench(cmd_bench::Args),
-    /// Compile a program (l2o) into a bundle.
+    /// Compile a program (l2o, lm) into a bundle.
     Compile(cmd_l2o::CompileArgs),
-    /// Meta-train the learned optimizer of an L2O bundle.
+    /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model.
     Run(cmd_l2o::RunArgs),
     /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic).
     Eval(cmd_eval::Args),

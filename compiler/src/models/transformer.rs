@@ -15,76 +15,13 @@
 
 use metac_contract::init::{InitRule, TensorInit};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
-use serde::{Deserialize, Serialize};
 
-/// The shape of a [`Gpt`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GptConfig {
-    /// Tokens in the vocabulary.
-    pub vocab: usize,
-    /// Longest sequence (positions of the position embedding).
-    pub context: usize,
-    /// Model width `d`.
-    pub width: usize,
-    pub layers: usize,
-    /// Attention heads; `width` must be a multiple.
-    pub heads: usize,
-    /// Hidden width of the MLP as a multiple of `width` (GPT-2: 4).
-    #[serde(default = "four")]
-    pub mlp_ratio: usize,
-    /// The head is the token embedding transposed (no `head.w`).
-    #[serde(default)]
-    pub tied_head: bool,
-}
-
-fn four() -> usize {
-    4
-}
+pub use metac_contract::lm::GptConfig;
 
 /// Layer-norm epsilon (PyTorch's default).
 pub const LN_EPS: f32 = 1e-5;
 /// Standard deviation of the initial weights (GPT-2).
 pub const INIT_STD: f64 = 0.02;
-
-impl GptConfig {
-    /// The reference size: 4 layers of width 128 with 4 heads, context 16.
-    pub fn reference(vocab: usize) -> Self {
-        GptConfig {
-            vocab,
-            context: 16,
-            width: 128,
-            layers: 4,
-            heads: 4,
-            mlp_ratio: 4,
-            tied_head: false,
-        }
-    }
-
-    /// Every size at least 1 and the width a multiple of the heads, with the
-    /// offending key named.
-    pub fn validate(&self) -> Result<(), String> {
-        for (key, v) in [
-            ("vocab", self.vocab),
-            ("context", self.context),
-            ("width", self.width),
-            ("layers", self.layers),
-            ("heads", self.heads),
-            ("mlp_ratio", self.mlp_ratio),
-        ] {
-            if v == 0 {
-                return Err(format!("model key '{key}' must be at least 1, got 0"));
-            }
-        }
-        if !self.width.is_multiple_of(self.heads) {
-            return Err(format!(
-                "model key 'width' ({}) must be a multiple of 'heads' ({})",
-                self.width, self.heads
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// The language model; see the module docs.
 #[derive(Clone, Debug, PartialEq)]
@@ -207,24 +144,99 @@ impl Gpt {
     /// # Panics
     /// If `params` is not [`Gpt::param_shapes`]-shaped or `T > context`.
     pub fn logits(&self, g: &mut Graph, params: &[NodeId], tokens: NodeId) -> NodeId {
-        let c = &self.config;
+        let (b, t) = self.tokens_shape(g, tokens);
+        let x = self.trunk(g, params, tokens);
+        let logits = self.readout(g, params, x);
+        g.reshape(logits, &[b, t, self.config.vocab])
+    }
+
+    /// Logits `[B, vocab]` at one position per sequence: after token
+    /// `positions[b]` (i64 `[B]`) of `tokens[b]`. The head runs on those `B`
+    /// rows only, which is what a loss on one answer token per prompt needs.
+    pub fn logits_at(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        positions: NodeId,
+    ) -> NodeId {
+        let (b, t) = self.tokens_shape(g, tokens);
+        assert_eq!(g.shape(positions), [b], "Gpt: positions must be [B]");
+        let x = self.trunk(g, params, tokens);
+        // Row b * T + positions[b] of the [B * T, d] stream.
+        let starts = g.constant(Tensor::i64(&[b], (0..b).map(|i| (i * t) as i64).collect()));
+        let rows = g.add(starts, positions);
+        let x = g.gather(x, rows, 0);
+        self.readout(g, params, x)
+    }
+
+    /// The mean cross-entropy of the answers (i64 `[B]`) predicted after
+    /// `positions` ([`Gpt::logits_at`]).
+    pub fn answer_loss(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        positions: NodeId,
+        answers: NodeId,
+    ) -> NodeId {
+        let logits = self.logits_at(g, params, tokens, positions);
+        let nll = answer_nll(g, logits, answers);
+        let b = g.shape(answers)[0];
+        let total = g.sum_all(nll);
+        g.mul_scalar(total, 1.0 / b as f32)
+    }
+
+    /// Per prompt: the answer's negative log-likelihood and whether it is
+    /// ranked first (1.0 or 0.0; a tie for the top counts), both f32 `[B]`.
+    pub fn answer_scores(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        positions: NodeId,
+        answers: NodeId,
+    ) -> (NodeId, NodeId) {
+        let logits = self.logits_at(g, params, tokens, positions);
+        let nll = answer_nll(g, logits, answers);
+        let logits = g.stop_gradient(logits);
+        let top = g.reduce_max(logits, &[1], true);
+        let is_top = g.equal(logits, top);
+        let is_top = g.cast(is_top, DType::F32);
+        let onehot = g.one_hot(answers, self.config.vocab);
+        let hit = g.mul(is_top, onehot);
+        let correct = g.sum(hit, &[1], false);
+        (nll, correct)
+    }
+
+    fn tokens_shape(&self, g: &Graph, tokens: NodeId) -> (usize, usize) {
+        let ts = g.shape(tokens);
+        assert_eq!(ts.len(), 2, "Gpt: tokens must be [B, T]");
+        assert!(
+            ts[1] <= self.config.context,
+            "Gpt: {} tokens exceed the context {}",
+            ts[1],
+            self.config.context
+        );
+        (ts[0], ts[1])
+    }
+
+    /// The parameter called `name`.
+    fn param(&self, params: &[NodeId], name: &str) -> NodeId {
         let names = self.param_shapes();
         assert_eq!(params.len(), names.len(), "Gpt: parameter count");
-        let p = |name: &str| -> NodeId {
-            let i = names
-                .iter()
-                .position(|(n, _)| n == name)
-                .unwrap_or_else(|| panic!("Gpt: no parameter '{name}'"));
-            params[i]
-        };
-        let ts = g.shape(tokens).to_vec();
-        assert_eq!(ts.len(), 2, "Gpt: tokens must be [B, T]");
-        let (b, t) = (ts[0], ts[1]);
-        assert!(
-            t <= c.context,
-            "Gpt: {t} tokens exceed the context {}",
-            c.context
-        );
+        let i = names
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("Gpt: no parameter '{name}'"));
+        params[i]
+    }
+
+    /// The residual stream `[B * T, d]` after the last block.
+    fn trunk(&self, g: &mut Graph, params: &[NodeId], tokens: NodeId) -> NodeId {
+        let c = &self.config;
+        let (b, t) = self.tokens_shape(g, tokens);
+        let p = |name: &str| self.param(params, name);
         let d = c.width;
         let tok = g.gather(p("tok_emb"), tokens, 0); // [B, T, d]
         let pos = g.slice(p("pos_emb"), 0, 0, t); // [T, d]
@@ -256,14 +268,27 @@ impl Gpt {
             let m = linear(g, h, &lin(&format!("l{l}.mlp.proj")));
             x = g.add(x, m);
         }
-        let x = layer_norm(g, x, &norm("ln_f"));
-        let head = if c.tied_head {
+        x
+    }
+
+    /// Final layer norm and head: rows `[N, d]` of the stream to logits
+    /// `[N, vocab]`.
+    fn readout(&self, g: &mut Graph, params: &[NodeId], x: NodeId) -> NodeId {
+        let p = |name: &str| self.param(params, name);
+        let x = layer_norm(
+            g,
+            x,
+            &Norm {
+                g: p("ln_f.g"),
+                b: p("ln_f.b"),
+            },
+        );
+        let head = if self.config.tied_head {
             g.transpose(p("tok_emb"), &[1, 0])
         } else {
             p("head.w")
         };
-        let logits = g.matmul(x, head);
-        g.reshape(logits, &[b, t, c.vocab])
+        g.matmul(x, head)
     }
 
     /// Causal multi-head self-attention of `x [B * T, d]`, projected back to
@@ -324,6 +349,16 @@ impl Gpt {
         let mean = g.div(total, count);
         g.neg(mean)
     }
+}
+
+/// `-log softmax(logits)[answer]` per row of `logits [B, V]`.
+fn answer_nll(g: &mut Graph, logits: NodeId, answers: NodeId) -> NodeId {
+    let v = g.shape(logits)[1];
+    let logp = g.log_softmax(logits, 1);
+    let onehot = g.one_hot(answers, v);
+    let picked = g.mul(logp, onehot);
+    let ll = g.sum(picked, &[1], false);
+    g.neg(ll)
 }
 
 /// `x[.., in] @ W + b`.

@@ -8,6 +8,8 @@
 //!   validation; `docs/bundle.md` describes the format);
 //! * [`l2o`]: the learned-optimizer workload's graph and buffer names, its
 //!   typed metadata record ([`l2o::L2oMeta`]) and run settings;
+//! * [`lm`]: the language-model workload's model shape, data, config,
+//!   run settings and typed metadata ([`lm::LmMeta`]);
 //! * [`init`]: rules for drawing initial values from a seed, which bundles
 //!   carry so the runtime draws what the compiler would;
 //! * [`io`]: the names of graphs built on the fly (training step,
@@ -19,3 +21,4 @@ pub mod fsutil;
 pub mod init;
 pub mod io;
 pub mod l2o;
+pub mod lm;

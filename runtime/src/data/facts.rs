@@ -5,7 +5,11 @@
 //!   each with its own vocabulary of 20-80 invented object words; every
 //!   subject has one object per relation (30,000 facts).
 //! * Each relation has 6 templates, prompts around the subject after which
-//!   the object is the next word: 4 for training and 2 held-out paraphrases.
+//!   the object is the next word: 4 for training and 2 paraphrases. A
+//!   language model learns every fact under the training templates and the
+//!   paraphrases of three quarters of the subjects; the paraphrases of the
+//!   validation and evaluation subjects are held out
+//!   ([`FactWorld::pretraining_prompts`], [`FactWorld::heldout_prompts`]).
 //! * A word-level tokenizer ([`Vocab`]); every prompt and its answer fit the
 //!   context of 16 tokens.
 //! * Subject splits: meta-training edits, validation, evaluation edits, and
@@ -23,34 +27,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{ensure, Context, Result};
 use metac_contract::init::SeededRng;
 
-/// The shape of a fact world.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorldConfig {
-    pub seed: u64,
-    pub subjects: usize,
-    pub relations: usize,
-    /// Object vocabulary size of each relation, drawn in `[min, max]`.
-    pub objects: (usize, usize),
-    /// Training templates and held-out paraphrases per relation.
-    pub train_templates: usize,
-    pub heldout_templates: usize,
-    /// Longest prompt plus answer, in tokens.
-    pub context: usize,
-}
-
-impl Default for WorldConfig {
-    fn default() -> Self {
-        WorldConfig {
-            seed: 0,
-            subjects: 3000,
-            relations: 10,
-            objects: (20, 80),
-            train_templates: 4,
-            heldout_templates: 2,
-            context: 16,
-        }
-    }
-}
+pub use metac_contract::lm::WorldConfig;
 
 /// A prompt form: words before the subject and after it; the object is the
 /// word that follows.
@@ -238,6 +215,9 @@ impl FactWorld {
         // Function words the templates are made of.
         let function: Vec<String> = (0..60).map(|_| words.next()).collect();
         let mut relations = vec![];
+        // Templates are distinct across relations too: a prompt names its
+        // relation.
+        let mut used: HashSet<Template> = HashSet::new();
         for r in 0..c.relations {
             let n_obj = c.objects.0 + rng.below((c.objects.1 - c.objects.0 + 1) as u64) as usize;
             let objects: Vec<String> = (0..n_obj).map(|_| words.next()).collect();
@@ -253,7 +233,7 @@ impl FactWorld {
                 let n_after = 1 + rng.below(3) as usize;
                 let after = pick(&mut rng, n_after);
                 let t = Template { before, after };
-                if !templates.contains(&t) {
+                if used.insert(t.clone()) {
                     templates.push(t);
                 }
             }
@@ -352,27 +332,51 @@ impl FactWorld {
         }
     }
 
-    /// Every fact under every training template (the LM's pretraining
-    /// data), in subject, relation, template order.
+    /// Every fact under every training template, in subject, relation,
+    /// template order.
     pub fn training_prompts(&self) -> Vec<Prompt> {
-        let mut v = vec![];
-        for s in 0..self.subjects.len() {
-            for r in 0..self.relations.len() {
-                for t in 0..self.config.train_templates {
-                    v.push(self.prompt(s, r, t, self.objects[s][r]));
-                }
-            }
-        }
+        let first = 0..self.config.train_templates;
+        self.prompts_of(&(0..self.subjects.len()).collect::<Vec<_>>(), first)
+    }
+
+    /// The held-out paraphrases of the facts of `subjects`.
+    pub fn paraphrase_prompts(&self, subjects: &[usize]) -> Vec<Prompt> {
+        let n = self.config.train_templates + self.config.heldout_templates;
+        self.prompts_of(subjects, self.config.train_templates..n)
+    }
+
+    /// What a language model learns the world from: every fact under every
+    /// training template, and the paraphrases of the facts of the
+    /// meta-training and unrelated subjects. The model learns from these
+    /// which relation a paraphrase asks for (the templates' words are
+    /// invented, so nothing else could tell it) and must answer the
+    /// paraphrases of the other subjects, [`FactWorld::heldout_prompts`],
+    /// from the facts alone.
+    pub fn pretraining_prompts(&self) -> Vec<Prompt> {
+        let mut v = self.training_prompts();
+        let mut seen: Vec<usize> = self.subjects_of(Split::Train);
+        seen.extend(self.subjects_of(Split::Unrelated));
+        seen.sort_unstable();
+        v.extend(self.paraphrase_prompts(&seen));
         v
     }
 
-    /// Every fact under every held-out paraphrase.
+    /// The paraphrases no pretraining prompt shows: those of the facts of
+    /// the validation and evaluation subjects.
     pub fn heldout_prompts(&self) -> Vec<Prompt> {
+        let mut held: Vec<usize> = self.subjects_of(Split::Validation);
+        held.extend(self.subjects_of(Split::Eval));
+        held.sort_unstable();
+        self.paraphrase_prompts(&held)
+    }
+
+    /// The facts of `subjects` under templates `templates`, in subject,
+    /// relation, template order.
+    fn prompts_of(&self, subjects: &[usize], templates: std::ops::Range<usize>) -> Vec<Prompt> {
         let mut v = vec![];
-        let first = self.config.train_templates;
-        for s in 0..self.subjects.len() {
+        for &s in subjects {
             for r in 0..self.relations.len() {
-                for t in first..self.relations[r].templates.len() {
+                for t in templates.clone() {
                     v.push(self.prompt(s, r, t, self.objects[s][r]));
                 }
             }
@@ -465,8 +469,16 @@ mod tests {
         for r in &w.relations {
             assert!((20..=80).contains(&r.objects.len()), "{}", r.objects.len());
             assert_eq!(r.templates.len(), 6);
-            let distinct: HashSet<&Template> = r.templates.iter().collect();
-            assert_eq!(distinct.len(), 6);
+        }
+        // No two relations share a template: every prompt has one answer.
+        let distinct: HashSet<&Template> = w.relations.iter().flat_map(|r| &r.templates).collect();
+        assert_eq!(distinct.len(), 60);
+        let mut answer_of: HashMap<Vec<u32>, u32> = HashMap::new();
+        for p in w.pretraining_prompts().iter().chain(&w.heldout_prompts()) {
+            assert_eq!(
+                *answer_of.entry(p.tokens.clone()).or_insert(p.answer),
+                p.answer
+            );
         }
         // Every word is one token; subjects are unique.
         let names: HashSet<String> = w.subjects.iter().map(|s| s.join(" ")).collect();
@@ -476,7 +488,16 @@ mod tests {
             assert!(p.tokens.iter().all(|&t| t != 0));
         }
         assert_eq!(w.training_prompts().len(), 120_000);
-        assert_eq!(w.heldout_prompts().len(), 60_000);
+        // Paraphrases of 750 validation and evaluation subjects are held
+        // out; those of the other 2,250 are pretraining prompts.
+        assert_eq!(w.heldout_prompts().len(), 15_000);
+        assert_eq!(w.pretraining_prompts().len(), 120_000 + 45_000);
+        let pre: HashSet<Vec<u32>> = w
+            .pretraining_prompts()
+            .into_iter()
+            .map(|p| p.tokens)
+            .collect();
+        assert!(w.heldout_prompts().iter().all(|p| !pre.contains(&p.tokens)));
         // The tokenizer round-trips and names unknown words.
         let p = w.prompt(1600, 3, 0, 5);
         let text = w.vocab.decode(&p.tokens);

@@ -33,7 +33,7 @@ use super::{
 use crate::backend::{Backend, Session};
 use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
-use crate::trainer::{MetricsLine, Workload, BEST_WEIGHTS, CHECKPOINT_WEIGHTS};
+use crate::trainer::{MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_WEIGHTS};
 use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
 use metac_contract::fsutil::{sha256_hex, write_atomic};
 use metac_contract::init::draw_all;
@@ -367,13 +367,13 @@ impl Workload for L2oWorkload<'_> {
 
     /// With `validation_problems` > 1, the mean over that many problems
     /// (each its own initialisation and batches; infinite if one diverges).
-    fn validate(&mut self) -> Result<f64> {
+    fn validate(&mut self) -> Result<Validation> {
         let n = self.settings.validation_problems.max(1);
         let mut sum = 0.0;
         for k in 0..n {
             sum += self.validate_one(derive_seed(self.meta.seed, 2, k as u64))?;
         }
-        Ok(sum / n as f64)
+        Ok((sum / n as f64).into())
     }
 
     fn after_validation(&mut self, improved: bool, dir: &Path) -> Result<()> {

@@ -1,0 +1,323 @@
+//! Training a language-model bundle ([`LmWorkload`], a [`Workload`] of the
+//! generic driver): one iteration is one epoch, a pass over the pretraining
+//! prompts in an order drawn from the run's seed, one compiled
+//! `train_step` (forward, gradient, Adam) per batch, parameters and Adam's
+//! moments carried between steps by the host.
+//!
+//! Validation measures answer accuracy on held-out paraphrases and on a
+//! fixed sample of training-template prompts; its objective is one minus
+//! their mean, so the best weights are those that both know the facts and
+//! answer their unseen paraphrases.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use metac_contract::bundle::{Bundle, MANIFEST};
+use metac_contract::fsutil::sha256_hex;
+use metac_contract::init::SeededRng;
+use metac_contract::lm::{LmData, LmMeta, LmRunSettings, LM_TRAIN_STEP};
+use metac_graphs::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::{answer_batch, Evaluator, Scores};
+use crate::backend::{Backend, Session};
+use crate::data::facts::{FactWorld, Prompt};
+use crate::tensor::{HostTensor, Named};
+use crate::trainer::{MetricsLine, Validation, Workload};
+
+/// Training-template prompts in the validation's sample.
+pub const TRAIN_SAMPLE: usize = 5000;
+
+/// The prompts of an LM bundle's data.
+pub struct LmPrompts {
+    /// What the model trains on.
+    pub pretraining: Vec<Prompt>,
+    /// Every fact under its training templates.
+    pub training_templates: Vec<Prompt>,
+    /// The paraphrases no pretraining prompt shows.
+    pub heldout: Vec<Prompt>,
+}
+
+impl LmPrompts {
+    /// Generate the bundle's data and check that it fits the compiled graphs.
+    pub fn of(meta: &LmMeta) -> Result<(Self, FactWorld)> {
+        let LmData::Facts(wc) = &meta.data;
+        let world = FactWorld::generate(wc)?;
+        ensure!(
+            world.vocab.len() == meta.model.vocab,
+            "the fact world has {} words; the bundle's model {} (a bundle of another world or version)",
+            world.vocab.len(),
+            meta.model.vocab
+        );
+        let p = LmPrompts {
+            pretraining: world.pretraining_prompts(),
+            training_templates: world.training_prompts(),
+            heldout: world.heldout_prompts(),
+        };
+        let longest = p
+            .pretraining
+            .iter()
+            .chain(&p.heldout)
+            .map(|q| q.tokens.len())
+            .max();
+        ensure!(
+            longest.unwrap_or(0) <= meta.seq,
+            "prompts of {} tokens exceed the bundle's sequence length {}",
+            longest.unwrap_or(0),
+            meta.seq
+        );
+        Ok((p, world))
+    }
+}
+
+/// One epoch's line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochLog {
+    /// Mean training loss over the epoch's steps (before each update).
+    pub loss: f64,
+    pub steps: usize,
+    /// Training throughput (prompts per second, validation excluded).
+    pub prompts_per_second: f64,
+}
+
+/// The accuracies and likelihoods of a model on its world's prompt sets.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LmReport {
+    pub train_template_accuracy: f64,
+    pub train_template_nll: f64,
+    pub heldout_paraphrase_accuracy: f64,
+    pub heldout_paraphrase_nll: f64,
+    /// Prompts in each set.
+    pub train_template_prompts: usize,
+    pub heldout_paraphrase_prompts: usize,
+}
+
+/// See the module docs.
+pub struct LmWorkload {
+    pub meta: LmMeta,
+    settings: LmRunSettings,
+    step: Box<dyn Session>,
+    eval: Evaluator,
+    params: Named<HostTensor>,
+    state: Named<HostTensor>,
+    prompts: LmPrompts,
+    /// A fixed sample of the training-template prompts, for validation.
+    train_sample: Vec<Prompt>,
+    /// The bundle's manifest hash (the run's identity).
+    pub manifest_sha256: String,
+}
+
+fn draw(rules: &[metac_contract::init::TensorInit], seed: u64) -> Named<HostTensor> {
+    rules
+        .iter()
+        .map(|r| (r.name.clone(), HostTensor::from_graph(&r.draw(seed))))
+        .collect()
+}
+
+impl LmWorkload {
+    /// Training of `bundle` with `settings`, from parameters drawn with the
+    /// settings' seed.
+    pub fn new(bundle: &Bundle, backend: &dyn Backend, settings: LmRunSettings) -> Result<Self> {
+        let meta = LmMeta::from_manifest(&bundle.manifest)
+            .with_context(|| format!("{}", bundle.dir.display()))?;
+        settings.validate()?;
+        let (prompts, _) = LmPrompts::of(&meta)?;
+        let step = backend.load(&bundle.graph_bytes(LM_TRAIN_STEP)?, LM_TRAIN_STEP)?;
+        let eval = Evaluator::new(bundle, &meta, backend)?;
+        let mut rng = SeededRng::new(settings.seed, 0);
+        let n = prompts.training_templates.len();
+        let train_sample = (0..TRAIN_SAMPLE.min(n))
+            .map(|_| prompts.training_templates[rng.below(n as u64) as usize].clone())
+            .collect();
+        Ok(LmWorkload {
+            params: draw(&meta.init, settings.seed),
+            state: draw(&meta.state_init, settings.seed),
+            meta,
+            settings,
+            step,
+            eval,
+            prompts,
+            train_sample,
+            manifest_sha256: sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?),
+        })
+    }
+
+    /// The model's parameters, by name.
+    pub fn params(&self) -> &Named<HostTensor> {
+        &self.params
+    }
+
+    /// Set the parameters from `tensors` (by name; extra entries ignored).
+    pub fn set_params(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+        restore(&mut self.params, tensors, what)
+    }
+
+    /// Accuracy and likelihood on every training-template prompt and every
+    /// held-out paraphrase.
+    pub fn report(&mut self) -> Result<LmReport> {
+        let t = self
+            .eval
+            .scores(&self.params, &self.prompts.training_templates)?;
+        let h = self.eval.scores(&self.params, &self.prompts.heldout)?;
+        Ok(LmReport {
+            train_template_accuracy: t.accuracy(),
+            train_template_nll: t.mean_nll(),
+            heldout_paraphrase_accuracy: h.accuracy(),
+            heldout_paraphrase_nll: h.mean_nll(),
+            train_template_prompts: t.correct.len(),
+            heldout_paraphrase_prompts: h.correct.len(),
+        })
+    }
+
+    /// The prompts of epoch `epoch`: a permutation of the pretraining
+    /// prompts from the seed's stream `1 + epoch`.
+    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let n = self.prompts.pretraining.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = SeededRng::new(self.settings.seed, 1 + epoch as u64);
+        for i in (1..n).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+}
+
+/// Replace each tensor of `slots` by the entry of its name in `tensors`.
+fn restore(
+    slots: &mut Named<HostTensor>,
+    tensors: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<()> {
+    for (name, t) in slots.iter_mut() {
+        let v = tensors
+            .get(name.as_str())
+            .with_context(|| format!("{what}: no tensor '{name}'"))?;
+        ensure!(
+            v.shape == t.shape(),
+            "{what}: '{name}' has shape {:?}, the model {:?}",
+            v.shape,
+            t.shape()
+        );
+        *t = HostTensor::from_graph(v);
+    }
+    Ok(())
+}
+
+impl Workload for LmWorkload {
+    type Record = EpochLog;
+    type Extra = ();
+
+    fn iteration(&mut self, epoch: usize) -> Result<EpochLog> {
+        let t0 = Instant::now();
+        let order = self.epoch_order(epoch);
+        let (b, t) = (self.meta.batch, self.meta.seq);
+        let steps = order.len() / b;
+        ensure!(
+            steps > 0,
+            "{} pretraining prompts make no batch of {b}",
+            order.len()
+        );
+        let io = &self.meta.train_step;
+        let mut sum = 0.0;
+        for k in 0..steps {
+            let picked: Vec<&Prompt> = order[k * b..(k + 1) * b]
+                .iter()
+                .map(|&i| &self.prompts.pretraining[i])
+                .collect();
+            let data = answer_batch(&picked, b, t)?;
+            let mut ins: Vec<(&str, &HostTensor)> = vec![];
+            ins.extend(self.params.iter().map(|(n, t)| (n.as_str(), t)));
+            ins.extend(self.state.iter().map(|(n, t)| (n.as_str(), t)));
+            ins.extend(io.batch.iter().map(String::as_str).zip(&data));
+            let mut out: HashMap<String, HostTensor> = self.step.run(&ins)?.into_iter().collect();
+            sum += f64::from(
+                out.remove(&io.loss)
+                    .context("train_step: no loss")?
+                    .to_scalar_f32()?,
+            );
+            for ((_, p), name) in self.params.iter_mut().zip(&io.new_params) {
+                *p = out
+                    .remove(name)
+                    .with_context(|| format!("train_step: no output '{name}'"))?;
+            }
+            for ((_, s), name) in self.state.iter_mut().zip(&io.new_state) {
+                *s = out
+                    .remove(name)
+                    .with_context(|| format!("train_step: no output '{name}'"))?;
+            }
+        }
+        Ok(EpochLog {
+            loss: sum / steps as f64,
+            steps,
+            prompts_per_second: (steps * b) as f64 / t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn validate(&mut self) -> Result<Validation> {
+        let h: Scores = self.eval.scores(&self.params, &self.prompts.heldout)?;
+        let t: Scores = self.eval.scores(&self.params, &self.train_sample)?;
+        let (ha, ta) = (h.accuracy(), t.accuracy());
+        let finite = h.nll.iter().chain(&t.nll).all(|x| x.is_finite());
+        Ok(Validation {
+            objective: if finite {
+                1.0 - (ha + ta) / 2.0
+            } else {
+                f64::INFINITY
+            },
+            metrics: BTreeMap::from([
+                ("heldout_accuracy".to_string(), ha),
+                ("heldout_nll".to_string(), h.mean_nll()),
+                ("train_accuracy".to_string(), ta),
+                ("train_nll".to_string(), t.mean_nll()),
+            ]),
+        })
+    }
+
+    fn weights(&self, with_optimizer: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut v: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_graph()))
+            .collect();
+        if with_optimizer {
+            v.extend(self.state.iter().map(|(n, t)| (n.clone(), t.to_graph())));
+        }
+        Ok(v)
+    }
+
+    fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+        restore(&mut self.params, tensors, what)?;
+        restore(&mut self.state, tensors, what)
+    }
+
+    /// The seed and validation period; the number of epochs may change.
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seed": self.settings.seed,
+            "evaluation_period": self.settings.evaluation_period,
+        })
+    }
+
+    fn extra(&self) {}
+    fn restore_extra(&mut self, _extra: ()) {}
+
+    fn diverged(&self, r: &EpochLog) -> bool {
+        !r.loss.is_finite()
+    }
+
+    fn progress(&self, l: &MetricsLine<EpochLog>) -> String {
+        let v = &l.validation;
+        let acc = match (v.get("train_accuracy"), v.get("heldout_accuracy")) {
+            (Some(t), Some(h)) => format!("  accuracy: train {t:.4}, held-out paraphrases {h:.4}"),
+            _ => String::new(),
+        };
+        format!(
+            "epoch {}  loss {:.4}{acc}  {:.0} prompts/s",
+            l.iteration + 1,
+            l.record.loss,
+            l.record.prompts_per_second
+        )
+    }
+}
