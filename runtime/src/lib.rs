@@ -1,5 +1,6 @@
 pub mod backend;
 pub mod data;
+pub mod editor;
 pub mod hessian;
 pub mod l2o;
 pub mod lm;

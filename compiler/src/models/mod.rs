@@ -2,6 +2,7 @@
 
 pub mod baselines;
 pub mod convnet;
+pub mod editor;
 pub mod hrnn;
 pub mod lm;
 pub mod mlp;

@@ -35,6 +35,38 @@ struct Linear {
     b: NodeId,
 }
 
+/// A linear layer's input and output in a graph, as
+/// [`Gpt::trunk_taps`] finds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tap {
+    pub layer: String,
+    /// `[B * T, in]`.
+    pub input: NodeId,
+    /// `[B * T, out]` (bias included).
+    pub output: NodeId,
+}
+
+/// Applies linear layers, noting the inputs and outputs of those wanted.
+#[derive(Default)]
+struct Tapper {
+    want: Vec<String>,
+    got: Vec<Tap>,
+}
+
+impl Tapper {
+    fn linear(&mut self, g: &mut Graph, x: NodeId, name: &str, l: &Linear) -> NodeId {
+        let y = linear(g, x, l);
+        if self.want.iter().any(|w| w == name) {
+            self.got.push(Tap {
+                layer: name.to_string(),
+                input: x,
+                output: y,
+            });
+        }
+        y
+    }
+}
+
 /// A layer norm's gain and bias.
 struct Norm {
     g: NodeId,
@@ -160,13 +192,8 @@ impl Gpt {
         tokens: NodeId,
         positions: NodeId,
     ) -> NodeId {
-        let (b, t) = self.tokens_shape(g, tokens);
-        assert_eq!(g.shape(positions), [b], "Gpt: positions must be [B]");
         let x = self.trunk(g, params, tokens);
-        // Row b * T + positions[b] of the [B * T, d] stream.
-        let starts = g.constant(Tensor::i64(&[b], (0..b).map(|i| (i * t) as i64).collect()));
-        let rows = g.add(starts, positions);
-        let x = g.gather(x, rows, 0);
+        let x = self.rows_at(g, x, tokens, positions);
         self.readout(g, params, x)
     }
 
@@ -209,6 +236,22 @@ impl Gpt {
         (nll, correct)
     }
 
+    /// Rows `b * T + positions[b]` of `x [B * T, k]` (a value along the
+    /// sequences of `tokens [B, T]`): `[B, k]`.
+    pub fn rows_at(&self, g: &mut Graph, x: NodeId, tokens: NodeId, positions: NodeId) -> NodeId {
+        let (b, t) = self.tokens_shape(g, tokens);
+        assert_eq!(g.shape(positions), [b], "Gpt: positions must be [B]");
+        let starts = g.constant(Tensor::i64(&[b], (0..b).map(|i| (i * t) as i64).collect()));
+        let rows = g.add(starts, positions);
+        g.gather(x, rows, 0)
+    }
+
+    /// Logits `[B, vocab]` of the rows `[B, d]` of the final stream (before
+    /// the final norm) of [`Gpt::trunk_taps`].
+    pub fn head_of(&self, g: &mut Graph, params: &[NodeId], rows: NodeId) -> NodeId {
+        self.readout(g, params, rows)
+    }
+
     fn tokens_shape(&self, g: &Graph, tokens: NodeId) -> (usize, usize) {
         let ts = g.shape(tokens);
         assert_eq!(ts.len(), 2, "Gpt: tokens must be [B, T]");
@@ -234,6 +277,71 @@ impl Gpt {
 
     /// The residual stream `[B * T, d]` after the last block.
     fn trunk(&self, g: &mut Graph, params: &[NodeId], tokens: NodeId) -> NodeId {
+        self.trunk_tapped(g, params, tokens, &mut Tapper::default())
+    }
+
+    /// The linear layers (by name prefix: `l{i}.attn.qkv`, `l{i}.attn.proj`,
+    /// `l{i}.mlp.fc`, `l{i}.mlp.proj`) with their input and output widths.
+    pub fn linear_layers(&self) -> Vec<(String, usize, usize)> {
+        let (d, h) = (self.config.width, self.config.width * self.config.mlp_ratio);
+        (0..self.config.layers)
+            .flat_map(|l| {
+                [
+                    (format!("l{l}.attn.qkv"), d, 3 * d),
+                    (format!("l{l}.attn.proj"), d, d),
+                    (format!("l{l}.mlp.fc"), d, h),
+                    (format!("l{l}.mlp.proj"), h, d),
+                ]
+            })
+            .collect()
+    }
+
+    /// The residual stream after the last block, with the inputs and
+    /// outputs (`[B * T, in]`, `[B * T, out]`) of the linear layers named in
+    /// `layers`, in that order.
+    ///
+    /// # Panics
+    /// If a name is not one of [`Gpt::linear_layers`].
+    pub fn trunk_taps(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        layers: &[String],
+    ) -> (NodeId, Vec<Tap>) {
+        let known = self.linear_layers();
+        for l in layers {
+            assert!(
+                known.iter().any(|(n, _, _)| n == l),
+                "Gpt: no linear layer '{l}'"
+            );
+        }
+        let mut tapper = Tapper {
+            want: layers.to_vec(),
+            got: vec![],
+        };
+        let x = self.trunk_tapped(g, params, tokens, &mut tapper);
+        let taps = layers
+            .iter()
+            .map(|l| {
+                tapper
+                    .got
+                    .iter()
+                    .find(|t| &t.layer == l)
+                    .cloned()
+                    .expect("every known layer is tapped")
+            })
+            .collect();
+        (x, taps)
+    }
+
+    fn trunk_tapped(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        tapper: &mut Tapper,
+    ) -> NodeId {
         let c = &self.config;
         let (b, t) = self.tokens_shape(g, tokens);
         let p = |name: &str| self.param(params, name);
@@ -256,16 +364,17 @@ impl Gpt {
         };
         for l in 0..c.layers {
             let h = layer_norm(g, x, &norm(&format!("l{l}.ln1")));
-            let (qkv, proj) = (
-                lin(&format!("l{l}.attn.qkv")),
-                lin(&format!("l{l}.attn.proj")),
-            );
-            let a = self.attention(g, h, &qkv, &proj, causal, b, t);
+            let (qkv, proj) = (format!("l{l}.attn.qkv"), format!("l{l}.attn.proj"));
+            let z = tapper.linear(g, h, &qkv, &lin(&qkv));
+            let y = self.attention(g, z, causal, b, t);
+            let a = tapper.linear(g, y, &proj, &lin(&proj));
             x = g.add(x, a);
             let h = layer_norm(g, x, &norm(&format!("l{l}.ln2")));
-            let h = linear(g, h, &lin(&format!("l{l}.mlp.fc")));
+            let fc = format!("l{l}.mlp.fc");
+            let h = tapper.linear(g, h, &fc, &lin(&fc));
             let h = gelu(g, h);
-            let m = linear(g, h, &lin(&format!("l{l}.mlp.proj")));
+            let pj = format!("l{l}.mlp.proj");
+            let m = tapper.linear(g, h, &pj, &lin(&pj));
             x = g.add(x, m);
         }
         x
@@ -291,22 +400,11 @@ impl Gpt {
         g.matmul(x, head)
     }
 
-    /// Causal multi-head self-attention of `x [B * T, d]`, projected back to
-    /// `[B * T, d]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        g: &mut Graph,
-        x: NodeId,
-        qkv: &Linear,
-        proj: &Linear,
-        causal: NodeId,
-        b: usize,
-        t: usize,
-    ) -> NodeId {
+    /// Causal multi-head self-attention of the queries, keys and values
+    /// `z [B * T, 3d]`, before the output projection: `[B * T, d]`.
+    fn attention(&self, g: &mut Graph, z: NodeId, causal: NodeId, b: usize, t: usize) -> NodeId {
         let (d, nh) = (self.config.width, self.config.heads);
         let dh = d / nh;
-        let z = linear(g, x, qkv); // [B * T, 3d]
         let split = |g: &mut Graph, k: usize| {
             let s = g.slice(z, 1, k * d, (k + 1) * d);
             let s = g.reshape(s, &[b, t, nh, dh]);
@@ -321,8 +419,7 @@ impl Gpt {
         let att = g.softmax(scores, 3);
         let y = g.matmul(att, v); // [B, H, T, dh]
         let y = g.transpose(y, &[0, 2, 1, 3]);
-        let y = g.reshape(y, &[b * t, d]);
-        linear(g, y, proj)
+        g.reshape(y, &[b * t, d])
     }
 
     /// The weighted mean next-token cross-entropy: `sum(w * nll) /
@@ -352,7 +449,7 @@ impl Gpt {
 }
 
 /// `-log softmax(logits)[answer]` per row of `logits [B, V]`.
-fn answer_nll(g: &mut Graph, logits: NodeId, answers: NodeId) -> NodeId {
+pub fn answer_nll(g: &mut Graph, logits: NodeId, answers: NodeId) -> NodeId {
     let v = g.shape(logits)[1];
     let logp = g.log_softmax(logits, 1);
     let onehot = g.one_hot(answers, v);
