@@ -2,6 +2,7 @@
 //! that turn them into bundles or derived graphs.
 
 pub mod derive;
+pub mod editor;
 pub mod hessian;
 pub mod l2o;
 pub mod lm;

@@ -1,7 +1,7 @@
 //! The language-model program (`metac compile lm`): the GPT of
 //! [`crate::models::transformer`] on prompts with one answer token, compiled
 //! into a bundle of two graphs, `train_step` (forward, gradient and Adam as
-//! one graph) and `evaluate` (per-prompt answer likelihood and rank); see
+//! one graph, with the learning rate's multiplier an input) and `evaluate` (per-prompt answer likelihood and rank); see
 //! `metac_contract::lm` for the names and `docs/bundle.md` for the record.
 //!
 //! The vocabulary and the sequence length come from the data, which the
@@ -17,7 +17,7 @@ use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph};
 
 use crate::metatest::{build_train_step, MetaOptimizer};
-use crate::models::baselines::{Adam, Baseline, StepOptimizer};
+use crate::models::baselines::{Adam, Baseline, StepOptimizer, LR_SCALE};
 use crate::models::lm::{LmProblem, LmTarget};
 use crate::models::problems::Problem;
 use crate::models::transformer::Gpt;
@@ -59,6 +59,7 @@ pub fn compile_lm(
         beta1: t.beta1 as f32,
         beta2: t.beta2 as f32,
         eps: t.eps as f32,
+        scaled_lr: true,
     };
     let opt = MetaOptimizer::Baseline(Baseline::Adam(adam));
     let ts = build_train_step(&problem, &opt);
@@ -120,6 +121,7 @@ pub fn compile_lm(
         batch: t.batch,
         eval_batch: t.eval_batch,
         train_step: ts.io,
+        lr_scale: LR_SCALE.into(),
         init,
         state_init,
     };

@@ -38,6 +38,16 @@ pub enum Program {
     },
     /// A GPT-style language model on a seeded fact world: its training step
     /// (forward, gradient and Adam as one graph) and its evaluation.
+    /// The MALMEN editor of a language model: the (u, delta) cache, the
+    /// hypernetwork and its VJP, the meta-loss and its gradient, Adam.
+    Editor {
+        /// TOML config (see configs/editor.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     Lm {
         /// TOML config (see configs/lm.toml).
         #[arg(long)]
@@ -51,6 +61,7 @@ pub enum Program {
 pub fn compile(a: CompileArgs) -> Result<()> {
     match a.program {
         Program::Lm { config, out } => crate::cmd_lm::compile(&config, &out),
+        Program::Editor { config, out } => crate::cmd_editor::compile(&config, &out),
         Program::L2o { config, out } => {
             let c = L2oConfig::load(&config)?;
             let t0 = Instant::now();
@@ -103,9 +114,13 @@ pub struct RunArgs {
     /// LM: epochs of the run (passes over the pretraining prompts).
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// LM: seed of the initial parameters and of the prompts' order.
+    /// LM: seed of the initial parameters and of the prompts' order;
+    /// editor: of the hypernetwork and the edit batches.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Editor: trajectories of the run.
+    #[arg(long)]
+    pub trajectories: Option<usize>,
     #[arg(long)]
     pub unroll_length: Option<usize>,
     #[arg(long)]
@@ -143,14 +158,55 @@ pub struct RunArgs {
     pub backend: BackendArgs,
 }
 
+impl RunArgs {
+    /// Refuse the learned-optimizer flags for a bundle of another kind.
+    pub fn reject_l2o_flags(&self, bundle: &Bundle, what: &str, its_flags: &str) -> Result<()> {
+        for (flag, given) in [
+            ("--meta-iterations", self.meta_iterations.is_some()),
+            ("--unroll-length", self.unroll_length.is_some()),
+            ("--num-unrolls", self.num_unrolls.is_some()),
+            ("--validation-problems", self.validation_problems.is_some()),
+            ("--validation-steps", self.validation_steps.is_some()),
+            ("--curriculum", self.curriculum.is_some()),
+            ("--min-num-eval", self.min_num_eval.is_some()),
+            (
+                "--bptt-checkpoint-every",
+                self.bptt_checkpoint_every.is_some(),
+            ),
+            ("--data-dir", self.data_dir.is_some()),
+        ] {
+            ensure!(
+                !given,
+                "{flag} applies to learned-optimizer (l2o) bundles; {} is {what} bundle (its flags: {its_flags})",
+                bundle.dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     let bundle = Bundle::load(&a.bundle)?;
     if bundle.manifest.kind == metac_contract::lm::LM_KIND {
         return crate::cmd_lm::run(a, bundle);
     }
+    if bundle.manifest.kind == metac_contract::editor::EDITOR_KIND {
+        a.reject_l2o_flags(
+            &bundle,
+            "an editor",
+            "--config, --trajectories, --seed, --evaluation-period",
+        )?;
+        ensure!(
+            a.epochs.is_none(),
+            "--epochs applies to language-model (lm) bundles; {} is an editor bundle",
+            bundle.dir.display()
+        );
+        return crate::cmd_editor::run(a, bundle);
+    }
     for (flag, given) in [
         ("--epochs", a.epochs.is_some()),
         ("--seed", a.seed.is_some()),
+        ("--trajectories", a.trajectories.is_some()),
     ] {
         ensure!(
             !given,

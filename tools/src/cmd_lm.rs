@@ -59,23 +59,16 @@ struct Summary<'a> {
 
 /// `metac run` of an LM bundle.
 pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
-    for (flag, given) in [
-        ("--meta-iterations", a.meta_iterations.is_some()),
-        ("--unroll-length", a.unroll_length.is_some()),
-        ("--num-unrolls", a.num_unrolls.is_some()),
-        ("--validation-problems", a.validation_problems.is_some()),
-        ("--validation-steps", a.validation_steps.is_some()),
-        ("--curriculum", a.curriculum.is_some()),
-        ("--min-num-eval", a.min_num_eval.is_some()),
-        ("--bptt-checkpoint-every", a.bptt_checkpoint_every.is_some()),
-        ("--data-dir", a.data_dir.is_some()),
-    ] {
-        ensure!(
-            !given,
-            "{flag} applies to learned-optimizer (l2o) bundles; {} is a language-model bundle (its flags: --epochs, --seed, --evaluation-period)",
-            bundle.dir.display()
-        );
-    }
+    a.reject_l2o_flags(
+        &bundle,
+        "a language-model",
+        "--epochs, --seed, --evaluation-period",
+    )?;
+    ensure!(
+        a.trajectories.is_none(),
+        "--trajectories applies to editor bundles; {} is a language-model bundle",
+        bundle.dir.display()
+    );
     let mut s = match &a.config {
         Some(p) => lm_run_settings(p)?,
         None => LmRunSettings::default(),

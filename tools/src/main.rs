@@ -4,6 +4,7 @@ mod bench_l2o;
 mod cmd_bench;
 mod cmd_compare;
 mod cmd_derive;
+mod cmd_editor;
 mod cmd_eval;
 mod cmd_hessian;
 mod cmd_inspect;
@@ -42,9 +43,9 @@ enum Cmd {
     Inspect(cmd_inspect::Args),
     /// Measure compiled graphs (mlp, l2o) against a reference run in the same process.
     Bench(cmd_bench::Args),
-    /// Compile a program (l2o, lm) into a bundle.
+    /// Compile a program (l2o, lm, editor) into a bundle.
     Compile(cmd_l2o::CompileArgs),
-    /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model.
+    /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model, an editor bundle's hypernetwork.
     Run(cmd_l2o::RunArgs),
     /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic).
     Eval(cmd_eval::Args),

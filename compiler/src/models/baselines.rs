@@ -109,13 +109,20 @@ fn shapes_of(g: &Graph, params: &[NodeId]) -> Vec<Vec<usize>> {
 /// State: `adam.p{k}.m`, `adam.p{k}.v` (parameter shapes, start at 0), then
 /// the scalar step count `adam.t` (f32, starts at 0; exact up to 2^24 steps).
 /// `eps` is added outside the square root of the bias-corrected `v`.
+///
+/// With `scaled_lr`, the step also reads a scalar graph input
+/// [`LR_SCALE`] that multiplies `lr` (a schedule the host drives).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
+    pub scaled_lr: bool,
 }
+
+/// The learning-rate multiplier input of an Adam step with `scaled_lr`.
+pub const LR_SCALE: &str = "lr_scale";
 
 impl Default for Adam {
     fn default() -> Self {
@@ -124,6 +131,7 @@ impl Default for Adam {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            scaled_lr: false,
         }
     }
 }
@@ -170,6 +178,9 @@ impl StepOptimizer for Adam {
         let b2t = g.pow(b2, t);
         let bc1 = g.sub(one, b1t);
         let bc2 = g.sub(one, b2t);
+        let lr_scale = self
+            .scaled_lr
+            .then(|| g.input(LR_SCALE, metac_graphs::DType::F32, &[]));
         let (mut new_p, mut new_s) = (vec![], vec![]);
         for (k, (&p, &gr)) in params.iter().zip(grads).enumerate() {
             let (m, v) = (state[2 * k], state[2 * k + 1]);
@@ -185,6 +196,10 @@ impl StepOptimizer for Adam {
             let den = g.sqrt(vhat);
             let den = g.add_scalar(den, self.eps);
             let q = g.div(mhat, den);
+            let q = match lr_scale {
+                Some(s) => g.mul(q, s),
+                None => q,
+            };
             let upd = g.mul_scalar(q, self.lr);
             new_p.push(g.sub(p, upd));
             new_s.push(m2);

@@ -79,44 +79,9 @@ impl Gpt {
         Ok(Gpt { config })
     }
 
-    /// Names and shapes of the parameters, in order: `tok_emb [V, d]`,
-    /// `pos_emb [context, d]`; per layer `l{i}.ln1.{g,b}`,
-    /// `l{i}.attn.qkv.{w [d, 3d], b}`, `l{i}.attn.proj.{w [d, d], b}`,
-    /// `l{i}.ln2.{g,b}`, `l{i}.mlp.fc.{w [d, r d], b}`,
-    /// `l{i}.mlp.proj.{w [r d, d], b}`; `ln_f.{g,b}`; `head.w [d, V]`
-    /// unless the head is tied.
+    /// Names and shapes of the parameters ([`GptConfig::param_shapes`]).
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let c = &self.config;
-        let (d, h) = (c.width, c.width * c.mlp_ratio);
-        let mut v = vec![
-            ("tok_emb".to_string(), vec![c.vocab, d]),
-            ("pos_emb".to_string(), vec![c.context, d]),
-        ];
-        let mut push = |name: String, shape: Vec<usize>| v.push((name, shape));
-        for l in 0..c.layers {
-            for (name, shape) in [
-                ("ln1.g", vec![d]),
-                ("ln1.b", vec![d]),
-                ("attn.qkv.w", vec![d, 3 * d]),
-                ("attn.qkv.b", vec![3 * d]),
-                ("attn.proj.w", vec![d, d]),
-                ("attn.proj.b", vec![d]),
-                ("ln2.g", vec![d]),
-                ("ln2.b", vec![d]),
-                ("mlp.fc.w", vec![d, h]),
-                ("mlp.fc.b", vec![h]),
-                ("mlp.proj.w", vec![h, d]),
-                ("mlp.proj.b", vec![d]),
-            ] {
-                push(format!("l{l}.{name}"), shape);
-            }
-        }
-        push("ln_f.g".into(), vec![d]);
-        push("ln_f.b".into(), vec![d]);
-        if !c.tied_head {
-            push("head.w".into(), vec![d, c.vocab]);
-        }
-        v
+        self.config.param_shapes()
     }
 
     /// Number of parameters.

@@ -8,6 +8,8 @@
 //!   validation; `docs/bundle.md` describes the format);
 //! * [`l2o`]: the learned-optimizer workload's graph and buffer names, its
 //!   typed metadata record ([`l2o::L2oMeta`]) and run settings;
+//! * [`editor`]: the model-editing workload's config, run settings and
+//!   typed metadata ([`editor::EditorMeta`]);
 //! * [`lm`]: the language-model workload's model shape, data, config,
 //!   run settings and typed metadata ([`lm::LmMeta`]);
 //! * [`init`]: rules for drawing initial values from a seed, which bundles
@@ -17,6 +19,7 @@
 //! * [`fsutil`]: atomic writes and content hashes.
 
 pub mod bundle;
+pub mod editor;
 pub mod fsutil;
 pub mod init;
 pub mod io;

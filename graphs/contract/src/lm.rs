@@ -71,6 +71,44 @@ impl GptConfig {
         }
     }
 
+    /// Names and shapes of the parameters, in order: `tok_emb [V, d]`,
+    /// `pos_emb [context, d]`; per layer `l{i}.ln1.{g,b}`,
+    /// `l{i}.attn.qkv.{w [d, 3d], b}`, `l{i}.attn.proj.{w [d, d], b}`,
+    /// `l{i}.ln2.{g,b}`, `l{i}.mlp.fc.{w [d, r d], b}`,
+    /// `l{i}.mlp.proj.{w [r d, d], b}`; `ln_f.{g,b}`; `head.w [d, V]`
+    /// unless the head is tied.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, h) = (self.width, self.width * self.mlp_ratio);
+        let mut v = vec![
+            ("tok_emb".to_string(), vec![self.vocab, d]),
+            ("pos_emb".to_string(), vec![self.context, d]),
+        ];
+        for l in 0..self.layers {
+            for (name, shape) in [
+                ("ln1.g", vec![d]),
+                ("ln1.b", vec![d]),
+                ("attn.qkv.w", vec![d, 3 * d]),
+                ("attn.qkv.b", vec![3 * d]),
+                ("attn.proj.w", vec![d, d]),
+                ("attn.proj.b", vec![d]),
+                ("ln2.g", vec![d]),
+                ("ln2.b", vec![d]),
+                ("mlp.fc.w", vec![d, h]),
+                ("mlp.fc.b", vec![h]),
+                ("mlp.proj.w", vec![h, d]),
+                ("mlp.proj.b", vec![d]),
+            ] {
+                v.push((format!("l{l}.{name}"), shape));
+            }
+        }
+        v.push(("ln_f.g".into(), vec![d]));
+        v.push(("ln_f.b".into(), vec![d]));
+        if !self.tied_head {
+            v.push(("head.w".into(), vec![d, self.vocab]));
+        }
+        v
+    }
+
     /// Every size at least 1 and the width a multiple of the heads, with the
     /// offending key named.
     pub fn validate(&self) -> Result<(), String> {
@@ -203,7 +241,7 @@ fn eps() -> f64 {
 
 /// The `[run]` table: how `metac run` trains an LM bundle (changing it
 /// recompiles nothing).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmRunSettings {
     /// Passes over the training prompts; one iteration of the driver each.
@@ -214,6 +252,40 @@ pub struct LmRunSettings {
     /// Validate every this many epochs (0 = never).
     #[serde(default = "one")]
     pub evaluation_period: usize,
+    /// The learning rate over the run: `constant`, or `cosine` (from the
+    /// compiled rate down to 0 at the last step).
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Epochs of linear warm-up from 0 (may be fractional).
+    #[serde(default)]
+    pub warmup_epochs: f64,
+}
+
+/// How the learning rate changes over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Cosine,
+}
+
+impl LmRunSettings {
+    /// The learning rate's multiplier at `step` of `total` steps with
+    /// `warmup` warm-up steps.
+    pub fn lr_scale(&self, step: usize, total: usize, warmup: usize) -> f32 {
+        if step < warmup {
+            return (step + 1) as f32 / warmup as f32;
+        }
+        match self.schedule {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(warmup).max(1) as f64;
+                let x = ((step - warmup) as f64 / span).min(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * x).cos())) as f32
+            }
+        }
+    }
 }
 
 fn one() -> usize {
@@ -226,6 +298,8 @@ impl Default for LmRunSettings {
             epochs: 20,
             seed: 0,
             evaluation_period: 1,
+            schedule: LrSchedule::Constant,
+            warmup_epochs: 0.0,
         }
     }
 }
@@ -235,6 +309,11 @@ impl LmRunSettings {
         ensure!(
             self.epochs > 0,
             "config key 'run.epochs' must be at least 1, got 0"
+        );
+        ensure!(
+            self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0,
+            "config key 'run.warmup_epochs' must be a finite number >= 0, got {}",
+            self.warmup_epochs
         );
         Ok(())
     }
@@ -316,6 +395,9 @@ pub struct LmMeta {
     pub eval_batch: usize,
     /// Names of `train_step`'s inputs and outputs.
     pub train_step: TrainStepIo,
+    /// `train_step`'s scalar input that multiplies Adam's learning rate
+    /// (the run's schedule).
+    pub lr_scale: String,
     /// How the parameters start (drawn with the run's seed) and how the
     /// optimizer's state starts, in `train_step`'s input order.
     pub init: Vec<TensorInit>,

@@ -83,11 +83,21 @@ pub struct Evaluator {
 
 impl Evaluator {
     pub fn new(bundle: &Bundle, meta: &LmMeta, backend: &dyn Backend) -> Result<Self> {
-        Ok(Evaluator {
-            session: backend.load(&bundle.graph_bytes(LM_EVALUATE)?, LM_EVALUATE)?,
-            batch: meta.eval_batch,
-            seq: meta.seq,
-        })
+        Ok(Self::from_session(
+            backend.load(&bundle.graph_bytes(LM_EVALUATE)?, LM_EVALUATE)?,
+            meta.eval_batch,
+            meta.seq,
+        ))
+    }
+
+    /// An `evaluate` graph (see `metac_contract::lm`) compiled for batches
+    /// of `batch` prompts of `seq` tokens.
+    pub fn from_session(session: Box<dyn Session>, batch: usize, seq: usize) -> Self {
+        Evaluator {
+            session,
+            batch,
+            seq,
+        }
     }
 
     /// The scores of `prompts` under parameters `params` (by name).

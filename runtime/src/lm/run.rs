@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::{Bundle, MANIFEST};
 use metac_contract::fsutil::sha256_hex;
 use metac_contract::init::SeededRng;
-use metac_contract::lm::{LmData, LmMeta, LmRunSettings, LM_TRAIN_STEP};
+use metac_contract::lm::{LmData, LmMeta, LmRunSettings, LrSchedule, LM_TRAIN_STEP};
 use metac_graphs::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +77,8 @@ pub struct EpochLog {
     /// Mean training loss over the epoch's steps (before each update).
     pub loss: f64,
     pub steps: usize,
+    /// The learning rate's multiplier at the epoch's last step.
+    pub lr_scale: f32,
     /// Training throughput (prompts per second, validation excluded).
     pub prompts_per_second: f64,
 }
@@ -220,8 +222,13 @@ impl Workload for LmWorkload {
             order.len()
         );
         let io = &self.meta.train_step;
+        let total = steps * self.settings.epochs;
+        let warmup = (self.settings.warmup_epochs * steps as f64).round() as usize;
         let mut sum = 0.0;
+        let mut scale = 1.0;
         for k in 0..steps {
+            scale = self.settings.lr_scale(epoch * steps + k, total, warmup);
+            let lr_scale = HostTensor::scalar_f32(scale);
             let picked: Vec<&Prompt> = order[k * b..(k + 1) * b]
                 .iter()
                 .map(|&i| &self.prompts.pretraining[i])
@@ -231,6 +238,7 @@ impl Workload for LmWorkload {
             ins.extend(self.params.iter().map(|(n, t)| (n.as_str(), t)));
             ins.extend(self.state.iter().map(|(n, t)| (n.as_str(), t)));
             ins.extend(io.batch.iter().map(String::as_str).zip(&data));
+            ins.push((self.meta.lr_scale.as_str(), &lr_scale));
             let mut out: HashMap<String, HostTensor> = self.step.run(&ins)?.into_iter().collect();
             sum += f64::from(
                 out.remove(&io.loss)
@@ -251,6 +259,7 @@ impl Workload for LmWorkload {
         Ok(EpochLog {
             loss: sum / steps as f64,
             steps,
+            lr_scale: scale,
             prompts_per_second: (steps * b) as f64 / t0.elapsed().as_secs_f64(),
         })
     }
@@ -292,11 +301,18 @@ impl Workload for LmWorkload {
         restore(&mut self.state, tensors, what)
     }
 
-    /// The seed and validation period; the number of epochs may change.
+    /// The seed, validation period and schedule; the number of epochs may
+    /// change where the schedule does not depend on it (constant, no
+    /// warm-up).
     fn settings(&self) -> serde_json::Value {
+        let s = &self.settings;
+        let fixed_length = s.schedule != LrSchedule::Constant || s.warmup_epochs > 0.0;
         serde_json::json!({
-            "seed": self.settings.seed,
-            "evaluation_period": self.settings.evaluation_period,
+            "seed": s.seed,
+            "evaluation_period": s.evaluation_period,
+            "schedule": s.schedule,
+            "warmup_epochs": s.warmup_epochs,
+            "epochs": if fixed_length { Some(s.epochs) } else { None },
         })
     }
 

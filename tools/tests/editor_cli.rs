@@ -1,0 +1,188 @@
+//! `metac compile editor` and `metac run` of an editor bundle as a user
+//! runs them: on a small language model trained first, the hypernetwork
+//! learns to make edits succeed (ES and GS rise from 0), a resumed run ends
+//! exactly where the uninterrupted one ends, and bad configs are one-line
+//! errors naming the key or layer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{err_line, metac, ok, root};
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch("editor-cli", name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A trained small LM (configs/lm-tiny.toml) and an editor config for it.
+fn setup(d: &Path) -> (PathBuf, String) {
+    let lm_cfg = root().join("configs/lm-tiny.toml");
+    let lm = d.join("lm");
+    ok(&metac(&[
+        "compile",
+        "lm",
+        "--config",
+        s(&lm_cfg),
+        "--out",
+        s(&lm),
+    ]));
+    let run = d.join("lm-run");
+    ok(&metac(&[
+        "run",
+        s(&lm),
+        "--config",
+        s(&lm_cfg),
+        "--out",
+        s(&run),
+        "--quiet",
+        "--unfused",
+        "--epochs",
+        "20",
+    ]));
+    let text = format!(
+        "[lm]\nconfig = \"{}\"\nweights = \"{}\"\n\n\
+         [editor]\nlayers = [\"l1.mlp.proj\", \"l0.mlp.proj\"]\nrank = 8\nlr_init = 1e-2\nchunk = 16\n\n\
+         [meta]\nlr = 1e-3\nedit = 1.0\n\n\
+         [run]\ntrajectories = 6\nbatches = 4\nedits = 8\naccumulate = 1\nvalidation_edits = 16\nevaluation_period = 2\n",
+        s(&lm_cfg).replace('\\', "/"),
+        s(&run.join("best.safetensors")).replace('\\', "/")
+    );
+    let cfg = d.join("editor.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    (cfg, text)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// metrics.jsonl without the wall-clock fields.
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("edits_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn the_editor_learns_to_edit_and_resumes_exactly() {
+    let d = scratch("learn");
+    let (cfg, _) = setup(&d);
+    let bundle = d.join("editor");
+    ok(&metac(&[
+        "compile",
+        "editor",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&bundle),
+    ]));
+    let m = json(&bundle.join("manifest.json"));
+    assert_eq!(m["kind"], "editor");
+    assert_eq!(m["meta"]["editor"]["layers"][0]["name"], "l1.mlp.proj");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            s(&bundle),
+            "--config",
+            s(&cfg),
+            "--out",
+            s(out),
+            "--quiet",
+            "--unfused",
+        ];
+        a.extend(extra);
+        ok(&metac(&a));
+    };
+    let whole = d.join("whole");
+    run(&whole, &[]);
+    let sm = json(&whole.join("summary.json"));
+    let (before, after) = (&sm["before"], &sm["after"]);
+    assert_eq!(
+        before["es"], 0.0,
+        "the unedited model gives the old answers"
+    );
+    assert!(before["ls"].as_f64().unwrap() > 0.9, "{before}");
+    let (es, gs) = (after["es"].as_f64().unwrap(), after["gs"].as_f64().unwrap());
+    assert!(es >= 0.3 && gs >= 0.2, "after meta-training: {after}");
+    let lines = metrics(&whole);
+    assert_eq!(lines.len(), 6);
+    assert!(lines[1]["validation"]["es"].is_number());
+    // Three trajectories, then three more on resume.
+    let split = d.join("split");
+    run(&split, &["--trajectories", "3"]);
+    run(&split, &["--resume"]);
+    assert_eq!(metrics(&split), lines);
+    for f in ["best.safetensors", "checkpoint.safetensors"] {
+        assert!(
+            std::fs::read(whole.join(f)).unwrap() == std::fs::read(split.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    // An editor run needs its config; another workload's flags are refused.
+    let e = err_line(&metac(&["run", s(&bundle), "--out", s(&d.join("x"))]));
+    assert!(e.contains("--config"), "{e}");
+    let e = err_line(&metac(&[
+        "run",
+        s(&bundle),
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&d.join("y")),
+        "--epochs",
+        "2",
+    ]));
+    assert!(e.contains("--epochs"), "{e}");
+}
+
+#[test]
+fn bad_editor_configs_name_the_key_or_layer() {
+    let d = scratch("bad");
+    let (_, text) = setup(&d);
+    let cases = [
+        (
+            text.replace("\"l0.mlp.proj\"", "\"l7.mlp.proj\""),
+            "'l7.mlp.proj'",
+        ),
+        (text.replace("rank = 8", "rank = 0"), "editor.rank"),
+        (text.replace("lr = 1e-3", "lr = -1e-3"), "meta.lr"),
+        (
+            text.replace("edits = 8", "edits = 8\nedit_count = 3"),
+            "edit_count",
+        ),
+        (
+            text.replace("best.safetensors", "missing.safetensors"),
+            "lm.weights",
+        ),
+        (
+            text.replace("trajectories = 6", "trajectories = 0"),
+            "run.trajectories",
+        ),
+    ];
+    for (i, (t, key)) in cases.iter().enumerate() {
+        let p = d.join(format!("bad{i}.toml"));
+        std::fs::write(&p, t).unwrap();
+        let out = d.join(format!("b{i}"));
+        let e = err_line(&metac(&[
+            "compile",
+            "editor",
+            "--config",
+            s(&p),
+            "--out",
+            s(&out),
+        ]));
+        assert!(e.contains(key), "expected '{key}' in: {e}");
+        assert!(!out.join("manifest.json").exists());
+    }
+}
