@@ -13,13 +13,12 @@ use metac_contract::editor::{
     EditorConfig, EditorMeta, LayerMeta, CACHE, EDITOR_KIND, EVALUATE, HYPER_ADAM, LOGP, META_LOSS,
     VALUES, VALUES_VJP,
 };
-use metac_contract::init::{InitRule, TensorInit};
 use metac_contract::lm::{GptConfig, WorldConfig};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph};
 
 use crate::lm::build_lm_evaluate;
-use crate::models::baselines::{Adam, StepOptimizer};
+use crate::models::baselines::{constant_rules, Adam, StepOptimizer};
 use crate::models::editor::{Editor, EditorSpec};
 use crate::models::transformer::Gpt;
 
@@ -120,16 +119,7 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
     }
     let hyper_init = editor.hyper_init_rules();
     let only: Vec<Vec<usize>> = hyper_shapes.iter().map(|(_, s)| s.clone()).collect();
-    let adam_init: Vec<TensorInit> = adam
-        .initial_state(&only)
-        .into_iter()
-        .map(|(n, t)| {
-            let value = t
-                .as_f32()
-                .map_or(0.0, |v| v.first().copied().unwrap_or(0.0));
-            TensorInit::new(&n, &t.shape, InitRule::Constant { value })
-        })
-        .collect();
+    let adam_init = constant_rules(adam.initial_state(&only))?;
     for r in hyper_init.iter().chain(&adam_init) {
         b.state(StateBuffer {
             name: r.name.clone(),

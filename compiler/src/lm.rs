@@ -11,13 +11,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use metac_contract::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
-use metac_contract::init::{InitRule, TensorInit};
 use metac_contract::lm::{LmConfig, LmData, LmMeta, LM_EVALUATE, LM_KIND, LM_TRAIN_STEP};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph};
 
 use crate::metatest::{build_train_step, MetaOptimizer};
-use crate::models::baselines::{Adam, Baseline, StepOptimizer, LR_SCALE};
+use crate::models::baselines::{constant_rules, Adam, Baseline, StepOptimizer, LR_SCALE};
 use crate::models::lm::{LmProblem, LmTarget};
 use crate::models::problems::Problem;
 use crate::models::transformer::Gpt;
@@ -75,16 +74,7 @@ pub fn compile_lm(
         tensor: tensor.into(),
     };
     let shapes: Vec<Vec<usize>> = problem.param_shapes().into_iter().map(|(_, s)| s).collect();
-    let state_init: Vec<TensorInit> = adam
-        .initial_state(&shapes)
-        .into_iter()
-        .map(|(n, t)| {
-            let value = t
-                .as_f32()
-                .map_or(0.0, |v| v.first().copied().unwrap_or(0.0));
-            TensorInit::new(&n, &t.shape, InitRule::Constant { value })
-        })
-        .collect();
+    let state_init = constant_rules(adam.initial_state(&shapes))?;
     let init = problem
         .init_rules()
         .context("the language model has init rules")?;

@@ -359,7 +359,12 @@ fn the_decoupled_meta_gradient_matches_one_fused_graph() {
     let names = ed.gpt.param_shapes();
     for (li, (l, &d)) in ed.layers.iter().zip(&values).enumerate() {
         let u = flat(&c.cached[&format!("u.{}", l.name)]);
-        let inv = inverse(&u, c.n, l.d_in, lamda[li].exp());
+        // (U^T U + lambda I)^{-1}, from the host solve's factorisation.
+        let s = Shift::solve_f64(&u, &vec![0.0; c.n], c.n, l.d_in, 1, lamda[li]).unwrap();
+        let eye: Vec<f64> = (0..l.d_in * l.d_in)
+            .map(|k| if k % (l.d_in + 1) == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let inv = s.apply_inverse(&eye, l.d_in).unwrap();
         let ainv = g.constant(Tensor::f32(
             &[l.d_in, l.d_in],
             inv.iter().map(|&x| x as f32).collect(),
@@ -405,38 +410,6 @@ fn the_decoupled_meta_gradient_matches_one_fused_graph() {
         let scale = dec.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-6);
         assert!(err <= 1e-4 * scale, "{n}: error {err}, scale {scale}");
     }
-}
-
-/// `(U^T U + lambda I)^{-1}` by Gauss-Jordan in f64.
-fn inverse(u: &[f64], n: usize, di: usize, lambda: f64) -> Vec<f64> {
-    let mut a = vec![vec![0.0f64; 2 * di]; di];
-    for i in 0..di {
-        for j in 0..di {
-            a[i][j] = (0..n).map(|r| u[r * di + i] * u[r * di + j]).sum();
-        }
-        a[i][i] += lambda;
-        a[i][di + i] = 1.0;
-    }
-    for c in 0..di {
-        let p = (c..di)
-            .max_by(|&x, &y| a[x][c].abs().total_cmp(&a[y][c].abs()))
-            .unwrap();
-        a.swap(c, p);
-        let piv = a[c][c];
-        for v in a[c].iter_mut() {
-            *v /= piv;
-        }
-        for r in 0..di {
-            if r != c {
-                let f = a[r][c];
-                let row = a[c].clone();
-                for (x, y) in a[r].iter_mut().zip(row) {
-                    *x -= f * y;
-                }
-            }
-        }
-    }
-    (0..di).flat_map(|i| a[i][di..].to_vec()).collect()
 }
 
 /// The editor's graphs exported to ONNX and run in f32 by ONNX Runtime

@@ -62,17 +62,7 @@ fn json(p: &Path) -> serde_json::Value {
 
 /// metrics.jsonl without the wall-clock fields.
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("edits_per_second");
-            v
-        })
-        .collect()
+    common::metrics_without(run, &["seconds", "edits_per_second"])
 }
 
 #[test]
@@ -170,19 +160,5 @@ fn bad_editor_configs_name_the_key_or_layer() {
             "run.trajectories",
         ),
     ];
-    for (i, (t, key)) in cases.iter().enumerate() {
-        let p = d.join(format!("bad{i}.toml"));
-        std::fs::write(&p, t).unwrap();
-        let out = d.join(format!("b{i}"));
-        let e = err_line(&metac(&[
-            "compile",
-            "editor",
-            "--config",
-            s(&p),
-            "--out",
-            s(&out),
-        ]));
-        assert!(e.contains(key), "expected '{key}' in: {e}");
-        assert!(!out.join("manifest.json").exists());
-    }
+    common::assert_compile_rejects("editor", &d, &cases);
 }

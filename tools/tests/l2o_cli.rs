@@ -13,17 +13,9 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("l2o-cli", name)
 }
 
-/// metrics.jsonl without the wall-clock field.
+/// metrics.jsonl without the wall-clock fields.
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
+    common::metrics_without(run, &["seconds"])
 }
 
 #[test]
@@ -170,24 +162,7 @@ fn malformed_configs_are_rejected_with_the_key_named() {
             "reg_option",
         ),
     ];
-    for (i, (text, key)) in cases.iter().enumerate() {
-        let p = d.join(format!("bad{i}.toml"));
-        std::fs::write(&p, text).unwrap();
-        let out = d.join(format!("b{i}"));
-        let e = err_line(&metac(&[
-            "compile",
-            "l2o",
-            "--config",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]));
-        assert!(e.contains(key), "expected '{key}' in: {e}");
-        assert!(
-            !out.join("manifest.json").exists(),
-            "no bundle is written for a bad config"
-        );
-    }
+    common::assert_compile_rejects("l2o", &d, &cases);
 }
 
 /// Curriculum learning: stages advance on improving validations (horizons

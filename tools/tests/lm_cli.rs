@@ -26,17 +26,7 @@ fn compile(config: &Path, out: &Path) {
 
 /// metrics.jsonl without the wall-clock fields.
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("prompts_per_second");
-            v
-        })
-        .collect()
+    common::metrics_without(run, &["seconds", "prompts_per_second"])
 }
 
 fn summary(run: &Path) -> serde_json::Value {
@@ -157,21 +147,7 @@ fn bad_configs_and_flags_are_one_line_errors() {
         (base.replace("subjects = 120", "subjects = 2"), "4 subjects"),
         (base.replace("width = 32", "width = \"wide\""), "width"),
     ];
-    for (i, (text, key)) in cases.iter().enumerate() {
-        let p = d.join(format!("bad{i}.toml"));
-        std::fs::write(&p, text).unwrap();
-        let out = d.join(format!("b{i}"));
-        let e = err_line(&metac(&[
-            "compile",
-            "lm",
-            "--config",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]));
-        assert!(e.contains(key), "expected '{key}' in: {e}");
-        assert!(!out.join("manifest.json").exists());
-    }
+    common::assert_compile_rejects("lm", &d, &cases);
     // Flags of the other workload name themselves.
     let bundle = d.join("bundle");
     compile(&root().join("configs/lm-tiny.toml"), &bundle);

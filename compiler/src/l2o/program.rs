@@ -46,7 +46,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
-use metac_contract::init::{draw_all, InitRule, TensorInit};
+use metac_contract::init::{draw_all, TensorInit};
 use metac_contract::l2o::{
     chunk_name, ct_name, d_name, ms_name, next_name, objective_grad_name, ImitationSpec, L2oInit,
     L2oLayout, L2oMeta, Metatest, MetatestStep, ProbeInput, RegularizeTime, RegularizerSchedule,
@@ -63,7 +63,9 @@ use metac_graphs::{DType, Graph, NodeId, Tensor};
 use super::config::{ImitationConfig, L2oConfig, MetaOptimizerConfig};
 use super::regularizer::{RegOption, RegularizerSpec};
 use crate::metatest::{build_evaluate, build_train_step, EvalGraph, MetaOptimizer};
-use crate::models::baselines::{parse_baseline, Adam, Baseline, StepOptimizer, BUNDLE_BASELINES};
+use crate::models::baselines::{
+    constant_rules, parse_baseline, Adam, Baseline, StepOptimizer, BUNDLE_BASELINES,
+};
 use crate::models::hrnn::Hrnn;
 use crate::models::problems::{problem_by_name, Problem};
 
@@ -951,22 +953,6 @@ impl L2oProgram {
         b.meta(meta.to_meta());
         b.write(dir)
     }
-}
-
-/// The rules of a state whose every tensor is a constant (the baselines').
-fn constant_rules(state: Vec<(String, Tensor)>) -> Result<Vec<TensorInit>> {
-    state
-        .into_iter()
-        .map(|(n, t)| {
-            let v = t.as_f32().context("optimizer state is f32")?;
-            let value = v.first().copied().unwrap_or(0.0);
-            ensure!(
-                v.iter().all(|x| x.to_bits() == value.to_bits()),
-                "optimizer state '{n}' does not start constant"
-            );
-            Ok(TensorInit::new(&n, &t.shape, InitRule::Constant { value }))
-        })
-        .collect()
 }
 
 /// Compile the L2O program of `config` into a bundle in `out_dir`.

@@ -8,6 +8,7 @@
 //! Every formula is written out on its struct, with the convention it follows
 //! where frameworks differ.
 
+use metac_contract::init::{InitRule, TensorInit};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 
 /// A step-graph optimizer.
@@ -93,6 +94,24 @@ fn check(
 
 fn shapes_of(g: &Graph, params: &[NodeId]) -> Vec<Vec<usize>> {
     params.iter().map(|&p| g.shape(p).to_vec()).collect()
+}
+
+/// The rules of a state whose every tensor is a constant (the baselines').
+pub fn constant_rules(state: Vec<(String, Tensor)>) -> anyhow::Result<Vec<TensorInit>> {
+    state
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .as_f32()
+                .ok_or_else(|| anyhow::anyhow!("optimizer state '{n}' is not f32"))?;
+            let value = v.first().copied().unwrap_or(0.0);
+            anyhow::ensure!(
+                v.iter().all(|x| x.to_bits() == value.to_bits()),
+                "optimizer state '{n}' does not start constant"
+            );
+            Ok(TensorInit::new(&n, &t.shape, InitRule::Constant { value }))
+        })
+        .collect()
 }
 
 // ---- Adam -------------------------------------------------------------------

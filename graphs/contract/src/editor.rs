@@ -93,8 +93,10 @@ pub struct MetaTable {
     pub lr: f64,
     /// Weights of the meta-loss terms: cross-entropy of the new answer on
     /// the edit prompts and on their equivalent prompts, and the KL of the
-    /// unrelated prompts' answers from the unedited model's.
-    #[serde(default)]
+    /// unrelated prompts' answers from the unedited model's. All three by
+    /// default, as the seed; MALMEN's public code has no edit term
+    /// (`edit = 0`).
+    #[serde(default = "unit")]
     pub edit: f64,
     #[serde(default = "unit")]
     pub equivalent: f64,
@@ -189,7 +191,7 @@ impl Default for MetaTable {
     fn default() -> Self {
         MetaTable {
             lr: meta_lr(),
-            edit: 0.0,
+            edit: 1.0,
             equivalent: 1.0,
             locality: 1.0,
             clip: 1.0,

@@ -123,6 +123,17 @@ impl Shift {
         self.lambda
     }
 
+    /// `(U^T U + lambda I)^{-1} B` for `B [d_in, cols]` (row-major).
+    pub fn apply_inverse(&self, b: &[f64], cols: usize) -> Result<Vec<f64>> {
+        let d_in = self.s.nrows();
+        ensure!(
+            b.len() == d_in * cols,
+            "least squares: {} numbers for a {d_in} x {cols} matrix",
+            b.len()
+        );
+        Ok(flat(&self.llt.solve(&mat(b, d_in, cols))))
+    }
+
     /// For `g = dL/dS` (`[d_in, d_out]`, row-major): `dL/dD` (`[n, d_out]`)
     /// and `dL/dlamda`.
     pub fn backward(&self, g: &[f32]) -> Result<(Vec<f32>, f64)> {

@@ -75,3 +75,43 @@ pub fn assert_png(path: &Path) {
     let (w, h) = (dim(16), dim(20));
     assert!(w >= 200 && h >= 150, "{}: {w} x {h} pixels", path.display());
 }
+
+/// `metrics.jsonl` of a run, without the fields in `drop` (wall-clock
+/// measures, which differ between runs).
+pub fn metrics_without(run: &Path, drop: &[&str]) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            for k in drop {
+                o.remove(*k);
+            }
+            v
+        })
+        .collect()
+}
+
+/// Each config text in `cases` makes `metac compile PROGRAM` fail with one
+/// line naming its key, and writes no bundle.
+pub fn assert_compile_rejects(program: &str, dir: &Path, cases: &[(String, &str)]) {
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let p = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let out = dir.join(format!("b{i}"));
+        let e = err_line(&metac(&[
+            "compile",
+            program,
+            "--config",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert!(e.contains(key), "expected '{key}' in: {e}");
+        assert!(
+            !out.join("manifest.json").exists(),
+            "no bundle is written for a bad config"
+        );
+    }
+}
