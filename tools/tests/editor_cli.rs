@@ -109,6 +109,19 @@ fn the_editor_learns_to_edit_and_resumes_exactly() {
     let lines = metrics(&whole);
     assert_eq!(lines.len(), 6);
     assert!(lines[1]["validation"]["es"].is_number());
+    // The summary is of the best weights, normalisers included: it repeats
+    // the best validation.
+    let best = lines
+        .iter()
+        .filter(|l| l["validation_objective"].is_number())
+        .min_by(|a, b| {
+            let o = |l: &serde_json::Value| l["validation_objective"].as_f64().unwrap();
+            o(a).total_cmp(&o(b))
+        })
+        .unwrap();
+    for k in ["es", "gs", "ls"] {
+        assert_eq!(best["validation"][k], after[k], "{k}: {best} vs {after}");
+    }
     // Three trajectories, then three more on resume.
     let split = d.join("split");
     run(&split, &["--trajectories", "3"]);

@@ -191,6 +191,28 @@ impl Workload for EditorWorkload {
             );
             *t = HostTensor::from_graph(v);
         }
+        // The normalisers as the weights saw them (a checkpoint's exact f64
+        // statistics come after this, from checkpoint.json).
+        for (k, norm) in self.editor.norms.iter_mut().enumerate() {
+            let (m, sd) = (format!("norm.g{k}.mean"), format!("norm.g{k}.std"));
+            if let (Some(m), Some(sd)) = (tensors.get(&m), tensors.get(&sd)) {
+                let (m, sd) = (
+                    m.as_f32().context("f32 mean")?,
+                    sd.as_f32().context("f32 std")?,
+                );
+                ensure!(
+                    m.len() == norm.mean.len() && sd.len() == norm.var.len(),
+                    "{what}: normaliser {k} has {} entries, the bundle's {}",
+                    m.len(),
+                    norm.mean.len()
+                );
+                norm.mean = m.iter().map(|&x| f64::from(x)).collect();
+                norm.var = sd
+                    .iter()
+                    .map(|&x| (f64::from(x).powi(2) - 1e-8).max(0.0))
+                    .collect();
+            }
+        }
         Ok(())
     }
 
