@@ -17,7 +17,7 @@ use crate::common::BackendArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny\n  metac compile lm --config configs/lm.toml --out bundles/lm"
+    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny\n  metac compile lm --config configs/lm.toml --out bundles/lm\n  metac compile editor --config configs/editor.toml --out bundles/editor"
 )]
 pub struct CompileArgs {
     #[command(subcommand)]
@@ -91,7 +91,8 @@ pub fn compile(a: CompileArgs) -> Result<()> {
 metac run bundles/seed --out runs/seed                       # the seed recipe: 100 meta-iterations x 5 unrolls of 20\n  \
 metac run bundles/seed --out runs/long --meta-iterations 500 --num-unrolls 10\n  \
 metac run bundles/seed --out runs/seed --resume               # continue a killed run\n  \
-metac run bundles/lm --config configs/lm.toml --out runs/lm  # a language model, [run] epochs of its config\n\n\
+metac run bundles/lm --config configs/lm.toml --out runs/lm  # a language model, [run] epochs of its config\n  \
+metac run bundles/editor --config configs/editor.toml --out runs/editor  # the MALMEN editor, [run] trajectories\n\n\
 Writes RUN/metrics.jsonl (one line per meta-iteration), RUN/checkpoint.{safetensors,json} \
 (written atomically after every meta-iteration) and RUN/best.safetensors (the meta-parameters \
 with the best validation objective). Unroll length and counts are run-time settings: \
