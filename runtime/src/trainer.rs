@@ -270,6 +270,24 @@ impl Trainer {
         )
     }
 
+    /// Give `w` the weights of `best.safetensors`, keeping its current
+    /// values of what that file leaves out (the optimizer's state); false
+    /// when no validation wrote one.
+    pub fn restore_best<W: Workload>(&self, w: &mut W) -> Result<bool> {
+        let p = self.out.join(BEST_WEIGHTS);
+        if !p.is_file() {
+            return Ok(false);
+        }
+        let what = p.display().to_string();
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {what}"))?;
+        let mut t = read_safetensors(&bytes, &what)?;
+        for (n, v) in w.weights(true)? {
+            t.entry(n).or_insert(v);
+        }
+        w.load_weights(&t, &what)?;
+        Ok(true)
+    }
+
     /// Run iterations until `opts.iterations` are done (or the workload
     /// finishes early). `on_line` sees every metrics line.
     pub fn run<W: Workload>(

@@ -4,17 +4,17 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use metac_compiler::editor::{compile_editor, EditedModel};
-use metac_contract::bundle::{read_safetensors, Bundle};
+use metac_contract::bundle::Bundle;
 use metac_contract::editor::{editor_run_settings, EditorConfig};
 use metac_contract::fsutil::{sha256_hex, write_atomic};
 use metac_contract::lm::LmConfig;
 use metac_runtime::backend::open_backend;
 use metac_runtime::data::facts::FactWorld;
 use metac_runtime::editor::run::EditorWorkload;
-use metac_runtime::editor::{EditScores, Editor};
-use metac_runtime::trainer::{Trainer, TrainerOptions, Workload, BEST_WEIGHTS};
+use metac_runtime::editor::{load_lm_weights, EditScores, Editor};
+use metac_runtime::trainer::{Trainer, TrainerOptions, BEST_WEIGHTS};
 use serde::Serialize;
 
 use crate::cmd_l2o::RunArgs;
@@ -26,43 +26,16 @@ pub fn compile(config: &Path, out: &Path) -> Result<()> {
     let lm = LmConfig::load(&c.lm.config).context("config key 'lm.config'")?;
     let world = FactWorld::generate(&lm.world)
         .with_context(|| format!("the [world] of {}", c.lm.config.display()))?;
-    let seq = world
-        .pretraining_prompts()
-        .iter()
-        .chain(&world.heldout_prompts())
-        .map(|p| p.tokens.len())
-        .max()
-        .unwrap_or(1);
-    let weights = std::fs::read(&c.lm.weights).with_context(|| {
-        format!(
-            "config key 'lm.weights': cannot read {}",
-            c.lm.weights.display()
-        )
-    })?;
     let model = lm.model.with_vocab(world.vocab.len());
     // The weights must be the model's before anything is written.
-    let what = c.lm.weights.display().to_string();
-    let tensors = read_safetensors(&weights, &what)?;
-    for (n, s) in model.param_shapes() {
-        let t = tensors.get(&n).with_context(|| {
-            format!(
-                "{what}: no tensor '{n}' (config key 'lm.weights' names weights of another model?)"
-            )
-        })?;
-        ensure!(
-            t.shape == s,
-            "{what}: '{n}' has shape {:?}, the model of {} {:?}",
-            t.shape,
-            c.lm.config.display(),
-            s
-        );
-    }
+    load_lm_weights(&c.lm.weights, &model).context("config key 'lm.weights'")?;
+    let weights = std::fs::read(&c.lm.weights)?;
     let m = compile_editor(
         &c,
         &EditedModel {
             model,
             world: lm.world.clone(),
-            seq,
+            seq: world.longest_prompt(),
             equivalents: lm.world.heldout_templates,
             weights_sha256: sha256_hex(&weights),
         },
@@ -83,7 +56,7 @@ pub fn compile(config: &Path, out: &Path) -> Result<()> {
 #[derive(Serialize)]
 struct Summary {
     /// The hypernetwork the scores are of.
-    weights: String,
+    weights: &'static str,
     trajectories: usize,
     seconds: f64,
     validation_edits: usize,
@@ -113,11 +86,9 @@ pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
     s.validate()?;
     let backend = open_backend(&a.backend.options())?;
     let t0 = Instant::now();
-    let editor = Editor::new(&bundle, backend.as_ref(), None, s.seed)?;
-    let identity = sha256_hex(&std::fs::read(
-        bundle.dir.join(metac_contract::bundle::MANIFEST),
-    )?);
-    let mut w = EditorWorkload::new(editor, s.clone(), identity.clone())?;
+    let editor = Editor::new(&bundle, backend.as_ref(), s.seed)?;
+    let identity = bundle.manifest_sha256()?;
+    let mut w = EditorWorkload::new(editor, s.clone())?;
     let mut trainer = Trainer::open(&mut w, &a.out, &identity, a.resume)?;
     if !a.quiet {
         eprintln!(
@@ -141,18 +112,10 @@ pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
         quiet: a.quiet,
     };
     trainer.run(&mut w, opts, &mut |_| {})?;
-    let best = a.out.join(BEST_WEIGHTS);
-    let weights = if best.is_file() {
-        let what = best.display().to_string();
-        let mut t = read_safetensors(&std::fs::read(&best)?, &what)?;
-        // best.safetensors has no optimizer state: keep the current one.
-        for (n, v) in w.weights(true)? {
-            t.entry(n).or_insert(v);
-        }
-        w.load_weights(&t, &what)?;
-        BEST_WEIGHTS.to_string()
+    let weights = if trainer.restore_best(&mut w)? {
+        BEST_WEIGHTS
     } else {
-        "final hypernetwork".to_string()
+        "final hypernetwork"
     };
     let reqs = w.validation_requests().to_vec();
     let after = w.evaluate_edits(&reqs)?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use metac_compiler::lm::compile_lm;
 use metac_compiler::models::transformer::Gpt;
-use metac_contract::bundle::{read_safetensors, Bundle};
+use metac_contract::bundle::Bundle;
 use metac_contract::fsutil::write_atomic;
 use metac_contract::lm::{lm_run_settings, LmConfig, LmData, LmRunSettings};
 use metac_runtime::backend::open_backend;
@@ -23,13 +23,7 @@ pub fn compile(config: &Path, out: &Path) -> Result<()> {
     let c = LmConfig::load(config)?;
     let t0 = Instant::now();
     let world = FactWorld::generate(&c.world).context("config table [world]")?;
-    let seq = world
-        .pretraining_prompts()
-        .iter()
-        .chain(&world.heldout_prompts())
-        .map(|p| p.tokens.len())
-        .max()
-        .unwrap_or(1);
+    let seq = world.longest_prompt();
     let vocab = world.vocab.len();
     let m = compile_lm(&c, LmData::Facts(c.world.clone()), vocab, seq, out)?;
     let params = Gpt::new(c.model.with_vocab(vocab))
@@ -109,10 +103,7 @@ pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
     };
     trainer.run(&mut w, opts, &mut |_| {})?;
     // The report is of the best weights where validation picked them.
-    let best = a.out.join(BEST_WEIGHTS);
-    let weights = if best.is_file() {
-        let what = best.display().to_string();
-        w.set_params(&read_safetensors(&std::fs::read(&best)?, &what)?, &what)?;
+    let weights = if trainer.restore_best(&mut w)? {
         BEST_WEIGHTS
     } else {
         "final parameters"

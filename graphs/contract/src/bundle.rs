@@ -307,6 +307,14 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// The SHA-256 of the manifest: the bundle's identity (what a run's
+    /// checkpoint belongs to).
+    pub fn manifest_sha256(&self) -> Result<String> {
+        let p = self.dir.join(MANIFEST);
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok(sha256_hex(&bytes))
+    }
+
     /// Load and verify a bundle: format and version, file hashes, and that
     /// every ONNX file declares exactly the inputs and outputs the manifest
     /// lists.

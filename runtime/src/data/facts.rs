@@ -384,6 +384,20 @@ impl FactWorld {
         v
     }
 
+    /// The longest prompt a model of this world reads, in tokens (the
+    /// sequence length to compile for).
+    pub fn longest_prompt(&self) -> usize {
+        let subject = self.subjects.iter().map(Vec::len).max().unwrap_or(0);
+        let template = self
+            .relations
+            .iter()
+            .flat_map(|r| &r.templates)
+            .map(|t| t.before.len() + t.after.len())
+            .max()
+            .unwrap_or(0);
+        subject + template
+    }
+
     /// The subjects of `split`, in index order.
     pub fn subjects_of(&self, split: Split) -> Vec<usize> {
         (0..self.subjects.len())
@@ -488,6 +502,14 @@ mod tests {
             assert!(p.tokens.iter().all(|&t| t != 0));
         }
         assert_eq!(w.training_prompts().len(), 120_000);
+        let longest = w
+            .training_prompts()
+            .iter()
+            .chain(&w.heldout_prompts())
+            .chain(&w.pretraining_prompts())
+            .map(|p| p.tokens.len())
+            .max();
+        assert_eq!(Some(w.longest_prompt()), longest);
         // Paraphrases of 750 validation and evaluation subjects are held
         // out; those of the other 2,250 are pretraining prompts.
         assert_eq!(w.heldout_prompts().len(), 15_000);

@@ -16,6 +16,7 @@ use metac_contract::editor::{
     EditorMeta, CACHE, EVALUATE, HYPER_ADAM, LOGP, META_LOSS, VALUES, VALUES_VJP,
 };
 use metac_contract::fsutil::sha256_hex;
+use metac_contract::lm::GptConfig;
 use metac_graphs::Tensor;
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
@@ -150,9 +151,9 @@ fn output(out: &mut HashMap<String, HostTensor>, graph: &str, name: &str) -> Res
         .with_context(|| format!("{graph}: no output '{name}'"))
 }
 
-/// Read LM weights from `path`: every parameter the bundle's model has,
-/// with its shape.
-pub fn load_lm_weights(path: &Path, meta: &EditorMeta) -> Result<Named<HostTensor>> {
+/// Read LM weights from `path`: every parameter of `model`, with its shape
+/// (an error names a missing or misshapen one).
+pub fn load_lm_weights(path: &Path, model: &GptConfig) -> Result<Named<HostTensor>> {
     let bytes = std::fs::read(path).with_context(|| {
         format!(
             "cannot read the language model's weights {}",
@@ -161,8 +162,8 @@ pub fn load_lm_weights(path: &Path, meta: &EditorMeta) -> Result<Named<HostTenso
     })?;
     let what = path.display().to_string();
     let t: BTreeMap<String, Tensor> = read_safetensors(&bytes, &what)?;
-    let gpt_names = meta.model.param_shapes();
-    gpt_names
+    model
+        .param_shapes()
         .into_iter()
         .map(|(n, s)| {
             let v = t
@@ -170,7 +171,7 @@ pub fn load_lm_weights(path: &Path, meta: &EditorMeta) -> Result<Named<HostTenso
                 .with_context(|| format!("{what}: no tensor '{n}' (weights of another model?)"))?;
             ensure!(
                 v.shape == s,
-                "{what}: '{n}' has shape {:?}, the bundle's model {:?}",
+                "{what}: '{n}' has shape {:?}, the model {:?}",
                 v.shape,
                 s
             );
@@ -180,28 +181,24 @@ pub fn load_lm_weights(path: &Path, meta: &EditorMeta) -> Result<Named<HostTenso
 }
 
 impl Editor {
-    /// The editor of `bundle` on the LM weights `lm_weights` (default: the
-    /// file the bundle names), with the hypernetwork drawn from `seed`.
-    pub fn new(
-        bundle: &Bundle,
-        backend: &dyn Backend,
-        lm_weights: Option<&Path>,
-        seed: u64,
-    ) -> Result<Self> {
+    /// The editor of `bundle` on the LM weights the bundle names (which must
+    /// be the file it was compiled with), with the hypernetwork drawn from
+    /// `seed`.
+    pub fn new(bundle: &Bundle, backend: &dyn Backend, seed: u64) -> Result<Self> {
         let meta = EditorMeta::from_manifest(&bundle.manifest)
             .with_context(|| format!("{}", bundle.dir.display()))?;
-        let path = lm_weights.unwrap_or(&meta.lm_weights).to_path_buf();
-        let base = load_lm_weights(&path, &meta)?;
-        if lm_weights.is_none() {
-            let sha = sha256_hex(&std::fs::read(&path)?);
-            ensure!(
-                sha == meta.lm_weights_sha256,
-                "{}: not the weights the bundle was compiled with (SHA-256 {} vs {}); recompile the editor or pass the weights explicitly",
-                path.display(),
-                &sha[..12],
-                &meta.lm_weights_sha256[..12.min(meta.lm_weights_sha256.len())]
-            );
-        }
+        let path = &meta.lm_weights;
+        let sha = sha256_hex(
+            &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        ensure!(
+            sha == meta.lm_weights_sha256,
+            "{}: not the weights the bundle was compiled with (SHA-256 {} vs {}); recompile the editor",
+            path.display(),
+            &sha[..12],
+            &meta.lm_weights_sha256[..12.min(meta.lm_weights_sha256.len())]
+        );
+        let base = load_lm_weights(path, &meta.model)?;
         let world = FactWorld::generate(&meta.world)?;
         ensure!(
             world.vocab.len() == meta.model.vocab,

@@ -40,7 +40,6 @@ pub struct EditorWorkload {
     validation: Vec<EditRequest>,
     /// ES, GS and LS of the unedited LM on the validation edits.
     pub before: EditScores,
-    pub identity: String,
 }
 
 /// The seed of trajectory `t`'s batch `k`.
@@ -54,7 +53,7 @@ fn validation_seed(seed: u64) -> u64 {
 }
 
 impl EditorWorkload {
-    pub fn new(mut editor: Editor, settings: EditorRunSettings, identity: String) -> Result<Self> {
+    pub fn new(mut editor: Editor, settings: EditorRunSettings) -> Result<Self> {
         settings.validate()?;
         let validation = editor.world.edit_requests(
             Split::Validation,
@@ -68,7 +67,6 @@ impl EditorWorkload {
             settings,
             validation,
             before,
-            identity,
         })
     }
 

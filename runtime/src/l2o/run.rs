@@ -34,8 +34,8 @@ use crate::backend::{Backend, Session};
 use crate::data::mnist::Split;
 use crate::tensor::HostTensor;
 use crate::trainer::{MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_WEIGHTS};
-use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle, MANIFEST};
-use metac_contract::fsutil::{sha256_hex, write_atomic};
+use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle};
+use metac_contract::fsutil::write_atomic;
 use metac_contract::init::draw_all;
 
 /// Fresh optimizee parameters (`layout.theta` order) and optimizer state
@@ -160,7 +160,7 @@ impl<'a> L2oWorkload<'a> {
             }
             None => None,
         };
-        let manifest_sha256 = sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?);
+        let manifest_sha256 = bundle.manifest_sha256()?;
         let runner = SessionRunner::from_bundle(bundle, backend)?;
         let objective = backend.load(&bundle.graph_bytes("objective")?, "objective")?;
         let mut phi: Named<HostTensor> = Vec::new();

@@ -13,8 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use metac_contract::bundle::{Bundle, MANIFEST};
-use metac_contract::fsutil::sha256_hex;
+use metac_contract::bundle::Bundle;
 use metac_contract::init::SeededRng;
 use metac_contract::lm::{LmData, LmMeta, LmRunSettings, LrSchedule, LM_TRAIN_STEP};
 use metac_graphs::Tensor;
@@ -41,7 +40,7 @@ pub struct LmPrompts {
 
 impl LmPrompts {
     /// Generate the bundle's data and check that it fits the compiled graphs.
-    pub fn of(meta: &LmMeta) -> Result<(Self, FactWorld)> {
+    pub fn of(meta: &LmMeta) -> Result<Self> {
         let LmData::Facts(wc) = &meta.data;
         let world = FactWorld::generate(wc)?;
         ensure!(
@@ -50,24 +49,17 @@ impl LmPrompts {
             world.vocab.len(),
             meta.model.vocab
         );
-        let p = LmPrompts {
+        let longest = world.longest_prompt();
+        ensure!(
+            longest <= meta.seq,
+            "prompts of {longest} tokens exceed the bundle's sequence length {}",
+            meta.seq
+        );
+        Ok(LmPrompts {
             pretraining: world.pretraining_prompts(),
             training_templates: world.training_prompts(),
             heldout: world.heldout_prompts(),
-        };
-        let longest = p
-            .pretraining
-            .iter()
-            .chain(&p.heldout)
-            .map(|q| q.tokens.len())
-            .max();
-        ensure!(
-            longest.unwrap_or(0) <= meta.seq,
-            "prompts of {} tokens exceed the bundle's sequence length {}",
-            longest.unwrap_or(0),
-            meta.seq
-        );
-        Ok((p, world))
+        })
     }
 }
 
@@ -124,7 +116,7 @@ impl LmWorkload {
         let meta = LmMeta::from_manifest(&bundle.manifest)
             .with_context(|| format!("{}", bundle.dir.display()))?;
         settings.validate()?;
-        let (prompts, _) = LmPrompts::of(&meta)?;
+        let prompts = LmPrompts::of(&meta)?;
         let step = backend.load(&bundle.graph_bytes(LM_TRAIN_STEP)?, LM_TRAIN_STEP)?;
         let eval = Evaluator::new(bundle, &meta, backend)?;
         let mut rng = SeededRng::new(settings.seed, 0);
@@ -141,18 +133,13 @@ impl LmWorkload {
             eval,
             prompts,
             train_sample,
-            manifest_sha256: sha256_hex(&std::fs::read(bundle.dir.join(MANIFEST))?),
+            manifest_sha256: bundle.manifest_sha256()?,
         })
     }
 
     /// The model's parameters, by name.
     pub fn params(&self) -> &Named<HostTensor> {
         &self.params
-    }
-
-    /// Set the parameters from `tensors` (by name; extra entries ignored).
-    pub fn set_params(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        restore(&mut self.params, tensors, what)
     }
 
     /// Accuracy and likelihood on every training-template prompt and every
