@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use metac_contract::bundle::{BundleBuilder, Manifest, Port, StateBuffer};
 use metac_contract::editor::{
-    EditorConfig, EditorMeta, LayerMeta, CACHE, EDITOR_KIND, EVALUATE, HYPER_ADAM, LOGP, META_LOSS,
-    VALUES, VALUES_VJP,
+    EditorConfig, EditorMeta, LayerMeta, CACHE, EDITOR_KIND, EVALUATE, FT_ADAM, HYPER_ADAM, LOGP,
+    META_LOSS, VALUES, VALUES_VJP,
 };
 use metac_contract::lm::{GptConfig, WorldConfig};
 use metac_graphs::passes::optimize;
@@ -21,6 +21,10 @@ use crate::lm::build_lm_evaluate;
 use crate::models::baselines::{constant_rules, Adam, StepOptimizer};
 use crate::models::editor::{Editor, EditorSpec};
 use crate::models::transformer::Gpt;
+
+/// The prefix of `ft_adam`'s state names (apart from the hypernetwork's
+/// Adam state).
+const FT_STATE: &str = "ft.";
 
 /// What the caller knows about the edited model and its data.
 pub struct EditedModel {
@@ -34,8 +38,9 @@ pub struct EditedModel {
 }
 
 /// One Adam step on named parameters: inputs the parameters, `grad.{name}`
-/// and Adam's state; outputs `new.{name}` for parameters and state.
-pub fn build_adam_step(adam: &Adam, shapes: &[(String, Vec<usize>)]) -> Graph {
+/// and Adam's state (its names after `state_prefix`); outputs `new.{name}`
+/// for parameters and state.
+pub fn build_adam_step(adam: &Adam, shapes: &[(String, Vec<usize>)], state_prefix: &str) -> Graph {
     let mut g = Graph::new();
     let params: Vec<_> = shapes
         .iter()
@@ -46,7 +51,11 @@ pub fn build_adam_step(adam: &Adam, shapes: &[(String, Vec<usize>)]) -> Graph {
         .map(|(n, s)| g.input(&format!("grad.{n}"), DType::F32, s))
         .collect();
     let only: Vec<Vec<usize>> = shapes.iter().map(|(_, s)| s.clone()).collect();
-    let state_specs = adam.state_specs(&only);
+    let state_specs: Vec<(String, Vec<usize>)> = adam
+        .state_specs(&only)
+        .into_iter()
+        .map(|(n, s)| (format!("{state_prefix}{n}"), s))
+        .collect();
     let state: Vec<_> = state_specs
         .iter()
         .map(|(n, s)| g.input(n, DType::F32, s))
@@ -81,6 +90,18 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
     let kl = c * e.unrelated;
     let adam = Adam::with_lr(config.meta.lr as f32);
     let hyper_shapes = editor.hyper_shapes();
+    // Fine-tuning (the baseline): Adam on the edited weights at the rate
+    // the host passes as `lr_scale`.
+    let ft = Adam {
+        lr: 1.0,
+        scaled_lr: true,
+        ..Adam::default()
+    };
+    let ft_shapes: Vec<(String, Vec<usize>)> = editor
+        .layers
+        .iter()
+        .map(|l| (format!("{}.w", l.name), vec![l.d_in, l.d_out]))
+        .collect();
     let graphs: Vec<(&str, Graph)> = vec![
         (CACHE, editor.build_cache(c, seq)),
         (VALUES, editor.build_values(c)),
@@ -88,7 +109,8 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
         (META_LOSS, editor.build_meta_loss(ce, kl, seq)),
         (LOGP, editor.build_logp(kl, seq)),
         (EVALUATE, build_lm_evaluate(&gpt, ce, seq)),
-        (HYPER_ADAM, build_adam_step(&adam, &hyper_shapes)),
+        (HYPER_ADAM, build_adam_step(&adam, &hyper_shapes, "")),
+        (FT_ADAM, build_adam_step(&ft, &ft_shapes, FT_STATE)),
     ];
     let mut b = BundleBuilder::new(EDITOR_KIND);
     for (name, g) in &graphs {
@@ -158,6 +180,13 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
         meta: config.meta.clone(),
         hyper_init,
         adam_init,
+        solver: e.solver,
+        ft_adam_init: constant_rules(
+            ft.initial_state(&ft_shapes.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())
+                .into_iter()
+                .map(|(n, t)| (format!("{FT_STATE}{n}"), t))
+                .collect(),
+        )?,
     };
     b.meta(meta.to_meta());
     b.write(out)

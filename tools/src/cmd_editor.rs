@@ -12,7 +12,7 @@ use metac_contract::fsutil::{sha256_hex, write_atomic};
 use metac_contract::lm::LmConfig;
 use metac_runtime::backend::open_backend;
 use metac_runtime::data::facts::FactWorld;
-use metac_runtime::editor::run::EditorWorkload;
+use metac_runtime::editor::run::{EditorWorkload, RunRecord};
 use metac_runtime::editor::{load_lm_weights, EditScores, Editor};
 use metac_runtime::trainer::{Trainer, TrainerOptions, BEST_WEIGHTS};
 use serde::Serialize;
@@ -90,6 +90,7 @@ pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
     let identity = bundle.manifest_sha256()?;
     let mut w = EditorWorkload::new(editor, s.clone())?;
     let mut trainer = Trainer::open(&mut w, &a.out, &identity, a.resume)?;
+    RunRecord::write(&a.out, &bundle)?;
     if !a.quiet {
         eprintln!(
             "metac run: editor of {} on {} ({}), {} trajectories x {} batches x {} edits, seed {}; unedited LM on the validation edits: ES {:.3} GS {:.3} LS {:.3}; starting at trajectory {}",

@@ -134,9 +134,14 @@ pub struct Args {
     /// default: the shipped data/mnist.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Output directory.
+    /// Output directory (required to meta-test; for an edited model it
+    /// defaults to EDITED).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// An edited model (EDITED from `metac edit`): the facts to score it on
+    /// (JSON lines; default: EDITED/facts.jsonl, the edits it was given).
+    #[arg(long)]
+    pub facts: Option<PathBuf>,
     /// Build every graph here, even where the bundle has it (on its own
     /// problem and batch sizes it runs its compiled steps and evaluation).
     #[arg(long)]
@@ -225,6 +230,25 @@ fn save_params(
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // An edited language model rather than a learned optimizer's run.
+    if let Some(dir) = a
+        .run
+        .as_deref()
+        .filter(|d| d.join(crate::cmd_edit::EDIT_RECORD).is_file())
+    {
+        return crate::cmd_edit::eval_edited(dir, a.facts.as_deref(), a.out.as_deref(), &a.backend);
+    }
+    ensure!(
+        a.facts.is_none(),
+        "--facts scores an edited model (a directory of `metac edit`); {} is not one",
+        a.run
+            .as_deref()
+            .map_or("no RUN".into(), |r| r.display().to_string())
+    );
+    let out = a
+        .out
+        .clone()
+        .context("--out (the output directory) is required to meta-test an optimizer")?;
     // Validate every input before loading anything.
     let specs = parse_optimizers(&a.optimizers)?;
     let seeds = parse_seeds(&a.seeds)?;
@@ -302,7 +326,7 @@ pub fn run(a: Args) -> Result<()> {
         Some((b, _)) if learned.is_some() => Some(backend.load(&b.graph_bytes("reset")?, "reset")?),
         _ => None,
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let on = match &data {
         Some(d) => format!(
             "MNIST {} ({} examples), batch {}",
@@ -387,7 +411,7 @@ pub fn run(a: Args) -> Result<()> {
             };
             let (r, params) =
                 run_optimizer(train.as_mut(), &io, &init, step_data, seed, Some(eval))?;
-            save_params(&a.out, label, seed, r.diverged(), &io.params, &params)?;
+            save_params(&out, label, seed, r.diverged(), &io.params, &params)?;
             let status = match (r.diverged_at, r.eval_loss) {
                 (Some(t), _) => format!("DIVERGED at step {t}"),
                 (None, Some(l)) => format!(
@@ -408,9 +432,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
 
-    let csv = a.out.join("curves.csv");
-    let summary_path = a.out.join("summary.json");
-    let png = a.out.join("curves.png");
+    let csv = out.join("curves.csv");
+    let summary_path = out.join("summary.json");
+    let png = out.join("curves.png");
     results.write_curves_csv(&csv)?;
     results.write_summary_json(&summary_path)?;
     // A log scale where every loss is positive (not so for e.g. styblinski-tang).
@@ -452,7 +476,7 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             String::new()
         },
-        a.out.join("params").display()
+        out.join("params").display()
     );
     Ok(())
 }

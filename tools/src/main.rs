@@ -4,6 +4,7 @@ mod bench_l2o;
 mod cmd_bench;
 mod cmd_compare;
 mod cmd_derive;
+mod cmd_edit;
 mod cmd_editor;
 mod cmd_eval;
 mod cmd_hessian;
@@ -28,7 +29,8 @@ ONNX Runtime (CPU or CUDA) or tract.",
     after_help = "Examples:\n  \
 metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --out evals/relu\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
-metac inspect model.onnx\n  metac hessian --eval evals/relu --out hessian/\n  metac compare evals/relu=base evals/relu-hess=+hessian --out evals/ablation\n  metac bench mlp\n\n\
+metac inspect model.onnx\n  metac hessian --eval evals/relu --out hessian/\n  \
+metac edit runs/editor --facts facts.jsonl --out edited/\n  metac eval edited/\n  metac compare evals/relu=base evals/relu-hess=+hessian --out evals/ablation\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
 (pip install onnxruntime==1.31.1); without it metac falls back to tract."
 )]
@@ -47,7 +49,11 @@ enum Cmd {
     Compile(cmd_l2o::CompileArgs),
     /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model, an editor bundle's hypernetwork.
     Run(cmd_l2o::RunArgs),
-    /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic).
+    /// Edit a language model's facts with a meta-trained editor (or fine-tuning) and write the edited model.
+    Edit(cmd_edit::Args),
+    /// Write edit requests of a fact world as a facts file (the input of `metac edit`).
+    Facts(cmd_edit::FactsArgs),
+    /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic); or score an edited model (`metac eval EDITED`).
     Eval(cmd_eval::Args),
     /// Several `metac eval` outputs side by side (e.g. an ablation): one table, one plot.
     Compare(cmd_compare::Args),
@@ -98,6 +104,8 @@ fn main() -> ExitCode {
         Cmd::Compile(a) => cmd_l2o::compile(a),
         Cmd::Run(a) => cmd_l2o::run(a),
         Cmd::Eval(a) => cmd_eval::run(a),
+        Cmd::Edit(a) => cmd_edit::run(a),
+        Cmd::Facts(a) => cmd_edit::facts(a),
         Cmd::Hessian(a) => cmd_hessian::run(a),
         Cmd::Compare(a) => cmd_compare::run(a),
     };

@@ -133,6 +133,7 @@ fn the_editor_learns_to_edit_and_resumes_exactly() {
             "{f} differs"
         );
     }
+    edit_with_the_run(&d, &whole);
     // An editor run needs its config; another workload's flags are refused.
     let e = err_line(&metac(&["run", s(&bundle), "--out", s(&d.join("x"))]));
     assert!(e.contains("--config"), "{e}");
@@ -149,6 +150,122 @@ fn the_editor_learns_to_edit_and_resumes_exactly() {
     assert!(e.contains("--epochs"), "{e}");
 }
 
+/// `metac facts`, `metac edit` (the run's editor and FT) and `metac eval`
+/// of the edited model, as a user runs them; bad facts files are one-line
+/// errors naming the line, and leave what was written before alone.
+fn edit_with_the_run(d: &Path, run: &Path) {
+    let lm_cfg = root().join("configs/lm-tiny.toml");
+    let facts = d.join("facts.jsonl");
+    ok(&metac(&[
+        "facts",
+        "--config",
+        s(&lm_cfg),
+        "--edits",
+        "12",
+        "--out",
+        s(&facts),
+    ]));
+    let text = std::fs::read_to_string(&facts).unwrap();
+    assert_eq!(text.lines().count(), 12);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(
+        first["prompt"].is_string() && first["target"].is_string(),
+        "{first}"
+    );
+    assert_eq!(first["equivalent"].as_array().unwrap().len(), 2);
+
+    let edited = d.join("edited");
+    let edit = |out: &Path, facts: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "edit",
+            s(run),
+            "--facts",
+            s(facts),
+            "--out",
+            s(out),
+            "--unfused",
+        ];
+        a.extend(extra);
+        metac(&a)
+    };
+    ok(&edit(&edited, &facts, &[]));
+    let rec = json(&edited.join("edit.json"));
+    assert_eq!(rec["method"], "malmen");
+    assert_eq!(rec["edits"], 12);
+    assert_eq!(rec["before"]["es"], 0.0, "{rec}");
+    let es = rec["after"]["es"].as_f64().unwrap();
+    assert!(es >= 0.25, "the trained editor edits unseen facts: {rec}");
+    // The facts as read, in the same format.
+    assert_eq!(
+        std::fs::read_to_string(edited.join("facts.jsonl")).unwrap(),
+        text
+    );
+    // The edited weights are the LM's tensors, changed in the edited layers only.
+    let base = PathBuf::from(rec["lm_weights"].as_str().unwrap());
+    let read = |p: &Path| {
+        metac_contract::bundle::read_safetensors(&std::fs::read(p).unwrap(), "w").unwrap()
+    };
+    let (b, e) = (read(&base), read(&edited.join("model.safetensors")));
+    assert_eq!(b.keys().collect::<Vec<_>>(), e.keys().collect::<Vec<_>>());
+    for (k, v) in &b {
+        let changed = v != &e[k];
+        assert_eq!(changed, k == "l1.mlp.proj.w" || k == "l0.mlp.proj.w", "{k}");
+    }
+
+    // metac eval of the edited model re-measures it from its files.
+    ok(&metac(&["eval", s(&edited), "--unfused"]));
+    let ev = json(&edited.join("eval.json"));
+    for k in ["es", "gs", "ls"] {
+        assert_eq!(ev["edited"][k], rec["after"][k], "{k}: {ev} vs {rec}");
+        assert_eq!(ev["unedited"][k], rec["before"][k], "{k}");
+    }
+    let world = ev["world_train_templates"].as_array().unwrap();
+    assert!(world[0].as_f64().unwrap() > 0.9, "{ev}");
+
+    // The baseline: fine-tuning the edited layers reaches the edit prompts.
+    let ft = d.join("edited-ft");
+    ok(&edit(
+        &ft,
+        &facts,
+        &["--method", "ft", "--ft-steps", "30", "--ft-lr", "1e-2"],
+    ));
+    let rf = json(&ft.join("edit.json"));
+    assert_eq!(rf["method"], "ft");
+    assert!(rf["after"]["es"].as_f64().unwrap() >= 0.5, "{rf}");
+
+    // Bad facts: the line and the word, exit 2; the earlier edit stays.
+    let before = std::fs::read(edited.join("model.safetensors")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let target = first["target"].as_str().unwrap();
+    let prompt = first["prompt"].as_str().unwrap();
+    let cases = [
+        (format!("{}\n{{\"prompt\": ", lines[0]), "line 2"),
+        (
+            format!(
+                "{}\n\n{}",
+                lines[0],
+                lines[1].replace("\"target\"", "\"object\"")
+            ),
+            "line 3",
+        ),
+        (lines[0].replacen(target, "zzzq", 1), "unknown word 'zzzq'"),
+        (
+            lines[0].replacen(prompt, &format!("{prompt} {prompt} {prompt}"), 1),
+            "at most",
+        ),
+    ];
+    let bad = d.join("bad.jsonl");
+    for (content, want) in cases {
+        std::fs::write(&bad, &content).unwrap();
+        let e = err_line(&edit(&edited, &bad, &[]));
+        assert!(e.contains("bad.jsonl") && e.contains(want), "{want}: {e}");
+    }
+    assert!(std::fs::read(edited.join("model.safetensors")).unwrap() == before);
+    let e = err_line(&edit(&d.join("x"), &d.join("missing.jsonl"), &[]));
+    assert!(e.contains("missing.jsonl"), "{e}");
+    assert!(!d.join("x").exists());
+}
+
 #[test]
 fn bad_editor_configs_name_the_key_or_layer() {
     let d = scratch("bad");
@@ -159,6 +276,10 @@ fn bad_editor_configs_name_the_key_or_layer() {
             "'l7.mlp.proj'",
         ),
         (text.replace("rank = 8", "rank = 0"), "editor.rank"),
+        (
+            text.replace("chunk = 16", "chunk = 16\nsolver = \"lsq\""),
+            "solver",
+        ),
         (text.replace("lr = 1e-3", "lr = -1e-3"), "meta.lr"),
         (
             text.replace("edits = 8", "edits = 8\nedit_count = 3"),

@@ -16,6 +16,10 @@
 //! | `logp` | LM parameters, `tokens`, `positions` | `logp` |
 //! | `evaluate` | LM parameters, `tokens`, `positions`, `answers` | `nll`, `correct` |
 //! | `hyper_adam` | hypernetwork, `grad.{name}`, Adam's state | `new.{name}` |
+//! | `ft_adam` | edited layers' weights `{layer}.w`, `grad.{layer}.w`, Adam's state, `lr_scale` (the learning rate) | `new.{name}` |
+//!
+//! `ft_adam` is the fine-tuning baseline's step (`metac edit --method ft`):
+//! Adam on the edited layers with `meta_loss`'s gradient.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +39,20 @@ pub const META_LOSS: &str = "meta_loss";
 pub const LOGP: &str = "logp";
 pub const EVALUATE: &str = "evaluate";
 pub const HYPER_ADAM: &str = "hyper_adam";
+pub const FT_ADAM: &str = "ft_adam";
+/// `ft_adam`'s learning-rate input.
+pub const FT_LR: &str = "lr_scale";
+
+/// How the values become a layer's shift.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Solver {
+    /// MALMEN: the least-squares shift `(U^T U + lambda I)^{-1} U^T D`.
+    #[default]
+    LeastSquares,
+    /// MEND's rule: the sum of the edits' rank-one shifts, `U^T D`.
+    Sum,
+}
 
 /// The `[lm]` table: the language model that is edited.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +84,10 @@ pub struct EditorTable {
     /// Unrelated prompts per edit.
     #[serde(default = "one")]
     pub unrelated: usize,
+    /// `least-squares` (MALMEN) or `sum` (MEND's sum of rank-one shifts,
+    /// the baseline).
+    #[serde(default)]
+    pub solver: Solver,
 }
 
 fn rank() -> usize {
@@ -288,6 +310,11 @@ pub struct EditorMeta {
     /// Init rules of the hypernetwork and of its Adam state.
     pub hyper_init: Vec<TensorInit>,
     pub adam_init: Vec<TensorInit>,
+    #[serde(default)]
+    pub solver: Solver,
+    /// Init rules of `ft_adam`'s state (fine-tuning the edited layers).
+    #[serde(default)]
+    pub ft_adam_init: Vec<TensorInit>,
 }
 
 impl EditorMeta {

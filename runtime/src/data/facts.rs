@@ -64,13 +64,22 @@ pub struct Prompt {
     pub answer: u32,
 }
 
-/// An edit: a fact (subject, relation) to be given a new object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EditRequest {
+/// Which fact of a [`FactWorld`] an edit request changes, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorldFact {
     pub subject: usize,
     pub relation: usize,
     pub old_object: usize,
     pub new_object: usize,
+}
+
+/// An edit: a prompt to be given a new answer, with the prompts that should
+/// follow it and those that should not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EditRequest {
+    /// The world's fact it edits (requests the world drew; `None` for a
+    /// user's).
+    pub fact: Option<WorldFact>,
     /// A training template with the new object as the answer.
     pub edit: Prompt,
     /// The held-out paraphrases with the new object.
@@ -108,6 +117,15 @@ impl Vocab {
         self.words.push(w.to_string());
         self.ids.insert(w.to_string(), id);
         id
+    }
+
+    /// The vocabulary of `<pad>` and `words` (repeats count once).
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut v = Vocab::new();
+        for w in words {
+            v.add(w);
+        }
+        v
     }
 
     pub fn len(&self) -> usize {
@@ -452,10 +470,12 @@ impl FactWorld {
                 })
                 .collect();
             out.push(EditRequest {
-                subject: s,
-                relation: r,
-                old_object: old,
-                new_object: new,
+                fact: Some(WorldFact {
+                    subject: s,
+                    relation: r,
+                    old_object: old,
+                    new_object: new,
+                }),
                 edit: self.prompt(s, r, t, new),
                 equivalent,
                 unrelated,
@@ -564,14 +584,16 @@ mod tests {
         let w = world();
         let reqs = w.edit_requests(Split::Eval, 300, 2, 7).unwrap();
         assert_eq!(reqs, w.edit_requests(Split::Eval, 300, 2, 7).unwrap());
-        let facts: HashSet<(usize, usize)> = reqs.iter().map(|r| (r.subject, r.relation)).collect();
-        assert_eq!(facts.len(), 300);
-        for r in &reqs {
-            assert_eq!(w.splits[r.subject], Split::Eval);
-            assert_ne!(r.old_object, r.new_object);
+        let facts: Vec<WorldFact> = reqs.iter().map(|r| r.fact.unwrap()).collect();
+        let distinct: HashSet<(usize, usize)> =
+            facts.iter().map(|f| (f.subject, f.relation)).collect();
+        assert_eq!(distinct.len(), 300);
+        for (r, f) in reqs.iter().zip(&facts) {
+            assert_eq!(w.splits[f.subject], Split::Eval);
+            assert_ne!(f.old_object, f.new_object);
             let new = w
                 .vocab
-                .id(&w.relations[r.relation].objects[r.new_object])
+                .id(&w.relations[f.relation].objects[f.new_object])
                 .unwrap();
             assert_eq!(r.edit.answer, new);
             assert_eq!(r.equivalent.len(), 2);

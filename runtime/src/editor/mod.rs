@@ -13,7 +13,8 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::{read_safetensors, Bundle};
 use metac_contract::editor::{
-    EditorMeta, CACHE, EVALUATE, HYPER_ADAM, LOGP, META_LOSS, VALUES, VALUES_VJP,
+    EditorMeta, Solver, CACHE, EVALUATE, FT_ADAM, FT_LR, HYPER_ADAM, LOGP, META_LOSS, VALUES,
+    VALUES_VJP,
 };
 use metac_contract::fsutil::sha256_hex;
 use metac_contract::lm::GptConfig;
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use self::solve::Shift;
 use crate::backend::{Backend, Session};
 use crate::data::facts::{EditRequest, FactWorld, Prompt};
-use crate::lm::{answer_batch, Evaluator};
+use crate::lm::{answer_batch, Evaluator, Scores};
 use crate::tensor::{HostTensor, Named};
 
 /// Running mean and variance of the hypernetwork's inputs `[u, delta]` of
@@ -82,7 +83,7 @@ impl RunningNorm {
 /// ES, GS and LS: the fraction of answer tokens the edited model ranks
 /// first (teacher forcing) on the edit prompts (the new answer), their
 /// equivalent prompts (the new answer) and the unrelated prompts (their
-/// own answer).
+/// own answer). NaN (`null` in JSON) where the edits have no such prompts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EditScores {
     pub es: f64,
@@ -101,6 +102,20 @@ pub struct Applied {
     previous: Vec<HostTensor>,
 }
 
+impl EditScores {
+    /// `ES 0.912 GS 0.850 LS 0.970`, with `-` for a score without prompts.
+    pub fn show(&self) -> String {
+        let f = |x: f64| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.3}")
+            }
+        };
+        format!("ES {} GS {} LS {}", f(self.es), f(self.gs), f(self.ls))
+    }
+}
+
 /// The editor bundle's graphs over an LM's weights and a hypernetwork.
 pub struct Editor {
     pub meta: EditorMeta,
@@ -110,6 +125,7 @@ pub struct Editor {
     meta_loss: Box<dyn Session>,
     logp: Box<dyn Session>,
     adam: Box<dyn Session>,
+    ft_adam: Box<dyn Session>,
     eval: Evaluator,
     /// The unedited LM's parameters.
     pub base: Named<HostTensor>,
@@ -223,6 +239,7 @@ impl Editor {
             meta_loss: load(META_LOSS)?,
             logp: load(LOGP)?,
             adam: load(HYPER_ADAM)?,
+            ft_adam: load(FT_ADAM)?,
             eval: Evaluator::from_session(load(EVALUATE)?, c * (1 + meta.equivalents), meta.seq),
             lm: base.clone(),
             base,
@@ -332,8 +349,13 @@ impl Editor {
         let mut shifts = vec![];
         let mut previous = vec![];
         for (i, l) in layers.iter().enumerate() {
-            let s = Shift::solve(&keys[i], &values[i], n, l.d_in, l.d_out, lamda[i])
-                .with_context(|| format!("layer {}", l.name))?;
+            let s = match self.meta.solver {
+                Solver::LeastSquares => {
+                    Shift::solve(&keys[i], &values[i], n, l.d_in, l.d_out, lamda[i])
+                }
+                Solver::Sum => Shift::sum(&keys[i], &values[i], n, l.d_in, l.d_out),
+            }
+            .with_context(|| format!("layer {}", l.name))?;
             let w = self.weight_mut(&l.name)?;
             previous.push(w.clone());
             let shift = s.shift();
@@ -583,10 +605,175 @@ impl Editor {
             .iter()
             .flat_map(|r| r.unrelated.iter().cloned())
             .collect();
+        let acc = |s: Scores| {
+            if s.correct.is_empty() {
+                f64::NAN
+            } else {
+                s.accuracy()
+            }
+        };
         Ok(EditScores {
-            es: self.eval.scores(&self.lm, &edits)?.accuracy(),
-            gs: self.eval.scores(&self.lm, &eq)?.accuracy(),
-            ls: self.eval.scores(&self.lm, &un)?.accuracy(),
+            es: acc(self.eval.scores(&self.lm, &edits)?),
+            gs: acc(self.eval.scores(&self.lm, &eq)?),
+            ls: acc(self.eval.scores(&self.lm, &un)?),
         })
+    }
+
+    /// The scores of `prompts` under the current LM.
+    pub fn scores(&mut self, prompts: &[Prompt]) -> Result<Scores> {
+        self.eval.scores(&self.lm, prompts)
+    }
+
+    /// The baseline: fine-tune the edited layers' weights on the edit
+    /// prompts (mean cross-entropy of the new answers, all edits in every
+    /// step), `steps` Adam steps at learning rate `lr` (the bundle's
+    /// `ft_adam`, fresh state). Undo with [`Editor::undo`].
+    pub fn fine_tune(&mut self, reqs: &[EditRequest], steps: usize, lr: f32) -> Result<Applied> {
+        let (c, seq) = (self.meta.chunk, self.meta.seq);
+        let (ce, kl) = (c * (1 + self.meta.equivalents), c * self.meta.unrelated);
+        let n = reqs.len();
+        ensure!(n > 0, "no edits");
+        let layers = self.meta.layers.clone();
+        let previous = layers
+            .iter()
+            .map(|l| self.weight_mut(&l.name).map(|w| w.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut state: Named<HostTensor> = self
+            .meta
+            .ft_adam_init
+            .iter()
+            .map(|r| (r.name.clone(), HostTensor::from_graph(&r.draw(0))))
+            .collect();
+        ensure!(
+            !state.is_empty(),
+            "the bundle has no ft_adam state (recompile it)"
+        );
+        // No locality term: zero weights and reference.
+        let kl_w = tensor(&[kl], vec![0.0; kl]);
+        let ref_logp = tensor(
+            &[kl, self.meta.model.vocab],
+            vec![0.0; kl * self.meta.model.vocab],
+        );
+        let lr = HostTensor::scalar_f32(lr);
+        for _ in 0..steps {
+            let mut g_w: Vec<Vec<f32>> =
+                layers.iter().map(|l| vec![0.0; l.d_in * l.d_out]).collect();
+            for chunk in reqs.chunks(c) {
+                let prompts: Vec<&Prompt> = chunk.iter().map(|r| &r.edit).collect();
+                let mut w = vec![1.0 / n as f32; chunk.len()];
+                w.resize(ce, 0.0);
+                let [ct, cp, ca] = answer_batch(&prompts, ce, seq)?;
+                let [kt, kp, _] = answer_batch(&prompts[..1], kl, seq)?;
+                let cw = tensor(&[ce], w);
+                let mut ins = refs(&self.lm);
+                ins.extend([
+                    ("ce.tokens", &ct),
+                    ("ce.positions", &cp),
+                    ("ce.answers", &ca),
+                    ("ce.weights", &cw),
+                    ("kl.tokens", &kt),
+                    ("kl.positions", &kp),
+                    ("kl.weights", &kl_w),
+                    ("kl.ref_logp", &ref_logp),
+                ]);
+                let mut out: HashMap<String, HostTensor> =
+                    self.meta_loss.run(&ins)?.into_iter().collect();
+                for (i, l) in layers.iter().enumerate() {
+                    let g = f32s(&output(&mut out, META_LOSS, &format!("grad.{}.w", l.name))?)?;
+                    for (a, b) in g_w[i].iter_mut().zip(g) {
+                        *a += b;
+                    }
+                }
+            }
+            let grads: Named<HostTensor> = layers
+                .iter()
+                .zip(g_w)
+                .map(|(l, g)| (format!("grad.{}.w", l.name), tensor(&[l.d_in, l.d_out], g)))
+                .collect();
+            let weights: Named<HostTensor> = layers
+                .iter()
+                .map(|l| {
+                    let name = format!("{}.w", l.name);
+                    self.weight_mut(&l.name).map(|w| (name, w.clone()))
+                })
+                .collect::<Result<_>>()?;
+            let mut ins = refs(&weights);
+            ins.extend(refs(&grads));
+            ins.extend(refs(&state));
+            ins.push((FT_LR, &lr));
+            let mut out: HashMap<String, HostTensor> =
+                self.ft_adam.run(&ins)?.into_iter().collect();
+            for l in &layers {
+                let w = output(&mut out, FT_ADAM, &format!("new.{}.w", l.name))?;
+                *self.weight_mut(&l.name)? = w;
+            }
+            for (name, t) in state.iter_mut() {
+                *t = output(&mut out, FT_ADAM, &format!("new.{name}"))?;
+            }
+        }
+        Ok(Applied {
+            n,
+            keys: vec![],
+            deltas: vec![],
+            shifts: vec![],
+            previous,
+        })
+    }
+
+    /// Take the hypernetwork and the normalisers' statistics from
+    /// `tensors` (a run's `best.safetensors` or checkpoint); with
+    /// `optimizer`, Adam's state too. `what` names the source in errors.
+    pub fn load_hyper(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        what: &str,
+        optimizer: bool,
+    ) -> Result<()> {
+        let adam: &mut Named<HostTensor> = &mut self.adam_state;
+        let both = self
+            .hyper
+            .iter_mut()
+            .chain(adam.iter_mut().filter(|_| optimizer));
+        for (n, t) in both {
+            let v = tensors
+                .get(n.as_str())
+                .with_context(|| format!("{what}: no tensor '{n}'"))?;
+            ensure!(
+                v.shape == t.shape(),
+                "{what}: '{n}' has shape {:?}, the bundle {:?}",
+                v.shape,
+                t.shape()
+            );
+            *t = HostTensor::from_graph(v);
+        }
+        // The normalisers as the weights saw them (a checkpoint's exact f64
+        // statistics come after this, from checkpoint.json).
+        for (k, norm) in self.norms.iter_mut().enumerate() {
+            let (m, sd) = (format!("norm.g{k}.mean"), format!("norm.g{k}.std"));
+            let (m, sd) = (
+                tensors
+                    .get(&m)
+                    .with_context(|| format!("{what}: no tensor '{m}'"))?,
+                tensors
+                    .get(&sd)
+                    .with_context(|| format!("{what}: no tensor '{sd}'"))?,
+            );
+            let (m, sd) = (
+                m.as_f32().context("f32 mean")?,
+                sd.as_f32().context("f32 std")?,
+            );
+            ensure!(
+                m.len() == norm.mean.len() && sd.len() == norm.var.len(),
+                "{what}: normaliser {k} has {} entries, the bundle's {}",
+                m.len(),
+                norm.mean.len()
+            );
+            norm.mean = m.iter().map(|&x| f64::from(x)).collect();
+            norm.var = sd
+                .iter()
+                .map(|&x| (f64::from(x).powi(2) - 1e-8).max(0.0))
+                .collect();
+        }
+        Ok(())
     }
 }

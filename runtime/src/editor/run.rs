@@ -9,17 +9,118 @@
 //! GS and LS.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use metac_contract::bundle::{read_safetensors, Bundle};
 use metac_contract::editor::EditorRunSettings;
+use metac_contract::fsutil::write_atomic;
 use metac_graphs::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{EditScores, Editor, RunningNorm};
 use crate::data::facts::{EditRequest, Split};
-use crate::tensor::HostTensor;
-use crate::trainer::{MetricsLine, Validation, Workload};
+use crate::trainer::{
+    MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_INFO, CHECKPOINT_WEIGHTS,
+};
+
+/// `RUN/run.json`: what an editor run records about its bundle, so that
+/// `metac edit RUN` needs no `--bundle`.
+pub const RUN_RECORD: &str = "run.json";
+
+/// The contents of [`RUN_RECORD`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub kind: String,
+    /// The bundle's directory (absolute where it could be resolved).
+    pub bundle: PathBuf,
+    pub manifest_sha256: String,
+}
+
+impl RunRecord {
+    /// Record `bundle` as the bundle of the run in `run`.
+    pub fn write(run: &Path, bundle: &Bundle) -> Result<()> {
+        let r = RunRecord {
+            kind: "editor".into(),
+            bundle: std::fs::canonicalize(&bundle.dir).unwrap_or_else(|_| bundle.dir.clone()),
+            manifest_sha256: bundle.manifest_sha256()?,
+        };
+        write_atomic(
+            &run.join(RUN_RECORD),
+            serde_json::to_string_pretty(&r)?.as_bytes(),
+        )
+    }
+
+    /// The bundle of the run in `run`: `bundle` if given, else the
+    /// recorded one; refused when the run's checkpoint is of another.
+    pub fn bundle_of(run: &Path, bundle: Option<&Path>) -> Result<Bundle> {
+        ensure!(
+            run.is_dir(),
+            "{}: no such run directory (of `metac run` of an editor bundle)",
+            run.display()
+        );
+        let path = match bundle {
+            Some(b) => b.to_path_buf(),
+            None => {
+                let p = run.join(RUN_RECORD);
+                let text = std::fs::read_to_string(&p).with_context(|| {
+                    format!(
+                        "cannot read {} (is {} an editor run? name its bundle with --bundle)",
+                        p.display(),
+                        run.display()
+                    )
+                })?;
+                let r: RunRecord = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?;
+                r.bundle
+            }
+        };
+        let b = Bundle::load(&path)?;
+        let info = run.join(CHECKPOINT_INFO);
+        if let Ok(text) = std::fs::read_to_string(&info) {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", info.display()))?;
+            let trained = v["manifest_sha256"].as_str().unwrap_or_default();
+            ensure!(
+                trained == b.manifest_sha256()?,
+                "{} was trained with another bundle than {} (manifest hash {} vs {})",
+                run.display(),
+                path.display(),
+                &trained[..12.min(trained.len())],
+                &b.manifest_sha256()?[..12]
+            );
+        }
+        Ok(b)
+    }
+}
+
+/// Which hypernetwork of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunWeights {
+    /// `best.safetensors`: the best validation's.
+    Best,
+    /// `checkpoint.safetensors`: the last trajectory's.
+    Final,
+}
+
+impl Editor {
+    /// Take the hypernetwork and normalisers of the run in `run`.
+    pub fn load_run(&mut self, run: &Path, weights: RunWeights) -> Result<()> {
+        let (file, why) = match weights {
+            RunWeights::Best => (
+                BEST_WEIGHTS,
+                "the run has not validated yet; its last checkpoint is the final weights",
+            ),
+            RunWeights::Final => (CHECKPOINT_WEIGHTS, "the run has not completed a trajectory"),
+        };
+        let p = run.join(file);
+        ensure!(p.is_file(), "{}: not found ({why})", p.display());
+        let what = p.display().to_string();
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {what}"))?;
+        self.load_hyper(&read_safetensors(&bytes, &what)?, &what, false)
+    }
+}
 
 /// One trajectory's line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -172,46 +273,7 @@ impl Workload for EditorWorkload {
     }
 
     fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        for (n, t) in self
-            .editor
-            .hyper
-            .iter_mut()
-            .chain(self.editor.adam_state.iter_mut())
-        {
-            let v = tensors
-                .get(n.as_str())
-                .with_context(|| format!("{what}: no tensor '{n}'"))?;
-            ensure!(
-                v.shape == t.shape(),
-                "{what}: '{n}' has shape {:?}, the bundle {:?}",
-                v.shape,
-                t.shape()
-            );
-            *t = HostTensor::from_graph(v);
-        }
-        // The normalisers as the weights saw them (a checkpoint's exact f64
-        // statistics come after this, from checkpoint.json).
-        for (k, norm) in self.editor.norms.iter_mut().enumerate() {
-            let (m, sd) = (format!("norm.g{k}.mean"), format!("norm.g{k}.std"));
-            if let (Some(m), Some(sd)) = (tensors.get(&m), tensors.get(&sd)) {
-                let (m, sd) = (
-                    m.as_f32().context("f32 mean")?,
-                    sd.as_f32().context("f32 std")?,
-                );
-                ensure!(
-                    m.len() == norm.mean.len() && sd.len() == norm.var.len(),
-                    "{what}: normaliser {k} has {} entries, the bundle's {}",
-                    m.len(),
-                    norm.mean.len()
-                );
-                norm.mean = m.iter().map(|&x| f64::from(x)).collect();
-                norm.var = sd
-                    .iter()
-                    .map(|&x| (f64::from(x).powi(2) - 1e-8).max(0.0))
-                    .collect();
-            }
-        }
-        Ok(())
+        self.editor.load_hyper(tensors, what, true)
     }
 
     /// What shapes a trajectory; the number of trajectories and the

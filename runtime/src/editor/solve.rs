@@ -16,19 +16,23 @@
 //! dL/dD = U M        dL/dlamda = -lambda <M, S>
 //! ```
 //!
+//! MEND's rule, the baseline ([`Shift::sum`]), is `S = U^T D`, the sum of
+//! the edits' rank-one shifts: `dL/dD = U G`, and no `lambda`.
+//!
 //! Why on the host: ONNX has no linear solve, and an `in x in` Cholesky
 //! (512 x 512 for an MLP output projection of the reference model) is cheap
 //! next to the language model's passes. Rows of zeros (padding) change
 //! nothing.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use faer::linalg::solvers::{Llt, Solve};
 use faer::{Mat, Side};
 
 /// One layer's shift, with what its adjoint needs.
 pub struct Shift {
     u: Mat<f64>,
-    llt: Llt<f64>,
+    /// The factor of `U^T U + lambda I` (`None`: the sum rule).
+    llt: Option<Llt<f64>>,
     lambda: f64,
     s: Mat<f64>,
 }
@@ -102,8 +106,26 @@ impl Shift {
         let s = llt.solve(&rhs);
         Ok(Shift {
             u: um,
-            llt,
+            llt: Some(llt),
             lambda,
+            s,
+        })
+    }
+
+    /// MEND's rule: `S = U^T D`.
+    pub fn sum(u: &[f32], d: &[f32], n: usize, d_in: usize, d_out: usize) -> Result<Self> {
+        ensure!(
+            u.len() == n * d_in && d.len() == n * d_out,
+            "sum of shifts: keys of {} and values of {} numbers for {n} rows of {d_in} and {d_out}",
+            u.len(),
+            d.len()
+        );
+        let um = mat(&widen(u), n, d_in);
+        let s = um.transpose() * mat(&widen(d), n, d_out);
+        Ok(Shift {
+            u: um,
+            llt: None,
+            lambda: 0.0,
             s,
         })
     }
@@ -131,7 +153,11 @@ impl Shift {
             "least squares: {} numbers for a {d_in} x {cols} matrix",
             b.len()
         );
-        Ok(flat(&self.llt.solve(&mat(b, d_in, cols))))
+        let llt = self
+            .llt
+            .as_ref()
+            .context("the sum rule has no matrix to invert")?;
+        Ok(flat(&llt.solve(&mat(b, d_in, cols))))
     }
 
     /// For `g = dL/dS` (`[d_in, d_out]`, row-major): `dL/dD` (`[n, d_out]`)
@@ -149,7 +175,11 @@ impl Shift {
             "least squares: a gradient of {} numbers for a {d_in} x {d_out} shift",
             g.len()
         );
-        let m = self.llt.solve(&mat(g, d_in, d_out));
+        let g = mat(g, d_in, d_out);
+        let Some(llt) = &self.llt else {
+            return Ok((flat(&(&self.u * &g)), 0.0));
+        };
+        let m = llt.solve(&g);
         let dd = &self.u * &m;
         let mut inner = 0.0;
         for i in 0..d_in {
@@ -256,6 +286,24 @@ mod tests {
             assert!(
                 (fd - f64::from(dd[k])).abs() <= 1e-5 * fd.abs().max(1e-3),
                 "dL/dD[{k}] {} vs {fd}",
+                dd[k]
+            );
+        }
+        // The sum rule: S = U^T D, linear in D.
+        let sum = Shift::sum(&u, &d, n, di, dout).unwrap();
+        let (dd, dl) = sum.backward(&g).unwrap();
+        assert_eq!(dl, 0.0);
+        let inner = |d: &[f32]| -> f64 {
+            let s = Shift::sum(&u, d, n, di, dout).unwrap().shift_f64();
+            s.iter().zip(&g).map(|(a, b)| a * f64::from(*b)).sum()
+        };
+        for k in [0, 7, n * dout - 1] {
+            let mut p = d.clone();
+            p[k] += 1.0;
+            let fd = inner(&p) - inner(&d);
+            assert!(
+                (fd - f64::from(dd[k])).abs() <= 1e-5 * fd.abs().max(1e-3),
+                "sum: dL/dD[{k}] {} vs {fd}",
                 dd[k]
             );
         }
