@@ -7,14 +7,14 @@
 //! ```sh
 //! cargo run --release -p metac --example edit_scale -- \
 //!     --editor MALMEN=runs/editor --editor MEND=runs/editor-mend \
-//!     --ft runs/editor --ft-steps 20 --ft-lr 1e-3 \
+//!     --ft runs/editor --ft-steps 1,20 --ft-lr 1e-1,1e-1 \
 //!     --edits 1,16,128,1024,4096 --out docs/img/edit-scale
 //! ```
 //!
 //! Small edit counts are repeated on fresh draws (`--min-edits` edits in
 //! all per count, at least one draw) and averaged, each draw edited into the
 //! unedited LM. Writes `OUT/scale.json`, `OUT/scale.md` (the table) and
-//! `OUT/scale.png` (ES, GS and LS against the number of edits).
+//! `OUT/scale.png` (ES and LS against the number of edits).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,7 +27,7 @@ use metac_runtime::data::facts::Split;
 use metac_runtime::editor::run::{RunRecord, RunWeights};
 use metac_runtime::editor::{EditScores, Editor};
 use metac_runtime::plot::{plot_curves_with, PlotOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 struct Args {
@@ -37,10 +37,12 @@ struct Args {
     /// An editor run whose bundle fine-tuning (FT) uses (its LM and layers).
     #[arg(long)]
     ft: Option<PathBuf>,
-    #[arg(long, default_value_t = 20)]
-    ft_steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    ft_lr: f32,
+    /// Comma-separated FT budgets (Adam steps), each its own method ...
+    #[arg(long, value_delimiter = ',', default_value = "20")]
+    ft_steps: Vec<usize>,
+    /// ... at these learning rates (one per budget).
+    #[arg(long, value_delimiter = ',', default_value = "1e-3")]
+    ft_lr: Vec<f32>,
     /// Comma-separated numbers of simultaneous edits.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
     edits: Vec<usize>,
@@ -49,11 +51,15 @@ struct Args {
     min_edits: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Rows of earlier `OUT/scale.json` files to put first in the table
+    /// and the plot (e.g. FT measured with fewer draws).
+    #[arg(long)]
+    include: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
 }
 
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Row {
     method: String,
     edits: usize,
@@ -67,9 +73,17 @@ struct Row {
 fn main() -> Result<()> {
     let a = Args::parse();
     ensure!(
-        !a.editor.is_empty() || a.ft.is_some(),
-        "name an --editor NAME=RUN or --ft RUN"
+        !a.editor.is_empty() || a.ft.is_some() || !a.include.is_empty(),
+        "name an --editor NAME=RUN, --ft RUN or --include FILE"
     );
+    let mut rows: Vec<Row> = vec![];
+    for p in &a.include {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let more: Vec<Row> =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        rows.extend(more);
+    }
     let backend = open_backend(&BackendOptions::default())?;
     let mut methods: Vec<(String, Editor)> = vec![];
     for spec in &a.editor {
@@ -82,14 +96,19 @@ fn main() -> Result<()> {
         e.load_run(&run, RunWeights::Best)?;
         methods.push((name.to_string(), e));
     }
+    ensure!(
+        a.ft_steps.len() == a.ft_lr.len(),
+        "--ft-steps and --ft-lr need one entry each per FT budget"
+    );
+    let mut ft = vec![];
     if let Some(run) = &a.ft {
         let bundle = RunRecord::bundle_of(run, None)?;
-        methods.push((
-            format!("FT ({} steps)", a.ft_steps),
-            Editor::new(&bundle, backend.as_ref(), 0)?,
-        ));
+        for (&steps, &lr) in a.ft_steps.iter().zip(&a.ft_lr) {
+            let name = format!("FT {steps} step{}", if steps == 1 { "" } else { "s" });
+            ft.push((name.clone(), steps, lr));
+            methods.push((name, Editor::new(&bundle, backend.as_ref(), 0)?));
+        }
     }
-    let mut rows = vec![];
     for (name, editor) in &mut methods {
         for &n in &a.edits {
             let draws = (a.min_edits / n).max(1);
@@ -103,8 +122,8 @@ fn main() -> Result<()> {
                 )?;
                 editor.reset();
                 let t0 = Instant::now();
-                let applied = if name.starts_with("FT") {
-                    editor.fine_tune(&reqs, a.ft_steps, a.ft_lr)?
+                let applied = if let Some((_, steps, lr)) = ft.iter().find(|f| &f.0 == name) {
+                    editor.fine_tune(&reqs, *steps, *lr)?
                 } else {
                     editor.edit(&reqs, false)?
                 };
@@ -153,16 +172,21 @@ fn main() -> Result<()> {
         );
     }
     write_atomic(&a.out.join("scale.md"), md.as_bytes())?;
+    let mut names: Vec<&str> = vec![];
+    for r in &rows {
+        if !names.contains(&r.method.as_str()) {
+            names.push(&r.method);
+        }
+    }
     let mut series = vec![];
-    for (name, _) in &methods {
+    for name in names {
         for (m, get) in [
             ("ES", (|s: &EditScores| s.es) as fn(&EditScores) -> f64),
-            ("GS", |s| s.gs),
             ("LS", |s| s.ls),
         ] {
             let pts = rows
                 .iter()
-                .filter(|r| &r.method == name)
+                .filter(|r| r.method == name)
                 .map(|r| ((r.edits as f64).log2(), get(&r.scores)))
                 .collect();
             series.push((format!("{name} {m}"), pts));
@@ -170,7 +194,7 @@ fn main() -> Result<()> {
     }
     plot_curves_with(
         &a.out.join("scale.png"),
-        "ES, GS, LS against simultaneous edits (evaluation facts)",
+        "ES and LS against simultaneous edits (evaluation facts; GS follows ES)",
         &series,
         &PlotOptions {
             log_y: false,

@@ -127,6 +127,21 @@ pub struct MetaTable {
     /// Largest global norm of the hypernetwork's gradient (0: no clipping).
     #[serde(default = "unit")]
     pub clip: f64,
+    /// Which model's answers the locality KL keeps: `unedited` (the LM
+    /// before any edit of the trajectory, what LS measures against) or
+    /// `current` (the LM before this batch's edit, earlier sequential edits
+    /// included).
+    #[serde(default)]
+    pub reference: LocalityReference,
+}
+
+/// See [`MetaTable::reference`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalityReference {
+    #[default]
+    Unedited,
+    Current,
 }
 
 fn meta_lr() -> f64 {
@@ -217,6 +232,7 @@ impl Default for MetaTable {
             equivalent: 1.0,
             locality: 1.0,
             clip: 1.0,
+            reference: LocalityReference::Unedited,
         }
     }
 }

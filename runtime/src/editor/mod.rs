@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::{read_safetensors, Bundle};
 use metac_contract::editor::{
-    EditorMeta, Solver, CACHE, EVALUATE, FT_ADAM, FT_LR, HYPER_ADAM, LOGP, META_LOSS, VALUES,
-    VALUES_VJP,
+    EditorMeta, LocalityReference, Solver, CACHE, EVALUATE, FT_ADAM, FT_LR, HYPER_ADAM, LOGP,
+    META_LOSS, VALUES, VALUES_VJP,
 };
 use metac_contract::fsutil::sha256_hex;
 use metac_contract::lm::GptConfig;
@@ -432,9 +432,10 @@ impl Editor {
             .collect()
     }
 
-    /// The current LM's log-probabilities after each unrelated prompt of
-    /// `reqs`, one tensor per chunk (the locality reference; take it
-    /// before editing).
+    /// The locality reference: the log-probabilities after each unrelated
+    /// prompt of `reqs`, one tensor per chunk, of the unedited LM or (with
+    /// `[meta] reference = "current"`) of the current one (take it before
+    /// editing).
     pub fn reference(&mut self, reqs: &[EditRequest]) -> Result<Vec<HostTensor>> {
         let kl = self.meta.chunk * self.meta.unrelated;
         let mut v = vec![];
@@ -445,7 +446,10 @@ impl Editor {
             );
             let picked: Vec<&Prompt> = prompts.iter().collect();
             let [t, p, _] = answer_batch(&picked, kl, self.meta.seq)?;
-            let mut ins = refs(&self.lm);
+            let mut ins = refs(match self.meta.meta.reference {
+                LocalityReference::Unedited => &self.base,
+                LocalityReference::Current => &self.lm,
+            });
             ins.push(("tokens", &t));
             ins.push(("positions", &p));
             let mut out: HashMap<String, HostTensor> = self.logp.run(&ins)?.into_iter().collect();
