@@ -468,9 +468,8 @@ impl Editor {
         reference: &[HostTensor],
         grads: &mut BTreeMap<String, Vec<f32>>,
     ) -> Result<f64> {
-        let (c, seq) = (self.meta.chunk, self.meta.seq);
+        let c = self.meta.chunk;
         let (ne, nu) = (self.meta.equivalents, self.meta.unrelated);
-        let (ce, kl) = (c * (1 + ne), c * nu);
         let n = reqs.len() as f32;
         let w = &self.meta.meta;
         let (w_edit, w_eq, w_loc) = (
@@ -492,33 +491,14 @@ impl Editor {
                     ce_w.push(w_eq);
                 }
             }
-            ce_w.resize(ce, 0.0);
             let kl_prompts: Vec<&Prompt> = chunk.iter().flat_map(|r| &r.unrelated).collect();
-            let mut kl_w = vec![w_loc; kl_prompts.len()];
-            kl_w.resize(kl, 0.0);
-            let [ct, cp, ca] = answer_batch(&ce_prompts, ce, seq)?;
-            let [kt, kp, _] = answer_batch(&kl_prompts, kl, seq)?;
-            let (cw, kw) = (tensor(&[ce], ce_w), tensor(&[kl], kl_w));
-            let mut ins = refs(&self.lm);
-            ins.extend([
-                ("ce.tokens", &ct),
-                ("ce.positions", &cp),
-                ("ce.answers", &ca),
-                ("ce.weights", &cw),
-                ("kl.tokens", &kt),
-                ("kl.positions", &kp),
-                ("kl.weights", &kw),
-                ("kl.ref_logp", &reference[k]),
-            ]);
-            let mut out: HashMap<String, HostTensor> =
-                self.meta_loss.run(&ins)?.into_iter().collect();
-            loss += f64::from(output(&mut out, META_LOSS, "loss")?.to_scalar_f32()?);
-            for (i, l) in layers.iter().enumerate() {
-                let g = f32s(&output(&mut out, META_LOSS, &format!("grad.{}.w", l.name))?)?;
-                for (a, b) in g_w[i].iter_mut().zip(g) {
-                    *a += b;
-                }
-            }
+            let kl_w = vec![w_loc; kl_prompts.len()];
+            loss += self.meta_loss_into(
+                (&ce_prompts, ce_w),
+                (&kl_prompts, kl_w),
+                &reference[k],
+                &mut g_w,
+            )?;
         }
         // Through the solve ...
         let mut dd = vec![];
@@ -628,13 +608,56 @@ impl Editor {
         self.eval.scores(&self.lm, prompts)
     }
 
+    /// Run `meta_loss` on one chunk: `ce` prompts with their weights (the
+    /// new answers' cross-entropy), `kl` prompts with theirs and the
+    /// reference log-probabilities; adds the gradient with respect to each
+    /// edited weight to `g_w` and returns the loss. Weights are padded with
+    /// zeros to the graph's batches.
+    fn meta_loss_into(
+        &mut self,
+        ce: (&[&Prompt], Vec<f32>),
+        kl: (&[&Prompt], Vec<f32>),
+        ref_logp: &HostTensor,
+        g_w: &mut [Vec<f32>],
+    ) -> Result<f64> {
+        let (c, seq) = (self.meta.chunk, self.meta.seq);
+        let (nce, nkl) = (c * (1 + self.meta.equivalents), c * self.meta.unrelated);
+        let (mut ce_w, mut kl_w) = (ce.1, kl.1);
+        ce_w.resize(nce, 0.0);
+        kl_w.resize(nkl, 0.0);
+        let [ct, cp, ca] = answer_batch(ce.0, nce, seq)?;
+        let [kt, kp, _] = answer_batch(kl.0, nkl, seq)?;
+        let (cw, kw) = (tensor(&[nce], ce_w), tensor(&[nkl], kl_w));
+        let mut ins = refs(&self.lm);
+        ins.extend([
+            ("ce.tokens", &ct),
+            ("ce.positions", &cp),
+            ("ce.answers", &ca),
+            ("ce.weights", &cw),
+            ("kl.tokens", &kt),
+            ("kl.positions", &kp),
+            ("kl.weights", &kw),
+            ("kl.ref_logp", ref_logp),
+        ]);
+        let mut out: HashMap<String, HostTensor> = self.meta_loss.run(&ins)?.into_iter().collect();
+        for (l, g) in self.meta.layers.iter().zip(g_w.iter_mut()) {
+            let grad = f32s(&output(&mut out, META_LOSS, &format!("grad.{}.w", l.name))?)?;
+            for (a, b) in g.iter_mut().zip(grad) {
+                *a += b;
+            }
+        }
+        Ok(f64::from(
+            output(&mut out, META_LOSS, "loss")?.to_scalar_f32()?,
+        ))
+    }
+
     /// The baseline: fine-tune the edited layers' weights on the edit
     /// prompts (mean cross-entropy of the new answers, all edits in every
     /// step), `steps` Adam steps at learning rate `lr` (the bundle's
     /// `ft_adam`, fresh state). Undo with [`Editor::undo`].
     pub fn fine_tune(&mut self, reqs: &[EditRequest], steps: usize, lr: f32) -> Result<Applied> {
-        let (c, seq) = (self.meta.chunk, self.meta.seq);
-        let (ce, kl) = (c * (1 + self.meta.equivalents), c * self.meta.unrelated);
+        let c = self.meta.chunk;
+        let kl = c * self.meta.unrelated;
         let n = reqs.len();
         ensure!(n > 0, "no edits");
         let layers = self.meta.layers.clone();
@@ -652,8 +675,6 @@ impl Editor {
             !state.is_empty(),
             "the bundle has no ft_adam state (recompile it)"
         );
-        // No locality term: zero weights and reference.
-        let kl_w = tensor(&[kl], vec![0.0; kl]);
         let ref_logp = tensor(
             &[kl, self.meta.model.vocab],
             vec![0.0; kl * self.meta.model.vocab],
@@ -664,30 +685,14 @@ impl Editor {
                 layers.iter().map(|l| vec![0.0; l.d_in * l.d_out]).collect();
             for chunk in reqs.chunks(c) {
                 let prompts: Vec<&Prompt> = chunk.iter().map(|r| &r.edit).collect();
-                let mut w = vec![1.0 / n as f32; chunk.len()];
-                w.resize(ce, 0.0);
-                let [ct, cp, ca] = answer_batch(&prompts, ce, seq)?;
-                let [kt, kp, _] = answer_batch(&prompts[..1], kl, seq)?;
-                let cw = tensor(&[ce], w);
-                let mut ins = refs(&self.lm);
-                ins.extend([
-                    ("ce.tokens", &ct),
-                    ("ce.positions", &cp),
-                    ("ce.answers", &ca),
-                    ("ce.weights", &cw),
-                    ("kl.tokens", &kt),
-                    ("kl.positions", &kp),
-                    ("kl.weights", &kl_w),
-                    ("kl.ref_logp", &ref_logp),
-                ]);
-                let mut out: HashMap<String, HostTensor> =
-                    self.meta_loss.run(&ins)?.into_iter().collect();
-                for (i, l) in layers.iter().enumerate() {
-                    let g = f32s(&output(&mut out, META_LOSS, &format!("grad.{}.w", l.name))?)?;
-                    for (a, b) in g_w[i].iter_mut().zip(g) {
-                        *a += b;
-                    }
-                }
+                let w = vec![1.0 / n as f32; chunk.len()];
+                // No locality term: one placeholder prompt of weight 0.
+                self.meta_loss_into(
+                    (&prompts, w),
+                    (&prompts[..1], vec![0.0]),
+                    &ref_logp,
+                    &mut g_w,
+                )?;
             }
             let grads: Named<HostTensor> = layers
                 .iter()
