@@ -27,6 +27,7 @@ pub fn flops(g: &Graph) -> u64 {
                 | Op::Concat { .. }
                 | Op::Slice { .. }
                 | Op::Gather { .. }
+                | Op::ScatterAdd
                 | Op::Expand(_)
                 | Op::StopGradient
                 | Op::Cast(_) => 0,

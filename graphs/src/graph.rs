@@ -439,6 +439,11 @@ impl Graph {
         }
         self.node_with(Op::Slice { axis, start, end }, &[x])
     }
+    /// `x` with row `updates[p]` added at row `indices[p]` (see
+    /// [`Op::ScatterAdd`]).
+    pub fn scatter_add(&mut self, x: NodeId, indices: NodeId, updates: NodeId) -> NodeId {
+        self.node_with(Op::ScatterAdd, &[x, indices, updates])
+    }
     pub fn gather(&mut self, x: NodeId, indices: NodeId, axis: usize) -> NodeId {
         self.node_with(Op::Gather { axis }, &[x, indices])
     }

@@ -251,6 +251,11 @@ pub fn cases() -> Vec<Case> {
             |g, x| g.gather(x[0], x[1], 0),
         ),
         case(
+            "scatter_add",
+            vec![(s(&[5, 3]), u), (s(&[6]), Idx(5)), (s(&[6, 3]), u)],
+            |g, x| g.scatter_add(x[0], x[1], x[2]),
+        ),
+        case(
             "gather_axis1",
             vec![(s(&[2, 5, 3]), u), (s(&[4]), Idx(5))],
             |g, x| g.gather(x[0], x[1], 1),

@@ -81,6 +81,15 @@ fn attr_int(name: &str, i: i64) -> AttributeProto {
     }
 }
 
+fn attr_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 fn attr_ints(name: &str, v: &[usize]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -316,6 +325,19 @@ impl Lowering<'_> {
             }
             Op::Gather { axis } => {
                 self.emit("Gather", ins, &out, vec![attr_int("axis", *axis as i64)])
+            }
+            Op::ScatterAdd => {
+                // ScatterND indexes rows with `[k, 1]` indices.
+                let k = self.g.shape(node.inputs[1])[0];
+                let s = self.shape_operand(&[k, 1]);
+                let rows = format!("{out}_rows");
+                self.emit("Reshape", vec![ins[1].clone(), s], &rows, vec![]);
+                self.emit(
+                    "ScatterND",
+                    vec![ins[0].clone(), rows, ins[2].clone()],
+                    &out,
+                    vec![attr_string("reduction", "add")],
+                );
             }
             Op::Softmax { axis } | Op::LogSoftmax { axis } => self.emit(
                 node.op.name(),

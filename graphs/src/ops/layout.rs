@@ -83,6 +83,37 @@ pub fn gather_shape(x: &TensorType, idx: &TensorType, axis: usize) -> Result<Ten
     Ok(TensorType::new(x.dtype, &s))
 }
 
+pub fn scatter_add_shape(
+    x: &TensorType,
+    idx: &TensorType,
+    upd: &TensorType,
+) -> Result<TensorType, String> {
+    if idx.dtype != DType::I64 || idx.rank() != 1 {
+        return Err(format!(
+            "indices must be i64 [k], got {} {:?}",
+            idx.dtype, idx.shape
+        ));
+    }
+    if !x.dtype.is_float() || upd.dtype != x.dtype {
+        return Err(format!(
+            "data and updates must be one float type, got {} and {}",
+            x.dtype, upd.dtype
+        ));
+    }
+    let mut want = vec![idx.shape[0]];
+    if x.rank() == 0 {
+        return Err("data must have an axis to scatter into".into());
+    }
+    want.extend(&x.shape[1..]);
+    if upd.shape != want {
+        return Err(format!(
+            "updates must be {want:?} for data {:?} and {} indices, got {:?}",
+            x.shape, idx.shape[0], upd.shape
+        ));
+    }
+    Ok(x.clone())
+}
+
 pub fn expand_shape(x: &TensorType, s: &[usize]) -> Result<TensorType, String> {
     let b = broadcast_shapes(&x.shape, s)?;
     if b != s {
@@ -107,6 +138,17 @@ pub fn concat_eval(xs: &[&Value], axis: usize) -> Value {
 
 pub fn slice_eval(x: &Value, axis: usize, start: usize, end: usize) -> Value {
     x.slice_axis(axis, start, end)
+}
+
+pub fn scatter_add_eval(x: &Value, idx: &Value, upd: &Value) -> Value {
+    let (mut out, idx, upd) = (x.f().clone(), idx.i(), upd.f());
+    let n = out.shape()[0] as i64;
+    for (p, &i) in idx.iter().enumerate() {
+        let i = if i < 0 { i + n } else { i };
+        let mut row = out.index_axis_mut(Axis(0), i.clamp(0, n - 1) as usize);
+        row += &upd.index_axis(Axis(0), p);
+    }
+    Value::F(out)
 }
 
 pub fn gather_eval(x: &Value, idx: &Value, axis: usize, out: &TensorType) -> Value {
@@ -195,9 +237,10 @@ pub fn slice_vjp(
     g.concat(&parts, axis)
 }
 
-/// Gather's adjoint is a scatter-add; written as a product with the one-hot
-/// matrix of the indices so that it stays within the op set (and is itself
-/// differentiable): `dX[axis=j] = sum over positions p with idx[p] = j of dY[p]`.
+/// Gather's adjoint is a scatter-add, `dX[axis=j] = sum over positions p
+/// with idx[p] = j of dY[p]`: the `ScatterAdd` op on `dY` laid out as `[k,
+/// rest]` rows (an index-add of `k` rows, where a product with the one-hot
+/// matrix of the indices would cost `k x n x rest`).
 pub fn gather_vjp(
     g: &mut Graph,
     x: NodeId,
@@ -224,16 +267,16 @@ pub fn gather_vjp(
     let d = g.transpose(d, &perm);
     let rest = numel(before) * numel(after);
     let d = g.reshape(d, &[k, rest]);
+    // Negative indices count from the end, as in the forward op (ONNX
+    // semantics); wrapped here, as not every ScatterND takes them.
     let flat_idx = g.reshape(idx, &[k]);
-    // Negative indices count from the end, as in the forward op (ONNX semantics).
     let zero = g.const_i64(&[], vec![0]);
     let neg = g.less(flat_idx, zero);
     let n_c = g.const_i64(&[], vec![n as i64]);
     let wrapped = g.add(flat_idx, n_c);
     let flat_idx = g.where_(neg, wrapped, flat_idx);
-    let onehot = g.one_hot(flat_idx, n); // [k, n]
-    let oht = g.transpose(onehot, &[1, 0]);
-    let dx = g.matmul(oht, d); // [n, rest]
+    let zeros = g.zeros(&[n, rest]);
+    let dx = g.scatter_add(zeros, flat_idx, d); // [n, rest]
     let mut s2 = vec![n];
     s2.extend(before);
     s2.extend(after);

@@ -109,6 +109,13 @@ pub enum Op {
     Gather {
         axis: usize,
     },
+    /// `ScatterAdd(data, indices, updates)`: `data` (`[n, ...]`) with row
+    /// `updates[p]` added at row `indices[p]` for every `p` (repeated
+    /// indices add up): Gather's adjoint along axis 0. `indices` is i64
+    /// `[k]` in `[0, n)` (the reference interpreter also wraps negatives
+    /// and clamps), `updates` `[k, ...]` with `data`'s trailing shape. ONNX
+    /// `ScatterND` with `reduction="add"`.
+    ScatterAdd,
     /// Broadcast to a shape (numpy rules).
     Expand(Shape),
     Softmax {
@@ -188,6 +195,7 @@ impl Op {
                 end: 0,
             },
             Op::Gather { axis: 0 },
+            Op::ScatterAdd,
             Op::Expand(vec![]),
             Op::Softmax { axis: 0 },
             Op::LogSoftmax { axis: 0 },
@@ -225,6 +233,7 @@ impl Op {
                 | Op::Concat { .. }
                 | Op::Slice { .. }
                 | Op::Gather { .. }
+                | Op::ScatterAdd
                 | Op::Expand(_)
                 | Op::Softmax { .. }
                 | Op::LogSoftmax { .. }
@@ -283,6 +292,7 @@ impl Op {
             Op::Concat { .. } => "Concat",
             Op::Slice { .. } => "Slice",
             Op::Gather { .. } => "Gather",
+            Op::ScatterAdd => "ScatterAdd",
             Op::Expand(_) => "Expand",
             Op::Softmax { .. } => "Softmax",
             Op::LogSoftmax { .. } => "LogSoftmax",
@@ -311,7 +321,7 @@ impl Op {
             | Op::Gather { .. }
             | Op::Conv2d(_)
             | Op::ConvTranspose2d { .. } => Some(2),
-            Op::Where => Some(3),
+            Op::Where | Op::ScatterAdd => Some(3),
             Op::Concat { .. } => None,
         }
     }
@@ -346,6 +356,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
         Op::Concat { axis } => layout::concat_shape(ins, *axis),
         Op::Slice { axis, start, end } => layout::slice_shape(ins[0], *axis, *start, *end),
         Op::Gather { axis } => layout::gather_shape(ins[0], ins[1], *axis),
+        Op::ScatterAdd => layout::scatter_add_shape(ins[0], ins[1], ins[2]),
         Op::Expand(s) => layout::expand_shape(ins[0], s),
         Op::Softmax { axis } | Op::LogSoftmax { axis } => softmax::shape(ins[0], *axis),
         Op::Conv2d(p) => conv::conv_shape(ins[0], ins[1], p),
@@ -376,6 +387,7 @@ pub fn eval(op: &Op, ins: &[&Value], out: &TensorType) -> Value {
         Op::Concat { axis } => layout::concat_eval(ins, *axis),
         Op::Slice { axis, start, end } => layout::slice_eval(ins[0], *axis, *start, *end),
         Op::Gather { axis } => layout::gather_eval(ins[0], ins[1], *axis, out),
+        Op::ScatterAdd => layout::scatter_add_eval(ins[0], ins[1], ins[2]),
         Op::Expand(s) => ins[0].broadcast_to(s),
         Op::Softmax { axis } => softmax::eval(ins[0], *axis, false),
         Op::LogSoftmax { axis } => softmax::eval(ins[0], *axis, true),
@@ -414,6 +426,9 @@ pub fn vjp(g: &mut Graph, y: NodeId, dy: NodeId) -> Vec<Option<NodeId>> {
             vec![Some(layout::slice_vjp(g, x[0], *axis, *start, *end, dy))]
         }
         Op::Gather { axis } => vec![layout::gather_vjp(g, x[0], x[1], *axis, dy), None],
+        // Linear in data and updates: dy passes to data, and each update's
+        // row is read back where it was added.
+        Op::ScatterAdd => vec![Some(dy), None, Some(g.gather(dy, x[1], 0))],
         Op::Expand(_) => {
             let s = g.shape(x[0]).to_vec();
             vec![Some(g.sum_to_shape(dy, &s))]
@@ -464,6 +479,17 @@ pub fn jvp(g: &mut Graph, y: NodeId, dx: &[Option<NodeId>]) -> Option<NodeId> {
             keepdims,
         } => Some(reduce::max_jvp(g, x[0], y, axes, *keepdims, dx[0]?)),
         Op::Gather { .. } => Some(g.node_with(node.op.clone(), &[dx[0]?, x[1]])),
+        Op::ScatterAdd => {
+            if dx[0].is_none() && dx[2].is_none() {
+                return None;
+            }
+            let d = dx[0].unwrap_or_else(|| g.zeros(&ty.shape));
+            let u = dx[2].unwrap_or_else(|| {
+                let s = g.shape(x[2]).to_vec();
+                g.zeros(&s)
+            });
+            Some(g.node_with(Op::ScatterAdd, &[d, x[1], u]))
+        }
         Op::Concat { .. } => Some(layout::concat_jvp(g, &node.op, x, dx)),
         Op::Softmax { axis } => Some(softmax::softmax_jvp(g, y, *axis, dx[0]?)),
         Op::LogSoftmax { axis } => Some(softmax::log_softmax_jvp(g, y, *axis, dx[0]?)),

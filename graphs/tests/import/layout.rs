@@ -65,3 +65,53 @@ fn reshape_slice_gather_semantics() {
     let d = outputs_by_name(&g, &feeds);
     assert_close(&d["dx"], &[2, 3, 4], &[0., 1., 0., 1.].repeat(6));
 }
+
+#[test]
+fn scatter_nd_adds_rows_and_refuses_the_rest() {
+    // data [4, 2] + rows of updates at [[1], [3], [1]] (repeats add up).
+    let nodes = vec![
+        konst("i", ti64("", &[3, 1], &[1, 3, 1])),
+        node(
+            "ScatterND",
+            &["x", "i", "u"],
+            &["y"],
+            vec![("reduction", A::S("add"))],
+        ),
+    ];
+    let b = model_bytes(
+        nodes,
+        vec![vinfo("x", 1, &[4, 2]), vinfo("u", 1, &[3, 2])],
+        vec![],
+        &["y"],
+        18,
+    );
+    let m = import(&b);
+    let o = run(&m, vec![("x", arange(&[4, 2])), ("u", arange(&[3, 2]))]);
+    // x = [[0,1],[2,3],[4,5],[6,7]]; u = [[0,1],[2,3],[4,5]].
+    assert_close(&o["y"], &[4, 2], &[0., 1., 6., 9., 4., 5., 8., 10.]);
+    // Other reductions and element-wise indices are named in the error.
+    for (reduction, idx_shape, want) in [
+        ("mul", vec![3i64, 1], "reduction 'mul'"),
+        ("add", vec![3, 2], "[k, 1]"),
+    ] {
+        let n = idx_shape.iter().product::<i64>() as usize;
+        let nodes = vec![
+            konst("i", ti64("", &idx_shape, &vec![0; n])),
+            node(
+                "ScatterND",
+                &["x", "i", "u"],
+                &["y"],
+                vec![("reduction", A::S(reduction))],
+            ),
+        ];
+        let b = model_bytes(
+            nodes,
+            vec![vinfo("x", 1, &[4, 2]), vinfo("u", 1, &[3])],
+            vec![],
+            &["y"],
+            18,
+        );
+        let e = import_bytes(&b, "scatter.onnx").unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}

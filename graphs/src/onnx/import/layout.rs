@@ -1,5 +1,5 @@
 //! Layout ops: Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice,
-//! Gather, Expand, Tile, Trilu.
+//! Gather, ScatterND (row-wise add), Expand, Tile, Trilu.
 
 #[allow(unused_imports)]
 use super::*;
@@ -95,6 +95,9 @@ pub(super) const LOADERS: &[(&str, Loader)] = &[
     }),
     ("Gather", |im: &mut Importer, c: &Ctx| {
         Ok(vec![im.gather(c)?])
+    }),
+    ("ScatterND", |im: &mut Importer, c: &Ctx| {
+        Ok(vec![im.scatter_nd(c)?])
     }),
     ("Expand", |im: &mut Importer, c: &Ctx| {
         Ok(vec![{
@@ -311,6 +314,27 @@ impl Importer<'_> {
             };
         }
         Ok(x)
+    }
+
+    /// ScatterND with `reduction="add"` over rows (`[k, 1]` indices): the
+    /// IR's `ScatterAdd` (what Gather's adjoint exports as). Other
+    /// reductions and index depths are not supported.
+    pub(super) fn scatter_nd(&mut self, c: &Ctx) -> R<NodeId> {
+        let (x, idx, upd) = (c.x(0)?, c.x(1)?, c.x(2)?);
+        let reduction = c.string("reduction", "none");
+        if reduction != "add" {
+            return invalid(format!(
+                "ScatterND with reduction '{reduction}' is not supported (only 'add')"
+            ));
+        }
+        let is = self.shape(idx);
+        if is.len() != 2 || is[1] != 1 {
+            return invalid(format!(
+                "ScatterND indices must be [k, 1] (rows), got {is:?}"
+            ));
+        }
+        let rows = self.reshape(idx, &[is[0]])?;
+        self.nd(Op::ScatterAdd, &[x, rows, upd])
     }
 
     pub(super) fn gather(&mut self, c: &Ctx) -> R<NodeId> {
