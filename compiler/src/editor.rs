@@ -82,6 +82,7 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
             rank: e.rank,
             blocks: e.blocks,
             lr_init: e.lr_init as f32,
+            log_lr: e.log_lr,
         },
     )
     .map_err(|m| anyhow::anyhow!("config key 'editor.layers': {m}"))?;

@@ -52,6 +52,7 @@ fn editor() -> Editor {
             rank: 3,
             blocks: 2,
             lr_init: 0.5,
+            log_lr: false,
         },
     )
     .unwrap()

@@ -46,6 +46,9 @@ pub struct EditorSpec {
     pub blocks: usize,
     /// Initial per-layer learning rate of the values.
     pub lr_init: f32,
+    /// `hyper.lr` holds the logarithm of the learning rate (so that an
+    /// optimizer's step changes it relatively).
+    pub log_lr: bool,
 }
 
 /// An edited layer.
@@ -147,7 +150,8 @@ impl Editor {
     }
 
     /// How the hypernetwork starts (as MALMEN's): `A ~ N(0, 1)`, `B = 0`,
-    /// bias and shift 0, scale 1 (the identity), `lr = lr_init`, `lamda =
+    /// bias and shift 0, scale 1 (the identity), `lr = lr_init` (or its
+    /// logarithm, with `log_lr`), `lamda =
     /// 0` (lambda = 1); parameter `i` draws from stream `i`.
     pub fn hyper_init_rules(&self) -> Vec<TensorInit> {
         self.hyper_shapes()
@@ -163,7 +167,11 @@ impl Editor {
                     InitRule::Constant { value: 1.0 }
                 } else if name == "hyper.lr" {
                     InitRule::Constant {
-                        value: self.spec.lr_init,
+                        value: if self.spec.log_lr {
+                            self.spec.lr_init.ln()
+                        } else {
+                            self.spec.lr_init
+                        },
                     }
                 } else {
                     InitRule::Constant { value: 0.0 }
@@ -314,6 +322,7 @@ impl Editor {
             let dot = g.mul(u, pk);
             let dot = g.sum(dot, &[1], true); // [c, 1]
             let lr = g.slice(p("hyper.lr"), 0, li, li + 1); // [1]
+            let lr = if self.spec.log_lr { g.exp(lr) } else { lr };
             let coef = g.mul(dot, lr);
             let coef = g.neg(coef);
             values.push(g.mul(coef, pv));
@@ -481,6 +490,7 @@ mod tests {
             rank: 4,
             blocks: 2,
             lr_init: 1e-3,
+            log_lr: false,
         }
     }
 
@@ -515,5 +525,49 @@ mod tests {
         let e = Editor::new(gpt(), spec(&["l1.mlp.proj", "l1.mlp.proj"])).unwrap_err();
         assert!(e.contains("twice"), "{e}");
         assert!(Editor::new(gpt(), spec(&[])).is_err());
+    }
+
+    #[test]
+    fn a_log_learning_rate_gives_the_same_initial_values() {
+        use metac_graphs::eval::{eval_graph, Value};
+        let values = |log_lr: bool| {
+            let e = Editor::new(
+                gpt(),
+                EditorSpec {
+                    log_lr,
+                    ..spec(&["l3.mlp.proj"])
+                },
+            )
+            .unwrap();
+            let g = e.build_values(2);
+            let init: HashMap<String, Value> = e
+                .hyper_init_rules()
+                .iter()
+                .map(|r| (r.name.clone(), Value::from_tensor(&r.draw(3))))
+                .collect();
+            let mut env = HashMap::new();
+            for (name, id) in g.inputs() {
+                let shape = g.shape(id).to_vec();
+                let n: usize = shape.iter().product();
+                let v = match init.get(&name) {
+                    Some(v) => v.clone(),
+                    None if name.ends_with(".std") => {
+                        Value::from_tensor(&metac_graphs::Tensor::f32(&shape, vec![1.0; n]))
+                    }
+                    None => Value::from_tensor(&metac_graphs::Tensor::f32(
+                        &shape,
+                        (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.1).collect(),
+                    )),
+                };
+                env.insert(name, v);
+            }
+            let out = eval_graph(&g, &env).unwrap();
+            out[0].1.f().iter().copied().collect::<Vec<f64>>()
+        };
+        let (lin, log) = (values(false), values(true));
+        assert!(lin.iter().any(|&x| x != 0.0));
+        for (a, b) in lin.iter().zip(&log) {
+            assert!((a - b).abs() <= 1e-9 + 1e-5 * a.abs(), "{a} vs {b}");
+        }
     }
 }

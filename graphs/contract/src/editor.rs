@@ -88,6 +88,10 @@ pub struct EditorTable {
     /// the baseline).
     #[serde(default)]
     pub solver: Solver,
+    /// Learn the per-layer learning rate in log space (Adam's step then
+    /// changes it relatively; see docs/results.md).
+    #[serde(default)]
+    pub log_lr: bool,
 }
 
 fn rank() -> usize {
