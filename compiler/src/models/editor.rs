@@ -310,7 +310,7 @@ impl Editor {
                 let z = g.matmul(h, p(&format!("{pre}.a")));
                 let z = g.matmul(z, p(&format!("{pre}.b")));
                 let z = g.add(z, p(&format!("{pre}.bias")));
-                let z = g.relu(z);
+                let z = clamp_min0(g, z);
                 let scale = g.slice(p(&format!("{pre}.scale")), 0, l.row, l.row + 1);
                 let shift = g.slice(p(&format!("{pre}.shift")), 0, l.row, l.row + 1);
                 let z = g.mul(z, scale);
@@ -436,6 +436,17 @@ impl Editor {
     }
 }
 
+/// `max(z, 0)` with the derivative 1 at 0, as PyTorch's `clamp(0)` in
+/// MALMEN's blocks: the blocks start at `B = 0` and `bias = 0`, so every
+/// pre-activation starts at exactly 0, where a ReLU's derivative (0) would
+/// keep `B`, `bias` and `scale` from ever learning.
+fn clamp_min0(g: &mut Graph, z: NodeId) -> NodeId {
+    let zero = g.scalar(0.0);
+    let neg = g.less(z, zero);
+    let zeros = g.zeros_like(z);
+    g.where_(neg, zeros, z)
+}
+
 /// The inputs of `meta_loss`.
 #[derive(Clone, Copy, Debug)]
 pub struct MetaBatch {
@@ -527,9 +538,37 @@ mod tests {
         assert!(Editor::new(gpt(), spec(&[])).is_err());
     }
 
+    /// The inputs of `g` (an editor graph) at the hypernetwork's initial
+    /// values (seed 3), unit normalisers, and fixed keys and adjoints.
+    fn init_env(e: &Editor, g: &Graph) -> HashMap<String, metac_graphs::eval::Value> {
+        use metac_graphs::eval::Value;
+        let init: HashMap<String, Value> = e
+            .hyper_init_rules()
+            .iter()
+            .map(|r| (r.name.clone(), Value::from_tensor(&r.draw(3))))
+            .collect();
+        let mut env = HashMap::new();
+        for (name, id) in g.inputs() {
+            let shape = g.shape(id).to_vec();
+            let n: usize = shape.iter().product();
+            let v = match init.get(&name) {
+                Some(v) => v.clone(),
+                None if name.ends_with(".std") => {
+                    Value::from_tensor(&metac_graphs::Tensor::f32(&shape, vec![1.0; n]))
+                }
+                None => Value::from_tensor(&metac_graphs::Tensor::f32(
+                    &shape,
+                    (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.1).collect(),
+                )),
+            };
+            env.insert(name, v);
+        }
+        env
+    }
+
     #[test]
     fn a_log_learning_rate_gives_the_same_initial_values() {
-        use metac_graphs::eval::{eval_graph, Value};
+        use metac_graphs::eval::eval_graph;
         let values = |log_lr: bool| {
             let e = Editor::new(
                 gpt(),
@@ -540,34 +579,36 @@ mod tests {
             )
             .unwrap();
             let g = e.build_values(2);
-            let init: HashMap<String, Value> = e
-                .hyper_init_rules()
-                .iter()
-                .map(|r| (r.name.clone(), Value::from_tensor(&r.draw(3))))
-                .collect();
-            let mut env = HashMap::new();
-            for (name, id) in g.inputs() {
-                let shape = g.shape(id).to_vec();
-                let n: usize = shape.iter().product();
-                let v = match init.get(&name) {
-                    Some(v) => v.clone(),
-                    None if name.ends_with(".std") => {
-                        Value::from_tensor(&metac_graphs::Tensor::f32(&shape, vec![1.0; n]))
-                    }
-                    None => Value::from_tensor(&metac_graphs::Tensor::f32(
-                        &shape,
-                        (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.1).collect(),
-                    )),
-                };
-                env.insert(name, v);
-            }
-            let out = eval_graph(&g, &env).unwrap();
+            let out = eval_graph(&g, &init_env(&e, &g)).unwrap();
             out[0].1.f().iter().copied().collect::<Vec<f64>>()
         };
         let (lin, log) = (values(false), values(true));
         assert!(lin.iter().any(|&x| x != 0.0));
         for (a, b) in lin.iter().zip(&log) {
             assert!((a - b).abs() <= 1e-9 + 1e-5 * a.abs(), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn the_blocks_learn_from_their_zero_start() {
+        // At B = 0 and bias = 0 every pre-activation is exactly 0: the
+        // gradient must still reach B and bias (MALMEN's clamp), or the
+        // blocks never leave the identity.
+        use metac_graphs::eval::eval_graph;
+        let e = Editor::new(gpt(), spec(&["l3.mlp.proj"])).unwrap();
+        let mut g = e.build_values(2);
+        let d = g.outputs()[0].1;
+        let loss = g.sum_all(d);
+        let wrt: Vec<NodeId> = ["hyper.g0.b0.b", "hyper.g0.b0.bias"]
+            .iter()
+            .map(|n| g.find_input(n).unwrap())
+            .collect();
+        let grads = grad(&mut g, loss, &wrt);
+        g.set_outputs(vec![("db".into(), grads[0]), ("dbias".into(), grads[1])]);
+        let env = init_env(&e, &g);
+        for (name, v) in eval_graph(&g, &env).unwrap() {
+            let norm: f64 = v.f().iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(norm > 0.0, "{name}: no gradient at the start");
         }
     }
 }
