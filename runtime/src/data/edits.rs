@@ -262,8 +262,9 @@ pub fn load_requests(
     vocab: &Vocab,
     max_len: usize,
 ) -> Result<Vec<EditRequest>> {
-    let edits = load_edits(path, format)?;
-    let text = std::fs::read_to_string(path)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let edits = parse_edits(&text, format).with_context(|| format!("{}", path.display()))?;
     // Line numbers of the records, for JSON lines.
     let lines: Vec<usize> = text
         .lines()
