@@ -8,3 +8,4 @@ pub mod l2o;
 pub mod lm;
 pub mod metatest;
 pub mod models;
+pub mod moe;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use metac_compiler::models::transformer::{Gpt, GptConfig};
+use metac_contract::moe::MoeConfig;
 use metac_graphs::autodiff::{grad, hvp_forward_over_reverse};
 use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
@@ -21,6 +22,8 @@ fn tiny(tied: bool) -> Gpt {
         heads: 2,
         mlp_ratio: 2,
         tied_head: tied,
+        moe: None,
+        swiglu: None,
     })
     .unwrap()
 }
@@ -70,6 +73,10 @@ fn logits_graph(m: &Gpt) -> (Graph, Vec<String>) {
     g.output("logits", logits);
     let names = m.param_shapes().into_iter().map(|(n, _)| n).collect();
     (g, names)
+}
+
+fn lg_names(m: &Gpt) -> Vec<String> {
+    m.param_shapes().into_iter().map(|(n, _)| n).collect()
 }
 
 fn data() -> HashMap<String, Value> {
@@ -217,9 +224,38 @@ fn the_loss_is_the_weighted_mean_cross_entropy() {
     assert!((got - sum / n).abs() < 1e-12, "{got} vs {}", sum / n);
 }
 
+/// The tiny model with mixtures of 4 SwiGLU experts of width 3 (budget
+/// 0.45, 1 to 3 experts per token) for MLPs.
+fn tiny_moe() -> Gpt {
+    Gpt::new(GptConfig {
+        moe: Some(MoeConfig {
+            experts: 4,
+            hidden: 3,
+            budget: 0.45,
+            min_k: 1,
+            max_k: Some(3),
+        }),
+        ..tiny(false).config
+    })
+    .unwrap()
+}
+
+/// The tiny model with dense SwiGLU MLPs of width 6.
+fn tiny_swiglu() -> Gpt {
+    Gpt::new(GptConfig {
+        swiglu: Some(6),
+        ..tiny(false).config
+    })
+    .unwrap()
+}
+
 fn check_derivatives(tied: bool) {
-    let m = tiny(tied);
-    let lg = loss_graph(&m);
+    check_model_derivatives(&tiny(tied), &format!("tied {tied}"));
+}
+
+fn check_model_derivatives(m: &Gpt, label: &str) {
+    let tied = label;
+    let lg = loss_graph(m);
     let mut g = lg.g.clone();
     let loss = g.find_output("loss").unwrap();
     let grads = grad(&mut g, loss, &lg.params);
@@ -233,8 +269,8 @@ fn check_derivatives(tied: bool) {
         g.output(&format!("g{k}"), gr);
         g.output(&format!("h{k}"), h);
     }
-    let p = random_params(&m, 5);
-    let dir = random_params(&m, 6);
+    let p = random_params(m, 5);
+    let dir = random_params(m, 6);
     let with_dir = |p: &[Value]| {
         let mut f = feeds(&lg.names, p);
         for ((n, _), v) in m.param_shapes().iter().zip(&dir) {
@@ -253,13 +289,13 @@ fn check_derivatives(tied: bool) {
     let an = dot(&gvec, &dir);
     assert!(
         (fd - an).abs() <= 1e-7 * an.abs().max(1e-3),
-        "tied {tied}: gradient . v = {an}, finite differences {fd}"
+        "{tied}: gradient . v = {an}, finite differences {fd}"
     );
     // Every parameter's gradient moves: no parameter is cut off.
     for (k, gk) in gvec.iter().enumerate() {
         assert!(
             gk.f().iter().any(|&x| x != 0.0),
-            "tied {tied}: zero gradient of {}",
+            "{tied}: zero gradient of {}",
             lg.names[k]
         );
     }
@@ -271,7 +307,7 @@ fn check_derivatives(tied: bool) {
         let scale = an.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
         assert!(
             err <= 1e-6 * scale,
-            "tied {tied}: H v of {}: error {err}, scale {scale}",
+            "{tied}: H v of {}: error {err}, scale {scale}",
             lg.names[k]
         );
     }
@@ -285,6 +321,42 @@ fn gradient_and_hvp_match_finite_differences() {
 #[test]
 fn tied_head_gradient_and_hvp_match_finite_differences() {
     check_derivatives(true);
+}
+
+#[test]
+fn mixture_of_experts_gradient_and_hvp_match_finite_differences() {
+    let m = tiny_moe();
+    // The selection is a real one at the point checked: tokens take
+    // different numbers of experts (a mask that changed between the finite
+    // differences' points would fail the check instead).
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let (_, layers) = m.trunk_moe(&mut g, &params, tokens);
+    assert_eq!(layers.len(), 2);
+    for (l, layer) in layers.iter().enumerate() {
+        g.output(&format!("active{l}"), layer.active);
+    }
+    let out = run(&g, &feeds(&lg_names(&m), &random_params(&m, 5)));
+    let ks: Vec<std::collections::BTreeSet<i64>> = (0..2)
+        .map(|l| {
+            let a = out[&format!("active{l}")].f();
+            a.rows()
+                .into_iter()
+                .map(|r| r.sum().round() as i64)
+                .collect()
+        })
+        .collect();
+    assert!(
+        ks.iter().any(|k| k.len() > 1) && ks.iter().flatten().all(|&k| (1..=3).contains(&k)),
+        "experts per token, by layer: {ks:?}"
+    );
+    check_model_derivatives(&m, "moe");
+}
+
+#[test]
+fn dense_swiglu_gradient_and_hvp_match_finite_differences() {
+    check_model_derivatives(&tiny_swiglu(), "swiglu");
 }
 
 /// The same model written directly in f64 loops (no graph): embeddings,

@@ -5,6 +5,7 @@ pub mod hessian;
 pub mod l2o;
 pub mod lm;
 pub mod metatest;
+pub mod moe;
 pub mod plot;
 pub mod rng;
 pub mod tensor;

@@ -37,6 +37,8 @@ fn editor() -> Editor {
         heads: 2,
         mlp_ratio: 2,
         tied_head: false,
+        moe: None,
+        swiglu: None,
     })
     .unwrap();
     // Two MLP projections share a network; the attention projection has

@@ -61,6 +61,8 @@ fn the_compiled_training_step_learns_a_small_fact_world() {
         heads: 2,
         mlp_ratio: 4,
         tied_head: false,
+        moe: None,
+        swiglu: None,
     })
     .unwrap();
     let b = 16;

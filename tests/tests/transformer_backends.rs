@@ -22,6 +22,8 @@ fn the_language_model_and_its_gradient_agree_across_backends() {
         heads: 4,
         mlp_ratio: 4,
         tied_head: false,
+        moe: None,
+        swiglu: None,
     })
     .unwrap();
     let (b, t) = (3, 8);

@@ -17,7 +17,7 @@ use crate::common::BackendArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny\n  metac compile lm --config configs/lm.toml --out bundles/lm\n  metac compile editor --config configs/editor.toml --out bundles/editor"
+    after_help = "Examples:\n  metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac compile l2o --config configs/tiny.toml --out bundles/tiny\n  metac compile lm --config configs/lm.toml --out bundles/lm\n  metac compile editor --config configs/editor.toml --out bundles/editor\n  metac compile moe --config configs/moe.toml --out bundles/moe"
 )]
 pub struct CompileArgs {
     #[command(subcommand)]
@@ -36,8 +36,6 @@ pub enum Program {
         #[arg(long)]
         out: PathBuf,
     },
-    /// A GPT-style language model on a seeded fact world: its training step
-    /// (forward, gradient and Adam as one graph) and its evaluation.
     /// The MALMEN editor of a language model: the (u, delta) cache, the
     /// hypernetwork and its VJP, the meta-loss and its gradient, Adam.
     Editor {
@@ -48,6 +46,19 @@ pub enum Program {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A byte-level LM whose MLPs are mixtures of SwiGLU experts (Tiny-ONN):
+    /// the two-backward hyper step (main gradient and per-token surprise,
+    /// router loss, two Adams) as one graph, its evaluation and its logits.
+    Moe {
+        /// TOML config (see configs/moe.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A GPT-style language model on a seeded fact world: its training step
+    /// (forward, gradient and Adam as one graph) and its evaluation.
     Lm {
         /// TOML config (see configs/lm.toml).
         #[arg(long)]
@@ -62,6 +73,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     match a.program {
         Program::Lm { config, out } => crate::cmd_lm::compile(&config, &out),
         Program::Editor { config, out } => crate::cmd_editor::compile(&config, &out),
+        Program::Moe { config, out } => crate::cmd_moe::compile(&config, &out),
         Program::L2o { config, out } => {
             let c = L2oConfig::load(&config)?;
             let t0 = Instant::now();
@@ -152,6 +164,13 @@ pub struct RunArgs {
     /// MNIST directory (IDX files, gzip or raw); default: the shipped data/mnist.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// MoE: the text corpus, a text file or a folder of them (default: Debian's
+    /// fortunes, /usr/share/games/fortunes; apt-get install fortunes).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// MoE: training steps of the run.
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// No progress line per meta-iteration.
     #[arg(long)]
     pub quiet: bool,
@@ -188,6 +207,17 @@ impl RunArgs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let bundle = Bundle::load(&a.bundle)?;
+    if bundle.manifest.kind == metac_contract::moe::MOE_KIND {
+        return crate::cmd_moe::run(a, bundle);
+    }
+    for (flag, given) in [("--data", a.data.is_some()), ("--steps", a.steps.is_some())] {
+        ensure!(
+            !given,
+            "{flag} applies to mixture-of-experts (moe) bundles; {} is a '{}' bundle",
+            bundle.dir.display(),
+            bundle.manifest.kind
+        );
+    }
     if bundle.manifest.kind == metac_contract::lm::LM_KIND {
         return crate::cmd_lm::run(a, bundle);
     }

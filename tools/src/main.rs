@@ -11,6 +11,7 @@ mod cmd_hessian;
 mod cmd_inspect;
 mod cmd_l2o;
 mod cmd_lm;
+mod cmd_moe;
 mod common;
 mod table;
 
@@ -30,7 +31,7 @@ ONNX Runtime (CPU or CUDA) or tract.",
 metac compile l2o --config configs/seed.toml --out bundles/seed\n  metac run bundles/seed --out runs/seed\n  metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --out evals/relu\n  metac derive model.onnx --loss loss --wrt l1.weight,l1.bias --out derived/\n  \
 metac inspect derived/\n  \
 metac inspect model.onnx\n  metac hessian --eval evals/relu --out hessian/\n  \
-metac edit runs/editor --facts facts.jsonl --out edited/\n  metac eval edited/\n  metac compare evals/relu=base evals/relu-hess=+hessian --out evals/ablation\n  metac bench mlp\n\n\
+metac edit runs/editor --facts facts.jsonl --out edited/\n  metac eval edited/\n  metac compile moe --config configs/moe-short.toml --out bundles/moe\n  metac run bundles/moe --config configs/moe-short.toml --out runs/moe\n  metac sample runs/moe --prompt \"The \"\n  metac compare evals/relu=base evals/relu-hess=+hessian --out evals/ablation\n  metac bench mlp\n\n\
 ONNX Runtime is loaded from ORT_DYLIB_PATH or from the installed Python package \
 (pip install onnxruntime==1.31.1); without it metac falls back to tract."
 )]
@@ -45,14 +46,16 @@ enum Cmd {
     Inspect(cmd_inspect::Args),
     /// Measure compiled graphs (mlp, l2o) against a reference run in the same process.
     Bench(cmd_bench::Args),
-    /// Compile a program (l2o, lm, editor) into a bundle.
+    /// Compile a program (l2o, lm, editor, moe) into a bundle.
     Compile(cmd_l2o::CompileArgs),
-    /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model, an editor bundle's hypernetwork.
+    /// Train a bundle: an L2O bundle's learned optimizer, an LM bundle's language model, an editor bundle's hypernetwork, a MoE bundle's byte-level LM.
     Run(cmd_l2o::RunArgs),
     /// Edit a language model's facts with a meta-trained editor (or fine-tuning) and write the edited model.
     Edit(cmd_edit::Args),
     /// Write edit requests of a fact world as a facts file (the input of `metac edit`).
     Facts(cmd_edit::FactsArgs),
+    /// Generate text with a trained MoE (byte-level) language model: greedy or with a temperature.
+    Sample(cmd_moe::SampleArgs),
     /// Meta-test a run's learned optimizer against baselines on a problem (MNIST or synthetic); or score an edited model (`metac eval EDITED`).
     Eval(cmd_eval::Args),
     /// Several `metac eval` outputs side by side (e.g. an ablation): one table, one plot.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => cmd_eval::run(a),
         Cmd::Edit(a) => cmd_edit::run(a),
         Cmd::Facts(a) => cmd_edit::facts(a),
+        Cmd::Sample(a) => cmd_moe::sample(a),
         Cmd::Hessian(a) => cmd_hessian::run(a),
         Cmd::Compare(a) => cmd_compare::run(a),
     };

@@ -187,6 +187,24 @@ impl StepOptimizer for Adam {
         grads: &[NodeId],
         state: &[NodeId],
     ) -> (Vec<NodeId>, Vec<NodeId>) {
+        let lr_scale = self.scaled_lr.then_some(LR_SCALE);
+        self.step_scaled(g, params, grads, state, lr_scale)
+    }
+}
+
+impl Adam {
+    /// [`StepOptimizer::step`] with the learning rate's multiplier read from
+    /// the scalar graph input named `lr_scale` (`None`: no multiplier), so
+    /// that several Adams can live in one graph, each with its own
+    /// multiplier (`scaled_lr` is not read).
+    pub fn step_scaled(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        grads: &[NodeId],
+        state: &[NodeId],
+        lr_scale: Option<&str>,
+    ) -> (Vec<NodeId>, Vec<NodeId>) {
         let specs = self.state_specs(&shapes_of(g, params));
         check("Adam", g, params, grads, state, &specs);
         let t = g.add_scalar(state[state.len() - 1], 1.0);
@@ -197,9 +215,7 @@ impl StepOptimizer for Adam {
         let b2t = g.pow(b2, t);
         let bc1 = g.sub(one, b1t);
         let bc2 = g.sub(one, b2t);
-        let lr_scale = self
-            .scaled_lr
-            .then(|| g.input(LR_SCALE, metac_graphs::DType::F32, &[]));
+        let lr_scale = lr_scale.map(|name| g.input(name, metac_graphs::DType::F32, &[]));
         let (mut new_p, mut new_s) = (vec![], vec![]);
         for (k, (&p, &gr)) in params.iter().zip(grads).enumerate() {
             let (m, v) = (state[2 * k], state[2 * k + 1]);

@@ -6,6 +6,7 @@ pub mod editor;
 pub mod hrnn;
 pub mod lm;
 pub mod mlp;
+pub mod moe;
 pub mod problems;
 pub mod synthetic;
 pub mod transformer;

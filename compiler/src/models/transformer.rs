@@ -16,6 +16,8 @@
 use metac_contract::init::{InitRule, TensorInit};
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 
+use super::moe::{self, MoeLayer, MoeParams};
+
 pub use metac_contract::lm::GptConfig;
 
 /// Layer-norm epsilon (PyTorch's default).
@@ -51,6 +53,8 @@ pub struct Tap {
 struct Tapper {
     want: Vec<String>,
     got: Vec<Tap>,
+    /// The mixtures of the blocks, in order (models with `moe`).
+    moe: Vec<MoeLayer>,
 }
 
 impl Tapper {
@@ -94,7 +98,8 @@ impl Gpt {
 
     /// How the parameters start (GPT-2's scheme): weights and embeddings
     /// `N(0, 0.02²)`, the projections into the residual stream
-    /// (`attn.proj.w`, `mlp.proj.w`) `N(0, (0.02 / sqrt(2 layers))²)`, biases
+    /// (`attn.proj.w`, `mlp.proj.w`, and the SwiGLU and expert `w2`)
+    /// `N(0, (0.02 / sqrt(2 layers))²)`, biases
     /// 0, layer-norm gains 1; parameter `i` draws from stream `i`.
     pub fn init_rules(&self) -> Vec<TensorInit> {
         let residual = INIT_STD / (2.0 * self.config.layers as f64).sqrt();
@@ -107,7 +112,7 @@ impl Gpt {
                 } else if name.ends_with(".b") {
                     InitRule::Constant { value: 0.0 }
                 } else {
-                    let std = if name.ends_with("proj.w") {
+                    let std = if name.ends_with("proj.w") || name.ends_with(".w2") {
                         residual
                     } else {
                         INIT_STD
@@ -246,19 +251,37 @@ impl Gpt {
     }
 
     /// The linear layers (by name prefix: `l{i}.attn.qkv`, `l{i}.attn.proj`,
-    /// `l{i}.mlp.fc`, `l{i}.mlp.proj`) with their input and output widths.
+    /// and for the GELU MLP `l{i}.mlp.fc`, `l{i}.mlp.proj`) with their input
+    /// and output widths.
     pub fn linear_layers(&self) -> Vec<(String, usize, usize)> {
         let (d, h) = (self.config.width, self.config.width * self.config.mlp_ratio);
+        let gelu = self.config.moe.is_none() && self.config.swiglu.is_none();
         (0..self.config.layers)
             .flat_map(|l| {
-                [
+                let mut v = vec![
                     (format!("l{l}.attn.qkv"), d, 3 * d),
                     (format!("l{l}.attn.proj"), d, d),
-                    (format!("l{l}.mlp.fc"), d, h),
-                    (format!("l{l}.mlp.proj"), h, d),
-                ]
+                ];
+                if gelu {
+                    v.push((format!("l{l}.mlp.fc"), d, h));
+                    v.push((format!("l{l}.mlp.proj"), h, d));
+                }
+                v
             })
             .collect()
+    }
+
+    /// The residual stream after the last block and the blocks' mixtures
+    /// (empty unless the model has `moe`).
+    pub fn trunk_moe(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+    ) -> (NodeId, Vec<MoeLayer>) {
+        let mut tapper = Tapper::default();
+        let x = self.trunk_tapped(g, params, tokens, &mut tapper);
+        (x, tapper.moe)
     }
 
     /// The residual stream after the last block, with the inputs and
@@ -283,7 +306,7 @@ impl Gpt {
         }
         let mut tapper = Tapper {
             want: layers.to_vec(),
-            got: vec![],
+            ..Tapper::default()
         };
         let x = self.trunk_tapped(g, params, tokens, &mut tapper);
         let taps = layers
@@ -335,11 +358,33 @@ impl Gpt {
             let a = tapper.linear(g, y, &proj, &lin(&proj));
             x = g.add(x, a);
             let h = layer_norm(g, x, &norm(&format!("l{l}.ln2")));
-            let fc = format!("l{l}.mlp.fc");
-            let h = tapper.linear(g, h, &fc, &lin(&fc));
-            let h = gelu(g, h);
-            let pj = format!("l{l}.mlp.proj");
-            let m = tapper.linear(g, h, &pj, &lin(&pj));
+            let m = match (&c.moe, c.swiglu) {
+                (Some(cfg), _) => {
+                    let q = |n: &str| p(&format!("l{l}.moe.{n}"));
+                    let mp = MoeParams {
+                        wr: q("router.w"),
+                        br: q("router.b"),
+                        w1: q("w1"),
+                        w3: q("w3"),
+                        w2: q("w2"),
+                    };
+                    let layer = moe::block(g, h, &mp, cfg);
+                    let y = layer.output;
+                    tapper.moe.push(layer);
+                    y
+                }
+                (None, Some(_)) => {
+                    let q = |n: &str| p(&format!("l{l}.mlp.{n}"));
+                    moe::swiglu(g, h, q("w1"), q("w3"), q("w2"))
+                }
+                (None, None) => {
+                    let fc = format!("l{l}.mlp.fc");
+                    let h = tapper.linear(g, h, &fc, &lin(&fc));
+                    let h = gelu(g, h);
+                    let pj = format!("l{l}.mlp.proj");
+                    tapper.linear(g, h, &pj, &lin(&pj))
+                }
+            };
             x = g.add(x, m);
         }
         x
@@ -398,7 +443,23 @@ impl Gpt {
         targets: NodeId,
         weights: NodeId,
     ) -> NodeId {
-        let logits = self.logits(g, params, tokens);
+        self.loss_moe(g, params, tokens, targets, weights).0
+    }
+
+    /// [`Gpt::loss`] and the blocks' mixtures (empty unless the model has
+    /// `moe`).
+    pub fn loss_moe(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        targets: NodeId,
+        weights: NodeId,
+    ) -> (NodeId, Vec<MoeLayer>) {
+        let (b, t) = self.tokens_shape(g, tokens);
+        let (x, layers) = self.trunk_moe(g, params, tokens);
+        let logits = self.readout(g, params, x);
+        let logits = g.reshape(logits, &[b, t, self.config.vocab]);
         let logp = g.log_softmax(logits, 2);
         let onehot = g.one_hot(targets, self.config.vocab);
         let picked = g.mul(logp, onehot);
@@ -409,7 +470,7 @@ impl Gpt {
         let one = g.scalar(1.0);
         let count = g.max(count, one);
         let mean = g.div(total, count);
-        g.neg(mean)
+        (g.neg(mean), layers)
     }
 }
 

@@ -12,6 +12,7 @@
 //!   typed metadata ([`editor::EditorMeta`]);
 //! * [`lm`]: the language-model workload's model shape, data, config,
 //!   run settings and typed metadata ([`lm::LmMeta`]);
+//! * [`moe`]: the mixture-of-experts workload's model shape;
 //! * [`init`]: rules for drawing initial values from a seed, which bundles
 //!   carry so the runtime draws what the compiler would;
 //! * [`io`]: the names of graphs built on the fly (training step,
@@ -25,3 +26,4 @@ pub mod init;
 pub mod io;
 pub mod l2o;
 pub mod lm;
+pub mod moe;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Manifest;
 use crate::init::TensorInit;
 use crate::io::TrainStepIo;
+pub use crate::moe::MoeConfig;
 
 /// Bundle kind of a language-model bundle.
 pub const LM_KIND: &str = "lm";
@@ -33,7 +34,7 @@ pub const LM_TRAIN_STEP: &str = "train_step";
 pub const LM_EVALUATE: &str = "evaluate";
 
 /// The shape of the GPT-style language model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptConfig {
     /// Tokens in the vocabulary.
@@ -51,6 +52,14 @@ pub struct GptConfig {
     /// The head is the token embedding transposed (no `head.w`).
     #[serde(default)]
     pub tied_head: bool,
+    /// Every block's MLP is a mixture of SwiGLU experts (Tiny-ONN) instead
+    /// of the GELU MLP (`mlp_ratio` is then unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
+    /// Every block's MLP is one dense SwiGLU MLP of this hidden width
+    /// instead of the GELU MLP (the dense baseline of a mixture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swiglu: Option<usize>,
 }
 
 fn four() -> usize {
@@ -68,6 +77,8 @@ impl GptConfig {
             heads: 4,
             mlp_ratio: 4,
             tied_head: false,
+            moe: None,
+            swiglu: None,
         }
     }
 
@@ -76,7 +87,13 @@ impl GptConfig {
     /// `l{i}.attn.qkv.{w [d, 3d], b}`, `l{i}.attn.proj.{w [d, d], b}`,
     /// `l{i}.ln2.{g,b}`, `l{i}.mlp.fc.{w [d, r d], b}`,
     /// `l{i}.mlp.proj.{w [r d, d], b}`; `ln_f.{g,b}`; `head.w [d, V]`
-    /// unless the head is tied.
+    /// unless the head is tied. With [`GptConfig::moe`] (`E` experts of
+    /// hidden width `H`) the MLP's are `l{i}.moe.router.{w [d, E], b [E]}`,
+    /// `l{i}.moe.w1 [d, E H]`, `l{i}.moe.w3 [d, E H]` and
+    /// `l{i}.moe.w2 [E H, d]` (expert `e` owns columns, or rows of `w2`,
+    /// `e H .. (e + 1) H`); with [`GptConfig::swiglu`] (`S`) they are
+    /// `l{i}.mlp.w1 [d, S]`, `l{i}.mlp.w3 [d, S]` and `l{i}.mlp.w2 [S, d]`.
+    /// SwiGLU MLPs have no biases.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (d, h) = (self.width, self.width * self.mlp_ratio);
         let mut v = vec![
@@ -93,11 +110,33 @@ impl GptConfig {
                 ("attn.proj.b", vec![d]),
                 ("ln2.g", vec![d]),
                 ("ln2.b", vec![d]),
-                ("mlp.fc.w", vec![d, h]),
-                ("mlp.fc.b", vec![h]),
-                ("mlp.proj.w", vec![h, d]),
-                ("mlp.proj.b", vec![d]),
             ] {
+                v.push((format!("l{l}.{name}"), shape));
+            }
+            let mlp: Vec<(&str, Vec<usize>)> = match (&self.moe, self.swiglu) {
+                (Some(m), _) => {
+                    let (e, eh) = (m.experts, m.experts * m.hidden);
+                    vec![
+                        ("moe.router.w", vec![d, e]),
+                        ("moe.router.b", vec![e]),
+                        ("moe.w1", vec![d, eh]),
+                        ("moe.w3", vec![d, eh]),
+                        ("moe.w2", vec![eh, d]),
+                    ]
+                }
+                (None, Some(hs)) => vec![
+                    ("mlp.w1", vec![d, hs]),
+                    ("mlp.w3", vec![d, hs]),
+                    ("mlp.w2", vec![hs, d]),
+                ],
+                (None, None) => vec![
+                    ("mlp.fc.w", vec![d, h]),
+                    ("mlp.fc.b", vec![h]),
+                    ("mlp.proj.w", vec![h, d]),
+                    ("mlp.proj.b", vec![d]),
+                ],
+            };
+            for (name, shape) in mlp {
                 v.push((format!("l{l}.{name}"), shape));
             }
         }
@@ -123,6 +162,15 @@ impl GptConfig {
             if v == 0 {
                 return Err(format!("model key '{key}' must be at least 1, got 0"));
             }
+        }
+        if self.moe.is_some() && self.swiglu.is_some() {
+            return Err("model keys 'moe' and 'swiglu' exclude each other".into());
+        }
+        if let Some(m) = &self.moe {
+            m.validate()?;
+        }
+        if self.swiglu == Some(0) {
+            return Err("model key 'swiglu' must be at least 1, got 0".into());
         }
         if !self.width.is_multiple_of(self.heads) {
             return Err(format!(
@@ -175,7 +223,7 @@ pub enum LmData {
 
 /// The `[model]` table: the [`GptConfig`] without the vocabulary, which
 /// comes from the data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelTable {
     #[serde(default = "sixteen")]
@@ -187,6 +235,12 @@ pub struct ModelTable {
     pub mlp_ratio: usize,
     #[serde(default)]
     pub tied_head: bool,
+    /// `[model.moe]`: mixture-of-experts MLPs ([`GptConfig::moe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
+    /// A dense SwiGLU MLP of this hidden width ([`GptConfig::swiglu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swiglu: Option<usize>,
 }
 
 fn sixteen() -> usize {
@@ -203,6 +257,8 @@ impl ModelTable {
             heads: self.heads,
             mlp_ratio: self.mlp_ratio,
             tied_head: self.tied_head,
+            moe: self.moe.clone(),
+            swiglu: self.swiglu,
         }
     }
 }

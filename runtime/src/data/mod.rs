@@ -3,3 +3,4 @@
 pub mod edits;
 pub mod facts;
 pub mod mnist;
+pub mod text;

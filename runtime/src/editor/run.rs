@@ -9,91 +9,20 @@
 //! GS and LS.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use metac_contract::bundle::{read_safetensors, Bundle};
+use metac_contract::bundle::read_safetensors;
 use metac_contract::editor::EditorRunSettings;
-use metac_contract::fsutil::write_atomic;
 use metac_graphs::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{EditScores, Editor, RunningNorm};
 use crate::data::facts::{EditRequest, Split};
-use crate::trainer::{
-    MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_INFO, CHECKPOINT_WEIGHTS,
-};
+use crate::trainer::{MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_WEIGHTS};
 
-/// `RUN/run.json`: what an editor run records about its bundle, so that
-/// `metac edit RUN` needs no `--bundle`.
-pub const RUN_RECORD: &str = "run.json";
-
-/// The contents of [`RUN_RECORD`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub kind: String,
-    /// The bundle's directory (absolute where it could be resolved).
-    pub bundle: PathBuf,
-    pub manifest_sha256: String,
-}
-
-impl RunRecord {
-    /// Record `bundle` as the bundle of the run in `run`.
-    pub fn write(run: &Path, bundle: &Bundle) -> Result<()> {
-        let r = RunRecord {
-            kind: "editor".into(),
-            bundle: std::fs::canonicalize(&bundle.dir).unwrap_or_else(|_| bundle.dir.clone()),
-            manifest_sha256: bundle.manifest_sha256()?,
-        };
-        write_atomic(
-            &run.join(RUN_RECORD),
-            serde_json::to_string_pretty(&r)?.as_bytes(),
-        )
-    }
-
-    /// The bundle of the run in `run`: `bundle` if given, else the
-    /// recorded one; refused when the run's checkpoint is of another.
-    pub fn bundle_of(run: &Path, bundle: Option<&Path>) -> Result<Bundle> {
-        ensure!(
-            run.is_dir(),
-            "{}: no such run directory (of `metac run` of an editor bundle)",
-            run.display()
-        );
-        let path = match bundle {
-            Some(b) => b.to_path_buf(),
-            None => {
-                let p = run.join(RUN_RECORD);
-                let text = std::fs::read_to_string(&p).with_context(|| {
-                    format!(
-                        "cannot read {} (is {} an editor run? name its bundle with --bundle)",
-                        p.display(),
-                        run.display()
-                    )
-                })?;
-                let r: RunRecord = serde_json::from_str(&text)
-                    .with_context(|| format!("parsing {}", p.display()))?;
-                r.bundle
-            }
-        };
-        let b = Bundle::load(&path)?;
-        let info = run.join(CHECKPOINT_INFO);
-        if let Ok(text) = std::fs::read_to_string(&info) {
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", info.display()))?;
-            let trained = v["manifest_sha256"].as_str().unwrap_or_default();
-            ensure!(
-                trained == b.manifest_sha256()?,
-                "{} was trained with another bundle than {} (manifest hash {} vs {})",
-                run.display(),
-                path.display(),
-                &trained[..12.min(trained.len())],
-                &b.manifest_sha256()?[..12]
-            );
-        }
-        Ok(b)
-    }
-}
+pub use crate::trainer::{RunRecord, RUN_RECORD};
 
 /// Which hypernetwork of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
