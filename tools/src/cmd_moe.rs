@@ -90,10 +90,28 @@ struct Summary<'a> {
 
 /// The `[run]` and `[router]` tables: from `--config`, else the defaults
 /// and the router table the bundle was compiled with.
-fn settings(a: &RunArgs, meta: &MoeMeta) -> Result<(MoeRunSettings, RouterTable)> {
+fn settings(
+    a: &RunArgs,
+    meta: &MoeMeta,
+    bundle_dir: &Path,
+) -> Result<(MoeRunSettings, RouterTable)> {
     let (mut s, r) = match &a.config {
         Some(p) => {
             let c = MoeLmConfig::load(p)?;
+            let (want, have) = (c.gpt(), &meta.model);
+            ensure!(
+                want.context == have.context,
+                "{}: config key 'model.context' ({}) differs from the bundle's compiled context ({}); compile the config with `metac compile moe`",
+                p.display(),
+                want.context,
+                have.context
+            );
+            ensure!(
+                &want == have,
+                "{}: config table [model] differs from the model the bundle {} was compiled with; compile the config with `metac compile moe`",
+                p.display(),
+                bundle_dir.display()
+            );
             (c.run, c.router)
         }
         None => {
@@ -138,7 +156,7 @@ pub fn run(a: RunArgs, bundle: Bundle) -> Result<()> {
     }
     let meta = MoeMeta::from_manifest(&bundle.manifest)
         .with_context(|| format!("{}", bundle.dir.display()))?;
-    let (s, router) = settings(&a, &meta)?;
+    let (s, router) = settings(&a, &meta, &bundle.dir)?;
     let corpus = load_corpus(a.data.as_deref(), s.heldout_every)?;
     let backend = open_backend(&a.backend.options())?;
     let t0 = Instant::now();

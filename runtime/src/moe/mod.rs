@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use metac_contract::bundle::Bundle;
 use metac_contract::init::SeededRng;
+use metac_contract::lm::LrSchedule;
 use metac_contract::moe::{
     MoeMeta, MoeRunSettings, RouterTable, TrainMode, MOE_EVALUATE, MOE_LOGITS, MOE_TRAIN_STEP,
 };
@@ -365,9 +366,12 @@ impl Workload for MoeWorkload {
 
     fn settings(&self) -> serde_json::Value {
         let s = &self.settings;
+        // The number of steps may change on resume where the schedule does
+        // not depend on it (constant).
+        let fixed_length = s.schedule != LrSchedule::Constant;
         serde_json::json!({
             "seed": s.seed,
-            "steps": s.steps,
+            "steps": if fixed_length { Some(s.steps) } else { None },
             "steps_per_iteration": s.steps_per_iteration,
             "evaluation_period": s.evaluation_period,
             "eval_windows": s.eval_windows,
