@@ -8,9 +8,10 @@
 //! **The hyper step** (`[train] mode = "hyper"`), in the seed's order:
 //! 1-2. forward and the main loss `L_main` (mean next-byte cross-entropy);
 //! 3. one reverse pass of `L_main` that yields the gradient of every
-//!    parameter but the routers' *and* the adjoint of every block's output,
-//!    from which each block's surprise `[N, E]` is computed
-//!    ([`moe::surprise`]);
+//!    parameter but the routers' *and* each block's surprise `[N, E]`
+//!    ([`main_backward`]: a custom derivative of the experts' data path
+//!    computes every expert's `J_e^T dy` once, for the surprise and for the
+//!    block input's adjoint);
 //! 4-5. the main Adam steps every parameter but the routers';
 //! 6-7. the router loss of each block from its surprise (taken as data);
 //! 8. its gradient for the routers' parameters only, through the block's
@@ -36,7 +37,7 @@ use metac_contract::init::TensorInit;
 use metac_contract::moe::{
     MoeLmConfig, MoeMeta, TrainMode, MOE_EVALUATE, MOE_KIND, MOE_LOGITS, MOE_TRAIN_STEP,
 };
-use metac_graphs::autodiff::{grad, vjp};
+use metac_graphs::autodiff::{grad, vjp, vjp_with_hook};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, NodeId, Tensor};
 
@@ -118,6 +119,47 @@ fn ones(g: &mut Graph, b: usize, t: usize) -> (NodeId, NodeId) {
     (w, flat)
 }
 
+/// Step 3 of the hyper step: one reverse pass of `loss` (built by
+/// [`Gpt::loss_moe_with`] with `detach_experts`) for the parameters `wrt`,
+/// whose custom derivative at each block's output computes every expert's
+/// `J_e^T dy` once and takes from it both the surprise and the block
+/// input's adjoint through the experts ([`moe::surprise_and_input_grad`]).
+/// Plain reverse mode would compute that adjoint gate-weighted, and the
+/// surprise would cost the experts' data backward a second time. Returns
+/// the gradients (zeros where `loss` does not depend on a parameter) and
+/// the surprise `[N, E]` of every block.
+pub fn main_backward(
+    g: &mut Graph,
+    gpt: &Gpt,
+    loss: NodeId,
+    layers: &[MoeLayer],
+    wrt: &[NodeId],
+) -> (Vec<NodeId>, Vec<NodeId>) {
+    let cfg = gpt.config.moe.as_ref().expect("a mixture");
+    let seed = g.fill(1.0, DType::F32, &[]);
+    let outputs: Vec<NodeId> = layers.iter().map(|l| l.output).collect();
+    let mut surprise: Vec<Option<NodeId>> = vec![None; layers.len()];
+    let cots = vjp_with_hook(g, &[(loss, seed)], wrt, &outputs, &mut |g, node, dy| {
+        let l = outputs
+            .iter()
+            .position(|&o| o == node)
+            .expect("a hooked output");
+        let (s, dx) = moe::surprise_and_input_grad(g, &layers[l], cfg, dy);
+        surprise[l] = Some(s);
+        vec![(layers[l].input, dx)]
+    });
+    let grads = cots
+        .iter()
+        .zip(wrt)
+        .map(|(c, &p)| c.unwrap_or_else(|| g.zeros_like(p)))
+        .collect();
+    let surprise = surprise
+        .into_iter()
+        .map(|s| s.expect("the loss depends on every block"))
+        .collect();
+    (grads, surprise)
+}
+
 /// The `train_step` of `c` (see the module docs).
 pub fn build_train_step(gpt: &Gpt, c: &MoeLmConfig) -> MoeTrainStep {
     let (b, t) = (c.train.batch, gpt.config.context);
@@ -162,33 +204,20 @@ pub fn build_train_step(gpt: &Gpt, c: &MoeLmConfig) -> MoeTrainStep {
     let tokens = g.input("tokens", DType::I64, &[b, t]);
     let targets = g.input("targets", DType::I64, &[b, t]);
     let (w, wflat) = ones(&mut g, b, t);
-    let (loss, layers) = gpt.loss_moe(&mut g, &params, tokens, targets, w);
+    // The hyper step's mixtures read their input through a stop-gradient:
+    // main_backward gives the experts' data path its own derivative.
+    let detach = mode == TrainMode::Hyper;
+    let (loss, layers) = gpt.loss_moe_with(&mut g, &params, tokens, targets, w, detach);
     let mut new_params: Vec<Option<NodeId>> = vec![None; names.len()];
     let mut outputs: Vec<(String, NodeId)> = vec![];
     let mut metrics = vec![];
     match mode {
         TrainMode::Hyper => {
             // 3. One reverse pass of L_main: the main gradients and the
-            // blocks' output adjoints.
-            let mut wrt: Vec<NodeId> = main_part.iter().map(|&i| params[i]).collect();
-            wrt.extend(layers.iter().map(|l| l.output));
-            let seed = g.fill(1.0, DType::F32, &[]);
-            let cots = vjp(&mut g, &[(loss, seed)], &wrt);
-            let mut grads = vec![];
-            for (k, c) in cots.iter().enumerate().take(main_part.len()) {
-                grads.push(c.unwrap_or_else(|| g.zeros_like(wrt[k])));
-            }
-            let cfg = gpt.config.moe.as_ref().expect("hyper mode has a mixture");
-            let surprise: Vec<NodeId> = layers
-                .iter()
-                .zip(&cots[main_part.len()..])
-                .map(|(layer, dy)| {
-                    let dy = dy.expect("the loss depends on every block");
-                    moe::surprise(&mut g, layer, cfg, dy)
-                })
-                .collect();
-            // 4-5. The main Adam.
+            // blocks' surprise.
             let ps: Vec<NodeId> = main_part.iter().map(|&i| params[i]).collect();
+            let (grads, surprise) = main_backward(&mut g, gpt, loss, &layers, &ps);
+            // 4-5. The main Adam.
             let (np, ns) = main_opt.step_scaled(&mut g, &ps, &grads, &main_state, Some(LR_SCALE));
             for (&i, p) in main_part.iter().zip(np) {
                 new_params[i] = Some(p);

@@ -91,7 +91,7 @@ fn block(n: usize, d: usize, c: &MoeConfig, seed: u64) -> Block {
         w2: input(&mut g, "w2", &[e * h, d]),
     };
     let _dy = input(&mut g, "dy", &[n, d]);
-    let layer = moe::block(&mut g, x, &p, c);
+    let layer = moe::block(&mut g, x, &p, c, false);
     Block { g, layer, feeds }
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use metac_compiler::models::moe;
 use metac_compiler::models::transformer::{Gpt, GptConfig};
 use metac_contract::moe::MoeConfig;
 use metac_graphs::autodiff::{grad, hvp_forward_over_reverse};
@@ -352,6 +353,58 @@ fn mixture_of_experts_gradient_and_hvp_match_finite_differences() {
         "experts per token, by layer: {ks:?}"
     );
     check_model_derivatives(&m, "moe");
+}
+
+#[test]
+fn the_hyper_steps_custom_backward_is_reverse_mode_with_the_surprise() {
+    // main_backward (experts' data path by hand, from the surprise's
+    // J_e^T dy) against plain reverse mode and moe::surprise, in f64.
+    let m = tiny_moe();
+    let cfg = m.config.moe.clone().unwrap();
+    let mut g = Graph::new();
+    let params = m.params(&mut g);
+    let tokens = g.input("tokens", DType::I64, &[B, T]);
+    let targets = g.input("targets", DType::I64, &[B, T]);
+    let weights = g.input("weights", DType::F32, &[B, T]);
+    let names = lg_names(&m);
+    let main: Vec<NodeId> = params
+        .iter()
+        .zip(&names)
+        .filter(|(_, n)| !metac_compiler::moe::is_router_param(n))
+        .map(|(&p, _)| p)
+        .collect();
+    let (loss, layers) = m.loss_moe_with(&mut g, &params, tokens, targets, weights, true);
+    let (grads, sur) = metac_compiler::moe::main_backward(&mut g, &m, loss, &layers, &main);
+    let (loss2, layers2) = m.loss_moe(&mut g, &params, tokens, targets, weights);
+    let grads2 = grad(&mut g, loss2, &main);
+    let outs: Vec<NodeId> = layers2.iter().map(|l| l.output).collect();
+    let seed = g.fill(1.0, DType::F32, &[]);
+    let dys = metac_graphs::autodiff::vjp(&mut g, &[(loss2, seed)], &outs);
+    for (k, (&a, &b)) in grads.iter().zip(&grads2).enumerate() {
+        g.output(&format!("a{k}"), a);
+        g.output(&format!("b{k}"), b);
+    }
+    for (l, (layer, dy)) in layers2.iter().zip(dys).enumerate() {
+        let s2 = moe::surprise(&mut g, layer, &cfg, dy.unwrap());
+        g.output(&format!("sa{l}"), sur[l]);
+        g.output(&format!("sb{l}"), s2);
+    }
+    let out = run(&g, &feeds(&names, &random_params(&m, 5)));
+    let close = |a: &str, b: &str| {
+        let (x, y) = (out[a].f(), out[b].f());
+        let err = (x - y).iter().map(|v| v * v).sum::<f64>().sqrt();
+        let scale = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(
+            scale > 0.0 && err <= 1e-10 * scale,
+            "{a}: error {err}, scale {scale}"
+        );
+    };
+    for k in 0..grads.len() {
+        close(&format!("a{k}"), &format!("b{k}"));
+    }
+    for l in 0..layers.len() {
+        close(&format!("sa{l}"), &format!("sb{l}"));
+    }
 }
 
 #[test]

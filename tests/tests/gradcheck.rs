@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use metac_graphs::autodiff::{grad, hvp_reverse_over_reverse};
+use metac_graphs::autodiff::{grad, hvp_reverse_over_reverse, vjp_with_hook};
 use metac_graphs::eval::{eval_graph, Value};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, Op};
@@ -231,5 +231,44 @@ fn stop_gradient_blocks_derivatives() {
         let want_h = -2.0 * th * (1.0 - th * th) * xs[i].exp() * vs[i];
         assert!((flat(&out["g"])[i] - want_g).abs() < 1e-12);
         assert!((flat(&out["h"])[i] - want_h).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn a_vjp_hook_gives_a_subgraph_its_own_derivative() {
+    // y = exp(sg(x)) * x: reverse mode sees only the second factor's path;
+    // a hook on u = exp(sg(x)) adds exp(x) * du to x, which restores the
+    // full derivative exp(x) (1 + x), and sees du = x (complete: u's one
+    // use has contributed).
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[3]);
+    let sg = g.stop_gradient(x);
+    let u = g.exp(sg);
+    let y = g.mul(u, x);
+    let l = g.sum_all(y);
+    let seed = g.fill(1.0, DType::F32, &[]);
+    let mut seen = vec![];
+    let gr = vjp_with_hook(&mut g, &[(l, seed)], &[x], &[u], &mut |g, node, du| {
+        seen.push((node, du));
+        let c = g.exp(x);
+        vec![(x, g.mul(c, du))]
+    })[0]
+        .unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, u);
+    g.output("g", gr);
+    g.output("du", seen[0].1);
+    let xs = [0.3, -0.7, 1.1];
+    let env: HashMap<String, Value> = [(
+        "x".to_string(),
+        Value::F(ArrayD::from_shape_vec(IxDyn(&[3]), xs.to_vec()).unwrap()),
+    )]
+    .into_iter()
+    .collect();
+    let out = run(&optimize(&g), &env);
+    for (i, &xi) in xs.iter().enumerate() {
+        let want = xi.exp() * (1.0 + xi);
+        assert!((flat(&out["g"])[i] - want).abs() < 1e-12);
+        assert!((flat(&out["du"])[i] - xi).abs() < 1e-12);
     }
 }

@@ -88,8 +88,17 @@ pub fn swiglu(g: &mut Graph, x: NodeId, w1: NodeId, w3: NodeId, w2: NodeId) -> N
     g.matmul(a, w2)
 }
 
-/// The mixture on `x [N, d]`; see the module docs.
-pub fn block(g: &mut Graph, x: NodeId, p: &MoeParams, cfg: &MoeConfig) -> MoeLayer {
+/// The mixture on `x [N, d]`; see the module docs. With `detach_experts`
+/// the experts read `x` through a stop-gradient, so that reverse mode gives
+/// their weights' gradients but not `x`'s through them: the caller adds that
+/// from [`surprise_and_input_grad`] (the hyper step).
+pub fn block(
+    g: &mut Graph,
+    x: NodeId,
+    p: &MoeParams,
+    cfg: &MoeConfig,
+    detach_experts: bool,
+) -> MoeLayer {
     let n = g.shape(x)[0];
     let (e, h) = (cfg.experts, cfg.hidden);
     let logits = g.matmul(x, p.wr);
@@ -99,8 +108,13 @@ pub fn block(g: &mut Graph, x: NodeId, p: &MoeParams, cfg: &MoeConfig) -> MoeLay
     let kept = g.mul(probs, active);
     let total = g.sum(kept, &[1], true);
     let gates = g.div(kept, total);
-    let p1 = g.matmul(x, p.w1);
-    let p3 = g.matmul(x, p.w3);
+    let xe = if detach_experts {
+        g.stop_gradient(x)
+    } else {
+        x
+    };
+    let p1 = g.matmul(xe, p.w1);
+    let p3 = g.matmul(xe, p.w3);
     let s = silu(g, p1);
     let a = g.mul(s, p3);
     let a = g.reshape(a, &[n, e, h]);
@@ -168,6 +182,43 @@ pub fn select(g: &mut Graph, probs: NodeId, cfg: &MoeConfig) -> NodeId {
 /// Per token and expert, `||J_e(x_t)^T dy_t||` for the adjoint `dy [N, d]`
 /// of the block's output: `[N, E]`; see the module docs.
 pub fn surprise(g: &mut Graph, layer: &MoeLayer, cfg: &MoeConfig, dy: NodeId) -> NodeId {
+    let dx = expert_input_grads(g, layer, cfg, dy);
+    norms(g, dx)
+}
+
+/// `[N, E]` norms over the last axis of `dx [E, N, d]`.
+fn norms(g: &mut Graph, dx: NodeId) -> NodeId {
+    let sq = g.square(dx);
+    let ss = g.sum(sq, &[2], false);
+    let norm = g.sqrt(ss);
+    g.transpose(norm, &[1, 0])
+}
+
+/// The surprise `[N, E]` and the block input's adjoint through the experts,
+/// `sum_e w[t, e] J_e(x_t)^T dy_t` `[N, d]`, from one computation of every
+/// expert's `J_e^T dy` at gate 1: the custom derivative of the experts'
+/// data path that the hyper step uses (the block built with
+/// `detach_experts`, whose expert matmuls read the input through a
+/// stop-gradient).
+pub fn surprise_and_input_grad(
+    g: &mut Graph,
+    layer: &MoeLayer,
+    cfg: &MoeConfig,
+    dy: NodeId,
+) -> (NodeId, NodeId) {
+    let n = g.shape(dy)[0];
+    let e = cfg.experts;
+    let dx = expert_input_grads(g, layer, cfg, dy); // [E, N, d]
+    let s = norms(g, dx);
+    let w = g.transpose(layer.gates, &[1, 0]);
+    let w = g.reshape(w, &[e, n, 1]);
+    let wdx = g.mul(dx, w);
+    let dx_in = g.sum(wdx, &[0], false);
+    (s, dx_in)
+}
+
+/// Every expert's `J_e(x_t)^T dy_t`, `[E, N, d]`.
+fn expert_input_grads(g: &mut Graph, layer: &MoeLayer, cfg: &MoeConfig, dy: NodeId) -> NodeId {
     let n = g.shape(dy)[0];
     let d = g.shape(dy)[1];
     let (e, h) = (cfg.experts, cfg.hidden);
@@ -196,11 +247,7 @@ pub fn surprise(g: &mut Graph, layer: &MoeLayer, cfg: &MoeConfig, dy: NodeId) ->
     let (w1, w3) = (weights(g, layer.w1), weights(g, layer.w3));
     let x1 = g.matmul(a1, w1);
     let x3 = g.matmul(a3, w3);
-    let dx = g.add(x1, x3); // [E, N, d]
-    let sq = g.square(dx);
-    let ss = g.sum(sq, &[2], false);
-    let norm = g.sqrt(ss);
-    g.transpose(norm, &[1, 0])
+    g.add(x1, x3) // [E, N, d]
 }
 
 /// The router logits of `layer` from its input taken as data: their

@@ -55,6 +55,8 @@ struct Tapper {
     got: Vec<Tap>,
     /// The mixtures of the blocks, in order (models with `moe`).
     moe: Vec<MoeLayer>,
+    /// Build the mixtures with `detach_experts` ([`moe::block`]).
+    detach_experts: bool,
 }
 
 impl Tapper {
@@ -279,7 +281,22 @@ impl Gpt {
         params: &[NodeId],
         tokens: NodeId,
     ) -> (NodeId, Vec<MoeLayer>) {
-        let mut tapper = Tapper::default();
+        self.trunk_moe_with(g, params, tokens, false)
+    }
+
+    /// [`Gpt::trunk_moe`], the mixtures built with `detach_experts`
+    /// ([`moe::block`]).
+    fn trunk_moe_with(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        detach_experts: bool,
+    ) -> (NodeId, Vec<MoeLayer>) {
+        let mut tapper = Tapper {
+            detach_experts,
+            ..Tapper::default()
+        };
         let x = self.trunk_tapped(g, params, tokens, &mut tapper);
         (x, tapper.moe)
     }
@@ -368,7 +385,7 @@ impl Gpt {
                         w3: q("w3"),
                         w2: q("w2"),
                     };
-                    let layer = moe::block(g, h, &mp, cfg);
+                    let layer = moe::block(g, h, &mp, cfg, tapper.detach_experts);
                     let y = layer.output;
                     tapper.moe.push(layer);
                     y
@@ -456,8 +473,23 @@ impl Gpt {
         targets: NodeId,
         weights: NodeId,
     ) -> (NodeId, Vec<MoeLayer>) {
+        self.loss_moe_with(g, params, tokens, targets, weights, false)
+    }
+
+    /// [`Gpt::loss_moe`], the mixtures built with `detach_experts`
+    /// ([`moe::block`]): its reverse pass needs the experts' input
+    /// derivative added by hand ([`moe::surprise_and_input_grad`]).
+    pub fn loss_moe_with(
+        &self,
+        g: &mut Graph,
+        params: &[NodeId],
+        tokens: NodeId,
+        targets: NodeId,
+        weights: NodeId,
+        detach_experts: bool,
+    ) -> (NodeId, Vec<MoeLayer>) {
         let (b, t) = self.tokens_shape(g, tokens);
-        let (x, layers) = self.trunk_moe(g, params, tokens);
+        let (x, layers) = self.trunk_moe_with(g, params, tokens, detach_experts);
         let logits = self.readout(g, params, x);
         let logits = g.reshape(logits, &[b, t, self.config.vocab]);
         let logp = g.log_softmax(logits, 2);

@@ -9,7 +9,7 @@ mod forward;
 mod reverse;
 
 pub use forward::jvp;
-pub use reverse::vjp;
+pub use reverse::{vjp, vjp_with_hook, VjpHook};
 
 use crate::graph::{Graph, NodeId};
 use crate::types::DType;
