@@ -14,7 +14,8 @@ active experts; all experts are evaluated.
 
 Steps:
 * hyper: forward; autograd.grad of the main loss for every non-router
-  parameter and the blocks' outputs; surprise ||J_e^T dL/dy|| of every
+  parameter, the blocks' output gradients captured by an identity autograd
+  Function (the seed's hook); surprise ||J_e^T dL/dy|| of every
   expert and token; router loss (cross-entropy to the least-surprised
   expert) from logits of the detached block input, its gradient for the
   routers; an AdamW (weight decay 0) for each part.
@@ -36,6 +37,22 @@ import torch
 import torch.nn.functional as F
 
 
+class Tap(torch.autograd.Function):
+    """Identity whose backward keeps the gradient of its output (the
+    seed's capture of dL/dy, usable under torch.compile where the block
+    outputs are not graph outputs)."""
+
+    @staticmethod
+    def forward(ctx, y, box):
+        ctx.box = box
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.box.append(g)
+        return g, None
+
+
 class Moe(torch.nn.Module):
     def __init__(self, d, e, h, budget, min_k, max_k):
         super().__init__()
@@ -44,6 +61,7 @@ class Moe(torch.nn.Module):
         self.w1 = torch.nn.Parameter(torch.randn(d, e * h) * 0.02)
         self.w3 = torch.nn.Parameter(torch.randn(d, e * h) * 0.02)
         self.w2 = torch.nn.Parameter(torch.randn(e * h, d) * 0.02)
+        self.box = None
 
     def select(self, p):
         # rank and mass before each expert in decreasing probability (stable
@@ -68,6 +86,8 @@ class Moe(torch.nn.Module):
         a = F.silu(p1) * p3
         a = (a.view(n, self.e, self.h) * gates.unsqueeze(-1)).view(n, self.e * self.h)
         y = a @ self.w2
+        if self.box is not None:
+            y = Tap.apply(y, self.box)
         return y, dict(x=x, logits=logits, active=active, p1=p1, p3=p3, y=y)
 
 
@@ -114,7 +134,7 @@ class Gpt(torch.nn.Module):
             x, rec = blk(x, b, t)
             recs.append(rec)
         logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits, targets.view(-1)), recs
+        return F.cross_entropy(logits, targets.reshape(-1)), recs
 
 
 def surprise(moe, rec, g):
@@ -132,17 +152,18 @@ def surprise(moe, rec, g):
     return dx.norm(dim=-1).t()
 
 
-def hyper_step(model, opt_main, opt_router, main_params, router_params, tokens, targets):
+def hyper_step(model, opt_main, opt_router, main_params, router_params, tokens, targets, blocks, boxes):
+    for b in boxes:
+        b.clear()
     loss, recs = model(tokens, targets)
-    outs = [r["y"] for r in recs]
-    grads = torch.autograd.grad(loss, main_params + outs)
-    for p, g in zip(main_params, grads[: len(main_params)]):
+    grads = torch.autograd.grad(loss, main_params)
+    for p, g in zip(main_params, grads):
         p.grad = g
     opt_main.step()
     with torch.no_grad():
-        sur = [surprise(blk.moe, r, g) for blk, r, g in zip(model.blocks, recs, grads[len(main_params):])]
+        sur = [surprise(blk.moe, r, box[0]) for blk, r, box in zip(blocks, recs, boxes)]
     rl = 0.0
-    for blk, r, s in zip(model.blocks, recs, sur):
+    for blk, r, s in zip(blocks, recs, sur):
         logits = blk.moe.router(r["x"].detach())
         target = s.argmin(-1)
         rl = rl + F.cross_entropy(logits, target)
@@ -183,7 +204,12 @@ def main():
     if args.task == "hyper":
         om = torch.optim.AdamW(main_params, lr=2e-3, weight_decay=0.0)
         orr = torch.optim.AdamW(router_params, lr=2e-3, weight_decay=0.0)
-        step = lambda x, y: hyper_step(fwd, om, orr, main_params, router_params, x, y)
+        boxes = []
+        for blk in model.blocks:
+            blk.moe.box = []
+            boxes.append(blk.moe.box)
+        step = lambda x, y: hyper_step(fwd, om, orr, main_params, router_params, x, y,
+                                       model.blocks, boxes)
     else:
         o = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
         step = lambda x, y: single_step(fwd, o, x, y)

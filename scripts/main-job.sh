@@ -2,11 +2,18 @@
 # The main job, end to end on a fresh machine: install the Python
 # requirements (ONNX Runtime), build metac, meta-train the HierarchicalRNN
 # learned optimizer on the MNIST MLP (a short run), meta-test it against
-# Adam on the MNIST test set with a plot, and derive the gradient and HVP
-# graphs of a PyTorch-exported model.
+# Adam on the MNIST test set with a plot, derive the gradient and HVP
+# graphs of a PyTorch-exported model, and train the mixture-of-experts byte
+# LM (Tiny-ONN's hyper step) briefly on Debian's fortunes and sample from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
+# The text the mixture-of-experts LM learns: Debian's fortunes package.
+if [ ! -d /usr/share/games/fortunes ]; then
+  sudo_=""
+  if [ "$(id -u)" -ne 0 ]; then sudo_="sudo"; fi
+  $sudo_ apt-get install -y -q fortunes || { $sudo_ apt-get update -q && $sudo_ apt-get install -y -q fortunes; }
+fi
 # ONNX Runtime is installed above, so the tract fallback is left out of this
 # build: tract is most of a release build's time (`cargo build --release`
 # includes it).
@@ -26,3 +33,8 @@ echo "meta-test curves: $out/eval-100/curves.png (100 steps), $out/eval/curves.p
 $metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
   --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out/derive-mlp"
 $metac inspect "$out/derive-mlp"
+# Tiny-ONN: a byte-level LM with mixtures of SwiGLU experts, trained by the
+# compiled two-backward hyper step (300 steps, under a minute), then sampled.
+$metac compile moe --config configs/moe-short.toml --out "$out/moe-bundle"
+$metac run "$out/moe-bundle" --config configs/moe-short.toml --out "$out/moe"
+$metac sample "$out/moe" --prompt "The " --bytes 200 --temperature 0.8

@@ -171,6 +171,47 @@ fn the_hyper_step_learns_resumes_exactly_and_samples() {
 }
 
 #[test]
+fn the_baselines_train_a_top2_mixture_and_a_dense_model_by_one_backward() {
+    let d = scratch("baselines");
+    let top2 = CONFIG
+        .replace(
+            "budget = 0.5\nmin_k = 1\nmax_k = 3",
+            "budget = 1.0\nmin_k = 2\nmax_k = 2",
+        )
+        .replace("mode = \"hyper\"", "mode = \"joint\"\nbalance = 0.01")
+        .replace("[router]\nkl = 0.1\n", "");
+    let dense = CONFIG
+        .replace(
+            "[model.moe]\nexperts = 4\nhidden = 8\nbudget = 0.5\nmin_k = 1\nmax_k = 3\n",
+            "",
+        )
+        .replace("heads = 2\n", "heads = 2\nswiglu = 16\n")
+        .replace("mode = \"hyper\"", "mode = \"joint\"")
+        .replace("[router]\nkl = 0.1\n", "");
+    for (name, text) in [("top2", top2), ("dense", dense)] {
+        let dir = d.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cfg, bundle) = compile(&dir, &text);
+        let out = dir.join("run");
+        run(&bundle, &cfg, &out, &["--steps", "30"]);
+        let sm = json(&out.join("summary.json"));
+        let h = &sm["heldout"];
+        assert!(h["bits_per_byte"].as_f64().unwrap() < 6.0, "{name}: {h}");
+        let lines = common::metrics_without(&out, &["seconds", "tokens_per_second"]);
+        if name == "top2" {
+            for l in 0..2 {
+                assert_eq!(h["mean_k"][l].as_f64(), Some(2.0), "{name}");
+            }
+            assert!(lines[0]["train"]["balance.l0"].as_f64().unwrap() > 0.0);
+        } else {
+            assert_eq!(h["mean_k"].as_array().unwrap().len(), 0, "{name}");
+        }
+        let o = metac(&["sample", s(&out), "--prompt", "A", "--bytes", "8"]);
+        ok(&o);
+    }
+}
+
+#[test]
 fn bad_configs_corpora_and_flags_are_one_line_errors() {
     let d = scratch("bad");
     let cases: Vec<(String, &str)> = [

@@ -94,7 +94,7 @@ impl MoeEvaluator {
         let mut nll = 0.0;
         let mut out = HeldOut {
             windows: starts.len(),
-            mean_k: vec![0.0; self.layers],
+            mean_k: vec![0.0; if moe { self.layers } else { 0 }],
             gating_accuracy: vec![0.0; if moe { self.layers } else { 0 }],
             expert_tokens: vec![vec![0.0; self.experts]; if moe { self.layers } else { 0 }],
             surprise: vec![vec![]; if moe && keep_surprise { self.layers } else { 0 }],
@@ -114,9 +114,9 @@ impl MoeEvaluator {
                     .with_context(|| format!("evaluate: no output '{n}'"))
             };
             nll += f64::from(get("nll_sum")?.to_scalar_f32()?);
-            for l in 0..self.layers {
+            for l in 0..if moe { self.layers } else { 0 } {
                 out.mean_k[l] += f64::from(get(&format!("mean_k.l{l}"))?.to_scalar_f32()?);
-                if moe {
+                {
                     out.gating_accuracy[l] +=
                         f64::from(get(&format!("gating_accuracy.l{l}"))?.to_scalar_f32()?);
                     let a = get(&format!("active.l{l}"))?.as_f32()?;
