@@ -182,6 +182,7 @@ pub fn compile_editor(config: &EditorConfig, lm: &EditedModel, out: &Path) -> Re
         hyper_init,
         adam_init,
         solver: e.solver,
+        preserve: e.preserve,
         ft_adam_init: constant_rules(
             ft.initial_state(&ft_shapes.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())
                 .into_iter()

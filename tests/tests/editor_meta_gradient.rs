@@ -199,7 +199,7 @@ fn pipeline(
     for (li, l) in ed.layers.iter().enumerate() {
         let u = flat(&c.cached[&format!("u.{}", l.name)]);
         let d = flat(&values[&format!("d.{}", l.name)]);
-        let s = Shift::solve_f64(&u, &d, c.n, l.d_in, l.d_out, lamda[li]).unwrap();
+        let s = Shift::solve_f64(&u, &d, c.n, l.d_in, l.d_out, lamda[li], None).unwrap();
         let w = edited.get_mut(&format!("{}.w", l.name)).unwrap();
         let sv = floats(&[l.d_in, l.d_out], s.shift_f64());
         *w = Value::F(w.f() + sv.f());
@@ -363,7 +363,7 @@ fn the_decoupled_meta_gradient_matches_one_fused_graph() {
     for (li, (l, &d)) in ed.layers.iter().zip(&values).enumerate() {
         let u = flat(&c.cached[&format!("u.{}", l.name)]);
         // (U^T U + lambda I)^{-1}, from the host solve's factorisation.
-        let s = Shift::solve_f64(&u, &vec![0.0; c.n], c.n, l.d_in, 1, lamda[li]).unwrap();
+        let s = Shift::solve_f64(&u, &vec![0.0; c.n], c.n, l.d_in, 1, lamda[li], None).unwrap();
         let eye: Vec<f64> = (0..l.d_in * l.d_in)
             .map(|k| if k % (l.d_in + 1) == 0 { 1.0 } else { 0.0 })
             .collect();

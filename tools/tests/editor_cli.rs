@@ -293,6 +293,42 @@ fn bad_editor_configs_name_the_key_or_layer() {
             text.replace("trajectories = 6", "trajectories = 0"),
             "run.trajectories",
         ),
+        (
+            text.replace("chunk = 16", "chunk = 16\nsolver = \"sum\"\npreserve = 32"),
+            "editor.preserve",
+        ),
     ];
     common::assert_compile_rejects("editor", &d, &cases);
+    // The key regulariser (MEMIT's covariance) compiles and meta-trains.
+    let cfg = d.join("preserve.toml");
+    std::fs::write(
+        &cfg,
+        text.replace("chunk = 16", "chunk = 16\npreserve = 40")
+            .replace("trajectories = 6", "trajectories = 2"),
+    )
+    .unwrap();
+    let bundle = d.join("preserve-bundle");
+    ok(&metac(&[
+        "compile",
+        "editor",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&bundle),
+    ]));
+    let m = json(&bundle.join("manifest.json"));
+    assert_eq!(m["meta"]["editor"]["preserve"], 40);
+    let run = d.join("preserve-run");
+    ok(&metac(&[
+        "run",
+        s(&bundle),
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--quiet",
+        "--unfused",
+    ]));
+    let sm = json(&run.join("summary.json"));
+    assert!(sm["after"]["es"].as_f64().unwrap() > 0.0, "{sm}");
 }

@@ -92,6 +92,17 @@ pub struct EditorTable {
     /// changes it relatively; see docs/results.md).
     #[serde(default)]
     pub log_lr: bool,
+    /// The least-squares penalty: with 0, MALMEN's `lambda |S|^2`; with
+    /// `P > 0`, MEMIT's `lambda tr(S^T C S)`, `C` the second moment of the
+    /// edited layer's keys over `P` training-template prompts of the world
+    /// (scaled to a mean eigenvalue of 1): shifts are cheap in directions
+    /// the model's other prompts do not use.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preserve: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 fn rank() -> usize {
@@ -288,6 +299,10 @@ impl EditorConfig {
             }
         }
         ensure!(
+            e.preserve == 0 || e.solver == Solver::LeastSquares,
+            "config key 'editor.preserve' applies to the least-squares solver; editor.solver is \"sum\""
+        );
+        ensure!(
             m.edit + m.equivalent + m.locality > 0.0,
             "the meta-loss has no term: meta.edit, meta.equivalent and meta.locality are all 0"
         );
@@ -332,6 +347,10 @@ pub struct EditorMeta {
     pub adam_init: Vec<TensorInit>,
     #[serde(default)]
     pub solver: Solver,
+    /// `[editor] preserve`: prompts whose keys make the least-squares
+    /// regulariser (0: the identity).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preserve: usize,
     /// Init rules of `ft_adam`'s state (fine-tuning the edited layers).
     #[serde(default)]
     pub ft_adam_init: Vec<TensorInit>,

@@ -357,6 +357,11 @@ impl FactWorld {
         self.prompts_of(&(0..self.subjects.len()).collect::<Vec<_>>(), first)
     }
 
+    /// Every fact of `subjects` under every training template.
+    pub fn training_prompts_of(&self, subjects: &[usize]) -> Vec<Prompt> {
+        self.prompts_of(subjects, 0..self.config.train_templates)
+    }
+
     /// The held-out paraphrases of the facts of `subjects`.
     pub fn paraphrase_prompts(&self, subjects: &[usize]) -> Vec<Prompt> {
         let n = self.config.train_templates + self.config.heldout_templates;

@@ -17,6 +17,7 @@ use metac_contract::editor::{
     META_LOSS, VALUES, VALUES_VJP,
 };
 use metac_contract::fsutil::sha256_hex;
+use metac_contract::init::SeededRng;
 use metac_contract::lm::GptConfig;
 use metac_graphs::Tensor;
 use ndarray::{ArrayD, IxDyn};
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use self::solve::Shift;
 use crate::backend::{Backend, Session};
-use crate::data::facts::{EditRequest, FactWorld, Prompt};
+use crate::data::facts::{EditRequest, FactWorld, Prompt, Split};
 use crate::lm::{answer_batch, Evaluator, Scores};
 use crate::tensor::{HostTensor, Named};
 
@@ -135,6 +136,9 @@ pub struct Editor {
     pub adam_state: Named<HostTensor>,
     pub norms: Vec<RunningNorm>,
     pub world: FactWorld,
+    /// Per edited layer, the least-squares regulariser `C` (`[in, in]`
+    /// row-major; `None`: the identity), [`Editor::regularisers`].
+    reg: Vec<Option<Vec<f64>>>,
 }
 
 fn refs(v: &Named<HostTensor>) -> Vec<(&str, &HostTensor)> {
@@ -232,7 +236,7 @@ impl Editor {
                 .collect()
         };
         let c = meta.chunk;
-        Ok(Editor {
+        let mut editor = Editor {
             cache: load(CACHE)?,
             values: load(VALUES)?,
             values_vjp: load(VALUES_VJP)?,
@@ -250,9 +254,78 @@ impl Editor {
                 .iter()
                 .map(|&d| RunningNorm::new(d))
                 .collect(),
+            reg: vec![None; meta.layers.len()],
             world,
             meta,
-        })
+        };
+        if editor.meta.preserve > 0 {
+            editor.reg = editor.regularisers(editor.meta.preserve)?;
+        }
+        Ok(editor)
+    }
+
+    /// MEMIT's regulariser of each edited layer (`[editor] preserve`): the
+    /// second moment `C = K^T K / P` of the layer's keys (its inputs at the
+    /// answer position) over `preserve` training-template prompts of the
+    /// meta-training subjects (drawn from a fixed stream; never the
+    /// evaluation or unrelated subjects), in the unedited LM, scaled to a
+    /// mean eigenvalue of 1 (so that `lambda` means what it means with the
+    /// identity), plus `1e-2 I` to keep it positive definite.
+    fn regularisers(&mut self, preserve: usize) -> Result<Vec<Option<Vec<f64>>>> {
+        let subjects = self.world.subjects_of(Split::Train);
+        let all = self.world.training_prompts_of(&subjects);
+        ensure!(!all.is_empty(), "no training-template prompts to preserve");
+        let mut rng = SeededRng::new(0, 7);
+        let picked: Vec<Prompt> = (0..preserve)
+            .map(|_| all[rng.below(all.len() as u64) as usize].clone())
+            .collect();
+        let (c, seq) = (self.meta.chunk, self.meta.seq);
+        let layers = self.meta.layers.clone();
+        let mut acc: Vec<Vec<f64>> = layers.iter().map(|l| vec![0.0; l.d_in * l.d_in]).collect();
+        for chunk in picked.chunks(c) {
+            let prompts: Vec<&Prompt> = chunk.iter().collect();
+            let data = answer_batch(&prompts, c, seq)?;
+            let w = tensor(&[c], vec![1.0; c]);
+            let mut ins = refs(&self.base);
+            ins.extend(["tokens", "positions", "answers"].into_iter().zip(&data));
+            ins.push(("weights", &w));
+            let mut out: HashMap<String, HostTensor> = self.cache.run(&ins)?.into_iter().collect();
+            for (i, l) in layers.iter().enumerate() {
+                let k = rows(
+                    &output(&mut out, CACHE, &format!("u.{}", l.name))?,
+                    chunk.len(),
+                )?;
+                let d = l.d_in;
+                for row in k.chunks(d) {
+                    for a in 0..d {
+                        let ra = f64::from(row[a]);
+                        if ra == 0.0 {
+                            continue;
+                        }
+                        let dst = &mut acc[i][a * d..(a + 1) * d];
+                        for (x, &rb) in dst.iter_mut().zip(row) {
+                            *x += ra * f64::from(rb);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(layers
+            .iter()
+            .zip(acc)
+            .map(|(l, mut m)| {
+                let d = l.d_in;
+                let trace: f64 = (0..d).map(|a| m[a * d + a]).sum();
+                let scale = if trace > 0.0 { d as f64 / trace } else { 1.0 };
+                for x in m.iter_mut() {
+                    *x *= scale;
+                }
+                for a in 0..d {
+                    m[a * d + a] += 1e-2;
+                }
+                Some(m)
+            })
+            .collect())
     }
 
     /// Back to the unedited LM.
@@ -350,9 +423,15 @@ impl Editor {
         let mut previous = vec![];
         for (i, l) in layers.iter().enumerate() {
             let s = match self.meta.solver {
-                Solver::LeastSquares => {
-                    Shift::solve(&keys[i], &values[i], n, l.d_in, l.d_out, lamda[i])
-                }
+                Solver::LeastSquares => Shift::solve_with(
+                    &keys[i],
+                    &values[i],
+                    n,
+                    l.d_in,
+                    l.d_out,
+                    lamda[i],
+                    self.reg[i].as_deref(),
+                ),
                 Solver::Sum => Shift::sum(&keys[i], &values[i], n, l.d_in, l.d_out),
             }
             .with_context(|| format!("layer {}", l.name))?;

@@ -16,6 +16,11 @@
 //! dL/dD = U M        dL/dlamda = -lambda <M, S>
 //! ```
 //!
+//! With a regulariser matrix `C` (symmetric positive definite; MEMIT's
+//! covariance of the keys to preserve, [`Shift::solve_with`]) the penalty
+//! is `lambda tr(S^T C S)`: `S = (U^T U + lambda C)^{-1} U^T D`, the same
+//! `dL/dD`, and `dL/dlamda = -lambda <M, C S>`. `C = I` is MALMEN's.
+//!
 //! MEND's rule, the baseline ([`Shift::sum`]), is `S = U^T D`, the sum of
 //! the edits' rank-one shifts: `dL/dD = U G`, and no `lambda`.
 //!
@@ -35,6 +40,8 @@ pub struct Shift {
     llt: Option<Llt<f64>>,
     lambda: f64,
     s: Mat<f64>,
+    /// The regulariser `C` (`None`: the identity).
+    reg: Option<Mat<f64>>,
 }
 
 fn mat(v: &[f64], rows: usize, cols: usize) -> Mat<f64> {
@@ -70,10 +77,25 @@ impl Shift {
         d_out: usize,
         lamda: f32,
     ) -> Result<Self> {
-        Self::solve_f64(&widen(u), &widen(d), n, d_in, d_out, f64::from(lamda))
+        Self::solve_f64(&widen(u), &widen(d), n, d_in, d_out, f64::from(lamda), None)
     }
 
-    /// [`Shift::solve`] of f64 data.
+    /// [`Shift::solve`] with the regulariser `reg` (`C`, `[d_in, d_in]`
+    /// row-major, symmetric positive definite) in place of the identity.
+    #[allow(clippy::too_many_arguments)]
+    pub fn solve_with(
+        u: &[f32],
+        d: &[f32],
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        lamda: f32,
+        reg: Option<&[f64]>,
+    ) -> Result<Self> {
+        Self::solve_f64(&widen(u), &widen(d), n, d_in, d_out, f64::from(lamda), reg)
+    }
+
+    /// [`Shift::solve_with`] of f64 data.
     pub fn solve_f64(
         u: &[f64],
         d: &[f64],
@@ -81,6 +103,7 @@ impl Shift {
         d_in: usize,
         d_out: usize,
         lamda: f64,
+        reg: Option<&[f64]>,
     ) -> Result<Self> {
         ensure!(
             u.len() == n * d_in && d.len() == n * d_out,
@@ -96,11 +119,26 @@ impl Shift {
         let um = mat(u, n, d_in);
         let dm = mat(d, n, d_out);
         let mut a = um.transpose() * &um;
-        for i in 0..d_in {
-            a[(i, i)] += lambda;
-        }
+        let reg = match reg {
+            Some(c) => {
+                ensure!(
+                    c.len() == d_in * d_in,
+                    "least squares: a regulariser of {} numbers for {d_in} x {d_in}",
+                    c.len()
+                );
+                let c = mat(c, d_in, d_in);
+                a += &c * lambda;
+                Some(c)
+            }
+            None => {
+                for i in 0..d_in {
+                    a[(i, i)] += lambda;
+                }
+                None
+            }
+        };
         let llt = a.llt(Side::Lower).map_err(|e| {
-            anyhow::anyhow!("least squares: U^T U + lambda I is not positive definite ({e:?})")
+            anyhow::anyhow!("least squares: U^T U + lambda C is not positive definite ({e:?})")
         })?;
         let rhs = um.transpose() * &dm;
         let s = llt.solve(&rhs);
@@ -109,6 +147,7 @@ impl Shift {
             llt: Some(llt),
             lambda,
             s,
+            reg,
         })
     }
 
@@ -127,6 +166,7 @@ impl Shift {
             llt: None,
             lambda: 0.0,
             s,
+            reg: None,
         })
     }
 
@@ -181,10 +221,14 @@ impl Shift {
         };
         let m = llt.solve(&g);
         let dd = &self.u * &m;
+        let cs = match &self.reg {
+            Some(c) => c * &self.s,
+            None => self.s.clone(),
+        };
         let mut inner = 0.0;
         for i in 0..d_in {
             for j in 0..d_out {
-                inner += m[(i, j)] * self.s[(i, j)];
+                inner += m[(i, j)] * cs[(i, j)];
             }
         }
         Ok((flat(&dd), -self.lambda * inner))
@@ -204,14 +248,32 @@ mod tests {
     /// `(U^T U + lambda I) S = U^T D` by Gauss-Jordan elimination in f64,
     /// independently of faer.
     fn reference(u: &[f32], d: &[f32], n: usize, di: usize, dout: usize, lambda: f64) -> Vec<f64> {
+        reference_with(u, d, n, di, dout, lambda, None)
+    }
+
+    /// `(U^T U + lambda C) S = U^T D`, `C = I` without `c`.
+    fn reference_with(
+        u: &[f32],
+        d: &[f32],
+        n: usize,
+        di: usize,
+        dout: usize,
+        lambda: f64,
+        c: Option<&[f64]>,
+    ) -> Vec<f64> {
         let mut a = vec![vec![0.0f64; di + dout]; di];
         for i in 0..di {
             for j in 0..di {
                 a[i][j] = (0..n)
                     .map(|r| f64::from(u[r * di + i]) * f64::from(u[r * di + j]))
                     .sum();
+                if let Some(c) = c {
+                    a[i][j] += lambda * c[i * di + j];
+                }
             }
-            a[i][i] += lambda;
+            if c.is_none() {
+                a[i][i] += lambda;
+            }
             for j in 0..dout {
                 a[i][di + j] = (0..n)
                     .map(|r| f64::from(u[r * di + i]) * f64::from(d[r * dout + j]))
@@ -309,5 +371,56 @@ mod tests {
         }
         let e = Shift::solve(&u, &d, n, di, dout, f32::NAN).err().unwrap();
         assert!(format!("{e}").contains("lambda"), "{e}");
+    }
+
+    #[test]
+    fn a_regulariser_matrix_changes_the_penalty_and_its_adjoint_follows() {
+        let (n, di, dout) = (4, 6, 3);
+        let (u, d, g) = (random(n * di, 6), random(n * dout, 7), random(di * dout, 8));
+        // C = B B^T + 0.1 I, symmetric positive definite.
+        let b = random(di * di, 9);
+        let c: Vec<f64> = (0..di * di)
+            .map(|k| {
+                let (i, j) = (k / di, k % di);
+                let bb: f64 = (0..di)
+                    .map(|t| f64::from(b[i * di + t]) * f64::from(b[j * di + t]))
+                    .sum();
+                bb + if i == j { 0.1 } else { 0.0 }
+            })
+            .collect();
+        let lamda = -0.4f32;
+        let s = Shift::solve_with(&u, &d, n, di, dout, lamda, Some(&c)).unwrap();
+        let want = reference_with(&u, &d, n, di, dout, f64::from(lamda).exp(), Some(&c));
+        for (a, b) in s.shift_f64().iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // Fewer edits than inputs: the regulariser decides the shift.
+        let plain = Shift::solve(&u, &d, n, di, dout, lamda)
+            .unwrap()
+            .shift_f64();
+        let diff: f64 = plain.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();
+        assert!(diff > 1e-3, "C changed nothing");
+        let loss = |d: &[f32], lamda: f64| -> f64 {
+            let s = reference_with(&u, d, n, di, dout, lamda.exp(), Some(&c));
+            s.iter().zip(&g).map(|(a, b)| a * f64::from(*b)).sum()
+        };
+        let (dd, dl) = s.backward(&g).unwrap();
+        let h = 1e-4;
+        let fd = (loss(&d, f64::from(lamda) + h) - loss(&d, f64::from(lamda) - h)) / (2.0 * h);
+        assert!(
+            (fd - dl).abs() <= 1e-6 * fd.abs().max(1e-3),
+            "dL/dlamda {dl}, fd {fd}"
+        );
+        for k in [0, 5, n * dout - 1] {
+            let (mut p, mut m) = (d.clone(), d.clone());
+            p[k] += 0.5;
+            m[k] -= 0.5;
+            let fd = loss(&p, f64::from(lamda)) - loss(&m, f64::from(lamda));
+            assert!(
+                (fd - f64::from(dd[k])).abs() <= 1e-5 * fd.abs().max(1e-3),
+                "dL/dD[{k}] {} vs {fd}",
+                dd[k]
+            );
+        }
     }
 }
