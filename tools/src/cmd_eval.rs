@@ -86,8 +86,11 @@ Writes into OUT:\n  \
 curves.csv    optimizer,seed,step,loss: the (minibatch) loss at the parameters before each step\n  \
 summary.json  problem, steps, split and batch_size (null for data-free problems), and per optimizer \
 the mean and std over seeds of the final loss (last 100 steps), the loss at 1,000 steps, the evaluation \
-loss and accuracy (null where the problem is not a classifier), and how many runs diverged\n  \
-curves.png    mean curves over seeds (log scale where every loss is positive)\n  \
+loss and accuracy (null where the problem is not a classifier), and how many runs diverged and at \
+which steps (a run diverges at the first step whose loss is non-finite or above 10x its first step's; \
+it is left out of the statistics)\n  \
+curves.png    mean curves over seeds (log scale where every loss is positive); diverged runs as curves \
+of their own, labelled with their steps\n  \
 params/OPTIMIZER-seedSEED.safetensors  the final parameters of every run that did not diverge, one \
 tensor per parameter under the problem's parameter names (written atomically; nothing for a diverged \
 run, whose file from an earlier eval into OUT is removed)",

@@ -47,7 +47,17 @@ pub fn table(summary: &[OptimizerSummary], split: Option<&str>) -> String {
             if with_acc {
                 r.push(fmt_acc(&o.eval_accuracy));
             }
-            r.push(format!("{}/{}", o.diverged, o.seeds.len()));
+            r.push(if o.diverged_at.is_empty() {
+                format!("{}/{}", o.diverged, o.seeds.len())
+            } else {
+                let steps: Vec<String> = o.diverged_at.iter().map(|t| t.to_string()).collect();
+                format!(
+                    "{}/{} (step {})",
+                    o.diverged,
+                    o.seeds.len(),
+                    steps.join(", ")
+                )
+            });
             r
         })
         .collect();

@@ -27,12 +27,15 @@
 //!
 //! **Steps** are numbered from 1: `losses[t - 1]` is the loss of step `t`.
 //!
-//! **Divergence**: when a step's loss is not finite the run stops; the
-//! non-finite value is not stored (`losses` keeps the finite prefix), the run
-//! is marked diverged with the step number, and it is not evaluated. A run
-//! whose final evaluation is not finite is also marked diverged (at step
-//! `steps + 1`). Diverged runs are counted in the summary and left out of its
-//! means.
+//! **Divergence**: a run diverges at the first step whose loss is not
+//! finite or exceeds [`DIVERGENCE_FACTOR`] times the loss of step 1 (where
+//! that is positive): an optimizer whose loss climbs from 2 to 1e11 has
+//! diverged, though every value is finite. A run that exceeds the bound goes
+//! on (its curve shows what happened); a non-finite loss stops it, and the
+//! non-finite value is not stored (`losses` keeps the finite prefix). A
+//! diverged run is not evaluated. A run whose final evaluation is not finite
+//! is also marked diverged (at step `steps + 1`). Diverged runs are counted,
+//! with their steps, in the summary and the plot, and left out of its means.
 //!
 //! **Evaluation** ([`Evaluation`]): for MNIST problems the split is cut into
 //! consecutive chunks of the evaluation batch size `E` (a static graph
@@ -57,6 +60,10 @@ use std::collections::HashMap;
 use anyhow::{bail, ensure, Context, Result};
 
 pub use metac_contract::io::{EvalIo, RunInit, TrainStepIo};
+
+/// A run has diverged once its loss exceeds this many times the loss of its
+/// first step (where that is positive); see the module docs.
+pub const DIVERGENCE_FACTOR: f32 = 10.0;
 
 use crate::backend::Session;
 use crate::data::mnist::Split;
@@ -139,8 +146,9 @@ pub struct RunResult {
     pub losses: Vec<f32>,
     /// Number of steps asked for.
     pub steps: usize,
-    /// The step at which the loss became non-finite (`steps + 1` when only
-    /// the final evaluation was), if any.
+    /// The first step whose loss was non-finite or above
+    /// [`DIVERGENCE_FACTOR`] times the first step's (`steps + 1` when only
+    /// the final evaluation was non-finite), if any.
     pub diverged_at: Option<usize>,
     /// Loss of the final parameters: the mean over the evaluated examples of
     /// the split, or for data-free problems the loss itself (None if
@@ -248,8 +256,15 @@ pub fn run_optimizer(
             .collect();
         let loss = scalar(&outs, &io.loss)?;
         if !loss.is_finite() {
-            diverged_at = Some(t + 1);
+            diverged_at.get_or_insert(t + 1);
             break;
+        }
+        if diverged_at.is_none()
+            && losses
+                .first()
+                .is_some_and(|&l0| l0 > 0.0 && loss > DIVERGENCE_FACTOR * l0)
+        {
+            diverged_at = Some(t + 1);
         }
         losses.push(loss);
         params = take_all(&mut outs, &io.new_params, "parameter")?;
@@ -436,6 +451,27 @@ mod tests {
         assert_eq!(r.losses, vec![0.0, 1.0, 2.0]);
         assert_eq!(r.diverged_at, Some(4));
         assert_eq!(p[0].to_scalar_f32().unwrap(), 3.0);
+    }
+
+    #[test]
+    fn a_loss_ten_times_the_first_is_divergence_and_the_run_goes_on() {
+        let mut fake = Fake {
+            limit: 1e9,
+            batch: false,
+        };
+        let start = RunInit {
+            params: vec![metac_graphs::Tensor::f32(&[], vec![1.0])],
+            ..init()
+        };
+        let data = StepData::DataFree { steps: 20 };
+        let (r, _) = run_optimizer(&mut fake, &io(false), &start, data, 1, None).unwrap();
+        // Step t's loss is t: step 11 is the first above 10 x 1.
+        assert_eq!(r.diverged_at, Some(11));
+        assert_eq!(r.losses.len(), 20, "the curve goes on past the bound");
+        // A non-finite loss after the bound stops the run; the first step stays.
+        fake.limit = 15.0;
+        let (r, _) = run_optimizer(&mut fake, &io(false), &start, data, 1, None).unwrap();
+        assert_eq!((r.diverged_at, r.losses.len()), (Some(11), 14));
     }
 
     #[test]

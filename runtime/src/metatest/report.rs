@@ -60,6 +60,9 @@ pub struct OptimizerSummary {
     pub optimizer: String,
     pub seeds: Vec<u64>,
     pub diverged: usize,
+    /// The step at which each diverged run diverged, in seed order.
+    #[serde(default)]
+    pub diverged_at: Vec<usize>,
     /// Per seed: mean loss over the last 100 steps.
     pub final_loss: Option<Stat>,
     /// Per seed: mean loss over steps 951..=1000 (None when runs are
@@ -142,6 +145,7 @@ impl MetaTestResults {
                 OptimizerSummary {
                     seeds: runs.iter().map(|r| r.seed).collect(),
                     diverged: runs.len() - ok.len(),
+                    diverged_at: runs.iter().filter_map(|r| r.diverged_at).collect(),
                     final_loss: collect(&|r| window_mean(&r.losses, r.losses.len(), FINAL_WINDOW)),
                     loss_at_1000: collect(&|r| {
                         window_mean(&r.losses, AT_1000_STEP, AT_1000_WINDOW)
@@ -177,7 +181,7 @@ impl MetaTestResults {
             format!("final_loss: per seed, the mean {loss} over the last {FINAL_WINDOW} steps; then mean and population std over seeds"),
             format!("loss_at_1000: per seed, the mean {loss} over steps {}..={AT_1000_STEP}; null when runs are shorter", AT_1000_STEP - AT_1000_WINDOW + 1),
             eval,
-            format!("diverged: runs whose {loss} (or final evaluation) became non-finite; left out of every statistic; their parameters are not written"),
+            format!("diverged: runs whose {loss} became non-finite or exceeded {} times the {loss} of step 1 (where that is positive), or whose final evaluation was non-finite; diverged_at: the step of each, in seed order; left out of every statistic; not evaluated; their parameters are not written", super::DIVERGENCE_FACTOR),
             format!("the {loss} of step t is measured at the parameters before update t"),
         ]
     }
@@ -187,28 +191,46 @@ impl MetaTestResults {
         std::fs::write(path, s + "\n").with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Per optimizer, the mean curve over its non-diverged seeds (all seeds
-    /// when every run diverged, up to the shortest), as `(step, loss)`
-    /// points, for [`crate::plot::plot_curves`].
+    /// Per optimizer, the mean curve over its non-diverged seeds and, where
+    /// some diverged, a second curve over those, labelled with how many and
+    /// from which step (`NAME (diverged 2/2, steps 150, 180)`); each up to
+    /// its shortest run, as `(step, loss)` points, for
+    /// [`crate::plot::plot_curves`].
     pub fn mean_curves(&self) -> Vec<(String, Vec<(f64, f64)>)> {
-        self.optimizers()
-            .into_iter()
-            .map(|name| {
-                let all: Vec<&RunResult> =
-                    self.runs.iter().filter(|r| r.optimizer == name).collect();
-                let ok: Vec<&RunResult> = all.iter().copied().filter(|r| !r.diverged()).collect();
-                let use_runs = if ok.is_empty() { all } else { ok };
-                let len = use_runs.iter().map(|r| r.losses.len()).min().unwrap_or(0);
-                let pts = (0..len)
-                    .map(|t| {
-                        let m = use_runs.iter().map(|r| r.losses[t] as f64).sum::<f64>()
-                            / use_runs.len() as f64;
-                        ((t + 1) as f64, m)
-                    })
+        let mean = |runs: &[&RunResult]| -> Vec<(f64, f64)> {
+            let len = runs.iter().map(|r| r.losses.len()).min().unwrap_or(0);
+            (0..len)
+                .map(|t| {
+                    let m =
+                        runs.iter().map(|r| r.losses[t] as f64).sum::<f64>() / runs.len() as f64;
+                    ((t + 1) as f64, m)
+                })
+                .collect()
+        };
+        let mut out = vec![];
+        for name in self.optimizers() {
+            let all: Vec<&RunResult> = self.runs.iter().filter(|r| r.optimizer == name).collect();
+            let (bad, ok): (Vec<&RunResult>, Vec<&RunResult>) =
+                all.iter().copied().partition(|r| r.diverged());
+            if !ok.is_empty() {
+                out.push((name.clone(), mean(&ok)));
+            }
+            if !bad.is_empty() {
+                let steps: Vec<String> = bad
+                    .iter()
+                    .filter_map(|r| r.diverged_at.map(|t| t.to_string()))
                     .collect();
-                (name, pts)
-            })
-            .collect()
+                let label = format!(
+                    "{name} (diverged {}/{}, step{} {})",
+                    bad.len(),
+                    all.len(),
+                    if steps.len() > 1 { "s" } else { "" },
+                    steps.join(", ")
+                );
+                out.push((label, mean(&bad)));
+            }
+        }
+        out
     }
 }
 
@@ -262,12 +284,16 @@ mod tests {
         assert!((x.loss_at_1000.as_ref().unwrap().mean - (975.5 + 3.0) / 2.0).abs() < 1e-9);
         let y = &s.optimizers[1];
         assert_eq!(y.diverged, 1);
+        assert_eq!(y.diverged_at, vec![2]);
         assert!(y.final_loss.is_none());
+        assert!(x.diverged_at.is_empty());
         let csv = r.curves_csv();
         assert_eq!(csv.lines().count(), 1 + 2000 + 1);
         assert!(csv.starts_with("optimizer,seed,step,loss\nx,1,1,1\n"));
         let curves = r.mean_curves();
         assert_eq!(curves[0].1[0], (1.0, 2.0));
+        // The diverged runs get a curve of their own, labelled with the step.
+        assert_eq!(curves[1].0, "y (diverged 1/1, step 2)");
         assert_eq!(curves[1].1.len(), 1);
     }
 }
