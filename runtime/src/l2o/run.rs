@@ -32,6 +32,7 @@ use super::{
 };
 use crate::backend::{Backend, Session};
 use crate::data::mnist::Split;
+use crate::metatest::DIVERGENCE_FACTOR;
 use crate::tensor::HostTensor;
 use crate::trainer::{MetricsLine, Validation, Workload, BEST_WEIGHTS, CHECKPOINT_WEIGHTS};
 use metac_contract::bundle::{read_safetensors, write_safetensors, Bundle};
@@ -266,6 +267,7 @@ impl<'a> L2oWorkload<'a> {
         // probes, whose values do not affect the update.
         self.runner.set_regularized(false, false);
         let mut probes = ProbeGenerator::new(seed);
+        let mut first: Option<f32> = None;
         for step in 0..steps {
             let mb = data.minibatch(step)?;
             let pr = match &self.regularizer {
@@ -289,11 +291,17 @@ impl<'a> L2oWorkload<'a> {
                     .remove(&super::next_name(&e.0))
                     .with_context(|| format!("step graph has no output for '{}'", e.0))?;
             }
-            let finite = out
-                .get(MINIBATCH_LOSS)
-                .is_none_or(|t| t.to_scalar_f32().is_ok_and(f32::is_finite));
-            if !finite {
-                return Ok(f64::INFINITY);
+            // A run whose minibatch loss is non-finite or above
+            // DIVERGENCE_FACTOR times its first step's has diverged (as
+            // `metac eval` counts it): the worst objective, so that no
+            // optimizer that diverges within the validation horizon is
+            // selected.
+            if let Some(t) = out.get(MINIBATCH_LOSS) {
+                let l = t.to_scalar_f32().unwrap_or(f32::NAN);
+                let l0 = *first.get_or_insert(l);
+                if !l.is_finite() || (l0 > 0.0 && l > DIVERGENCE_FACTOR * l0) {
+                    return Ok(f64::INFINITY);
+                }
             }
         }
         let obj = data.objective_batch(1)?;
