@@ -17,4 +17,4 @@ pub const OPSET: i64 = 17;
 pub const IR_VERSION: i64 = 8;
 
 pub use export::{export_bytes, export_model, ExportError};
-pub use import::{import_bytes, import_file, ImportError, ImportedModel};
+pub use import::{import_bytes, import_file, inline_external_data, ImportError, ImportedModel};

@@ -275,3 +275,89 @@ fn the_readme_lists_every_supported_op() {
         assert!(ops.contains(&op), "{op}");
     }
 }
+
+#[test]
+fn external_data_is_read_relative_to_the_model_and_checked() {
+    // y = x * w + b with w and b stored in one external file (w at offset
+    // 16, b after it), as torch.onnx.export(dynamo=True) writes models.
+    let d = std::env::temp_dir().join(format!("metac-extdata-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("weights")).unwrap();
+    let (w, b) = ([1.5f32, -2.0, 0.25], [10.0f32, 20.0, 30.0]);
+    let mut data = vec![0u8; 16];
+    for v in w.iter().chain(&b) {
+        data.extend(v.to_le_bytes());
+    }
+    std::fs::write(d.join("weights/model.data"), &data).unwrap();
+    let ext = |name: &str, location: &str, offset: usize, length: usize| TensorProto {
+        name: name.into(),
+        dims: vec![3],
+        data_type: 1,
+        data_location: Some(pb::tensor_proto::DataLocation::External as i32),
+        external_data: [
+            ("location", location.to_string()),
+            ("offset", offset.to_string()),
+            ("length", length.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| pb::StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        })
+        .collect(),
+        ..Default::default()
+    };
+    let write = |file: &str, wt: TensorProto, bt: TensorProto| {
+        let bytes = model_bytes(
+            vec![
+                node("Mul", &["x", "w"], &["xw"], vec![]),
+                node("Add", &["xw", "b"], &["y"], vec![]),
+            ],
+            vec![vinfo("x", 1, &[3])],
+            vec![wt, bt],
+            &["y"],
+            18,
+        );
+        let p = d.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let good = write(
+        "model.onnx",
+        ext("w", "weights/model.data", 16, 12),
+        ext("b", "weights/model.data", 28, 12),
+    );
+    let m = import_file(&good).unwrap();
+    let names: Vec<&str> = m.initializers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["w", "b"]);
+    let o = run(&m, vec![("x", fvalue(&[3], vec![1.0, 2.0, 4.0]))]);
+    assert_close(&o["y"], &[3], &[11.5, 16.0, 31.0]);
+    // Without the model's folder the data cannot be found: a clear error.
+    let e = import_bytes(&std::fs::read(&good).unwrap(), "bytes").unwrap_err();
+    assert!(e.to_string().contains("model.data"), "{e}");
+    // Bad references name the tensor and the file.
+    for (file, wt, want) in [
+        (
+            "missing.onnx",
+            ext("w", "nowhere.data", 0, 12),
+            "nowhere.data",
+        ),
+        (
+            "short.onnx",
+            ext("w", "weights/model.data", 36, 12),
+            "has 40 bytes",
+        ),
+        (
+            "outside.onnx",
+            ext("w", "../model.data", 0, 12),
+            "inside the model's folder",
+        ),
+    ] {
+        let p = write(file, wt, ext("b", "weights/model.data", 28, 12));
+        let e = import_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(file) && e.contains("tensor 'w'") && e.contains(want),
+            "{e}"
+        );
+    }
+}

@@ -72,24 +72,154 @@ pub enum ImportError {
     Model { file: String, msg: String },
 }
 
+/// Import the ONNX model at `path`. Tensors stored as external data (as
+/// `torch.onnx.export(dynamo=True)` and `onnx.save_model(...,
+/// save_as_external_data=True)` write them) are read from their files,
+/// relative to the model's folder ([`inline_external_data`]).
 pub fn import_file(path: &Path) -> Result<ImportedModel, ImportError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ImportError::NotOnnx {
         file: file.clone(),
         reason: e.to_string(),
     })?;
-    import_bytes(&bytes, &file)
+    let base = path.parent().unwrap_or(Path::new("."));
+    import_with(&bytes, &file, Some(base))
 }
 
 /// Import an ONNX model from its serialised bytes; `source` names the model
-/// in error messages (usually its path).
+/// in error messages (usually its path). A model with external data needs
+/// its folder: use [`import_file`].
 pub fn import_bytes(bytes: &[u8], source: &str) -> Result<ImportedModel, ImportError> {
+    import_with(bytes, source, None)
+}
+
+/// Replace every tensor of `model` stored as external data (initializers
+/// and the tensors of node attributes, subgraphs included) by its bytes,
+/// read from `location` (relative to `base`, inside it) at `offset` for
+/// `length` bytes (default: to the end of the file). A missing or short file,
+/// a location outside `base`, or no `base` is an error naming the tensor and
+/// the file.
+pub fn inline_external_data(model: &mut pb::ModelProto, base: Option<&Path>) -> Result<(), String> {
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    if let Some(g) = model.graph.as_mut() {
+        inline_graph(g, base, &mut files)?;
+    }
+    Ok(())
+}
+
+fn inline_graph(
+    g: &mut pb::GraphProto,
+    base: Option<&Path>,
+    files: &mut HashMap<String, Vec<u8>>,
+) -> Result<(), String> {
+    for t in &mut g.initializer {
+        inline_tensor(t, base, files)?;
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            if let Some(t) = a.t.as_mut() {
+                inline_tensor(t, base, files)?;
+            }
+            for t in &mut a.tensors {
+                inline_tensor(t, base, files)?;
+            }
+            if let Some(sub) = a.g.as_mut() {
+                inline_graph(sub, base, files)?;
+            }
+            for sub in &mut a.graphs {
+                inline_graph(sub, base, files)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn inline_tensor(
+    t: &mut TensorProto,
+    base: Option<&Path>,
+    files: &mut HashMap<String, Vec<u8>>,
+) -> Result<(), String> {
+    let external = !t.external_data.is_empty()
+        || t.data_location == Some(pb::tensor_proto::DataLocation::External as i32);
+    if !external {
+        return Ok(());
+    }
+    let what = format!("tensor '{}'", t.name);
+    let entry = |key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+    };
+    let location = entry("location")
+        .ok_or_else(|| format!("{what}: its data is external but has no 'location'"))?;
+    let number = |key: &str| -> Result<Option<usize>, String> {
+        entry(key)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("{what}: external data '{key}' is not a number: '{v}'"))
+            })
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let length = number("length")?;
+    let base = base.ok_or_else(|| {
+        format!("{what}: its data is in the external file '{location}', and the model's folder is unknown (import the model from its file)")
+    })?;
+    let rel = Path::new(&location);
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!(
+            "{what}: external data location '{location}' is not a path inside the model's folder"
+        ));
+    }
+    let path = base.join(rel);
+    if !files.contains_key(&location) {
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "{what}: cannot read its external data file {} ({e})",
+                path.display()
+            )
+        })?;
+        files.insert(location.clone(), bytes);
+    }
+    let bytes = &files[&location];
+    let end = match length {
+        Some(l) => offset.checked_add(l),
+        None => Some(bytes.len()),
+    };
+    let Some(end) = end.filter(|&e| e <= bytes.len() && offset <= e) else {
+        return Err(format!(
+            "{what}: its external data is bytes {offset}..{} of {}, which has {} bytes",
+            length.map_or("end".into(), |l| (offset + l).to_string()),
+            path.display(),
+            bytes.len()
+        ));
+    };
+    t.raw_data = bytes[offset..end].to_vec();
+    t.external_data.clear();
+    t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+    Ok(())
+}
+
+fn import_with(
+    bytes: &[u8],
+    source: &str,
+    base: Option<&Path>,
+) -> Result<ImportedModel, ImportError> {
     let not_onnx = |reason: String| ImportError::NotOnnx {
         file: source.into(),
         reason,
     };
-    let model = pb::ModelProto::decode(bytes)
+    let mut model = pb::ModelProto::decode(bytes)
         .map_err(|e| not_onnx(format!("protobuf decoding failed: {e}")))?;
+    inline_external_data(&mut model, base).map_err(|msg| ImportError::Model {
+        file: source.into(),
+        msg,
+    })?;
     let Some(graph) = model.graph.as_ref() else {
         return Err(not_onnx("the file decodes but holds no graph".into()));
     };
@@ -338,9 +468,9 @@ fn decode_tensor(t: &TensorProto) -> Result<Tensor, String> {
     if !t.external_data.is_empty()
         || t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
     {
+        // import_file reads external data before decoding.
         return Err(
-            "its data is stored externally, which is not supported; save the model with the data \
-                    embedded (onnx.save_model(m, path, save_as_external_data=False))"
+            "its data is stored externally and was not read (import the model from its file)"
                 .into(),
         );
     }
