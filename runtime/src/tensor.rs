@@ -14,6 +14,37 @@ pub use metac_graphs::DType;
 /// Named values, in order (graph inputs and outputs, state buffers).
 pub type Named<T> = Vec<(String, T)>;
 
+/// The tensors of `rules` drawn with `seed`, under their names.
+pub fn draw_named(rules: &[metac_contract::init::TensorInit], seed: u64) -> Named<HostTensor> {
+    rules
+        .iter()
+        .map(|r| (r.name.clone(), HostTensor::from_graph(&r.draw(seed))))
+        .collect()
+}
+
+/// Replace each tensor of `slots` by the entry of its name in `tensors` (a
+/// checkpoint), which must have its shape; `what` names the source in errors.
+pub fn restore_named(
+    slots: &mut Named<HostTensor>,
+    tensors: &std::collections::BTreeMap<String, metac_graphs::Tensor>,
+    what: &str,
+) -> Result<()> {
+    use anyhow::Context;
+    for (name, t) in slots.iter_mut() {
+        let v = tensors
+            .get(name.as_str())
+            .with_context(|| format!("{what}: no tensor '{name}'"))?;
+        anyhow::ensure!(
+            v.shape == t.shape(),
+            "{what}: '{name}' has shape {:?}, the model {:?}",
+            v.shape,
+            t.shape()
+        );
+        *t = HostTensor::from_graph(v);
+    }
+    Ok(())
+}
+
 /// A dense, host-memory tensor of one of the element types metac graphs use.
 ///
 /// Arrays may have any memory layout; backends make them contiguous when (and only when) they need to.

@@ -326,14 +326,14 @@ pub enum LrSchedule {
     Cosine,
 }
 
-impl LmRunSettings {
+impl LrSchedule {
     /// The learning rate's multiplier at `step` of `total` steps with
-    /// `warmup` warm-up steps.
-    pub fn lr_scale(&self, step: usize, total: usize, warmup: usize) -> f32 {
+    /// `warmup` steps of linear warm-up from 0.
+    pub fn scale(self, step: usize, total: usize, warmup: usize) -> f32 {
         if step < warmup {
             return (step + 1) as f32 / warmup as f32;
         }
-        match self.schedule {
+        match self {
             LrSchedule::Constant => 1.0,
             LrSchedule::Cosine => {
                 let span = total.saturating_sub(warmup).max(1) as f64;
@@ -341,6 +341,14 @@ impl LmRunSettings {
                 (0.5 * (1.0 + (std::f64::consts::PI * x).cos())) as f32
             }
         }
+    }
+}
+
+impl LmRunSettings {
+    /// The learning rate's multiplier at `step` of `total` steps with
+    /// `warmup` warm-up steps.
+    pub fn lr_scale(&self, step: usize, total: usize, warmup: usize) -> f32 {
+        self.schedule.scale(step, total, warmup)
     }
 }
 

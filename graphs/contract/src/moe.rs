@@ -252,17 +252,7 @@ impl Default for MoeRunSettings {
 impl MoeRunSettings {
     /// The learning rates' multiplier at `step`.
     pub fn lr_scale(&self, step: usize) -> f32 {
-        if step < self.warmup_steps {
-            return (step + 1) as f32 / self.warmup_steps as f32;
-        }
-        match self.schedule {
-            LrSchedule::Constant => 1.0,
-            LrSchedule::Cosine => {
-                let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
-                let x = ((step - self.warmup_steps) as f64 / span).min(1.0);
-                (0.5 * (1.0 + (std::f64::consts::PI * x).cos())) as f32
-            }
-        }
+        self.schedule.scale(step, self.steps, self.warmup_steps)
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{answer_batch, Evaluator, Scores};
 use crate::backend::{Backend, Session};
 use crate::data::facts::{FactWorld, Prompt};
-use crate::tensor::{HostTensor, Named};
+use crate::tensor::{draw_named, restore_named, HostTensor, Named};
 use crate::trainer::{MetricsLine, Validation, Workload};
 
 /// Training-template prompts in the validation's sample.
@@ -102,13 +102,6 @@ pub struct LmWorkload {
     pub manifest_sha256: String,
 }
 
-fn draw(rules: &[metac_contract::init::TensorInit], seed: u64) -> Named<HostTensor> {
-    rules
-        .iter()
-        .map(|r| (r.name.clone(), HostTensor::from_graph(&r.draw(seed))))
-        .collect()
-}
-
 impl LmWorkload {
     /// Training of `bundle` with `settings`, from parameters drawn with the
     /// settings' seed.
@@ -125,8 +118,8 @@ impl LmWorkload {
             .map(|_| prompts.training_templates[rng.below(n as u64) as usize].clone())
             .collect();
         Ok(LmWorkload {
-            params: draw(&meta.init, settings.seed),
-            state: draw(&meta.state_init, settings.seed),
+            params: draw_named(&meta.init, settings.seed),
+            state: draw_named(&meta.state_init, settings.seed),
             meta,
             settings,
             step,
@@ -171,27 +164,6 @@ impl LmWorkload {
         }
         order
     }
-}
-
-/// Replace each tensor of `slots` by the entry of its name in `tensors`.
-fn restore(
-    slots: &mut Named<HostTensor>,
-    tensors: &BTreeMap<String, Tensor>,
-    what: &str,
-) -> Result<()> {
-    for (name, t) in slots.iter_mut() {
-        let v = tensors
-            .get(name.as_str())
-            .with_context(|| format!("{what}: no tensor '{name}'"))?;
-        ensure!(
-            v.shape == t.shape(),
-            "{what}: '{name}' has shape {:?}, the model {:?}",
-            v.shape,
-            t.shape()
-        );
-        *t = HostTensor::from_graph(v);
-    }
-    Ok(())
 }
 
 impl Workload for LmWorkload {
@@ -284,8 +256,8 @@ impl Workload for LmWorkload {
     }
 
     fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        restore(&mut self.params, tensors, what)?;
-        restore(&mut self.state, tensors, what)
+        restore_named(&mut self.params, tensors, what)?;
+        restore_named(&mut self.state, tensors, what)
     }
 
     /// The seed, validation period and schedule; the number of epochs may

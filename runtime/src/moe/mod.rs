@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Session};
 use crate::data::text::{random_windows, tiling_starts, windows_at, TextCorpus, Windows};
-use crate::tensor::{HostTensor, Named};
+use crate::tensor::{draw_named, restore_named, HostTensor, Named};
 use crate::trainer::{MetricsLine, Validation, Workload};
 
 /// `tokens` and `targets` of `w` as i64 `[B, T]` tensors.
@@ -171,13 +171,6 @@ pub struct MoeWorkload {
     pub manifest_sha256: String,
 }
 
-fn draw(rules: &[metac_contract::init::TensorInit], seed: u64) -> Named<HostTensor> {
-    rules
-        .iter()
-        .map(|r| (r.name.clone(), HostTensor::from_graph(&r.draw(seed))))
-        .collect()
-}
-
 impl MoeWorkload {
     /// Training of `bundle` on `corpus` with `settings` and the router loss
     /// weights of `router`, from parameters drawn with the settings' seed.
@@ -197,8 +190,8 @@ impl MoeWorkload {
         let heldout_starts =
             tiling_starts(&corpus.heldout, meta.model.context, settings.eval_windows);
         Ok(MoeWorkload {
-            params: draw(&meta.init, settings.seed),
-            state: draw(&meta.state_init, settings.seed),
+            params: draw_named(&meta.init, settings.seed),
+            state: draw_named(&meta.state_init, settings.seed),
             meta,
             settings,
             router,
@@ -232,27 +225,6 @@ impl MoeWorkload {
     pub fn total_iterations(&self) -> usize {
         self.iterations()
     }
-}
-
-/// Replace each tensor of `slots` by the entry of its name in `tensors`.
-fn restore(
-    slots: &mut Named<HostTensor>,
-    tensors: &BTreeMap<String, Tensor>,
-    what: &str,
-) -> Result<()> {
-    for (name, t) in slots.iter_mut() {
-        let v = tensors
-            .get(name.as_str())
-            .with_context(|| format!("{what}: no tensor '{name}'"))?;
-        ensure!(
-            v.shape == t.shape(),
-            "{what}: '{name}' has shape {:?}, the model {:?}",
-            v.shape,
-            t.shape()
-        );
-        *t = HostTensor::from_graph(v);
-    }
-    Ok(())
 }
 
 impl Workload for MoeWorkload {
@@ -360,8 +332,8 @@ impl Workload for MoeWorkload {
     }
 
     fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        restore(&mut self.params, tensors, what)?;
-        restore(&mut self.state, tensors, what)
+        restore_named(&mut self.params, tensors, what)?;
+        restore_named(&mut self.state, tensors, what)
     }
 
     fn settings(&self) -> serde_json::Value {
