@@ -30,6 +30,13 @@ $metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp --steps 100 --
 $metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp --steps 1000 --seeds 6,12 \
   --optimizers learned,adam-1e-3 --out "$out/eval"
 echo "meta-test curves: $out/eval-100/curves.png (100 steps), $out/eval/curves.png (1,000 steps); summaries: summary.json; final parameters: params/"
+# The shipped learned optimizer (pretrained/l2o-mnist-mlp) against Adam, on the
+# problem it was meta-trained on and on the ReLU MLP it was not.
+$metac compile l2o --config configs/seed-rmsprop-1e-2.toml --out "$out/pretrained-bundle"
+for p in mnist-mlp mnist-mlp-relu; do
+  $metac eval pretrained/l2o-mnist-mlp --bundle "$out/pretrained-bundle" --problem "$p" --steps 1000 \
+    --seeds 6,12 --optimizers learned,adam-1e-3,adam-1e-2 --out "$out/pretrained-$p"
+done
 $metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
   --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out/derive-mlp"
 $metac inspect "$out/derive-mlp"
