@@ -22,6 +22,15 @@ pub fn draw_named(rules: &[metac_contract::init::TensorInit], seed: u64) -> Name
         .collect()
 }
 
+/// The tensors of `parts`, in order, as graph tensors under their names
+/// (what a workload checkpoints).
+pub fn graph_tensors(parts: &[&Named<HostTensor>]) -> Vec<(String, metac_graphs::Tensor)> {
+    parts
+        .iter()
+        .flat_map(|p| p.iter().map(|(n, t)| (n.clone(), t.to_graph())))
+        .collect()
+}
+
 /// Replace each tensor of `slots` by the entry of its name in `tensors` (a
 /// checkpoint), which must have its shape; `what` names the source in errors.
 pub fn restore_named(

@@ -285,13 +285,13 @@ pub struct TrainTable {
 fn thousand() -> usize {
     1000
 }
-fn beta1() -> f64 {
+pub(crate) fn beta1() -> f64 {
     0.9
 }
-fn beta2() -> f64 {
+pub(crate) fn beta2() -> f64 {
     0.999
 }
-fn eps() -> f64 {
+pub(crate) fn eps() -> f64 {
     1e-8
 }
 

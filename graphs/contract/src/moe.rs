@@ -135,11 +135,11 @@ pub struct MoeTrainTable {
     /// Adam of the routers (`hyper` only).
     #[serde(default = "default_router_lr")]
     pub router_lr: f64,
-    #[serde(default = "beta1")]
+    #[serde(default = "crate::lm::beta1")]
     pub beta1: f64,
-    #[serde(default = "beta2")]
+    #[serde(default = "crate::lm::beta2")]
     pub beta2: f64,
-    #[serde(default = "eps")]
+    #[serde(default = "crate::lm::eps")]
     pub eps: f64,
     /// Weight of the Switch Transformer's load-balancing loss,
     /// `E * sum_e f_e P_e` per block (`joint` with a mixture only).
@@ -152,15 +152,6 @@ fn sixteen() -> usize {
 }
 fn default_router_lr() -> f64 {
     1e-3
-}
-fn beta1() -> f64 {
-    0.9
-}
-fn beta2() -> f64 {
-    0.999
-}
-fn eps() -> f64 {
-    1e-8
 }
 
 /// The `[router]` table: the router loss of the hyper step. Its weights are

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{answer_batch, Evaluator, Scores};
 use crate::backend::{Backend, Session};
 use crate::data::facts::{FactWorld, Prompt};
-use crate::tensor::{draw_named, restore_named, HostTensor, Named};
+use crate::tensor::{draw_named, graph_tensors, restore_named, HostTensor, Named};
 use crate::trainer::{MetricsLine, Validation, Workload};
 
 /// Training-template prompts in the validation's sample.
@@ -244,15 +244,11 @@ impl Workload for LmWorkload {
     }
 
     fn weights(&self, with_optimizer: bool) -> Result<Vec<(String, Tensor)>> {
-        let mut v: Vec<(String, Tensor)> = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_graph()))
-            .collect();
-        if with_optimizer {
-            v.extend(self.state.iter().map(|(n, t)| (n.clone(), t.to_graph())));
-        }
-        Ok(v)
+        Ok(if with_optimizer {
+            graph_tensors(&[&self.params, &self.state])
+        } else {
+            graph_tensors(&[&self.params])
+        })
     }
 
     fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {

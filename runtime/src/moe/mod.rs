@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Session};
 use crate::data::text::{random_windows, tiling_starts, windows_at, TextCorpus, Windows};
-use crate::tensor::{draw_named, restore_named, HostTensor, Named};
+use crate::tensor::{draw_named, graph_tensors, restore_named, HostTensor, Named};
 use crate::trainer::{MetricsLine, Validation, Workload};
 
 /// `tokens` and `targets` of `w` as i64 `[B, T]` tensors.
@@ -320,15 +320,11 @@ impl Workload for MoeWorkload {
     }
 
     fn weights(&self, with_optimizer: bool) -> Result<Vec<(String, Tensor)>> {
-        let mut v: Vec<(String, Tensor)> = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_graph()))
-            .collect();
-        if with_optimizer {
-            v.extend(self.state.iter().map(|(n, t)| (n.clone(), t.to_graph())));
-        }
-        Ok(v)
+        Ok(if with_optimizer {
+            graph_tensors(&[&self.params, &self.state])
+        } else {
+            graph_tensors(&[&self.params])
+        })
     }
 
     fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
