@@ -74,6 +74,15 @@ pub fn harness(c: &Case, rng: &mut ChaCha8Rng) -> Harness {
         xs.push(g.input(&format!("x{i}"), dt, s));
     }
     let y = (c.build)(&mut g, &xs);
+    harness_on(g, y, rng)
+}
+
+/// The derivative harness of a graph `g` with a float output `y`: the loss
+/// `sum(r1 * y + r2 * y^2)` (random constants), its gradient `g{i}` with
+/// respect to every float input, both HVPs (`hf{i}`, `hr{i}`) along inputs
+/// `v{i}`, and the gradient `t{i}` of `t = <HVP(v), w>` (third order) with
+/// `w{i}`.
+pub fn harness_on(mut g: Graph, y: NodeId, rng: &mut ChaCha8Rng) -> Harness {
     let ys = g.shape(y).to_vec();
     let n: usize = ys.iter().product();
     let r1 = g.constant(Tensor::f32(

@@ -300,3 +300,50 @@ fn the_layout_lists_the_transposed_set_where_the_objective_reads_it() {
         );
     }
 }
+
+/// Slices read in place by a fused kernel, whose innermost dimension is not
+/// contiguous in the tensor they slice (a slice of length 1 along the last
+/// axis): the kernel walks them element by element. (The strided views of
+/// the importer's pools read wrong elements until this test.)
+#[test]
+fn fused_views_with_strided_rows_read_the_right_elements() {
+    let (fused, plain) = (ort(false), ort(true));
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[2, 3, 4, 2]);
+    let a = g.slice(x, 3, 0, 1);
+    let b = g.slice(x, 3, 1, 2);
+    let c = g.slice(x, 2, 1, 2);
+    let c = g.reshape(c, &[2, 3, 2, 1]);
+    let c = g.slice(c, 2, 0, 1);
+    let s = g.add(a, b);
+    let s = g.mul(s, c);
+    let y = g.exp(s);
+    g.output("y", y);
+    let bytes = export_bytes(&g, "slices").unwrap();
+    assert!(
+        fuse_onnx(&bytes, "slices").unwrap().is_some(),
+        "nothing was fused"
+    );
+    let xs = filled(&[2, 3, 4, 2], 3, -1.0, 1.0);
+    let at = |n: usize, c: usize, h: usize, w: usize| xs[((n * 3 + c) * 4 + h) * 2 + w];
+    let mut want = vec![];
+    for n in 0..2 {
+        for ch in 0..3 {
+            for h in 0..4 {
+                want.push(((at(n, ch, h, 0) + at(n, ch, h, 1)) * at(n, ch, 1, 0)).exp());
+            }
+        }
+    }
+    let t = HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 3, 4, 2]), xs.clone()).unwrap());
+    for (which, b) in [("fused", &fused), ("op by op", &plain)] {
+        let out = b.load(&bytes, "slices").unwrap().run(&[("x", &t)]).unwrap();
+        let got = out[0].1.as_f32().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (p, q) in got.iter().zip(&want) {
+            assert!(
+                (p - q).abs() <= 1e-6 * q.abs().max(1.0),
+                "{which}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 
 use metac_graphs::autodiff::{grad, hvp_reverse_over_reverse, vjp_with_hook};
-use metac_graphs::eval::{eval_graph, Value};
+use metac_graphs::eval::{eval_graph, eval_nodes, Value};
 use metac_graphs::passes::optimize;
 use metac_graphs::{DType, Graph, Op};
-use metac_tests::op_cases::{cases, harness, sample, Case, Dist};
+use metac_tests::fixtures::op_cases;
+use metac_tests::op_cases::{cases, harness, harness_on, sample, Case, Dist, Harness};
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -32,6 +33,13 @@ fn run(g: &Graph, env: &HashMap<String, Value>) -> HashMap<String, Value> {
     eval_graph(g, env).unwrap().into_iter().collect()
 }
 
+/// The loss alone (the element-by-element differences need nothing else).
+fn loss_at(g: &Graph, env: &HashMap<String, Value>) -> f64 {
+    let loss = g.find_output("loss").expect("loss output");
+    let vals = eval_nodes(g, env, &[loss]).unwrap();
+    flat(vals[loss.index()].as_ref().expect("loss value"))[0]
+}
+
 fn perturbed(
     env: &HashMap<String, Value>,
     dir: &HashMap<String, Value>,
@@ -50,21 +58,33 @@ fn perturbed(
 fn check(c: &Case, optimized: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let h = harness(c, &mut rng);
+    let mut env = HashMap::new();
+    for (i, (s, d)) in c.inputs.iter().enumerate() {
+        env.insert(format!("x{i}"), sample(&mut rng, s, *d));
+    }
+    check_harness(c.name, &h, env, &mut rng, optimized);
+}
+
+/// The checks of one harness at the inputs `env` (directions drawn from
+/// `rng`), on its graph or (`optimized`) on the graph after `optimize`.
+fn check_harness(
+    case: &str,
+    h: &Harness,
+    mut env: HashMap<String, Value>,
+    rng: &mut ChaCha8Rng,
+    optimized: bool,
+) {
     let g = if optimized {
         optimize(&h.g)
     } else {
         h.g.clone()
     };
-    let mut env = HashMap::new();
-    for (i, (s, d)) in c.inputs.iter().enumerate() {
-        env.insert(format!("x{i}"), sample(&mut rng, s, *d));
-    }
     let mut v_dir = HashMap::new();
     let mut w_dir = HashMap::new();
     for (i, (name, _)) in h.float_inputs.iter().enumerate() {
         let s = env[name].shape().to_vec();
-        let v = sample(&mut rng, &s, Dist::U(-1.0, 1.0));
-        let w = sample(&mut rng, &s, Dist::U(-1.0, 1.0));
+        let v = sample(rng, &s, Dist::U(-1.0, 1.0));
+        let w = sample(rng, &s, Dist::U(-1.0, 1.0));
         env.insert(format!("v{i}"), v.clone());
         env.insert(format!("w{i}"), w.clone());
         v_dir.insert(name.clone(), v);
@@ -81,16 +101,15 @@ fn check(c: &Case, optimized: bool) {
             let mut d = ArrayD::zeros(x.raw_dim());
             d.as_slice_mut().unwrap()[j] = 1.0;
             e.insert(name.clone(), Value::F(d));
-            let lp = flat(&run(&g, &perturbed(&env, &e, eps))["loss"])[0];
-            let lm = flat(&run(&g, &perturbed(&env, &e, -eps))["loss"])[0];
+            let lp = loss_at(&g, &perturbed(&env, &e, eps));
+            let lm = loss_at(&g, &perturbed(&env, &e, -eps));
             fd.push((lp - lm) / (2.0 * eps));
         }
         let gr = flat(&out[&format!("g{i}")]);
         let err = rel_err(&gr, &fd);
         assert!(
             err < 1e-6,
-            "{}: gradient wrt {name}: rel err {err:.3e}\n  got {gr:?}\n  fd  {fd:?}",
-            c.name
+            "{case}: gradient wrt {name}: rel err {err:.3e}\n  got {gr:?}\n  fd  {fd:?}"
         );
         // HVP: directional difference of the gradient.
         let gp = flat(&run(&g, &perturbed(&env, &v_dir, eps))[&format!("g{i}")]);
@@ -105,8 +124,7 @@ fn check(c: &Case, optimized: bool) {
             let err = rel_err(&hv, &fd_h);
             assert!(
                 err < 1e-5,
-                "{}: {key} HVP wrt {name}: rel err {err:.3e}\n  got {hv:?}\n  fd  {fd_h:?}",
-                c.name
+                "{case}: {key} HVP wrt {name}: rel err {err:.3e}\n  got {hv:?}\n  fd  {fd_h:?}"
             );
         }
         let hf = flat(&out[&format!("hf{i}")]);
@@ -114,8 +132,7 @@ fn check(c: &Case, optimized: bool) {
         // Equal up to the f32 rounding of constants such as 1/n in the two modes.
         assert!(
             rel_err(&hf, &hr) < 1e-6,
-            "{}: HVP modes disagree wrt {name}",
-            c.name
+            "{case}: HVP modes disagree wrt {name}"
         );
         // Third order: directional difference of <HVP(v), w> along w_dir.
         let tp = flat(&run(&g, &perturbed(&env, &w_dir, eps))["t"])[0];
@@ -137,8 +154,7 @@ fn check(c: &Case, optimized: bool) {
             let err = (th - fd_t).abs() / fd_t.abs().max(1e-4);
             assert!(
                 err < 1e-4,
-                "{}: third-order directional derivative: {th} vs fd {fd_t}",
-                c.name
+                "{case}: third-order directional derivative: {th} vs fd {fd_t}"
             );
         }
     }
@@ -271,4 +287,38 @@ fn a_vjp_hook_gives_a_subgraph_its_own_derivative() {
         assert!((flat(&out["g"])[i] - want).abs() < 1e-12);
         assert!((flat(&out["du"])[i] - xi).abs() < 1e-12);
     }
+}
+
+/// The importer's pooling, LRN and hard-activation ops (built from IR
+/// primitives, `graphs/src/onnx/import/pool.rs`) over their attribute space
+/// (`tests/fixtures/onnx/pool_ops.ref.json`): gradient, both HVPs and third
+/// order agree with finite differences, like every primitive's.
+#[test]
+fn imported_pooling_ops_match_finite_differences_to_third_order() {
+    let mut failures = vec![];
+    for case in op_cases() {
+        let m = metac_graphs::onnx::import_bytes(&case.model, &case.name)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let y = m.graph.outputs()[0].1;
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let h = harness_on(m.graph, y, &mut rng);
+        let x = Value::F(ArrayD::from_shape_vec(IxDyn(&case.x_shape), case.x.clone()).unwrap());
+        let env = HashMap::from([("x".to_string(), x)]);
+        for optimized in [false, true] {
+            let run = || check_harness(&case.name, &h, env.clone(), &mut rng.clone(), optimized);
+            if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
+                failures.push(format!("[{}] {msg}", case.name));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

@@ -9,3 +9,4 @@ mod layout;
 mod linalg;
 mod model;
 mod nn;
+mod pool;

@@ -7,23 +7,7 @@ use super::*;
 /// The loaders of this family, by ONNX op type.
 pub(super) const LOADERS: &[(&str, Loader)] = &[
     ("Identity", |_im: &mut Importer, c: &Ctx| Ok(vec![c.x(0)?])),
-    ("Dropout", |im: &mut Importer, c: &Ctx| {
-        Ok(vec![{
-            let x = c.x(0)?;
-            if c.wants(1) {
-                let s = im.shape(x);
-                let mask = im.nd(
-                    Op::Fill {
-                        value: 1.0,
-                        ty: TensorType::new(DType::Bool, &s),
-                    },
-                    &[],
-                )?;
-                return Ok(vec![x, mask]);
-            }
-            x
-        }])
-    }),
+    ("Dropout", |im: &mut Importer, c: &Ctx| im.dropout(c)),
     ("Cast", |im: &mut Importer, c: &Ctx| {
         Ok(vec![{
             let to = c.attr("to").ok_or("missing attribute 'to'")?.i as i32;
@@ -109,6 +93,20 @@ pub(super) const LOADERS: &[(&str, Loader)] = &[
         Ok(vec![im.gelu(c.x(0)?, &c.string("approximate", "none"))?])
     }),
     ("Clip", |im: &mut Importer, c: &Ctx| Ok(vec![im.clip(c)?])),
+    ("HardSigmoid", |im: &mut Importer, c: &Ctx| {
+        Ok(vec![{
+            let (alpha, beta) = (c.float("alpha", 0.2), c.float("beta", 0.5));
+            im.hard_sigmoid(c.x(0)?, alpha as f64, beta as f64)?
+        }])
+    }),
+    ("HardSwish", |im: &mut Importer, c: &Ctx| {
+        Ok(vec![{
+            let x = c.x(0)?;
+            let h = im.hard_sigmoid(x, 1.0 / 6.0, 0.5)?;
+            im.mul(x, h)?
+        }])
+    }),
+    ("Mod", |im: &mut Importer, c: &Ctx| Ok(vec![im.modulo(c)?])),
     ("Equal", |im: &mut Importer, c: &Ctx| {
         Ok(vec![im.cmp(CompareOp::Equal, c.x(0)?, c.x(1)?)?])
     }),
@@ -288,5 +286,124 @@ impl Importer<'_> {
                 self.where_(a, nb, b)
             }
         }
+    }
+}
+
+impl Importer<'_> {
+    /// `max(0, min(1, alpha x + beta))`.
+    pub(super) fn hard_sigmoid(&mut self, x: NodeId, alpha: f64, beta: f64) -> R<NodeId> {
+        self.require_float(x, "input")?;
+        let t = self.mul_scalar(x, alpha)?;
+        let b = self.scalar(DType::F32, beta);
+        let t = self.add(t, b)?;
+        let one = self.scalar(DType::F32, 1.0);
+        let t = self.bin(BinaryOp::Min, t, one)?;
+        let zero = self.scalar(DType::F32, 0.0);
+        self.bin(BinaryOp::Max, t, zero)
+    }
+
+    /// Dropout as inference: the identity (and an all-true mask). In
+    /// training mode it would draw a random mask, which a static
+    /// derivative graph cannot reproduce, so a model that asks for it is
+    /// rejected rather than silently changed.
+    pub(super) fn dropout(&mut self, c: &Ctx) -> R<Vec<NodeId>> {
+        let x = c.x(0)?;
+        let training = if self.opset < 7 {
+            c.int("is_test", 0) == 0
+        } else if let Some(t) = c.opt(2) {
+            match self.const_tensor(t).map(|t| t.data) {
+                Some(TensorData::Bool(v)) => v.first().copied().unwrap_or(false),
+                Some(_) => return invalid("training_mode must be a bool"),
+                None => return invalid(format!(
+                    "training_mode ('{}') is not a constant; only inference (training_mode=false) \
+                         is supported",
+                    c.input_name(2)
+                )),
+            }
+        } else {
+            false
+        };
+        // The ratio, where it is a constant (an initializer is a parameter).
+        let ratio = if self.opset >= 12 {
+            match c.opt(1) {
+                Some(r) => self
+                    .const_tensor(r)
+                    .and_then(|t| t.as_f32().map(|v| v.first().copied().unwrap_or(0.5))),
+                None => Some(0.5),
+            }
+        } else {
+            Some(c.float("ratio", 0.5))
+        };
+        if training && ratio != Some(0.0) {
+            let shown = ratio.map_or("not a constant".to_string(), |r| r.to_string());
+            return invalid(format!(
+                "training mode (ratio {shown}) is not supported: it draws a random mask; \
+                 export the model in eval mode (model.eval()) to derive it without dropout"
+            ));
+        }
+        if c.wants(1) {
+            let s = self.shape(x);
+            let mask = self.nd(
+                Op::Fill {
+                    value: 1.0,
+                    ty: TensorType::new(DType::Bool, &s),
+                },
+                &[],
+            )?;
+            return Ok(vec![x, mask]);
+        }
+        Ok(vec![x])
+    }
+
+    /// Mod of constants (integer shape arithmetic that exporters emit),
+    /// folded at import: `fmod = 0` takes the divisor's sign (Python's
+    /// `%`), `fmod = 1` the dividend's (C's `fmod`, required for floats).
+    pub(super) fn modulo(&mut self, c: &Ctx) -> R<NodeId> {
+        let fmod = c.int("fmod", 0) != 0;
+        let mut vals = vec![];
+        for i in 0..2 {
+            let id = c.x(i)?;
+            let Some(t) = self.const_tensor(id) else {
+                return invalid(format!(
+                    "input {i} ('{}') depends on a graph input or a parameter; Mod is supported only on \
+                     constants (folded at import)",
+                    c.input_name(i)
+                ));
+            };
+            vals.push(t);
+        }
+        let shape = broadcast_shapes(&vals[0].shape, &vals[1].shape)?;
+        let (a, b) = (Value::from_tensor(&vals[0]), Value::from_tensor(&vals[1]));
+        let (a, b) = (a.broadcast_to(&shape), b.broadcast_to(&shape));
+        let t = match (&a, &b) {
+            (Value::I(a), Value::I(b)) => {
+                let mut out = Vec::with_capacity(a.len());
+                for (&x, &y) in a.iter().zip(b.iter()) {
+                    if y == 0 {
+                        return invalid("integer Mod by zero");
+                    }
+                    let r = x.wrapping_rem(y);
+                    out.push(if !fmod && r != 0 && ((r < 0) != (y < 0)) {
+                        r + y
+                    } else {
+                        r
+                    });
+                }
+                Tensor::i64(&shape, out)
+            }
+            (Value::F(a), Value::F(b)) => {
+                if !fmod {
+                    return invalid("fmod must be 1 for floating-point inputs");
+                }
+                let out: Vec<f32> = a
+                    .iter()
+                    .zip(b.iter())
+                    .map(|(&x, &y)| (x % y) as f32)
+                    .collect();
+                Tensor::f32(&shape, out)
+            }
+            _ => return invalid("Mod needs two integer or two float inputs of one type"),
+        };
+        Ok(self.konst(t))
     }
 }

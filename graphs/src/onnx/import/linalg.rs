@@ -105,36 +105,7 @@ impl Importer<'_> {
                 ));
             }
         }
-        let get = |name: &str, n: usize, default: usize| -> R<Vec<usize>> {
-            match c.ints(name) {
-                Some(v) if v.len() == n => v.iter().map(|&x| to_usize(x, name)).collect(),
-                Some(v) => invalid(format!("{name} has {} values, expected {n}", v.len())),
-                None => Ok(vec![default; n]),
-            }
-        };
-        let strides = get("strides", sp, 1)?;
-        let dil = get("dilations", sp, 1)?;
-        let mut pads = get("pads", 2 * sp, 0)?;
-        match c.string("auto_pad", "NOTSET").as_str() {
-            "NOTSET" | "" => {}
-            "VALID" => pads = vec![0; 2 * sp],
-            mode @ ("SAME_UPPER" | "SAME_LOWER") if !transpose => {
-                for i in 0..sp {
-                    let out = xs[2 + i].div_ceil(strides[i]);
-                    let eff = dil[i] * (kernel[i] - 1) + 1;
-                    let total = ((out - 1) * strides[i] + eff).saturating_sub(xs[2 + i]);
-                    let small = total / 2;
-                    let (b, e) = if mode == "SAME_UPPER" {
-                        (small, total - small)
-                    } else {
-                        (total - small, small)
-                    };
-                    pads[i] = b;
-                    pads[sp + i] = e;
-                }
-            }
-            other => return invalid(format!("auto_pad='{other}' is not supported")),
-        }
+        let (strides, dil, pads) = self.window_attrs_with(c, &xs[2..], kernel, !transpose)?;
         Ok(if sp == 1 {
             ConvParams {
                 stride: [1, strides[0]],
@@ -148,6 +119,62 @@ impl Importer<'_> {
                 dilation: [dil[0], dil[1]],
             }
         })
+    }
+
+    /// The window attributes of a conv or pool over the spatial extents
+    /// `spatial` with `kernel`: `strides`, `dilations` and `pads` (begins,
+    /// then ends), with `auto_pad` resolved.
+    pub(super) fn window_attrs(
+        &self,
+        c: &Ctx,
+        spatial: &[usize],
+        kernel: &[usize],
+    ) -> R<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+        self.window_attrs_with(c, spatial, kernel, true)
+    }
+
+    fn window_attrs_with(
+        &self,
+        c: &Ctx,
+        spatial: &[usize],
+        kernel: &[usize],
+        same_ok: bool,
+    ) -> R<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+        let sp = spatial.len();
+        let get = |name: &str, n: usize, default: usize| -> R<Vec<usize>> {
+            match c.ints(name) {
+                Some(v) if v.len() == n => v.iter().map(|&x| to_usize(x, name)).collect(),
+                Some(v) => invalid(format!("{name} has {} values, expected {n}", v.len())),
+                None => Ok(vec![default; n]),
+            }
+        };
+        let strides = get("strides", sp, 1)?;
+        let dil = get("dilations", sp, 1)?;
+        let mut pads = get("pads", 2 * sp, 0)?;
+        match c.string("auto_pad", "NOTSET").as_str() {
+            "NOTSET" | "" => {}
+            "VALID" => pads = vec![0; 2 * sp],
+            mode @ ("SAME_UPPER" | "SAME_LOWER") if same_ok => {
+                for i in 0..sp {
+                    if strides[i] == 0 {
+                        return invalid("strides must be at least 1");
+                    }
+                    let out = spatial[i].div_ceil(strides[i]);
+                    let eff = dil[i] * (kernel[i] - 1) + 1;
+                    let total = ((out - 1) * strides[i] + eff).saturating_sub(spatial[i]);
+                    let small = total / 2;
+                    let (b, e) = if mode == "SAME_UPPER" {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    };
+                    pads[i] = b;
+                    pads[sp + i] = e;
+                }
+            }
+            other => return invalid(format!("auto_pad='{other}' is not supported")),
+        }
+        Ok((strides, dil, pads))
     }
 
     /// Check a conv's ranks; returns the shapes of x and w and whether the

@@ -22,6 +22,7 @@ mod elementwise;
 mod layout;
 mod linalg;
 mod nn;
+mod pool;
 mod reduce;
 
 use std::collections::{HashMap, HashSet};
@@ -1026,6 +1027,7 @@ fn loaders() -> &'static HashMap<&'static str, Loader> {
             layout::LOADERS,
             linalg::LOADERS,
             nn::LOADERS,
+            pool::LOADERS,
             reduce::LOADERS,
         ] {
             for (name, load) in family {

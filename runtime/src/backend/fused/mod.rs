@@ -536,7 +536,13 @@ impl Walk {
             }
             dims.push((n, st));
         }
-        let (inner, inner_stride) = dims.pop().unwrap_or((1, vec![0; inputs.len()]));
+        // A row is read as contiguous (stride 1) or broadcast (0). A view
+        // whose innermost dimension has a larger stride (a slice of length
+        // 1 along the source's last axis) is walked one element per row.
+        let (inner, inner_stride) = match dims.last() {
+            Some((_, st)) if st.iter().any(|&s| s > 1) => (1, vec![0; inputs.len()]),
+            _ => dims.pop().unwrap_or((1, vec![0; inputs.len()])),
+        };
         let outer: Vec<usize> = dims.iter().map(|(n, _)| *n).collect();
         let outer_strides = (0..inputs.len())
             .map(|k| dims.iter().map(|(_, st)| st[k]).collect())
