@@ -20,6 +20,7 @@ pub const LOSS_MODELS: &[&str] = &[
     "transformer_block_opset18",
     "transformer_block_opset20",
     "poolnet_opset18",
+    "groupnet_opset18",
 ];
 
 pub struct Reference {

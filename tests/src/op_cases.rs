@@ -300,6 +300,7 @@ pub fn cases() -> Vec<Case> {
                         stride: [2, 2],
                         pads: [1, 0, 1, 1],
                         dilation: [1, 1],
+                        group: 1,
                     },
                 )
             },
@@ -315,6 +316,7 @@ pub fn cases() -> Vec<Case> {
                         stride: [1, 2],
                         pads: [1, 1, 0, 1],
                         dilation: [2, 2],
+                        group: 1,
                     },
                 )
             },
@@ -331,8 +333,59 @@ pub fn cases() -> Vec<Case> {
                         stride: [2, 2],
                         pads: [1, 1, 1, 1],
                         dilation: [1, 1],
+                        group: 1,
                     },
                     [6, 5],
+                )
+            },
+        ),
+        case(
+            "conv2d_grouped",
+            vec![(s(&[2, 4, 5, 6]), u), (s(&[6, 2, 3, 2]), u)],
+            |g, x| {
+                g.conv2d(
+                    x[0],
+                    x[1],
+                    ConvParams {
+                        stride: [2, 1],
+                        pads: [1, 0, 1, 1],
+                        dilation: [1, 2],
+                        group: 2,
+                    },
+                )
+            },
+        ),
+        case(
+            "conv2d_depthwise",
+            vec![(s(&[1, 3, 5, 5]), u), (s(&[3, 1, 3, 3]), u)],
+            |g, x| {
+                g.conv2d(
+                    x[0],
+                    x[1],
+                    ConvParams {
+                        stride: [2, 2],
+                        pads: [1, 1, 1, 1],
+                        dilation: [1, 1],
+                        group: 3,
+                    },
+                )
+            },
+        ),
+        case(
+            "conv_transpose_grouped",
+            vec![(s(&[1, 4, 3, 3]), u), (s(&[4, 3, 2, 3]), u)],
+            |g, x| {
+                metac_graphs::ops::conv::conv_transpose_to(
+                    g,
+                    x[0],
+                    x[1],
+                    &ConvParams {
+                        stride: [2, 1],
+                        pads: [0, 1, 1, 0],
+                        dilation: [1, 1],
+                        group: 2,
+                    },
+                    [6, 4],
                 )
             },
         ),

@@ -18,6 +18,7 @@ impl ConvLayer {
             stride: [self.stride; 2],
             pads: [self.pad; 4],
             dilation: [1, 1],
+            group: 1,
         }
     }
 

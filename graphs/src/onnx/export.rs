@@ -210,7 +210,7 @@ impl Lowering<'_> {
     fn conv_attrs(p: &ConvParams, w: &TensorType) -> Vec<AttributeProto> {
         vec![
             attr_ints("dilations", &p.dilation),
-            attr_int("group", 1),
+            attr_int("group", p.group as i64),
             attr_ints("kernel_shape", &w.shape[2..]),
             attr_ints("pads", &p.pads),
             attr_ints("strides", &p.stride),

@@ -1,7 +1,13 @@
-//! 2-D convolution (NCHW input, OIHW weight, no groups) and its adjoint in
-//! the input, the transposed convolution. The weight gradient of either is a
-//! convolution of transposed tensors, so the pair is closed under
-//! differentiation.
+//! 2-D convolution (NCHW input, OIHW weight, optionally grouped) and its
+//! adjoint in the input, the transposed convolution. The weight gradient of
+//! either is a (grouped) convolution of transposed tensors, so the pair is
+//! closed under differentiation.
+//!
+//! With `group = G`, the `C` input channels and `O` output channels split
+//! into `G` groups; output channel `o` reads only the `C / G` input channels
+//! of its group `o / (O / G)`, through weight `[O, C / G, kh, kw]` (ONNX's
+//! `group`; depthwise convolution is `G = C`). One op, whatever `G`: a
+//! 576-group convolution is one node, as are its adjoints.
 
 use ndarray::{Array4, ArrayD, IxDyn};
 
@@ -15,6 +21,8 @@ pub struct ConvParams {
     /// top, left, bottom, right (ONNX order: begins then ends).
     pub pads: [usize; 4],
     pub dilation: [usize; 2],
+    /// Channel groups (1: an ordinary convolution).
+    pub group: usize,
 }
 
 impl Default for ConvParams {
@@ -23,6 +31,7 @@ impl Default for ConvParams {
             stride: [1, 1],
             pads: [0; 4],
             dilation: [1, 1],
+            group: 1,
         }
     }
 }
@@ -43,8 +52,13 @@ pub fn conv_shape(x: &TensorType, w: &TensorType, p: &ConvParams) -> Result<Tens
     check4(x, w)?;
     let (n, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let (o, ci, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
-    if c != ci {
-        return Err(format!("input has {c} channels, weight expects {ci}"));
+    let gr = p.group;
+    if gr == 0 || o % gr != 0 || c != ci * gr {
+        return Err(format!(
+            "input has {c} channels, weight {:?} with group={gr} expects {}",
+            w.shape,
+            ci * gr
+        ));
     }
     let ho = out_len(h, p.pads[0] + p.pads[2], kh, p.stride[0], p.dilation[0])
         .ok_or("kernel larger than padded input")?;
@@ -66,10 +80,15 @@ pub fn conv_transpose_shape(
 ) -> Result<TensorType, String> {
     check4(x, w)?;
     let (n, o, ho, wo) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
-    let (wo_, c, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
-    if o != wo_ {
-        return Err(format!("input has {o} channels, weight expects {wo_}"));
+    let (wo_, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+    let gr = p.group;
+    if o != wo_ || gr == 0 || o % gr != 0 {
+        return Err(format!(
+            "input has {o} channels, weight {:?} with group={gr} expects {wo_}",
+            w.shape
+        ));
     }
+    let c = cg * gr;
     let h = tr_len(
         ho,
         p.pads[0] + p.pads[2],
@@ -95,17 +114,21 @@ fn as4(a: &ArrayD<f64>) -> ndarray::ArrayView4<'_, f64> {
     a.view().into_dimensionality().expect("rank 4")
 }
 
-/// Calls `f(n, o, oy, ox, c, iy, ix, a, b)` for every (output, input, tap)
-/// triple of the forward convolution whose input position is in range.
+/// Calls `f(n, o, oy, ox, c, iy, ix, a, b, ci)` for every (output, input,
+/// tap) triple of the forward convolution whose input position is in range:
+/// `c` indexes the weight's input channels, `ci` the input's (`c` in the
+/// group of `o`).
 fn for_each_tap(
     xs: &[usize],
     ws: &[usize],
     ys: &[usize],
     p: &ConvParams,
-    mut f: impl FnMut([usize; 9]),
+    mut f: impl FnMut([usize; 10]),
 ) {
+    let per_group = ys[1] / p.group;
     for n in 0..ys[0] {
         for o in 0..ys[1] {
+            let first = (o / per_group) * ws[1];
             for oy in 0..ys[2] {
                 for ox in 0..ys[3] {
                     for c in 0..ws[1] {
@@ -121,7 +144,7 @@ fn for_each_tap(
                                 if ix < 0 || ix >= xs[3] as isize {
                                     continue;
                                 }
-                                f([n, o, oy, ox, c, iy as usize, ix as usize, a, b]);
+                                f([n, o, oy, ox, c, iy as usize, ix as usize, a, b, first + c]);
                             }
                         }
                     }
@@ -140,8 +163,8 @@ pub fn conv_eval(x: &Value, w: &Value, p: &ConvParams, out: &TensorType) -> Valu
         wa.shape(),
         s,
         p,
-        |[n, o, oy, ox, c, iy, ix, a, b]| {
-            y[[n, o, oy, ox]] += xa[[n, c, iy, ix]] * wa[[o, c, a, b]];
+        |[n, o, oy, ox, c, iy, ix, a, b, ci]| {
+            y[[n, o, oy, ox]] += xa[[n, ci, iy, ix]] * wa[[o, c, a, b]];
         },
     );
     Value::F(y.into_dyn())
@@ -157,8 +180,8 @@ pub fn conv_transpose_eval(x: &Value, w: &Value, p: &ConvParams, out: &TensorTyp
         wa.shape(),
         xa.shape(),
         p,
-        |[n, o, oy, ox, c, iy, ix, a, b]| {
-            y[[n, c, iy, ix]] += xa[[n, o, oy, ox]] * wa[[o, c, a, b]];
+        |[n, o, oy, ox, c, iy, ix, a, b, ci]| {
+            y[[n, ci, iy, ix]] += xa[[n, o, oy, ox]] * wa[[o, c, a, b]];
         },
     );
     Value::F(ArrayD::from_shape_vec(IxDyn(s), y.into_raw_vec_and_offset().0).unwrap())
@@ -166,7 +189,11 @@ pub fn conv_transpose_eval(x: &Value, w: &Value, p: &ConvParams, out: &TensorTyp
 
 /// Gradient of <gout, conv(inp, W)> with respect to W, as a convolution of
 /// the transposed tensors: batch and channel axes swap roles, and stride and
-/// dilation swap too.
+/// dilation swap too. With groups, the input's channels of group `g` become
+/// the batch entries `n` of channel block `g`: `[N, G, C/G, H, W]` is laid
+/// out as `[C/G, G * N, H, W]` and convolved in `G` groups with the output
+/// gradient `[O, N, Ho, Wo]`, which gives `[C/G, O, kh, kw]`, the weight's
+/// layout once transposed.
 pub fn filter_grad(
     g: &mut Graph,
     inp: NodeId,
@@ -174,12 +201,22 @@ pub fn filter_grad(
     p: &ConvParams,
     kernel: [usize; 2],
 ) -> NodeId {
-    let it = g.transpose(inp, &[1, 0, 2, 3]);
+    let s = g.shape(inp).to_vec();
+    let gr = p.group;
+    let it = if gr == 1 {
+        g.transpose(inp, &[1, 0, 2, 3])
+    } else {
+        let (n, cg) = (s[0], s[1] / gr);
+        let r = g.reshape(inp, &[n, gr, cg, s[2], s[3]]);
+        let t = g.transpose(r, &[2, 1, 0, 3, 4]);
+        g.reshape(t, &[cg, gr * n, s[2], s[3]])
+    };
     let gt = g.transpose(gout, &[1, 0, 2, 3]);
     let q = ConvParams {
         stride: p.dilation,
         pads: p.pads,
         dilation: p.stride,
+        group: gr,
     };
     let z = g.conv2d(it, gt, q);
     let z = g.slice(z, 2, 0, kernel[0]);

@@ -72,6 +72,7 @@ fn export_import_round_trip() {
         "convnet_opset18",
         "transformer_block_opset20",
         "poolnet_opset18",
+        "groupnet_opset18",
     ] {
         let r =
             Parser::parse(&std::fs::read_to_string(format!("{FIXTURES}{name}.ref.json")).unwrap());

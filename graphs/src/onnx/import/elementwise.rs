@@ -314,11 +314,13 @@ impl Importer<'_> {
             match self.const_tensor(t).map(|t| t.data) {
                 Some(TensorData::Bool(v)) => v.first().copied().unwrap_or(false),
                 Some(_) => return invalid("training_mode must be a bool"),
-                None => return invalid(format!(
+                None => {
+                    return invalid(format!(
                     "training_mode ('{}') is not a constant; only inference (training_mode=false) \
                          is supported",
                     c.input_name(2)
-                )),
+                ))
+                }
             }
         } else {
             false

@@ -106,17 +106,20 @@ impl Importer<'_> {
             }
         }
         let (strides, dil, pads) = self.window_attrs_with(c, &xs[2..], kernel, !transpose)?;
+        let group = to_usize(c.int("group", 1), "group")?;
         Ok(if sp == 1 {
             ConvParams {
                 stride: [1, strides[0]],
                 pads: [0, pads[0], 0, pads[1]],
                 dilation: [1, dil[0]],
+                group,
             }
         } else {
             ConvParams {
                 stride: [strides[0], strides[1]],
                 pads: [pads[0], pads[1], pads[2], pads[3]],
                 dilation: [dil[0], dil[1]],
+                group,
             }
         })
     }
@@ -221,22 +224,15 @@ impl Importer<'_> {
         let (x, w) = (c.x(0)?, c.x(1)?);
         let (xs, ws) = self.conv_operands(x, w)?;
         let p = self.conv_params(c, &xs, &ws, false)?;
-        let group = to_usize(c.int("group", 1), "group")?;
-        let (ch, o) = (xs[1], ws[0]);
+        let (group, ch, o) = (p.group, xs[1], ws[0]);
         if group == 0 || ch % group != 0 || o % group != 0 || ws[1] * group != ch {
             return invalid(format!(
                 "group={group} does not fit input channels {ch} and weight {ws:?}"
             ));
         }
+        // One op whatever the groups (depthwise included).
         let (x4, w4) = (self.lift_1d(x)?, self.lift_1d(w)?);
-        let mut ys = vec![];
-        for gi in 0..group {
-            let (ci, oi) = (ch / group, o / group);
-            let xg = self.slice(x4, 1, gi * ci, (gi + 1) * ci)?;
-            let wg = self.slice(w4, 0, gi * oi, (gi + 1) * oi)?;
-            ys.push(self.nd(Op::Conv2d(p), &[xg, wg])?);
-        }
-        let mut y = self.concat(&ys, 1)?;
+        let mut y = self.nd(Op::Conv2d(p), &[x4, w4])?;
         if xs.len() == 3 {
             let s = self.shape(y);
             y = self.reshape(y, &[s[0], s[1], s[3]])?;
@@ -247,15 +243,18 @@ impl Importer<'_> {
     pub(super) fn conv_transpose(&mut self, c: &Ctx) -> R<NodeId> {
         let (x, w) = (c.x(0)?, c.x(1)?);
         let (xs, ws) = self.conv_operands(x, w)?;
-        if c.int("group", 1) != 1 {
-            return invalid("only group=1 is supported");
-        }
         if c.attr("output_shape").is_some() {
             return invalid(
                 "the output_shape attribute is not supported (give pads and output_padding)",
             );
         }
         let p = self.conv_params(c, &xs, &ws, true)?;
+        if p.group == 0 || xs[1] != ws[0] || ws[0] % p.group != 0 {
+            return invalid(format!(
+                "group={} does not fit input channels {} and weight {ws:?}",
+                p.group, xs[1]
+            ));
+        }
         let sp = xs.len() - 2;
         let op = match c.ints("output_padding") {
             Some(v) if v.len() == sp => v
