@@ -115,3 +115,69 @@ fn scatter_nd_adds_rows_and_refuses_the_rest() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+#[test]
+fn split_to_sequence_and_sequence_at() {
+    // torch.chunk / torch.split as dynamo exports them: a scalar chunk
+    // length (the last piece shorter), explicit sizes, or single elements
+    // with the axis dropped (keepdims=0); positions may count from the end.
+    let pos = |name: &str, p: i64| konst(name, ti64("", &[], &[p]));
+    let nodes = vec![
+        konst("two", ti64("", &[], &[2])),
+        node(
+            "SplitToSequence",
+            &["x", "two"],
+            &["s"],
+            vec![("axis", A::I(1))],
+        ),
+        pos("p0", 0),
+        pos("plast", -1),
+        node("SequenceAt", &["s", "p0"], &["a"], vec![]),
+        node("SequenceAt", &["s", "plast"], &["b"], vec![]),
+        konst("sizes", ti64("", &[2], &[1, 4])),
+        node(
+            "SplitToSequence",
+            &["x", "sizes"],
+            &["t"],
+            vec![("axis", A::I(-1))],
+        ),
+        pos("p1", 1),
+        node("SequenceAt", &["t", "p1"], &["c"], vec![]),
+        node(
+            "SplitToSequence",
+            &["x"],
+            &["u"],
+            vec![("keepdims", A::I(0))],
+        ),
+        node("SequenceAt", &["u", "p1"], &["d"], vec![]),
+    ];
+    let m = import(&model_bytes(
+        nodes,
+        vec![vinfo("x", 1, &[2, 5])],
+        vec![],
+        &["a", "b", "c", "d"],
+        18,
+    ));
+    let o = run(&m, vec![("x", arange(&[2, 5]))]);
+    assert_close(&o["a"], &[2, 2], &[0., 1., 5., 6.]);
+    assert_close(&o["b"], &[2, 1], &[4., 9.]);
+    assert_close(&o["c"], &[2, 4], &[1., 2., 3., 4., 6., 7., 8., 9.]);
+    assert_close(&o["d"], &[5], &[5., 6., 7., 8., 9.]);
+    // A position out of range is an error naming the node.
+    let b = model_bytes(
+        vec![
+            node("SplitToSequence", &["x"], &["u"], vec![]),
+            pos("p", 2),
+            node("SequenceAt", &["u", "p"], &["y"], vec![]),
+        ],
+        vec![vinfo("x", 1, &[2, 5])],
+        vec![],
+        &["y"],
+        18,
+    );
+    let msg = import_bytes(&b, "m.onnx").unwrap_err().to_string();
+    assert!(
+        msg.contains("SequenceAt_y") && msg.contains("out of range"),
+        "{msg}"
+    );
+}

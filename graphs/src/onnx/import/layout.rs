@@ -90,6 +90,12 @@ pub(super) const LOADERS: &[(&str, Loader)] = &[
         }])
     }),
     ("Split", |im: &mut Importer, c: &Ctx| im.split(c)),
+    ("SplitToSequence", |im: &mut Importer, c: &Ctx| {
+        im.split_to_sequence(c)
+    }),
+    ("SequenceAt", |im: &mut Importer, c: &Ctx| {
+        Ok(vec![im.sequence_at(c)?])
+    }),
     ("Slice", |im: &mut Importer, c: &Ctx| {
         Ok(vec![im.slice_op(c)?])
     }),
@@ -245,6 +251,83 @@ impl Importer<'_> {
             off += s;
         }
         Ok(outs)
+    }
+
+    /// SplitToSequence (what `torch.chunk` and `torch.split` export as with
+    /// `dynamo=True`): the pieces are kept as a sequence of the importer,
+    /// for SequenceAt; nothing else reads sequences.
+    pub(super) fn split_to_sequence(&mut self, c: &Ctx) -> R<Vec<NodeId>> {
+        let x = c.x(0)?;
+        let xs = self.shape(x);
+        let axis = norm_axis(c.int("axis", 0), xs.len())?;
+        let dim = xs[axis];
+        let mut squeeze = false;
+        let sizes: Vec<usize> = match c.opt(1) {
+            Some(id) => {
+                let Some(t) = self.const_tensor(id) else {
+                    return invalid("input 1 ('split') must be a constant");
+                };
+                let v = match t.data {
+                    TensorData::I64(v) => v,
+                    _ => return invalid("input 1 ('split') must be int64"),
+                };
+                if t.shape.is_empty() {
+                    // One chunk length: equal pieces, the last shorter.
+                    let k = to_usize(v[0], "split")?;
+                    if k == 0 {
+                        return invalid("split length 0");
+                    }
+                    let mut s = vec![k; dim / k];
+                    if dim % k != 0 {
+                        s.push(dim % k);
+                    }
+                    s
+                } else {
+                    v.iter().map(|&s| to_usize(s, "split")).collect::<R<_>>()?
+                }
+            }
+            None => {
+                squeeze = c.int("keepdims", 1) == 0;
+                vec![1; dim]
+            }
+        };
+        if sizes.iter().sum::<usize>() != dim {
+            return invalid(format!("split sizes {sizes:?} do not add up to {dim}"));
+        }
+        let mut pieces = vec![];
+        let mut off = 0;
+        for s in sizes {
+            let mut p = self.slice(x, axis, off, off + s)?;
+            if squeeze {
+                let mut shape = self.shape(p);
+                shape.remove(axis);
+                p = self.reshape(p, &shape)?;
+            }
+            pieces.push(p);
+            off += s;
+        }
+        let out = c.node.output.first().ok_or("no output")?;
+        self.seqs.insert(out.clone(), pieces);
+        Ok(vec![])
+    }
+
+    /// SequenceAt of a sequence of the importer, at a constant position.
+    pub(super) fn sequence_at(&mut self, c: &Ctx) -> R<NodeId> {
+        let name = c.input_name(0);
+        let Some(seq) = self.seqs.get(name) else {
+            return invalid(format!(
+                "input 0 ('{name}') is not a sequence this importer knows (only SplitToSequence's)"
+            ));
+        };
+        let n = seq.len() as i64;
+        let seq = seq.clone();
+        let pos = self.const_ints(c, 1, "position")?;
+        let p = *pos.first().ok_or("position is empty")?;
+        let q = if p < 0 { p + n } else { p };
+        if !(0..n).contains(&q) {
+            return invalid(format!("position {p} is out of range for {n} tensors"));
+        }
+        Ok(seq[q as usize])
     }
 
     pub(super) fn slice_op(&mut self, c: &Ctx) -> R<NodeId> {

@@ -248,6 +248,7 @@ fn import_with(
         opset,
         g: Graph::new(),
         env: HashMap::new(),
+        seqs: HashMap::new(),
     };
 
     // Data inputs first (graph inputs that are not initializers), then the
@@ -724,6 +725,9 @@ struct Importer<'a> {
     g: Graph,
     /// ONNX value name -> node.
     env: HashMap<String, NodeId>,
+    /// ONNX sequence values (SplitToSequence's output) -> their tensors;
+    /// SequenceAt reads them with a constant position.
+    seqs: HashMap<String, Vec<NodeId>>,
 }
 
 impl Importer<'_> {
@@ -749,7 +753,8 @@ impl Importer<'_> {
         }
         let mut ins = vec![];
         for (i, name) in node.input.iter().enumerate() {
-            if name.is_empty() {
+            if name.is_empty() || self.seqs.contains_key(name) {
+                // Absent, or a sequence (its loader reads `seqs`).
                 ins.push(None);
             } else {
                 let id = self.env.get(name).copied().ok_or_else(|| {
@@ -773,7 +778,7 @@ impl Importer<'_> {
             Err(NodeError::Invalid(m)) => return Err(invalid(m)),
         };
         for (i, name) in node.output.iter().enumerate() {
-            if name.is_empty() {
+            if name.is_empty() || self.seqs.contains_key(name) {
                 continue;
             }
             let Some(&id) = outs.get(i) else {
