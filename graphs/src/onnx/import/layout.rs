@@ -278,7 +278,7 @@ impl Importer<'_> {
                         return invalid("split length 0");
                     }
                     let mut s = vec![k; dim / k];
-                    if dim % k != 0 {
+                    if !dim.is_multiple_of(k) {
                         s.push(dim % k);
                     }
                     s
