@@ -24,6 +24,7 @@ The output (a markdown table) is recorded in docs/hessian.md.
 
 import argparse
 import copy
+import math
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,39 @@ class Encoder(nn.Module):
         return self.head(self.layer(x))
 
 
+class TinyGPT(nn.Module):
+    """A GPT-2-style LM: token and position embeddings, pre-LN blocks of
+    causal self-attention and a GELU MLP, a final LayerNorm and a head tied
+    to the token embedding."""
+
+    def __init__(self, vocab=50, ctx=8, d=32, heads=4, layers=2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
+                "ln2": nn.LayerNorm(d), "fc": nn.Linear(d, 4 * d), "out": nn.Linear(4 * d, d),
+            }))
+        self.ln = nn.LayerNorm(d)
+        self.heads = heads
+        self.register_buffer("mask", torch.tril(torch.ones(ctx, ctx, dtype=torch.bool)))
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.tok(ids) + self.pos(torch.arange(t))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).split(h.shape[-1], dim=-1)
+            sh = lambda z: z.reshape(b, t, self.heads, -1).transpose(1, 2)
+            q, k, v = sh(q), sh(k), sh(v)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            att = att.masked_fill(~self.mask[:t, :t], float("-inf")).softmax(-1)
+            h = h + blk["proj"]((att @ v).transpose(1, 2).reshape(b, t, -1))
+            h = h + blk["out"](F.gelu(blk["fc"](blk["ln2"](h))))
+        return self.ln(h) @ self.tok.weight.t()
+
+
 def vision(name):
     import torchvision
 
@@ -76,7 +110,11 @@ def vision(name):
 def model_and_data(name):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    if name == "transformer_encoder_layer":
+    if name == "gpt2_style_lm":
+        model = WithLoss(TinyGPT(), flat_logits=True)
+        x = torch.randint(0, 50, (2, 8), generator=g)
+        y = torch.randint(0, 50, (16,), generator=g)
+    elif name == "transformer_encoder_layer":
         model = WithLoss(Encoder(), flat_logits=True)
         x = torch.randn(2, 6, 32, generator=g)
         y = torch.randint(0, 11, (12,), generator=g)
@@ -142,7 +180,7 @@ def torch_reference(model, x, y, names, vs):
     ps = [params[n] for n in names]
     # The math attention kernel: the flash kernel has no double backward.
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        loss = m(x.double(), y)
+        loss = m(x.double() if x.is_floating_point() else x, y)
     grads = torch.autograd.grad(loss, ps, create_graph=True)
     dot = sum((g * torch.from_numpy(v).double()).sum() for g, v in zip(grads, vs))
     hv = torch.autograd.grad(dot, ps)
@@ -219,6 +257,7 @@ MODELS = [
     "squeezenet1_1",
     "resnet18",
     "transformer_encoder_layer",
+    "gpt2_style_lm",
 ]
 
 
