@@ -144,3 +144,84 @@ fn the_run_table_is_one_type_for_compiler_and_runtime() {
     assert_eq!(c.run, RunSettings::from_config_str(CONFIG).unwrap());
     assert_eq!(c.run.num_unrolls, 2);
 }
+
+/// A graph past the builder's size limit keeps its large tensors in
+/// `<name>.onnx.data` (ONNX external data, as protobuf's 2 GiB limit
+/// requires of large derived graphs): the bundle opens and runs the same as
+/// inline, ONNX Runtime's Python API loads it from its file, and a changed
+/// data file is refused.
+#[test]
+fn large_graphs_are_written_with_external_data() {
+    use metac_contract::bundle::BundleBuilder;
+    use metac_graphs::{DType, Graph};
+    use metac_runtime::backend::{open_backend, BackendChoice, BackendOptions};
+    use metac_runtime::tensor::HostTensor;
+    use metac_tests::python::{run_script, scratch};
+
+    let (rows, n) = (3, 128);
+    let w: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[rows, n]);
+    let wc = g.constant(Tensor::f32(&[n, n], w.clone()));
+    let y = g.matmul(x, wc);
+    let y = g.tanh(y);
+    g.output("y", y);
+    let (ext, inline) = (scratch("external-data"), scratch("inline-data"));
+    BundleBuilder::new("test")
+        .external_data_above(16 * 1024)
+        .graph("g", &g)
+        .unwrap()
+        .write(&ext)
+        .unwrap();
+    BundleBuilder::new("test")
+        .graph("g", &g)
+        .unwrap()
+        .write(&inline)
+        .unwrap();
+    let model = std::fs::metadata(ext.join("g.onnx")).unwrap().len();
+    let data = std::fs::metadata(ext.join("g.onnx.data")).unwrap().len();
+    assert!(model < 4096 && data >= (n * n * 4) as u64, "{model} {data}");
+    assert!(!inline.join("g.onnx.data").exists());
+
+    let xs: Vec<f32> = (0..rows * n)
+        .map(|i| i as f32 / (rows * n) as f32)
+        .collect();
+    let feed = HostTensor::F32(ndarray::ArrayD::from_shape_vec(vec![rows, n], xs).unwrap());
+    let ort = open_backend(&BackendOptions {
+        choice: BackendChoice::Ort,
+        ..Default::default()
+    })
+    .unwrap();
+    let run = |dir: &std::path::Path| -> Vec<f32> {
+        let b = Bundle::load(dir).unwrap();
+        let mut s = ort.load(&b.graph_bytes("g").unwrap(), "g").unwrap();
+        let o = s.run(&[("x", &feed)]).unwrap();
+        o[0].1.as_f32().unwrap().iter().copied().collect()
+    };
+    let (a, b) = (run(&ext), run(&inline));
+    assert_eq!(a, b);
+    let out = run_script(
+        "run_external.py",
+        &[
+            &ext.join("g.onnx"),
+            std::path::Path::new(&rows.to_string()),
+            std::path::Path::new(&n.to_string()),
+        ],
+    );
+    let py: Vec<f32> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(py.len(), a.len());
+    for (p, q) in py.iter().zip(&a) {
+        assert!((p - q).abs() <= 1e-6, "{p} vs {q}");
+    }
+    // A changed data file is refused, naming it.
+    let mut bytes = std::fs::read(ext.join("g.onnx.data")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(ext.join("g.onnx.data"), bytes).unwrap();
+    let Err(e) = Bundle::load(&ext) else {
+        panic!("a changed data file was accepted")
+    };
+    assert!(format!("{e:#}").contains("g.onnx.data"), "{e:#}");
+}

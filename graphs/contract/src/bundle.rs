@@ -42,6 +42,10 @@ pub struct GraphEntry {
     pub outputs: Vec<TensorSpec>,
     /// Node count per ONNX op type.
     pub op_counts: BTreeMap<String, usize>,
+    /// The graph's external data file (`<name>.onnx.data`), for a graph
+    /// too large for one protobuf message (see [`BundleBuilder::graph`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<FileEntry>,
 }
 
 /// A (graph, tensor name) pair.
@@ -89,11 +93,18 @@ pub struct FileEntry {
 /// Assembles a bundle in memory, then writes it.
 pub struct BundleBuilder {
     kind: String,
-    graphs: Vec<(GraphEntry, Vec<u8>)>,
+    /// Each graph's entry, its ONNX bytes and its external data, if any.
+    graphs: Vec<(GraphEntry, Vec<u8>, Option<Vec<u8>>)>,
     state: Vec<StateBuffer>,
     init: Vec<(String, Tensor)>,
     meta: serde_json::Value,
+    external_above: usize,
 }
+
+/// Graphs whose ONNX encoding exceeds this many bytes keep their large
+/// tensors in an external data file: below protobuf's 2 GiB limit, with
+/// room to spare.
+pub const EXTERNAL_DATA_ABOVE: usize = 1_500_000_000;
 
 fn spec(name: &str, ty: &metac_graphs::TensorType) -> TensorSpec {
     TensorSpec {
@@ -111,7 +122,15 @@ impl BundleBuilder {
             state: vec![],
             init: vec![],
             meta: serde_json::Value::Null,
+            external_above: EXTERNAL_DATA_ABOVE,
         }
+    }
+
+    /// Write graphs larger than `bytes` with external data (default
+    /// [`EXTERNAL_DATA_ABOVE`]; smaller in tests).
+    pub fn external_data_above(&mut self, bytes: usize) -> &mut Self {
+        self.external_above = bytes;
+        self
     }
 
     pub fn meta(&mut self, meta: serde_json::Value) -> &mut Self {
@@ -119,13 +138,34 @@ impl BundleBuilder {
         self
     }
 
-    /// Export `g` as `<name>.onnx`.
+    /// Export `g` as `<name>.onnx`. A graph whose encoding would exceed
+    /// the builder's limit (protobuf's 2 GiB in all) keeps every tensor of
+    /// 1 KiB or more in `<name>.onnx.data`, as ONNX external data: ONNX
+    /// Runtime (and `metac` itself) read it from the model's folder.
     pub fn graph(&mut self, name: &str, g: &Graph) -> Result<&mut Self> {
-        let bytes = metac_graphs::onnx::export_bytes(g, name)?;
-        let model = pb::ModelProto::decode(bytes.as_slice())?;
+        let mut model = metac_graphs::onnx::export_model(g, name)?;
+        let file = format!("{name}.onnx");
+        let mut data = None;
+        if model.encoded_len() > self.external_above {
+            let location = format!("{file}.data");
+            let bytes = metac_graphs::onnx::externalize_data(&mut model, &location, 1024);
+            data = Some((
+                FileEntry {
+                    file: location,
+                    sha256: sha256_hex(&bytes),
+                },
+                bytes,
+            ));
+        }
+        let bytes = model.encode_to_vec();
+        ensure!(
+            bytes.len() <= metac_graphs::onnx::PROTOBUF_LIMIT,
+            "graph '{name}' is {} bytes without its tensors, past protobuf's 2 GiB limit",
+            bytes.len()
+        );
         let entry = GraphEntry {
             name: name.into(),
-            file: format!("{name}.onnx"),
+            file,
             sha256: sha256_hex(&bytes),
             inputs: g
                 .inputs()
@@ -138,8 +178,9 @@ impl BundleBuilder {
                 .map(|(n, id)| spec(n, g.ty(*id)))
                 .collect(),
             op_counts: op_counts(&model),
+            data: data.as_ref().map(|(e, _)| e.clone()),
         };
-        self.graphs.push((entry, bytes));
+        self.graphs.push((entry, bytes, data.map(|(_, b)| b)));
         Ok(self)
     }
 
@@ -158,7 +199,10 @@ impl BundleBuilder {
     pub fn write(&self, dir: &Path) -> Result<Manifest> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating bundle directory {}", dir.display()))?;
-        for (e, bytes) in &self.graphs {
+        for (e, bytes, data) in &self.graphs {
+            if let (Some(f), Some(d)) = (&e.data, data) {
+                write_atomic(&dir.join(&f.file), d)?;
+            }
             write_atomic(&dir.join(&e.file), bytes)?;
         }
         let init = if self.init.is_empty() {
@@ -177,7 +221,7 @@ impl BundleBuilder {
             metac_version: env!("CARGO_PKG_VERSION").into(),
             onnx_opset: metac_graphs::onnx::OPSET,
             kind: self.kind.clone(),
-            graphs: self.graphs.iter().map(|(e, _)| e.clone()).collect(),
+            graphs: self.graphs.iter().map(|(e, _, _)| e.clone()).collect(),
             state: self.state.clone(),
             init,
             meta: self.meta.clone(),
@@ -362,6 +406,21 @@ impl Bundle {
                 p.display(),
                 g.sha256
             );
+            if let Some(f) = &g.data {
+                let dp = dir.join(&f.file);
+                let data = std::fs::read(&dp).with_context(|| {
+                    format!(
+                        "{}: cannot read the external data of graph '{}'",
+                        dp.display(),
+                        g.name
+                    )
+                })?;
+                ensure!(
+                    sha256_hex(&data) == f.sha256,
+                    "{}: content hash does not match the manifest; the bundle was modified after compilation",
+                    dp.display()
+                );
+            }
             let m = pb::ModelProto::decode(bytes.as_slice())
                 .with_context(|| format!("{}: not an ONNX model", p.display()))?;
             check_io(&m, g)
@@ -414,7 +473,22 @@ impl Bundle {
             .manifest
             .graph(name)
             .with_context(|| format!("bundle has no graph '{name}'"))?;
-        Ok(std::fs::read(self.dir.join(&g.file))?)
+        let bytes = std::fs::read(self.dir.join(&g.file))?;
+        if g.data.is_none() {
+            return Ok(bytes);
+        }
+        // One self-contained model, as long as it fits a protobuf message.
+        let mut m = pb::ModelProto::decode(bytes.as_slice())?;
+        metac_graphs::onnx::inline_external_data(&mut m, Some(&self.dir))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.join(&g.file).display()))?;
+        ensure!(
+            m.encoded_len() <= metac_graphs::onnx::PROTOBUF_LIMIT,
+            "{}: graph '{name}' with its external data is {} bytes, past protobuf's 2 GiB limit; \
+             run it from its file with ONNX Runtime, which reads the external data itself",
+            self.dir.join(&g.file).display(),
+            m.encoded_len()
+        );
+        Ok(m.encode_to_vec())
     }
 }
 

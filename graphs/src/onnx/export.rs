@@ -600,3 +600,59 @@ fn export_with_clusters(
 pub fn export_bytes(g: &Graph, graph_name: &str) -> Result<Vec<u8>, ExportError> {
     Ok(export_model(g, graph_name)?.encode_to_vec())
 }
+
+/// ONNX models are protobuf messages, which cannot exceed 2 GiB; a model
+/// past this size keeps its large tensors in an external data file
+/// ([`externalize_data`]).
+pub const PROTOBUF_LIMIT: usize = 2_000_000_000;
+
+/// Alignment of tensors in an external data file (ONNX Runtime maps
+/// page-aligned data instead of copying it).
+const EXTERNAL_ALIGN: usize = 4096;
+
+/// Move the data of every tensor of `model` (initializers and the values of
+/// Constant nodes) of at least `min_bytes` into one external data file,
+/// named `location` relative to the model's file, as ONNX defines external
+/// data: each tensor keeps its name, type and shape, and records the file,
+/// its offset (4 KiB-aligned) and its length. Returns the file's bytes.
+pub fn externalize_data(model: &mut ModelProto, location: &str, min_bytes: usize) -> Vec<u8> {
+    let mut data = vec![];
+    let take = |t: &mut TensorProto, data: &mut Vec<u8>| {
+        if t.raw_data.len() < min_bytes.max(1) {
+            return;
+        }
+        let offset = data.len().next_multiple_of(EXTERNAL_ALIGN);
+        data.resize(offset, 0);
+        let raw = std::mem::take(&mut t.raw_data);
+        data.extend_from_slice(&raw);
+        t.data_location = Some(super::pb::tensor_proto::DataLocation::External as i32);
+        t.external_data = [
+            ("location", location.to_string()),
+            ("offset", offset.to_string()),
+            ("length", raw.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| super::pb::StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        })
+        .collect();
+    };
+    if let Some(g) = model.graph.as_mut() {
+        for t in &mut g.initializer {
+            take(t, &mut data);
+        }
+        for n in &mut g.node {
+            let out = n.output.first().cloned().unwrap_or_default();
+            for a in &mut n.attribute {
+                if let Some(t) = a.t.as_mut() {
+                    if t.name.is_empty() {
+                        t.name = out.clone();
+                    }
+                    take(t, &mut data);
+                }
+            }
+        }
+    }
+    data
+}

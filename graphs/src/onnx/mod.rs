@@ -16,5 +16,5 @@ pub const OPSET: i64 = 17;
 /// The ONNX IR version matching opset 17.
 pub const IR_VERSION: i64 = 8;
 
-pub use export::{export_bytes, export_model, ExportError};
+pub use export::{export_bytes, export_model, externalize_data, ExportError, PROTOBUF_LIMIT};
 pub use import::{import_bytes, import_file, inline_external_data, ImportError, ImportedModel};
