@@ -21,6 +21,7 @@ pub const LOSS_MODELS: &[&str] = &[
     "transformer_block_opset20",
     "poolnet_opset18",
     "groupnet_opset18",
+    "poolnet_dynamo_opset18",
 ];
 
 pub struct Reference {
