@@ -269,7 +269,8 @@ def main():
     a = ap.parse_args()
     if not METAC.exists():
         sys.exit(f"{METAC} is missing: cargo build --release -p metac --no-default-features")
-    work = a.out or Path(tempfile.mkdtemp(prefix="derive-models-"))
+    tmp = None if a.out else tempfile.TemporaryDirectory(prefix="derive-models-")
+    work = a.out or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}")
     print()

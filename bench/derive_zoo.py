@@ -308,7 +308,8 @@ def main():
     ap.add_argument("--vgg", action="store_true", help="also VGG-19 (large)")
     a = ap.parse_args()
     models = a.models.split(",") + (["vgg19"] if a.vgg else [])
-    work = Path(tempfile.mkdtemp(prefix="derive-zoo-"))
+    tmp = tempfile.TemporaryDirectory(prefix="derive-zoo-")
+    work = Path(tmp.name)
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}")
     print()
     print("| model | params | grad nodes | HVP nodes | ORT load grad / HVP (s) "
