@@ -37,6 +37,13 @@ for p in mnist-mlp mnist-mlp-relu; do
   $metac eval pretrained/l2o-mnist-mlp --bundle "$out/pretrained-bundle" --problem "$p" --steps 1000 \
     --seeds 6,12 --optimizers learned,adam-1e-3,adam-1e-2 --out "$out/pretrained-$p"
 done
+# The short run on the transfer problem too, then everything in one figure:
+# a panel per problem, the short run, the pretrained optimizer and Adam.
+$metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp-relu --steps 1000 --seeds 6,12 \
+  --optimizers learned --out "$out/eval-relu"
+$metac compare "$out/eval=short run" "$out/pretrained-mnist-mlp=pretrained" \
+  "$out/eval-relu=short run" "$out/pretrained-mnist-mlp-relu=pretrained" --out "$out/overview"
+echo "overview of the learned optimizers against Adam: $out/overview/curves.png"
 $metac derive tests/fixtures/onnx/mlp_ce_opset18.onnx \
   --loss loss --wrt l1.weight,l1.bias,l2.weight,l2.bias --out "$out/derive-mlp"
 $metac inspect "$out/derive-mlp"

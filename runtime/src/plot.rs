@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use plotters::prelude::*;
 
 /// Line colours, in series order.
@@ -79,6 +79,9 @@ pub struct PlotOptions {
     pub log_y: bool,
     pub x_label: String,
     pub y_label: String,
+    /// Top of the y axis: a series is drawn up to its first point above it
+    /// (None: everything is drawn).
+    pub y_max: Option<f64>,
 }
 
 impl Default for PlotOptions {
@@ -90,6 +93,7 @@ impl Default for PlotOptions {
             log_y: true,
             x_label: "step".into(),
             y_label: "minibatch loss".into(),
+            y_max: None,
         }
     }
 }
@@ -113,6 +117,9 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
     out
 }
 
+/// Named lines: `(name, (x, y) points)`.
+pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+
 /// A log-scale line plot of `series` (name, `(x, y)` points) with the default
 /// options: one line per series, title and legend with the series names.
 pub fn plot_curves(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
@@ -126,6 +133,58 @@ pub fn plot_curves_with(
     series: &[(String, Vec<(f64, f64)>)],
     opts: &PlotOptions,
 ) -> Result<()> {
+    plot_panels(path, &[(title.to_string(), series.to_vec())], opts)
+}
+
+/// Several line plots side by side in one image (`opts.width` each), one per
+/// `(title, series)` panel. A series name keeps its colour in every panel.
+/// The y axis of every panel ends at `opts.y_max`, if given.
+pub fn plot_panels(path: &Path, panels: &[(String, Series)], opts: &PlotOptions) -> Result<()> {
+    ensure!(!panels.is_empty(), "plot {}: no panels", path.display());
+    // A series' colour follows its name up to a parenthesised note ("short
+    // run (diverged at ...)" keeps the colour of "short run").
+    let key = |n: &str| n.split(" (").next().unwrap_or(n).to_string();
+    let mut names: Vec<String> = vec![];
+    for (_, series) in panels {
+        for (n, _) in series {
+            if !names.contains(&key(n)) {
+                names.push(key(n));
+            }
+        }
+    }
+    let width = opts.width * panels.len() as u32;
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    // Drawn into an RGB buffer and encoded here: plotters' own encoder pulls
+    // in the whole `image` crate (JPEG, BMP, ...) for one PNG.
+    let mut rgb = vec![0u8; width as usize * opts.height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, opts.height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let areas = root.split_evenly((1, panels.len()));
+        for ((title, series), area) in panels.iter().zip(&areas) {
+            let colours: Vec<RGBColor> = series
+                .iter()
+                .map(|(n, _)| {
+                    let i = names.iter().position(|m| *m == key(n)).unwrap_or(0);
+                    COLORS[i % COLORS.len()]
+                })
+                .collect();
+            draw_chart(area, path, title, series, &colours, opts)?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    write_png(path, width, opts.height, &rgb)
+}
+
+/// One line chart of `series` (with `colours`) on `root`.
+fn draw_chart(
+    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    colours: &[RGBColor],
+    opts: &PlotOptions,
+) -> Result<()> {
     // A log y axis is drawn as a linear axis over log10(y) with tick labels
     // mapped back (plotters' own log axis labels only powers of ten, so a
     // curve spanning less than a decade would get no y labels at all).
@@ -134,6 +193,7 @@ pub fn plot_curves_with(
         .map(|(n, p)| {
             let p = smooth(p, opts.smoothing)
                 .into_iter()
+                .take_while(|&(_, y)| opts.y_max.is_none_or(|m| y <= m))
                 .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
                 .map(|(x, y)| (x, if opts.log_y { y.log10() } else { y }))
                 .collect();
@@ -163,14 +223,8 @@ pub fn plot_curves_with(
     y1 += pad;
     let text = font_available();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
-    // Drawn into an RGB buffer and encoded here: plotters' own encoder pulls
-    // in the whole `image` crate (JPEG, BMP, ...) for one PNG.
-    let mut rgb = vec![0u8; opts.width as usize * opts.height as usize * 3];
     {
-        let root =
-            BitMapBackend::with_buffer(&mut rgb, (opts.width, opts.height)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut b = ChartBuilder::on(&root);
+        let mut b = ChartBuilder::on(root);
         b.margin(15);
         if text {
             b.caption(title, (FAMILY, 26))
@@ -225,7 +279,7 @@ pub fn plot_curves_with(
         }
         mesh.draw().map_err(|e| err(&e))?;
         for (i, (name, p)) in series.iter().enumerate() {
-            let c = COLORS[i % COLORS.len()];
+            let c = colours[i];
             let s = chart
                 .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
                 .map_err(|e| err(&e))?;
@@ -245,9 +299,8 @@ pub fn plot_curves_with(
                 .draw()
                 .map_err(|e| err(&e))?;
         }
-        root.present().map_err(|e| err(&e))?;
     }
-    write_png(path, opts.width, opts.height, &rgb)
+    Ok(())
 }
 
 /// Encodes an 8-bit RGB image as PNG and writes it atomically.

@@ -3,9 +3,13 @@
 //! table and one plot of mean curves.
 //!
 //! Each eval directory contributes its optimizers (all, or those named by
-//! `--optimizers`) under its label. The evals must measure the same thing:
-//! same problem, split, minibatch size and number of steps; the seeds may
-//! differ and are listed per row.
+//! `--optimizers`): its learned optimizer under its label, a baseline
+//! (Adam, SGD, ...) under its own name. A baseline that another eval of the
+//! same problem already gave with the same seeds and results is shown once;
+//! one that differs is named `label: optimizer`. The evals must measure
+//! alike: same split, minibatch size and number of steps; the seeds may
+//! differ and are listed per row. Evals of different problems (the training
+//! problem and a transfer problem, say) get one panel each in the plot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +17,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use metac_contract::fsutil::write_atomic;
-use metac_runtime::metatest::{OptimizerSummary, Summary};
-use metac_runtime::plot::{plot_curves_with, PlotOptions};
+use metac_runtime::metatest::{OptimizerSummary, Summary, DIVERGENCE_FACTOR};
+use metac_runtime::plot::{plot_panels, PlotOptions, Series};
 use serde::Serialize;
 
 use crate::common::read_summary_json;
@@ -24,8 +28,10 @@ use crate::table::table;
 #[command(after_help = "Examples:\n  \
 metac compare evals/base=base evals/hessian=+hessian evals/jacob=+jacob --optimizers learned --out evals/ablation\n  \
 metac compare evals/relu evals/relu-long --out evals/relu-both\n\n\
+Each eval's learned optimizer is named by the eval's label, a baseline by its own name (shown once \
+per problem when several evals ran it alike). Evals of several problems get a plot panel each.\n\n\
 Writes into OUT: curves.png (the mean curve over seeds of every compared optimizer, or with \
---curve median the median, log scale when every loss is positive), summary.json (per row: label, eval directory, optimizer, and its \
+--curve median the median, log scale when every loss is positive), summary.json (per row: label, problem, eval directory, optimizer, and its \
 statistics as in the eval's summary.json) and prints the table.")]
 pub struct Args {
     /// Eval directories of `metac eval`, each as DIR or DIR=LABEL (default
@@ -71,6 +77,7 @@ impl Statistic {
 #[derive(Serialize)]
 struct Row {
     label: String,
+    problem: String,
     eval: PathBuf,
     #[serde(flatten)]
     summary: OptimizerSummary,
@@ -78,7 +85,8 @@ struct Row {
 
 #[derive(Serialize)]
 struct Comparison {
-    problem: String,
+    /// The problems, in the order of the evals (one plot panel each).
+    problems: Vec<String>,
     split: Option<String>,
     batch_size: Option<usize>,
     steps: usize,
@@ -173,21 +181,23 @@ pub fn run(a: Args) -> Result<()> {
         .optimizers
         .as_ref()
         .map(|s| s.split(',').map(|o| o.trim().to_string()).collect());
-    let mut rows = vec![];
-    let mut curves = vec![];
+    let mut rows: Vec<Row> = vec![];
+    // Per row: its curve.
+    let mut curves: Vec<Vec<(f64, f64)>> = vec![];
+    let mut problems: Vec<String> = vec![];
     let mut first: Option<(PathBuf, Summary)> = None;
-    let mut labels = vec![];
+    let mut labels: Vec<(String, String)> = vec![];
     for e in &a.evals {
         let (dir, label) = parse_eval(e)?;
-        ensure!(
-            !labels.contains(&label),
-            "label '{label}' is given twice (use DIR=LABEL)"
-        );
-        labels.push(label.clone());
         let s = read_summary(&dir)?;
+        ensure!(
+            !labels.contains(&(s.problem.clone(), label.clone())),
+            "label '{label}' is given twice for {} (use DIR=LABEL)",
+            s.problem
+        );
+        labels.push((s.problem.clone(), label.clone()));
         if let Some((d0, s0)) = &first {
-            let same = (&s.problem, &s.split, s.batch_size, s.steps)
-                == (&s0.problem, &s0.split, s0.batch_size, s0.steps);
+            let same = (&s.split, s.batch_size, s.steps) == (&s0.split, s0.batch_size, s0.steps);
             ensure!(
                 same,
                 "{} measures {} on {:?} (batch {:?}, {} steps) but {} measures {} on {:?} (batch {:?}, {} steps): compare like with like",
@@ -202,6 +212,9 @@ pub fn run(a: Args) -> Result<()> {
                 s0.batch_size,
                 s0.steps
             );
+        }
+        if !problems.contains(&s.problem) {
+            problems.push(s.problem.clone());
         }
         let take: Vec<OptimizerSummary> = s
             .optimizers
@@ -222,18 +235,27 @@ pub fn run(a: Args) -> Result<()> {
         let names: Vec<String> = take.iter().map(|o| o.optimizer.clone()).collect();
         let mut mc = seed_curves(&dir, &names, a.curve)?;
         for o in take {
-            // One optimizer per eval: the label alone names the row.
-            let row_label = if names.len() == 1 {
-                label.clone()
-            } else {
-                format!("{label}: {}", o.optimizer)
-            };
             let c = mc
                 .remove(&o.optimizer)
                 .with_context(|| format!("{}: no curve for '{}'", dir.display(), o.optimizer))?;
-            curves.push((row_label.clone(), c));
+            // The learned optimizer is the eval's own; a baseline is named
+            // by itself, once per problem when its results are the same.
+            let row_label = if o.optimizer == LEARNED {
+                label.clone()
+            } else {
+                let twin = rows
+                    .iter()
+                    .find(|r| r.problem == s.problem && r.label == o.optimizer);
+                match twin {
+                    Some(r) if same_results(&r.summary, &o) => continue,
+                    Some(_) => format!("{label}: {}", o.optimizer),
+                    None => o.optimizer.clone(),
+                }
+            };
+            curves.push(c);
             rows.push(Row {
                 label: row_label,
+                problem: s.problem.clone(),
                 eval: dir.clone(),
                 summary: o,
             });
@@ -244,8 +266,33 @@ pub fn run(a: Args) -> Result<()> {
     }
     let (_, s0) = first.context("no eval directories")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let statistic = match a.curve {
+        Statistic::Mean => "mean",
+        Statistic::Median => "median",
+    };
+    let panels: Vec<(String, Series)> = problems
+        .iter()
+        .map(|p| {
+            let series = rows
+                .iter()
+                .zip(&curves)
+                .filter(|(r, _)| &r.problem == p)
+                .map(|(r, c)| {
+                    let name = match r.summary.diverged_at.as_slice() {
+                        [] => r.label.clone(),
+                        at => {
+                            let at: Vec<String> = at.iter().map(|s| s.to_string()).collect();
+                            format!("{} (diverged at step {})", r.label, at.join(", "))
+                        }
+                    };
+                    (name, c.clone())
+                })
+                .collect();
+            (format!("{p}: {statistic} loss over seeds"), series)
+        })
+        .collect();
     let cmp = Comparison {
-        problem: s0.problem.clone(),
+        problems,
         split: s0.split.clone(),
         batch_size: s0.batch_size,
         steps: s0.steps,
@@ -256,7 +303,15 @@ pub fn run(a: Args) -> Result<()> {
     let png = a.out.join("curves.png");
     let opts = PlotOptions {
         smoothing: (s0.steps / 200).max(1),
-        log_y: curves.iter().all(|(_, c)| c.iter().all(|&(_, y)| y > 0.0)),
+        log_y: curves.iter().all(|c| c.iter().all(|&(_, y)| y > 0.0)),
+        // Up to the divergence bound: a diverged curve leaves the plot
+        // there, and its legend says at which steps its seeds diverged.
+        y_max: curves
+            .iter()
+            .filter_map(|c| c.first().map(|&(_, y)| y))
+            .filter(|y| y.is_finite() && *y > 0.0)
+            .reduce(f64::max)
+            .map(|y| y * f64::from(DIVERGENCE_FACTOR)),
         y_label: if s0.split.is_some() {
             "minibatch loss"
         } else {
@@ -265,32 +320,38 @@ pub fn run(a: Args) -> Result<()> {
         .into(),
         ..PlotOptions::default()
     };
-    let title = format!(
-        "{}: {} loss over seeds",
-        s0.problem,
-        match a.curve {
-            Statistic::Mean => "mean",
-            Statistic::Median => "median",
-        }
-    );
-    let plotted = match plot_curves_with(&png, &title, &curves, &opts) {
+    let plotted = match plot_panels(&png, &panels, &opts) {
         Ok(()) => format!(", {}", png.display()),
         Err(e) => {
             eprintln!("metac compare: warning: no plot written: {e:#}");
             String::new()
         }
     };
+    let multi = cmp.problems.len() > 1;
     let labelled: Vec<OptimizerSummary> = cmp
         .rows
         .iter()
         .map(|r| OptimizerSummary {
-            optimizer: r.label.clone(),
+            optimizer: if multi {
+                format!("{}: {}", r.problem, r.label)
+            } else {
+                r.label.clone()
+            },
             ..r.summary.clone()
         })
         .collect();
     print!("{}", table(&labelled, cmp.split.as_deref()));
     println!("wrote {}{plotted}", sp.display());
     Ok(())
+}
+
+/// The name of the learned optimizer in an eval.
+const LEARNED: &str = "learned";
+
+/// Whether two rows of one baseline are the same runs (same seeds, same
+/// results).
+fn same_results(a: &OptimizerSummary, b: &OptimizerSummary) -> bool {
+    a.seeds == b.seeds && serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
 #[cfg(test)]

@@ -11,10 +11,14 @@ use common::{err_line, metac, ok};
 use serde_json::Value;
 
 fn eval(out: &Path, steps: &str, optimizers: &str) {
+    eval_on(out, "quadratic", steps, optimizers)
+}
+
+fn eval_on(out: &Path, problem: &str, steps: &str, optimizers: &str) {
     ok(&metac(&[
         "eval",
         "--problem",
-        "quadratic",
+        problem,
         "--steps",
         steps,
         "--seeds",
@@ -50,19 +54,19 @@ fn evals_side_by_side() {
     ]);
     ok(&o);
     let c = json(&out.join("summary.json"));
-    assert_eq!(c["problem"], "quadratic");
+    assert_eq!(c["problems"], serde_json::json!(["quadratic"]));
     assert_eq!(c["steps"], 60);
     let rows = c["rows"].as_array().unwrap();
     let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
-    // Several optimizers of one eval are named by label and optimizer; a
-    // single one by the label (here the directory's name).
-    assert_eq!(labels, ["first: adam-1e-2", "first: sgd-1e-2", "b"]);
+    // Baselines are named by themselves (a learned optimizer by its eval's
+    // label).
+    assert_eq!(labels, ["adam-1e-2", "sgd-1e-2", "adam-1e-1"]);
     // The statistics are the eval's own.
     let sa = json(&a.join("summary.json"));
     assert_eq!(rows[1]["final_loss"], sa["optimizers"][1]["final_loss"]);
     common::assert_png(&out.join("curves.png"));
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("first: sgd-1e-2"), "{table}");
+    assert!(table.contains("sgd-1e-2"), "{table}");
 
     // --optimizers filters every eval.
     let o = metac(&[
@@ -82,7 +86,59 @@ fn evals_side_by_side() {
         .iter()
         .map(|r| r["label"].as_str().unwrap())
         .collect();
-    assert_eq!(labels, ["first", "second"]);
+    assert_eq!(labels, ["adam-1e-2", "adam-1e-1"]);
+
+    // The same baseline run alike by two evals is one row; a different
+    // one is named by its eval's label. Another problem gets its own panel.
+    let (a2, rb, rb2) = (d.join("a2"), d.join("rb"), d.join("rb2"));
+    eval(&a2, "60", "adam-1e-2");
+    eval_on(&rb, "rosenbrock", "60", "adam-1e-2");
+    ok(&metac(&[
+        "eval",
+        "--problem",
+        "rosenbrock",
+        "--steps",
+        "60",
+        "--seeds",
+        "3",
+        "--optimizers",
+        "adam-1e-2",
+        "--out",
+        rb2.to_str().unwrap(),
+        "--backend",
+        "tract",
+    ]));
+    let o = metac(&[
+        "compare",
+        &arg(&a, "first"),
+        &arg(&a2, "again"),
+        &arg(&rb, "first"),
+        &arg(&rb2, "other seed"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let c = json(&out.join("summary.json"));
+    assert_eq!(
+        c["problems"],
+        serde_json::json!(["quadratic", "rosenbrock"])
+    );
+    let rows: Vec<(&str, &str)> = c["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["problem"].as_str().unwrap(), r["label"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("quadratic", "adam-1e-2"),
+            ("quadratic", "sgd-1e-2"),
+            ("rosenbrock", "adam-1e-2"),
+            ("rosenbrock", "other seed: adam-1e-2"),
+        ]
+    );
+    common::assert_png(&out.join("curves.png"));
 
     // Different step counts are not comparable; the error names both.
     let e = err_line(&metac(&[
