@@ -32,9 +32,8 @@ $metac eval "$out/run" --bundle "$out/bundle" --problem mnist-mlp --steps 1000 -
 echo "meta-test curves: $out/eval-100/curves.png (100 steps), $out/eval/curves.png (1,000 steps); summaries: summary.json; final parameters: params/"
 # The shipped learned optimizer (pretrained/l2o-mnist-mlp) against Adam, on the
 # problem it was meta-trained on and on the ReLU MLP it was not.
-$metac compile l2o --config configs/seed-rmsprop-1e-2.toml --out "$out/pretrained-bundle"
 for p in mnist-mlp mnist-mlp-relu; do
-  $metac eval pretrained/l2o-mnist-mlp --bundle "$out/pretrained-bundle" --problem "$p" --steps 1000 \
+  $metac eval --learned pretrained/l2o-mnist-mlp --problem "$p" --steps 1000 \
     --seeds 6,12 --optimizers learned,adam-1e-3,adam-1e-2 --out "$out/pretrained-$p"
 done
 # The short run on the transfer problem too, then everything in one figure:

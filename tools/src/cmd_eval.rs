@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use metac_compiler::l2o::config::L2oConfig;
+use metac_compiler::l2o::program::compile_l2o;
 use metac_compiler::metatest::{
     build_evaluate, build_train_step, run_init, to_onnx, MetaOptimizer,
 };
@@ -63,6 +65,9 @@ impl SplitChoice {
     }
 }
 
+/// The L2O config a pretrained optimizer's directory holds.
+const CONFIG: &str = "config.toml";
+
 /// Minibatch size of MNIST problems when `--batch-size` is not given.
 pub const DEFAULT_BATCH_SIZE: usize = 128;
 /// Evaluation chunk size of MNIST problems when `--eval-batch-size` is not given.
@@ -72,10 +77,12 @@ fn after_help() -> String {
     format!(
         "Examples:\n  \
 metac eval runs/seed --bundle bundles/seed --problem mnist-mlp-relu --steps 10000 --seeds 6,12,18,24,30 --out eval/relu\n  \
+metac eval --learned pretrained/l2o-mnist-mlp --problem mnist-convnet --steps 1000 --optimizers learned,adam-1e-2 --out eval/pretrained\n  \
 metac eval --problem mnist-mlp --optimizers adam-1e-3,sgd-1e-1 --steps 2000 --out eval/baselines\n  \
 metac eval runs/seed --bundle bundles/seed --problem rosenbrock --optimizers learned,adam-1e-2 --steps 1000 --out eval/rosenbrock\n\n\
 Problems: {}.\n\n\
-Optimizers: `learned` (the run's meta-parameters; needs RUN and --bundle) and NAME-LR with NAME one of \
+Optimizers: `learned` (the run's meta-parameters; needs RUN or --learned, and --bundle unless the \
+directory holds its config.toml, as pretrained/ optimizers do) and NAME-LR with NAME one of \
 adam, sgd, rmsprop, adagrad (e.g. adam-1e-3). Per seed, every optimizer starts from the same initial \
 parameters. On MNIST problems (mnist-*) every optimizer sees the same minibatches of --split and the \
 final parameters are evaluated on the whole split. The other problems are data-free (any data is baked \
@@ -102,9 +109,16 @@ run, whose file from an earlier eval into OUT is removed)",
 #[derive(clap::Args)]
 #[command(after_help = after_help())]
 pub struct Args {
-    /// Run directory of `metac run` (needed for the `learned` optimizer).
+    /// Run directory of `metac run`, or a pretrained optimizer such as
+    /// `pretrained/l2o-mnist-mlp` (needed for the `learned` optimizer).
     pub run: Option<PathBuf>,
-    /// The bundle the run meta-trained (gives the learned optimizer's config).
+    /// The same as RUN, by name: a pretrained optimizer (a directory with
+    /// `best.safetensors` and the `config.toml` it was meta-trained with).
+    #[arg(long, conflicts_with = "run", value_name = "DIR")]
+    pub learned: Option<PathBuf>,
+    /// The bundle the run meta-trained (gives the learned optimizer's
+    /// config). Without it, a RUN that holds its `config.toml` (as a
+    /// pretrained optimizer does) has its bundle compiled into OUT/bundle.
     #[arg(long)]
     pub bundle: Option<PathBuf>,
     /// Problem to optimize (default: the bundle's problem, else mnist-mlp).
@@ -256,7 +270,26 @@ pub fn run(a: Args) -> Result<()> {
     let specs = parse_optimizers(&a.optimizers)?;
     let seeds = parse_seeds(&a.seeds)?;
     ensure!(a.steps > 0, "--steps must be at least 1");
-    let bundle = a.bundle.as_deref().map(Bundle::load).transpose()?;
+    let run_dir = a.run.clone().or_else(|| a.learned.clone());
+    let bundle_dir = match (&a.bundle, &run_dir) {
+        (Some(b), _) => Some(b.clone()),
+        // A pretrained optimizer carries the config it was meta-trained
+        // with: its bundle (the optimizer's shape) is compiled here.
+        (None, Some(r)) if specs.contains(&OptSpec::Learned) && r.join(CONFIG).is_file() => {
+            let cfg = L2oConfig::load(&r.join(CONFIG))?;
+            let dir = out.join("bundle");
+            compile_l2o(&cfg, &dir)
+                .with_context(|| format!("compiling the bundle of {}", r.join(CONFIG).display()))?;
+            eprintln!(
+                "metac eval: compiled the learned optimizer's bundle from {} into {}",
+                r.join(CONFIG).display(),
+                dir.display()
+            );
+            Some(dir)
+        }
+        _ => None,
+    };
+    let bundle = bundle_dir.as_deref().map(Bundle::load).transpose()?;
     let meta = match &bundle {
         Some(b) => Some(
             L2oMeta::from_manifest(&b.manifest).with_context(|| format!("{}", b.dir.display()))?,
@@ -273,7 +306,7 @@ pub fn run(a: Args) -> Result<()> {
         problem_by_name(&problem_name, batch_size).map_err(anyhow::Error::msg)?;
     let mnist_problem = needs_mnist(&a, problem.as_ref())?;
     let learned = if specs.contains(&OptSpec::Learned) {
-        Some(load_learned(a.run.as_deref(), bundle.as_ref(), a.phi)?)
+        Some(load_learned(run_dir.as_deref(), bundle.as_ref(), a.phi)?)
     } else {
         None
     };

@@ -462,4 +462,24 @@ fn the_shipped_pretrained_optimizer_runs_and_a_mismatching_file_is_refused() {
     .unwrap();
     let e = err_line(&call(&args(&other, &d.join("eval2"))));
     assert!(e.contains(&name) && e.contains("shape"), "{e}");
+
+    // `--learned` without --bundle: the optimizer's bundle is compiled from
+    // the config.toml it ships, and the run is the same as with the bundle.
+    let by_name = d.join("by-name");
+    let mut a: Vec<String> = args(&pretrained, &by_name);
+    a.retain(|x| x != bundle.to_str().unwrap() && x != "--bundle");
+    a[1] = "--learned".into();
+    a.insert(2, pretrained.to_str().unwrap().into());
+    ok(&call(&a));
+    assert!(by_name.join("bundle/manifest.json").is_file());
+    let t = summary(&by_name);
+    assert_eq!(
+        t["optimizers"][0]["final_loss"],
+        s["optimizers"][0]["final_loss"]
+    );
+    // RUN and --learned together are refused.
+    let mut both = args(&pretrained, &d.join("eval3"));
+    both.insert(2, "--learned".into());
+    both.insert(3, pretrained.to_str().unwrap().into());
+    assert_eq!(call(&both).status.code(), Some(2));
 }
