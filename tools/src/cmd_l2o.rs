@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use metac_compiler::l2o::config::L2oConfig;
 use metac_compiler::l2o::program::compile_l2o;
 use metac_contract::bundle::Bundle;
-use metac_contract::l2o::{DataKind, L2oMeta, RunSettings};
+use metac_contract::l2o::{DataKind, L2oMeta, RunSettings, ValidationSplit};
 use metac_runtime::backend::open_backend;
 use metac_runtime::data::mnist;
 use metac_runtime::l2o::run::L2oWorkload;
@@ -149,6 +149,10 @@ pub struct RunArgs {
     /// unroll length x unrolls; 0 means that too).
     #[arg(long)]
     pub validation_steps: Option<usize>,
+    /// MNIST split of the validation problems' minibatches: validation
+    /// (5,000 examples) or train (55,000) [default: validation].
+    #[arg(long, value_parser = ["validation", "train"])]
+    pub validation_split: Option<String>,
     /// Curriculum learning: comma-separated inner steps per meta-iteration of
     /// each stage (e.g. 100,200,500,1000); replaces --num-unrolls.
     #[arg(long, value_delimiter = ',')]
@@ -187,6 +191,7 @@ impl RunArgs {
             ("--num-unrolls", self.num_unrolls.is_some()),
             ("--validation-problems", self.validation_problems.is_some()),
             ("--validation-steps", self.validation_steps.is_some()),
+            ("--validation-split", self.validation_split.is_some()),
             ("--curriculum", self.curriculum.is_some()),
             ("--min-num-eval", self.min_num_eval.is_some()),
             (
@@ -276,6 +281,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(v) = a.validation_steps {
         rc.validation_steps = v;
     }
+    if let Some(v) = &a.validation_split {
+        rc.validation_split = if v == "train" {
+            ValidationSplit::Train
+        } else {
+            ValidationSplit::Validation
+        };
+    }
     if let Some(v) = a.bptt_checkpoint_every {
         rc.bptt_checkpoint_every = v;
     }
@@ -296,7 +308,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         backend.as_ref(),
         settings.clone(),
         &data.train,
-        &data.validation,
+        match settings.validation_split {
+            ValidationSplit::Validation => &data.validation,
+            ValidationSplit::Train => &data.train,
+        },
     )?;
     let identity = workload.manifest_sha256.clone();
     let mut trainer = Trainer::open(&mut workload, &a.out, &identity, a.resume)?;

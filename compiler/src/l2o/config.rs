@@ -41,6 +41,9 @@
 //! unroll_length = 20
 //! num_unrolls = 5
 //! evaluation_period = 1
+//! validation_steps = 1000        # inner steps of a validation run (0: the horizon)
+//! validation_problems = 3        # fresh problems per validation
+//! validation_split = "train"     # MNIST split of their minibatches (default "validation")
 //! ```
 //!
 //! Unknown keys are errors, and every value is validated when the file is
@@ -545,6 +548,29 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn validation_split_is_read_and_checked() {
+        use metac_contract::l2o::ValidationSplit;
+        let run = |extra: &str| {
+            L2oConfig::from_toml_str(&format!(
+                "{BASE}[run]\nnum_meta_iterations = 3\nunroll_length = 20\nnum_unrolls = 5\n{extra}"
+            ))
+        };
+        assert_eq!(
+            run("").unwrap().run.validation_split,
+            ValidationSplit::Validation
+        );
+        assert_eq!(
+            run("validation_split = \"train\"\n")
+                .unwrap()
+                .run
+                .validation_split,
+            ValidationSplit::Train
+        );
+        let e = format!("{:#}", run("validation_split = \"test\"\n").unwrap_err());
+        assert!(e.contains("validation_split") || e.contains("test"), "{e}");
     }
 
     #[test]

@@ -375,6 +375,21 @@ impl L2oMeta {
     }
 }
 
+/// See [`RunSettings::validation_split`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValidationSplit {
+    #[default]
+    Validation,
+    Train,
+}
+
+impl ValidationSplit {
+    fn is_default(&self) -> bool {
+        *self == ValidationSplit::Validation
+    }
+}
+
 /// Run-time settings of L2O meta-training: the `[run]` table of an L2O
 /// config. They never change a compiled graph (a bundle's bytes do not
 /// depend on them); `metac run` reads them from `--config` and its flags.
@@ -395,6 +410,12 @@ pub struct RunSettings {
     /// that stay stable beyond the horizon they were trained on.
     #[serde(default)]
     pub validation_steps: usize,
+    /// Which MNIST split the validation problems draw their minibatches
+    /// from: `validation` (5,000 examples, each seen about 25 times in a
+    /// 1,000-step run of batch 128) or `train` (55,000, as the meta-test's
+    /// 10,000-example test set, far less repetition; see docs/results.md).
+    #[serde(default, skip_serializing_if = "ValidationSplit::is_default")]
+    pub validation_split: ValidationSplit,
     /// Curriculum learning: inner steps per meta-iteration of each stage,
     /// replacing `num_unrolls`.
     #[serde(default)]
@@ -425,6 +446,7 @@ impl Default for RunSettings {
             evaluation_period: 1,
             validation_problems: 1,
             validation_steps: 0,
+            validation_split: ValidationSplit::Validation,
             curriculum: None,
             min_num_eval: 3,
             bptt_checkpoint_every: 0,

@@ -465,7 +465,8 @@ impl Workload for L2oWorkload<'_> {
                 && saved.curriculum == s.curriculum
                 && saved.min_num_eval == s.min_num_eval
                 && saved.validation_problems == s.validation_problems
-                && saved.validation_steps == s.validation_steps,
+                && saved.validation_steps == s.validation_steps
+                && saved.validation_split == s.validation_split,
             "the run was started with other settings ({saved:?}); resume with the same ones"
         );
         Ok(())
