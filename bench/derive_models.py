@@ -39,6 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import run_derived  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 METAC = ROOT / "target" / "release" / "metac"
 
@@ -226,22 +229,7 @@ def run_case(name, dynamo, work):
     feeds = {"x": x.numpy(), "y": y.numpy()}
     for n in names:
         feeds[n] = numpy_helper.to_array(inits[n])
-    res = {}
-    for kind in ["grad", "hvp"]:
-        f = out / f"{kind}.onnx"
-        row[f"{kind}_nodes"] = len(onnx.load(str(f)).graph.node)
-        t0 = time.perf_counter()
-        s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-        row[f"{kind}_load_s"] = time.perf_counter() - t0
-        fd = dict(feeds)
-        if kind == "hvp":
-            fd.update({f"v_{n}": v for n, v in zip(names, vs)})
-        wanted = {i.name for i in s.get_inputs()}
-        fd = {k: v for k, v in fd.items() if k in wanted}
-        t0 = time.perf_counter()
-        o = dict(zip([o.name for o in s.get_outputs()], s.run(None, fd)))
-        row[f"{kind}_run_s"] = time.perf_counter() - t0
-        res[kind] = o
+    res = run_derived(out, feeds, dict(zip(names, vs)), row)
     loss64, g64, h64 = torch_reference(model, x, y, names, vs)
     g = np.concatenate([res["grad"][f"grad_{n}"].reshape(-1) for n in names]).astype(np.float64)
     h = np.concatenate([res["hvp"][f"hvp_{n}"].reshape(-1) for n in names]).astype(np.float64)

@@ -23,6 +23,7 @@ is recorded in docs/derive.md.
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import run_derived  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METAC = ROOT / "target" / "release" / "metac"
@@ -253,21 +257,8 @@ def run(name, work):
     rng = np.random.default_rng(1000 + row["seed"])
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     vs = {n: rng.standard_normal(inits[n].shape).astype(np.float32) for n in names}
-    res = {}
-    for kind in ["grad", "hvp"]:
-        f = out / f"{kind}.onnx"
-        row[f"{kind}_nodes"] = len(onnx.load(str(f)).graph.node)
-        t0 = time.perf_counter()
-        s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-        row[f"{kind}_load_s"] = time.perf_counter() - t0
-        feeds = {inp.name: x, **{n: inits[n] for n in names}}
-        if kind == "hvp":
-            feeds.update({f"v_{n}": v for n, v in vs.items()})
-        wanted = {i.name for i in s.get_inputs()}
-        t0 = time.perf_counter()
-        o = s.run(None, {k: v for k, v in feeds.items() if k in wanted})
-        row[f"{kind}_run_s"] = time.perf_counter() - t0
-        res[kind] = dict(zip([o.name for o in s.get_outputs()], o))
+    res = run_derived(out, {inp.name: x, **{n: inits[n] for n in names}}, vs, row)
+
     def autograd(dtype):
         env = {inp.name: torch.from_numpy(x).to(dtype)}
         params = {}
