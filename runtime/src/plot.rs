@@ -117,8 +117,8 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
     out
 }
 
-/// Named lines: `(name, (x, y) points)`.
-pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+/// A named line: `(name, (x, y) points)`.
+pub type Line = (String, Vec<(f64, f64)>);
 
 /// A log-scale line plot of `series` (name, `(x, y)` points) with the default
 /// options: one line per series, title and legend with the series names.
@@ -133,20 +133,20 @@ pub fn plot_curves_with(
     series: &[(String, Vec<(f64, f64)>)],
     opts: &PlotOptions,
 ) -> Result<()> {
-    plot_panels(path, &[(title.to_string(), series.to_vec())], opts)
+    plot_panels(path, &[(title, series)], opts)
 }
 
 /// Several line plots side by side in one image (`opts.width` each), one per
 /// `(title, series)` panel. A series name keeps its colour in every panel.
 /// The y axis of every panel ends at `opts.y_max`, if given.
-pub fn plot_panels(path: &Path, panels: &[(String, Series)], opts: &PlotOptions) -> Result<()> {
+pub fn plot_panels(path: &Path, panels: &[(&str, &[Line])], opts: &PlotOptions) -> Result<()> {
     ensure!(!panels.is_empty(), "plot {}: no panels", path.display());
     // A series' colour follows its name up to a parenthesised note ("short
     // run (diverged at ...)" keeps the colour of "short run").
     let key = |n: &str| n.split(" (").next().unwrap_or(n).to_string();
     let mut names: Vec<String> = vec![];
     for (_, series) in panels {
-        for (n, _) in series {
+        for (n, _) in series.iter() {
             if !names.contains(&key(n)) {
                 names.push(key(n));
             }

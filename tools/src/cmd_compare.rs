@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use metac_contract::fsutil::write_atomic;
 use metac_runtime::metatest::{OptimizerSummary, Summary, DIVERGENCE_FACTOR};
-use metac_runtime::plot::{plot_panels, PlotOptions, Series};
+use metac_runtime::plot::{plot_panels, Line, PlotOptions};
 use serde::Serialize;
 
 use crate::common::read_summary_json;
@@ -247,7 +247,8 @@ pub fn run(a: Args) -> Result<()> {
                     .iter()
                     .find(|r| r.problem == s.problem && r.label == o.optimizer);
                 match twin {
-                    Some(r) if same_results(&r.summary, &o) => continue,
+                    // The same runs (seeds and every statistic).
+                    Some(r) if r.summary == o => continue,
                     Some(_) => format!("{label}: {}", o.optimizer),
                     None => o.optimizer.clone(),
                 }
@@ -270,7 +271,7 @@ pub fn run(a: Args) -> Result<()> {
         Statistic::Mean => "mean",
         Statistic::Median => "median",
     };
-    let panels: Vec<(String, Series)> = problems
+    let panels: Vec<(String, Vec<Line>)> = problems
         .iter()
         .map(|p| {
             let series = rows
@@ -320,7 +321,11 @@ pub fn run(a: Args) -> Result<()> {
         .into(),
         ..PlotOptions::default()
     };
-    let plotted = match plot_panels(&png, &panels, &opts) {
+    let refs: Vec<(&str, &[Line])> = panels
+        .iter()
+        .map(|(t, s)| (t.as_str(), s.as_slice()))
+        .collect();
+    let plotted = match plot_panels(&png, &refs, &opts) {
         Ok(()) => format!(", {}", png.display()),
         Err(e) => {
             eprintln!("metac compare: warning: no plot written: {e:#}");
@@ -347,12 +352,6 @@ pub fn run(a: Args) -> Result<()> {
 
 /// The name of the learned optimizer in an eval.
 const LEARNED: &str = "learned";
-
-/// Whether two rows of one baseline are the same runs (same seeds, same
-/// results).
-fn same_results(a: &OptimizerSummary, b: &OptimizerSummary) -> bool {
-    a.seeds == b.seeds && serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
-}
 
 #[cfg(test)]
 mod tests {

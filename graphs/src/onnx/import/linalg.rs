@@ -105,7 +105,7 @@ impl Importer<'_> {
                 ));
             }
         }
-        let (strides, dil, pads) = self.window_attrs_with(c, &xs[2..], kernel, !transpose)?;
+        let (strides, dil, pads) = self.window_attrs(c, &xs[2..], kernel, !transpose)?;
         let group = to_usize(c.int("group", 1), "group")?;
         Ok(if sp == 1 {
             ConvParams {
@@ -126,17 +126,8 @@ impl Importer<'_> {
 
     /// The window attributes of a conv or pool over the spatial extents
     /// `spatial` with `kernel`: `strides`, `dilations` and `pads` (begins,
-    /// then ends), with `auto_pad` resolved.
+    /// then ends), with `auto_pad` resolved (SAME_* only where `same_ok`).
     pub(super) fn window_attrs(
-        &self,
-        c: &Ctx,
-        spatial: &[usize],
-        kernel: &[usize],
-    ) -> R<(Vec<usize>, Vec<usize>, Vec<usize>)> {
-        self.window_attrs_with(c, spatial, kernel, true)
-    }
-
-    fn window_attrs_with(
         &self,
         c: &Ctx,
         spatial: &[usize],

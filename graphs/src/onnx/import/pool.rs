@@ -142,7 +142,7 @@ impl Importer<'_> {
                 k => Ok(k),
             })
             .collect::<R<_>>()?;
-        let (strides, dil, pads) = self.window_attrs(c, &xs[2..], &kernel)?;
+        let (strides, dil, pads) = self.window_attrs(c, &xs[2..], &kernel, true)?;
         if strides.contains(&0) || dil.contains(&0) {
             return invalid("strides and dilations must be at least 1");
         }
